@@ -1,0 +1,89 @@
+"""The ``tsllm`` command line: a thin front door over the tensorstore_llm Python API.
+
+Command modules import only click at load time, so ``tsllm --help`` answers without torch.
+Every TsllmError becomes one ``error:`` line on stderr and the error's exit code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from tensorstore_llm.errors import TsllmError
+
+_COMMANDS = {
+    "import": ("store_cmds", "import_cmd"),
+    "export": ("store_cmds", "export_cmd"),
+    "ls": ("store_cmds", "ls_cmd"),
+    "show": ("store_cmds", "show_cmd"),
+    "log": ("store_cmds", "log_cmd"),
+    "tag": ("store_cmds", "tag_cmd"),
+    "verify": ("store_cmds", "verify_cmd"),
+    "gc": ("store_cmds", "gc_cmd"),
+    "convert": ("run_cmds", "convert_cmd"),
+    "weighted-sum": ("run_cmds", "weighted_sum_cmd"),
+    "ops": ("run_cmds", "ops_cmd"),
+    "quickstart": ("quickstart_cmd", "quickstart_cmd"),
+}
+
+
+class _Commands(click.Group):
+    def list_commands(self, ctx):
+        return list(_COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in _COMMANDS:
+            return None
+        import importlib
+
+        module, attr = _COMMANDS[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--store", "store_root", envvar="TSLLM_STORE", default=None, metavar="DIR",
+              help="Store directory (default: $TSLLM_STORE or ./tsllm-store).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or chatter; errors still go to stderr.")
+@click.version_option(package_name="tensorstore-llm", prog_name="tsllm")
+@click.pass_context
+def cli(ctx, store_root, quiet):
+    """tensorstore_llm: keep LLM checkpoints as artifacts and stream work over them.
+
+    \b
+    Typical session:
+      tsllm import ./Llama-3-8B --name base      # HF dir, .safetensors file or org/name hub repo
+      tsllm convert base --dtype fp16 --name base-fp16 --max-memory 1G
+      tsllm weighted-sum ft1 ft2 --weights 0.5,0.5 --name soup
+      tsllm export soup ./soup-hf --max-shard-size 5G
+      tsllm ls; tsllm show soup; tsllm log soup; tsllm verify soup
+
+    Streamed commands hold at most --max-memory of tensor data, resume when re-run after an
+    interruption, and accept --dry-run to print the plan and the memory it needs.
+    Run `tsllm quickstart` for an offline end-to-end demo.
+    """
+    ctx.obj = {"store": store_root, "quiet": quiet}
+
+
+def main(argv=None) -> None:
+    """Entry point of the ``tsllm`` console script."""
+    try:
+        code = cli.main(args=argv, prog_name="tsllm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except TsllmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; re-run the same command to resume where it stopped", err=True)
+        sys.exit(130)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if os.environ.get("TSLLM_DEBUG"):
+        click.echo(f"exit {code}", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,61 @@
+"""Options and printing shared by the command modules (no heavy imports here)."""
+from __future__ import annotations
+
+import click
+
+
+def store_of(ctx):
+    from tensorstore_llm.store import Store
+
+    return Store(ctx.obj["store"])
+
+
+def progress_flag(ctx):
+    """None = bar when stderr is a terminal; False when --quiet."""
+    return False if ctx.obj["quiet"] else None
+
+
+def run_options(fn):
+    """--device / --max-memory / --seed / --compression / --dry-run for streamed commands."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--max-memory", default="2G", show_default=True, metavar="SIZE",
+                     help="Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split into row blocks."),
+        click.option("--seed", default=0, show_default=True, help="Run seed for ops that draw random numbers."),
+        click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True,
+                     help="Chunk compression of the new artifact (float weights barely compress; see docs/formats.md)."),
+        click.option("--dry-run", is_flag=True, help="Print the plan, its I/O and memory need; do nothing."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def print_estimate(estimate, limit: int = 20) -> None:
+    """The dry-run report: per-tensor blocking and memory, then totals."""
+    from tensorstore_llm.units import format_size
+
+    click.echo(f"{'tensor':56} {'op':12} {'shape':>18} {'dtype':9} {'rows/blk':>8} {'blocks':>6} {'memory':>10}")
+    jobs = sorted(estimate.jobs, key=lambda j: -j.peak_bytes)
+    for j in jobs[:limit]:
+        shape = "x".join(map(str, j.job.output.shape)) or "scalar"
+        click.echo(f"{j.job.output.name[:56]:56} {j.job.op:12} {shape:>18} {j.job.output.dtype:9} "
+                   f"{j.block_rows:>8} {j.blocks:>6} {format_size(j.peak_bytes):>10}")
+    if len(jobs) > limit:
+        click.echo(f"... {len(jobs) - limit} more tensors (largest memory first)")
+    click.echo(f"tensors: {len(jobs)}  read: {format_size(estimate.read_bytes)}  write: {format_size(estimate.write_bytes)}  "
+               f"peak tensor memory: {format_size(estimate.peak_bytes)} (budget {format_size(estimate.budget)})")
+    over = estimate.over_budget
+    if over:
+        click.echo(f"warning: {len(over)} tensor(s) cannot be split and need more than the budget, e.g. {over[0].job.output.name}")
+
+
+def report(result, verb: str, quiet: bool) -> None:
+    """One line on what a streamed job produced, and whether it resumed."""
+    if quiet:
+        if result.artifact is not None:
+            click.echo(result.artifact.id)
+        return
+    resumed = f" (resumed: {len(result.skipped)} tensors were already done)" if result.skipped else ""
+    target = result.output or (result.artifact.short_id if result.artifact else "")
+    click.echo(f"{verb}: {target}{resumed}")

@@ -1,0 +1,216 @@
+"""Store verbs: import, export, ls, show, log, tag, verify, gc."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import print_estimate, progress_flag, report, run_options, store_of
+
+
+@click.command("import")
+@click.argument("src")
+@click.option("--name", help="Tag to point at the new artifact (moved if it exists).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a hub repo.")
+@click.option("--dtype", help="Cast float tensors while importing (bf16, fp16, fp32).")
+@run_options
+@click.pass_context
+def import_cmd(ctx, src, name, revision, dtype, device, max_memory, seed, compression, dry_run):
+    """Import SRC as a checkpoint artifact.
+
+    SRC is a Hugging Face checkpoint directory (sharded safetensors + index, config and tokenizer
+    files), a single .safetensors file, or a hub repo id (org/name or hf://org/name@rev; uses the
+    local cache, works with HF_HUB_OFFLINE=1). Pickle checkpoints (.bin/.pt) are refused.
+    Importing the same content twice gives the same artifact id.
+    """
+    from tensorstore_llm.api import import_checkpoint
+
+    result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype, device="cpu",
+                               max_memory=max_memory, seed=seed, compression=compression,
+                               progress=progress_flag(ctx), dry_run=dry_run)
+    if dry_run:
+        return print_estimate(result.estimate)
+    report(result, f"imported {src} as", ctx.obj["quiet"])
+    if name and not ctx.obj["quiet"]:
+        click.echo(f"tagged {name}")
+
+
+@click.command("export")
+@click.argument("ref")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--max-shard-size", default="5G", show_default=True, help="Largest safetensors shard (e.g. 2G).")
+@click.option("--dtype", help="Cast float tensors on the way out (bf16, fp16, fp32).")
+@click.option("--max-memory", default="2G", show_default=True, help="Budget for tensor data held at once.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.pass_context
+def export_cmd(ctx, ref, out_dir, max_shard_size, dtype, max_memory, dry_run):
+    """Write artifact REF to OUT_DIR as a Hugging Face checkpoint directory.
+
+    Shards are named model-0000k-of-0000n.safetensors with a model.safetensors.index.json (or one
+    model.safetensors); config and tokenizer files come along. OUT_DIR must not exist or be empty;
+    it appears complete or not at all.
+    """
+    from tensorstore_llm.api import export
+
+    result = export(store_of(ctx), ref, out_dir, max_shard_size=max_shard_size, dtype=dtype,
+                    max_memory=max_memory, progress=progress_flag(ctx), dry_run=dry_run)
+    if dry_run:
+        return print_estimate(result.estimate)
+    report(result, f"exported {ref} to", ctx.obj["quiet"])
+
+
+@click.command("ls")
+@click.option("--kind", help="Only artifacts of this kind (checkpoint, diff, lora, pruning_plan, logits).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def ls_cmd(ctx, kind, as_json):
+    """List the committed artifacts of the store (work in progress is never listed)."""
+    from tensorstore_llm.units import format_size
+
+    store = store_of(ctx)
+    artifacts = store.list(kind)
+    tags = store.tags()
+    if as_json:
+        rows = [{"id": a.id, "kind": a.kind, "tags": [t for t, i in tags.items() if i == a.id],
+                 "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "created_at": a.manifest.created_at}
+                for a in artifacts]
+        return click.echo(json.dumps(rows, indent=1))
+    if not artifacts:
+        return click.echo(f"no artifacts in {store.root}")
+    click.echo(f"{'ID':12}  {'KIND':11} {'TENSORS':>7} {'SIZE':>10}  {'CREATED':25} TAGS")
+    for a in artifacts:
+        names = ",".join(t for t, i in tags.items() if i == a.id)
+        click.echo(f"{a.short_id:12}  {a.kind:11} {len(a.manifest.tensors):>7} {format_size(a.manifest.nbytes):>10}  "
+                   f"{a.manifest.created_at:25} {names}")
+
+
+@click.command("show")
+@click.argument("ref")
+@click.option("--all", "show_all", is_flag=True, help="List every tensor (default: the first 40).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.pass_context
+def show_cmd(ctx, ref, show_all, as_json):
+    """Show artifact REF: kind, lineage, files, and its tensors with shapes, dtypes and sizes."""
+    from tensorstore_llm.units import format_size
+
+    store = store_of(ctx)
+    artifact = store.get(ref)
+    m = artifact.manifest
+    if as_json:
+        return click.echo(m.to_json().decode())
+    click.echo(f"artifact  {artifact.id}")
+    click.echo(f"kind      {m.kind}")
+    click.echo(f"tags      {', '.join(store.tags_of(artifact.id)) or '-'}")
+    click.echo(f"created   {m.created_at} by {m.tool.get('name', '?')} {m.tool.get('version', '')}")
+    click.echo(f"size      {format_size(m.nbytes)} in {len(m.tensors)} tensors")
+    if m.source:
+        click.echo(f"source    {_describe_external(m.source)}")
+    if m.recipe:
+        click.echo(f"recipe    {json.dumps(m.recipe)}")
+    for parent in m.parents:
+        click.echo(f"parent    {parent.get('role', '?')}: {_describe_parent(parent)}")
+    if m.files:
+        click.echo(f"files     {', '.join(m.files)}")
+    dtypes = {}
+    for r in m.tensors.values():
+        dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1
+    click.echo(f"dtypes    {', '.join(f'{d} x{n}' for d, n in sorted(dtypes.items()))}")
+    metas = list(m.metas().values())
+    shown = metas if show_all else metas[:40]
+    click.echo(f"\n{'tensor':60} {'shape':>18} {'dtype':9} {'size':>10}")
+    for meta in shown:
+        click.echo(f"{meta.name[:60]:60} {'x'.join(map(str, meta.shape)) or 'scalar':>18} {meta.dtype:9} {format_size(meta.nbytes):>10}")
+    if len(shown) < len(metas):
+        click.echo(f"... {len(metas) - len(shown)} more (use --all)")
+
+
+def _describe_external(ext: dict) -> str:
+    if ext.get("type") == "hub":
+        return f"hub {ext.get('repo')}@{ext.get('revision')} (commit {ext.get('commit')})"
+    return f"{ext.get('type')} {ext.get('path')}"
+
+
+def _describe_parent(parent: dict) -> str:
+    if "id" in parent:
+        return parent["id"][:12]
+    return _describe_external(parent.get("external", {}))
+
+
+@click.command("log")
+@click.argument("ref")
+@click.pass_context
+def log_cmd(ctx, ref):
+    """Print the lineage graph of REF: what it was made from, recursively."""
+    store = store_of(ctx)
+
+    def line(artifact_id, role, prefix, last, seen):
+        from tensorstore_llm.errors import ArtifactNotFound
+
+        branch = "" if role is None else ("└── " if last else "├── ")
+        label = f"{role}: " if role else ""
+        try:
+            a = store.get(artifact_id)
+        except ArtifactNotFound:
+            click.echo(f"{prefix}{branch}{label}{artifact_id[:12]} (not in this store)")
+            return
+        tags = ",".join(store.tags_of(a.id))
+        what = (a.manifest.recipe or {}).get("op", a.kind)
+        origin = f"  <- {_describe_external(a.manifest.source)}" if a.manifest.source else ""
+        click.echo(f"{prefix}{branch}{label}{a.short_id} {a.kind} {what}{f' [{tags}]' if tags else ''} {a.manifest.created_at}{origin}")
+        if a.id in seen:
+            return
+        child_prefix = prefix + ("" if role is None else ("    " if last else "│   "))
+        parents = a.manifest.parents
+        for i, p in enumerate(parents):
+            if "id" in p:
+                line(p["id"], p.get("role", "parent"), child_prefix, i == len(parents) - 1, seen | {a.id})
+            else:
+                click.echo(f"{child_prefix}{'└── ' if i == len(parents) - 1 else '├── '}{p.get('role', 'parent')}: {_describe_parent(p)}")
+
+    line(store.resolve(ref), None, "", True, frozenset())
+
+
+@click.command("tag")
+@click.argument("ref")
+@click.argument("name", required=False)
+@click.option("-f", "--force", is_flag=True, help="Move NAME if it already points elsewhere.")
+@click.option("-d", "--delete", is_flag=True, help="Delete tag REF instead.")
+@click.pass_context
+def tag_cmd(ctx, ref, name, force, delete):
+    """Point tag NAME at artifact REF (id, id prefix or another tag); -d REF deletes tag REF."""
+    store = store_of(ctx)
+    if delete:
+        store.untag(ref)
+        return click.echo(f"deleted tag {ref}")
+    if not name:
+        raise click.UsageError("give the tag NAME (or use -d to delete a tag)")
+    previous = store.tag(ref, name, force=force)
+    target = store.get(name).short_id
+    click.echo(f"{name} -> {target}" + (f" (was {previous[:12]})" if previous else ""))
+
+
+@click.command("verify")
+@click.argument("refs", nargs=-1, required=True)
+@click.pass_context
+def verify_cmd(ctx, refs):
+    """Re-read every tensor and file of each REF and check it against the manifest's checksums."""
+    store = store_of(ctx)
+    for ref in refs:
+        artifact = store.verify(ref)
+        if not ctx.obj["quiet"]:
+            click.echo(f"ok {artifact.short_id}: {len(artifact.manifest.tensors)} tensors, {len(artifact.manifest.files)} files match")
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_context
+def gc_cmd(ctx, dry_run):
+    """Remove staging leftovers of interrupted or failed jobs that no running process holds.
+
+    Note that an interrupted job can no longer resume after its staging is removed.
+    """
+    removed = store_of(ctx).gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'}")
+    for path in removed:
+        click.echo(f"  {path}")

@@ -1,0 +1,183 @@
+"""The Python API: import, export, convert and combine checkpoints through the store and engine.
+
+Every operation is the same three steps: resolve inputs to TensorSources, build a validated Plan,
+stream it through the Executor into a sink (a store artifact or a Hugging Face directory) that
+commits atomically. An interrupted run (Ctrl-C, kill) resumes when re-run with the same inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .dtypes import by_name
+from .engine import Estimate, Executor, Plan, plan_map, resolve_device
+from .errors import TsllmError
+from .io import hub
+from .io.hf_dir import HFCheckpointSink, HFCheckpointSource
+from .seeding import GENERATOR_DEVICE
+from .store import Artifact, Store, job_key
+from .units import parse_size
+
+
+@dataclass
+class JobResult:
+    """What a streamed job did: its artifact (or output path), what it computed and skipped."""
+
+    estimate: Estimate
+    artifact: Artifact | None = None
+    output: str | None = None
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def open_store(root: str | None = None) -> Store:
+    """The store at ``root`` (default ``$TSLLM_STORE`` or ``./tsllm-store``); created on first write."""
+    return Store(root)
+
+
+def resolve_input(store: Store | None, ref: str, revision: str | None = None):
+    """Open a model reference: a store ref (tag / id), a local HF directory or file, or a hub repo.
+
+    Returns:
+        (TensorSource, lineage dict, carried files name -> path).
+    """
+    if store is not None and not os.path.exists(ref) and store.has(ref):
+        artifact = store.get(ref)
+        return store.open(ref), {"id": artifact.id}, store.carried_files(ref)
+    if os.path.exists(ref):
+        source = HFCheckpointSource(ref)
+        kind = "hf-dir" if os.path.isdir(ref) else "safetensors-file"
+        return source, {"external": {"type": kind, "path": os.path.abspath(ref)}}, source.files()
+    parsed = hub.parse_hub_ref(ref)
+    if parsed is None:
+        where = f" in store {store.root}" if store is not None else ""
+        raise TsllmError(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
+    repo, rev = parsed
+    path, commit = hub.snapshot(repo, revision or rev)
+    source = HFCheckpointSource(path)
+    return source, {"external": {"type": "hub", "repo": repo, "revision": revision or rev or "main", "commit": commit}}, source.files()
+
+
+def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, recipe=None, files=None,
+             name: str | None = None, device="auto", max_memory="2G", seed: int = 0, compression="none",
+             progress: bool | None = None, dry_run: bool = False, desc: str = "tsllm") -> JobResult:
+    """Stream ``plan`` into a new artifact of ``kind`` and commit it (tagging it ``name``).
+
+    The staging directory is keyed by everything that determines the result, so re-running an
+    interrupted call resumes it; any other failure removes what was staged.
+    """
+    executor = Executor(plan, None, device=device, max_memory=max_memory, seed=seed, progress=progress, desc=desc)
+    if dry_run:
+        return JobResult(executor.estimate())
+    dev = resolve_device(device)
+    key = job_key(kind, plan.fingerprint(), seed, dev.type, compression, list(parents), source, recipe)
+    writer = store.create(key, compression)
+    executor.sink = writer
+    estimate = executor.estimate()
+    try:
+        executor.run()
+    except KeyboardInterrupt:
+        writer._release()  # keep the staging directory: the same command resumes it
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    run = {"seed": seed, "device": dev.type, "generator_device": GENERATOR_DEVICE, "compression": compression}
+    artifact = writer.commit(kind=kind, parents=parents, source=source, recipe=recipe, files=files, run=run)
+    if name:
+        store.tag(artifact.id, name)
+    return JobResult(estimate, artifact, None, executor.computed, executor.skipped)
+
+
+def import_checkpoint(src: str, store: Store, *, name: str | None = None, revision: str | None = None,
+                      dtype: str | None = None, **run_options) -> JobResult:
+    """Import a Hugging Face checkpoint directory, ``.safetensors`` file or hub repo as an artifact.
+
+    Example:
+        >>> import_checkpoint("models/base", open_store(), name="base")     # doctest: +SKIP
+    """
+    source, lineage, files = resolve_input(None, src, revision)
+    with source:
+        plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=src)
+        return run_plan(store, plan, kind="checkpoint", source=lineage["external"],
+                        recipe={"op": "import", "dtype": dtype}, files=_with_dtype(files, dtype),
+                        name=name, desc=f"import {os.path.basename(src.rstrip('/'))}", **run_options)
+
+
+def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: str | None = None,
+           device="cpu", max_memory="2G", progress: bool | None = None, dry_run: bool = False) -> JobResult:
+    """Write artifact ``ref`` as a Hugging Face directory (sharded safetensors + index + carried files).
+
+    The directory appears complete or not at all; an interrupted export resumes.
+    """
+    artifact = store.get(ref)
+    with store.open(ref) as source:
+        plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=f"artifact {artifact.short_id}")
+        executor = Executor(plan, None, device=device, max_memory=max_memory, progress=progress, desc=f"export {artifact.short_id}")
+        if dry_run:
+            return JobResult(executor.estimate())
+        shard_bytes = parse_size(max_shard_size)
+        key = job_key("export", plan.fingerprint(), shard_bytes)
+        sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
+                                files=_with_dtype(store.carried_files(ref), dtype))
+        executor.sink = sink
+        try:
+            executor.run()
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            sink.abort()
+            raise
+        path = sink.commit()
+    return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
+
+
+def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, **run_options) -> JobResult:
+    """A new artifact with the float tensors of ``ref`` cast to ``dtype`` (round to nearest even)."""
+    source, lineage, files = resolve_input(store, ref)
+    with source:
+        plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=ref)
+        return run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "source"}],
+                        recipe={"op": "convert", "dtype": by_name(dtype).name}, files=_with_dtype(files, dtype),
+                        name=name, desc=f"convert {ref}", **run_options)
+
+
+def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normalize: bool = False,
+                 dtype: str | None = None, name: str | None = None, **run_options) -> JobResult:
+    """A new artifact ``sum_i w_i * model_i`` over every tensor (``/ sum_i w_i`` with ``normalize``).
+
+    Example:
+        >>> weighted_sum(store, ["ft1", "ft2"], [0.5, 0.5], name="soup")     # doctest: +SKIP
+    """
+    if len(refs) != len(weights):
+        raise TsllmError(f"{len(refs)} models but {len(weights)} weights; give one weight per model")
+    opened = [resolve_input(store, r) for r in refs]
+    sources = {f"model{i}": s for i, (s, _, _) in enumerate(opened)}
+    try:
+        plan = plan_map("weighted_sum", sources, {"models": list(sources)}, dtype=dtype,
+                        params={"weights": weights, "normalize": normalize}, where="weighted sum")
+        parents = [{**lineage, "role": "model", "ref": r} for r, (_, lineage, _) in zip(refs, opened)]
+        return run_plan(store, plan, kind="checkpoint", parents=parents,
+                        recipe={"op": "weighted_sum", "weights": list(weights), "normalize": normalize},
+                        files=_with_dtype(opened[0][2], dtype), name=name, desc="weighted sum", **run_options)
+    finally:
+        for source, _, _ in opened:
+            source.close()
+
+
+def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | bytes]:
+    """Carried files, with ``config.json``'s dtype updated when the weights change dtype."""
+    files = dict(files)
+    if dtype and "config.json" in files and not isinstance(files["config.json"], bytes):
+        try:
+            with open(files["config.json"], "rb") as f:
+                config = json.loads(f.read())
+        except (OSError, ValueError):
+            return files
+        if isinstance(config, dict):
+            config["torch_dtype"] = by_name(dtype).name
+            if "dtype" in config:
+                config["dtype"] = by_name(dtype).name
+            files["config.json"] = json.dumps(config, indent=2).encode()
+    return files

@@ -1,0 +1,5 @@
+"""Plan -> executor: validated tensor jobs streamed in row blocks within a memory budget."""
+from .executor import Estimate, Executor, resolve_device
+from .plan import InputRef, Plan, TensorJob, plan_map
+
+__all__ = ["Estimate", "Executor", "InputRef", "Plan", "TensorJob", "plan_map", "resolve_device"]

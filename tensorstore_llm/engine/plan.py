@@ -1,0 +1,135 @@
+"""Plans: a flat list of independent tensor jobs, built and validated before any work starts.
+
+Every check that can fail (unknown op, bad params, missing tensor, shape or dtype disagreement)
+runs here, so a job that cannot succeed fails in its first second, not hours into a 70B merge.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ..dtypes import by_name
+from ..errors import RecipeError, ShapeMismatch, TensorNotFound
+from ..io.base import TensorMeta, TensorSource
+from ..ops.registry import OpSpec, get_op
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """Tensor ``name`` of the source registered under key ``source`` in the plan."""
+
+    source: str
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """Compute one output tensor with ``op`` from its inputs; ``inputs`` maps role -> ref(s)."""
+
+    output: TensorMeta
+    op: str
+    inputs: tuple[tuple[str, InputRef | tuple[InputRef, ...]], ...]
+    params: Any = None
+
+    def refs(self) -> list[InputRef]:
+        out = []
+        for _role, refs in self.inputs:
+            out.extend(refs if isinstance(refs, tuple) else (refs,))
+        return out
+
+
+@dataclass
+class Plan:
+    """Jobs plus the sources they read; ``fingerprint`` identifies the result for resume."""
+
+    jobs: list[TensorJob]
+    sources: dict[str, TensorSource]
+    description: dict = field(default_factory=dict)
+
+    def input_meta(self, ref: InputRef) -> TensorMeta:
+        return self.sources[ref.source].meta(ref.name)
+
+    def fingerprint(self) -> str:
+        """Hash of the source identities and every job: equal fingerprints give equal results."""
+        body = {"sources": {k: s.identity for k, s in sorted(self.sources.items())},
+                "jobs": [[j.output.name, list(j.output.shape), j.output.dtype, j.op, repr(j.inputs), repr(j.params)]
+                         for j in self.jobs]}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(j.output.nbytes for j in self.jobs)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(self.input_meta(r).nbytes for j in self.jobs for r in j.refs())
+
+
+def plan_map(op_name: str, sources: Mapping[str, TensorSource], roles: Mapping[str, str | list[str]], *,
+             params: dict | None = None, names: Iterable[str] | None = None, dtype: str | None = None,
+             float_only_dtype: bool = True, where: str = "plan") -> Plan:
+    """Apply one op to every tensor name, reading the same-named tensor from each role's source(s).
+
+    Args:
+        sources: source key -> opened TensorSource.
+        roles: op role -> source key (or list of keys for a variadic role).
+        names: tensors to process (default: every tensor of the first role's first source).
+        dtype: output dtype (default: the first input's); with ``float_only_dtype`` only float
+            tensors are converted and integer / bool tensors keep their dtype.
+    Returns:
+        A validated Plan. Raises TensorNotFound / ShapeMismatch / RecipeError naming the tensor.
+    """
+    spec = get_op(op_name)
+    _check_roles(spec, roles, where)
+    op_params = spec.make_params(params, where)
+    counts = {r: len(v) if isinstance(v, list) else 1 for r, v in roles.items()}
+    if hasattr(op_params, "validate_inputs"):
+        try:
+            op_params.validate_inputs(counts)
+        except ValueError as e:
+            raise RecipeError(f"{where}: {op_name!r}: {e}") from None
+    first_key = _keys(roles[spec.roles[0].name])[0]
+    names = list(names) if names is not None else list(sources[first_key].keys())
+    out_dtype = by_name(dtype).name if dtype else None
+    jobs = []
+    for name in names:
+        inputs, metas = [], []
+        for role in spec.roles:
+            keys = _keys(roles[role.name])
+            refs = tuple(InputRef(k, name) for k in keys)
+            for ref in refs:
+                metas.append((ref.source, _meta_of(sources, ref)))
+            inputs.append((role.name, refs if role.variadic else refs[0]))
+        shape = metas[0][1].shape
+        for key, meta in metas[1:]:
+            if meta.shape != shape:
+                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {key} but {shape} in {metas[0][0]}")
+        in_dtype = metas[0][1].dtype
+        target = out_dtype if out_dtype and (by_name(in_dtype).is_float or not float_only_dtype) else in_dtype
+        jobs.append(TensorJob(TensorMeta(name, shape, target), op_name, tuple(inputs), op_params))
+    return Plan(jobs, dict(sources))
+
+
+def _keys(value: str | list[str]) -> list[str]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_roles(spec: OpSpec, roles: Mapping[str, Any], where: str) -> None:
+    expected = {r.name for r in spec.roles}
+    if set(roles) != expected:
+        raise RecipeError(f"{where}: op {spec.name!r} takes inputs {sorted(expected)}, got {sorted(roles)}")
+    for role in spec.roles:
+        if not role.variadic and isinstance(roles[role.name], (list, tuple)) and len(roles[role.name]) != 1:
+            raise RecipeError(f"{where}: op {spec.name!r} takes one {role.name!r} input")
+        if role.variadic and not _keys(roles[role.name]):
+            raise RecipeError(f"{where}: op {spec.name!r} needs at least one {role.name!r} input")
+
+
+def _meta_of(sources: Mapping[str, TensorSource], ref: InputRef) -> TensorMeta:
+    source = sources[ref.source]
+    try:
+        return source.meta(ref.name)
+    except TensorNotFound:
+        raise TensorNotFound(f"tensor {ref.name!r} is missing from input {ref.source} ({getattr(source, 'path', '')})") from None

@@ -1,0 +1,83 @@
+"""The one exception hierarchy users of tensorstore_llm see.
+
+Every error names what it is about (artifact, file, tensor) and what was expected, so that the
+CLI can print it as one line and exit non-zero. Library code raises these instead of asserting.
+"""
+from __future__ import annotations
+
+
+class TsllmError(Exception):
+    """Base of every error tensorstore_llm raises on purpose.
+
+    ``exit_code`` is what the CLI exits with when this error reaches it.
+    """
+
+    exit_code = 1
+
+
+class ArtifactNotFound(TsllmError):
+    """A ref (tag, id or id prefix) names no artifact in the store."""
+
+    exit_code = 3
+
+
+class RefError(TsllmError):
+    """A tag name or ref is malformed or ambiguous."""
+
+    exit_code = 3
+
+
+class FormatError(TsllmError):
+    """A file is not what its format promises (bad header, truncated data, malformed index)."""
+
+    exit_code = 4
+
+
+class UnsafeFormat(FormatError):
+    """A checkpoint format we refuse to read because loading it can run code (pickle)."""
+
+
+class IntegrityError(TsllmError):
+    """Stored bytes do not match the checksum recorded when they were written."""
+
+    exit_code = 5
+
+
+class TensorNotFound(TsllmError):
+    """A tensor a job needs is missing from its source."""
+
+    exit_code = 6
+
+
+class ShapeMismatch(TsllmError):
+    """Tensors that must agree in shape do not."""
+
+    exit_code = 6
+
+
+class DTypeError(TsllmError):
+    """A dtype is unknown or not allowed where it was used."""
+
+    exit_code = 6
+
+
+class InvalidTensorName(TsllmError):
+    """A tensor name would escape its artifact (path separators, '..', NUL, reserved names)."""
+
+    exit_code = 6
+
+
+class RecipeError(TsllmError):
+    """A recipe or its parameters cannot succeed; raised while planning, before any work."""
+
+    exit_code = 7
+
+
+class StorageError(TsllmError):
+    """The store or output location cannot be written (disk full, read-only, permissions)."""
+
+    exit_code = 8
+
+
+class OutputExists(StorageError):
+    """The output location already holds something we will not overwrite."""

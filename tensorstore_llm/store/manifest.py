@@ -1,0 +1,91 @@
+"""The manifest: what an artifact is, where it came from, and a checksum for every byte of it.
+
+Written last, into the staging directory, just before the rename that publishes the artifact:
+an artifact directory with a readable manifest is complete by construction. The artifact id is
+the hash of the manifest's content (everything but creation time and tool version), so the same
+content imported twice is the same artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from ..errors import FormatError
+from ..io.base import TensorMeta
+
+FORMAT = "tsllm-artifact/1"
+KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    shape: tuple[int, ...]
+    dtype: str
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """Everything known about one artifact; ``id`` is derived from the rest."""
+
+    kind: str
+    tensors: dict[str, TensorRecord]
+    files: dict[str, str] = field(default_factory=dict)       # carried file name -> checksum
+    parents: list[dict] = field(default_factory=list)         # [{"id": ..., "role": ...}]
+    source: dict | None = None                                # where an import came from
+    recipe: dict | None = None                                # the op / recipe that produced it
+    run: dict = field(default_factory=dict)                   # seed, device, generator device
+    created_at: str = ""
+    tool: dict = field(default_factory=dict)
+    id: str = ""
+
+    def metas(self) -> dict[str, TensorMeta]:
+        return {n: TensorMeta(n, tuple(r.shape), r.dtype) for n, r in self.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.metas().values())
+
+    def content_id(self) -> str:
+        """The artifact id: sha256 of the canonical JSON of the content fields."""
+        body = self._content()
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def _content(self) -> dict:
+        return {"kind": self.kind, "tensors": {n: [list(r.shape), r.dtype, r.checksum] for n, r in self.tensors.items()},
+                "files": self.files, "parents": self.parents, "source": self.source, "recipe": self.recipe,
+                "run": self.run}
+
+    def to_json(self) -> bytes:
+        body = {"format": FORMAT, "id": self.id, **self._content(), "created_at": self.created_at, "tool": self.tool}
+        body["tensors"] = {n: {"shape": list(r.shape), "dtype": r.dtype, "checksum": r.checksum}
+                           for n, r in self.tensors.items()}
+        return json.dumps(body, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        try:
+            body = json.loads(data)
+            if body.get("format") != FORMAT:
+                raise ValueError(f"format {body.get('format')!r}, expected {FORMAT!r}")
+            tensors = {n: TensorRecord(tuple(int(d) for d in r["shape"]), str(r["dtype"]), str(r["checksum"]))
+                       for n, r in body["tensors"].items()}
+            return cls(kind=body["kind"], tensors=tensors, files=dict(body.get("files") or {}),
+                       parents=list(body.get("parents") or []), source=body.get("source"),
+                       recipe=body.get("recipe"), run=dict(body.get("run") or {}),
+                       created_at=body.get("created_at", ""), tool=dict(body.get("tool") or {}), id=body["id"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{where}: manifest is unreadable ({e})") from None
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_from(meta: TensorMeta, checksum: str) -> TensorRecord:
+    return TensorRecord(tuple(meta.shape), meta.dtype, checksum)
+
+
+__all__ = ["Manifest", "TensorRecord", "KINDS", "FORMAT", "now_utc", "record_from", "asdict"]

@@ -1,0 +1,357 @@
+"""The store: immutable artifacts under one root, tags that point at them, atomic commits.
+
+Layout::
+
+    <root>/store.json                     format marker
+    <root>/artifacts/<id>/manifest.json   written last; its presence means "complete"
+    <root>/artifacts/<id>/tensors/        Zarr v3 group, one array per tensor
+    <root>/artifacts/<id>/files/          carried config / tokenizer files
+    <root>/staging/<job-key>/             work in progress (resumable); never listed
+    <root>/tags/<name>                    the id a tag points at
+
+An artifact becomes visible by one ``rename`` of a staging directory that already holds every
+chunk and the manifest, so a writer killed at any instant leaves nothing that looks valid.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from .. import __version__
+from ..errors import ArtifactNotFound, IntegrityError, RefError, StorageError, TsllmError
+from ..io.base import RowHasher, TensorMeta, checksum_bytes
+from ..io.fsutil import fsync_path, remove_tree, storage_errors, write_file_atomic
+from ..io.staged import JOURNAL_NAME
+from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
+from .manifest import KINDS, Manifest, now_utc, record_from
+
+STORE_FORMAT = "tsllm-store/1"
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MIN_PREFIX = 4
+VERIFY_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def default_root() -> str:
+    """``$TSLLM_STORE`` if set, else ``./tsllm-store``."""
+    return os.environ.get("TSLLM_STORE") or os.path.join(os.getcwd(), "tsllm-store")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed artifact: its id, directory and manifest."""
+
+    id: str
+    path: str
+    manifest: Manifest
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+class Store:
+    """Artifacts and tags under ``root``.
+
+    Example:
+        >>> store = Store("tsllm-store")                     # doctest: +SKIP
+        >>> [a.short_id for a in store.list(kind="checkpoint")]   # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | None = None):
+        self.root = os.path.abspath(root or default_root())
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _dir(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def _ensure(self) -> None:
+        with storage_errors(f"store {self.root}"):
+            for sub in ("artifacts", "staging", "tags"):
+                os.makedirs(self._dir(sub), exist_ok=True)
+            marker = self._dir("store.json")
+            if not os.path.exists(marker):
+                write_file_atomic(marker, json.dumps({"format": STORE_FORMAT}).encode())
+
+    # -- writing --------------------------------------------------------------------------------
+    def create(self, job_key: str, compression: str = "none") -> ArtifactWriter:
+        """A writer staging a new artifact; the same ``job_key`` resumes an interrupted write."""
+        self._ensure()
+        return ArtifactWriter(self, self._dir("staging", job_key), compression)
+
+    def _publish(self, staging: str, manifest: Manifest) -> Artifact:
+        manifest.id = manifest.content_id()
+        target = self._dir("artifacts", manifest.id)
+        with storage_errors(f"artifact {manifest.id[:12]} in store {self.root}"):
+            write_file_atomic(os.path.join(staging, "manifest.json"), manifest.to_json())
+            if os.path.exists(target):   # identical content already committed: keep the old one
+                remove_tree(staging)
+            else:
+                os.rename(staging, target)
+                fsync_path(self._dir("artifacts"))
+                os.remove(os.path.join(target, ".lock"))
+        return self.get(manifest.id)
+
+    # -- reading --------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The full artifact id a ref names: a tag, a full id, or a unique id prefix."""
+        tag_path = self._dir("tags", ref)
+        if TAG_RE.match(ref) and os.path.isfile(tag_path):
+            with open(tag_path) as f:
+                return f.read().strip()
+        if re.fullmatch(r"[0-9a-f]{%d,64}" % MIN_PREFIX, ref or ""):
+            matches = [i for i in self._ids() if i.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise RefError(f"store {self.root}: id prefix {ref!r} is ambiguous ({len(matches)} artifacts); give more characters")
+        raise ArtifactNotFound(f"store {self.root}: no artifact or tag named {ref!r} (see `tsllm ls`)")
+
+    def has(self, ref: str) -> bool:
+        try:
+            self.resolve(ref)
+            return True
+        except (ArtifactNotFound, RefError):
+            return False
+
+    def get(self, ref: str) -> Artifact:
+        """The committed artifact a ref names; ArtifactNotFound if there is none."""
+        artifact_id = self.resolve(ref)
+        path = self._dir("artifacts", artifact_id)
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest_path):
+            raise ArtifactNotFound(f"store {self.root}: artifact {artifact_id[:12]} (from {ref!r}) does not exist")
+        with open(manifest_path, "rb") as f:
+            manifest = Manifest.from_json(f.read(), manifest_path)
+        return Artifact(artifact_id, path, manifest)
+
+    def open(self, ref: str) -> ZarrTensorSource:
+        """A TensorSource over the tensors of the artifact ``ref``."""
+        artifact = self.get(ref)
+        return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id)
+
+    def file_path(self, ref: str, name: str) -> str:
+        return os.path.join(self.get(ref).path, "files", name)
+
+    def carried_files(self, ref: str) -> dict[str, str]:
+        """Carried file name -> path for an artifact."""
+        artifact = self.get(ref)
+        return {n: os.path.join(artifact.path, "files", n) for n in artifact.manifest.files}
+
+    def _ids(self) -> list[str]:
+        base = self._dir("artifacts")
+        return sorted(os.listdir(base)) if os.path.isdir(base) else []
+
+    def list(self, kind: str | None = None) -> list[Artifact]:
+        """Committed artifacts, oldest first, optionally of one kind."""
+        found = []
+        for artifact_id in self._ids():
+            if os.path.isfile(self._dir("artifacts", artifact_id, "manifest.json")):
+                artifact = self.get(artifact_id)
+                if kind is None or artifact.kind == kind:
+                    found.append(artifact)
+        return sorted(found, key=lambda a: (a.manifest.created_at, a.id))
+
+    # -- tags -----------------------------------------------------------------------------------
+    def tags(self) -> dict[str, str]:
+        """Tag name -> artifact id."""
+        base = self._dir("tags")
+        if not os.path.isdir(base):
+            return {}
+        out = {}
+        for name in sorted(os.listdir(base)):
+            if TAG_RE.match(name):
+                with open(os.path.join(base, name)) as f:
+                    out[name] = f.read().strip()
+        return out
+
+    def tags_of(self, artifact_id: str) -> list[str]:
+        return [t for t, i in self.tags().items() if i == artifact_id]
+
+    def tag(self, ref: str, name: str, force: bool = True) -> str | None:
+        """Point tag ``name`` at ``ref``. Returns the id it pointed at before, if any.
+
+        With ``force=False`` an existing tag pointing elsewhere raises RefError.
+        """
+        if not TAG_RE.match(name) or re.fullmatch(r"[0-9a-f]{%d,64}" % MIN_PREFIX, name):
+            raise RefError(f"tag {name!r} is not allowed: use letters, digits, '.', '_', '-' (not starting with "
+                           "a symbol) and not something that looks like an artifact id")
+        artifact_id = self.get(ref).id
+        previous = self.tags().get(name)
+        if previous and previous != artifact_id and not force:
+            raise RefError(f"tag {name!r} already points at {previous[:12]}; use --force to move it")
+        self._ensure()
+        with storage_errors(f"tag {name!r} in store {self.root}"):
+            write_file_atomic(self._dir("tags", name), (artifact_id + "\n").encode())
+        return previous if previous != artifact_id else None
+
+    def untag(self, name: str) -> None:
+        path = self._dir("tags", name)
+        if not TAG_RE.match(name) or not os.path.isfile(path):
+            raise ArtifactNotFound(f"store {self.root}: no tag {name!r}")
+        os.remove(path)
+
+    # -- checking and cleaning -------------------------------------------------------------------
+    def verify(self, ref: str, progress=None) -> Artifact:
+        """Re-read every tensor and carried file and compare with the manifest's checksums.
+
+        Returns the artifact when all match; raises IntegrityError listing what does not.
+        """
+        artifact = self.get(ref)
+        problems = []
+        metas = artifact.manifest.metas()
+        with ZarrTensorSource(artifact.path, metas, artifact.id) as source:
+            for name, meta in metas.items():
+                try:
+                    actual = _checksum_source_tensor(source, meta)
+                except TsllmError as e:
+                    problems.append(str(e))
+                    continue
+                except Exception as e:  # a corrupt chunk can fail inside zarr's decoders
+                    problems.append(f"tensor {name!r}: unreadable ({e.__class__.__name__}: {e})")
+                    continue
+                if actual != artifact.manifest.tensors[name].checksum:
+                    problems.append(f"tensor {name!r}: checksum {actual[:20]}... != recorded {artifact.manifest.tensors[name].checksum[:20]}...")
+                if progress:
+                    progress(meta.nbytes)
+        for name, checksum in artifact.manifest.files.items():
+            path = os.path.join(artifact.path, "files", name)
+            if not os.path.isfile(path):
+                problems.append(f"file {name!r}: missing")
+                continue
+            with open(path, "rb") as f:
+                if checksum_bytes(f.read()) != checksum:
+                    problems.append(f"file {name!r}: checksum mismatch")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise IntegrityError(f"artifact {artifact.short_id} in {self.root}: {len(problems)} problem(s): {shown}")
+        return artifact
+
+    def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove staging directories no running job holds. Returns the removed paths."""
+        removed = []
+        base = self._dir("staging")
+        if not os.path.isdir(base):
+            return removed
+        for name in sorted(os.listdir(base)):
+            path = os.path.join(base, name)
+            lock = _try_lock(path)
+            if lock is None:
+                continue  # a live job owns it
+            try:
+                if not dry_run:
+                    shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            finally:
+                os.close(lock)
+        return removed
+
+
+def _checksum_source_tensor(source: ZarrTensorSource, meta: TensorMeta) -> str:
+    from ..dtypes import by_name, raw_bytes
+
+    hasher = RowHasher(meta, source.path)
+    step = max(1, VERIFY_BLOCK_BYTES // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
+    if meta.numel:
+        for start in range(0, meta.rows, step):
+            stop = min(meta.rows, start + step)
+            block = source.read_rows(meta.name, start, stop)
+            hasher.update(start, raw_bytes(block), stop - start if meta.shape else 1)
+    return hasher.hexdigest()
+
+
+def _try_lock(path: str) -> int | None:
+    """Take the job lock of a staging dir without waiting; None if another process holds it."""
+    lock_path = os.path.join(path, ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+class ArtifactWriter(ZarrTensorSink):
+    """A TensorSink staging one artifact; ``commit`` publishes it, ``abort`` discards it.
+
+    Holds an exclusive lock on its staging directory for its lifetime, so a second process running
+    the same job, or ``gc``, cannot interfere.
+    """
+
+    def __init__(self, store: Store, staging_dir: str, compression: str):
+        with storage_errors(f"store {store.root}"):
+            os.makedirs(staging_dir, exist_ok=True)
+        self._lock = _try_lock(staging_dir)
+        if self._lock is None:
+            raise StorageError(f"store {store.root}: job {os.path.basename(staging_dir)[:16]} is already running in another process")
+        super().__init__(staging_dir, f"store {store.root}", compression)
+        self.store = store
+
+    def commit(self, *, kind: str, parents=(), source=None, recipe=None, files=None, run=None) -> Artifact:
+        """Publish the staged tensors as an artifact of ``kind``; every declared tensor must be finished.
+
+        Args:
+            files: carried file name -> path or bytes (config, tokenizer, ...).
+        Returns:
+            The committed Artifact (an existing one if identical content was committed before).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}")
+        done = self.completed()
+        missing = [n for n in self.metas if n not in done]
+        if missing:
+            raise ValueError(f"{self.where}: cannot commit, {len(missing)} tensor(s) unfinished, e.g. {missing[0]!r}")
+        tensors = {n: record_from(m, done[n]) for n, m in self.metas.items()}
+        carried = {}
+        with storage_errors(self.where):
+            files_dir = os.path.join(self.staging_dir, "files")
+            os.makedirs(files_dir, exist_ok=True)
+            for name, content in (files or {}).items():
+                data = content if isinstance(content, bytes) else open(content, "rb").read()
+                with open(os.path.join(files_dir, name), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                carried[name] = checksum_bytes(data)
+            fsync_path(files_dir)
+            self.journal.close()
+            journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
+            if os.path.exists(journal_path):
+                os.remove(journal_path)
+            zarr_json = os.path.join(self.root, "zarr.json")
+            if os.path.exists(zarr_json):
+                fsync_path(zarr_json)
+                fsync_path(self.root)
+        manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
+                            recipe=recipe, run=dict(run or {}), created_at=now_utc(),
+                            tool={"name": "tensorstore_llm", "version": __version__})
+        try:
+            return self.store._publish(self.staging_dir, manifest)
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        super().abort()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def job_key(*parts) -> str:
+    """A stable staging-directory name for a job from its identifying parts."""
+    return "job-" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
