@@ -78,7 +78,7 @@ def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, re
     try:
         executor.run()
     except KeyboardInterrupt:
-        writer._release()  # keep the staging directory: the same command resumes it
+        writer.close()  # keep the staging directory: the same command resumes it
         raise
     except BaseException:
         writer.abort()
@@ -125,6 +125,7 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
         try:
             executor.run()
         except KeyboardInterrupt:
+            sink.close()
             raise
         except BaseException:
             sink.abort()

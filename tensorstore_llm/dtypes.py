@@ -107,7 +107,9 @@ def to_storage(tensor: torch.Tensor) -> np.ndarray:
 def from_storage(array: np.ndarray, dtype: DType | str) -> torch.Tensor:
     """Reinterpret stored elements as a torch tensor of the logical dtype (shares memory)."""
     dt = dtype if isinstance(dtype, DType) else by_name(dtype)
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)  # zarr hands back numpy scalars for 0-d arrays
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # (never for 0-d arrays: it would make them 1-d)
     if array.dtype.itemsize != dt.itemsize:
         raise DTypeError(f"stored elements are {array.dtype}, which cannot hold {dt.name}")
     view = _BIT_PATTERN_VIEW.get(dt.name)
@@ -119,6 +121,8 @@ def from_storage(array: np.ndarray, dtype: DType | str) -> torch.Tensor:
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as little-endian bytes in C order (what checksums and files hold)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
     flat = tensor.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 

@@ -105,7 +105,8 @@ def plan_map(op_name: str, sources: Mapping[str, TensorSource], roles: Mapping[s
         shape = metas[0][1].shape
         for key, meta in metas[1:]:
             if meta.shape != shape:
-                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {key} but {shape} in {metas[0][0]}")
+                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {_describe(sources, key)} "
+                                    f"but {shape} in {_describe(sources, metas[0][0])}")
         in_dtype = metas[0][1].dtype
         target = out_dtype if out_dtype and (by_name(in_dtype).is_float or not float_only_dtype) else in_dtype
         jobs.append(TensorJob(TensorMeta(name, shape, target), op_name, tuple(inputs), op_params))
@@ -132,4 +133,9 @@ def _meta_of(sources: Mapping[str, TensorSource], ref: InputRef) -> TensorMeta:
     try:
         return source.meta(ref.name)
     except TensorNotFound:
-        raise TensorNotFound(f"tensor {ref.name!r} is missing from input {ref.source} ({getattr(source, 'path', '')})") from None
+        raise TensorNotFound(f"tensor {ref.name!r} is missing from {_describe(sources, ref.source)}") from None
+
+
+def _describe(sources: Mapping[str, TensorSource], key: str) -> str:
+    path = getattr(sources[key], "path", None)
+    return f"input {key} ({path})" if path else f"input {key}"

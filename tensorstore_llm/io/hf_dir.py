@@ -285,8 +285,8 @@ class HFCheckpointSink(StagedSink):
             fsync_path(os.path.dirname(self.out_dir))
         return self.out_dir
 
-    def abort(self) -> None:
+    def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        super().abort()
+        super().close()

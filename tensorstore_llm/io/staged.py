@@ -61,9 +61,13 @@ class StagedSink:
             self.journal.record(name, digest)
         return digest
 
+    def close(self) -> None:
+        """Stop writing but keep the staging directory, so the same job can resume later."""
+        self.journal.close()
+
     def abort(self) -> None:
         """Throw away everything staged; the destination is left as it was."""
-        self.journal.close()
+        self.close()
         remove_tree(self.staging_dir)
 
     # -- for subclasses -------------------------------------------------------------------------

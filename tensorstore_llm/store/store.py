@@ -342,8 +342,8 @@ class ArtifactWriter(ZarrTensorSink):
         finally:
             self._release()
 
-    def abort(self) -> None:
-        super().abort()
+    def close(self) -> None:
+        super().close()
         self._release()
 
     def _release(self) -> None:

@@ -1,0 +1,54 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tensorstore_llm.store import Store
+from tensorstore_llm.synth import write_model_family
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """base, ft1, ft2 of the 'tiny' preset as HF directories (read-only for tests)."""
+    root = tmp_path_factory.mktemp("tiny-family")
+    base, ft1, ft2 = write_model_family(str(root), "tiny", seed=0, finetunes=2)
+    return {"base": base, "ft1": ft1, "ft2": ft2}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(str(tmp_path / "store"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``tsllm ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from tensorstore_llm_cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def run_tsllm(*args, env=None, **kw):
+    """``tsllm ARGS`` in a subprocess (for kills, timing and import checks)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tensorstore_llm_cli", *map(str, args)], env=full_env,
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def small_family(tmp_path_factory):
+    """base, ft1, ft2 of the 'small' preset (~9.6 MB each, 39 tensors)."""
+    root = tmp_path_factory.mktemp("small-family")
+    base, ft1, ft2 = write_model_family(str(root), "small", seed=0, finetunes=2)
+    return {"base": base, "ft1": ft1, "ft2": ft2}

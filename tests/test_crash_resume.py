@@ -1,0 +1,61 @@
+"""kill -9 at a random point: nothing valid appears, and the re-run resumes to the same bits."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import run_tsllm
+from tensorstore_llm.store import Store
+
+
+def _kill_after_journal_lines(args, store_root, lines, timeout=120):
+    """Start ``tsllm ARGS``, SIGKILL it once its job journal holds ``lines`` records."""
+    proc = subprocess.Popen([sys.executable, "-m", "tensorstore_llm_cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        for journal in glob.glob(os.path.join(store_root, "staging", "*", "journal.jsonl")):
+            with open(journal, "rb") as f:
+                if f.read().count(b"\n") >= lines:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("the job finished (or hung) before it could be killed; make it slower")
+
+
+def test_kill_during_import_then_resume(tmp_path, small_family):
+    root = str(tmp_path / "store")
+    args = ["--store", root, "import", small_family["base"], "--name", "base", "--max-memory", "256K"]
+    _kill_after_journal_lines(args, root, lines=4)
+    assert Store(root).list() == []
+    assert "no artifacts" in run_tsllm("--store", root, "ls").stdout
+    rerun = run_tsllm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    skipped = int(rerun.stdout.split("resumed: ")[1].split()[0])
+    assert 4 <= skipped < 39
+    clean_root = str(tmp_path / "clean")
+    assert run_tsllm("--store", clean_root, "import", small_family["base"]).returncode == 0
+    assert Store(root).get("base").id == Store(clean_root).list()[0].id  # bit-identical content
+    assert run_tsllm("--store", root, "verify", "base").returncode == 0
+    assert os.listdir(os.path.join(root, "staging")) == []
+
+
+def test_kill_during_streamed_job_then_resume_bit_identical(tmp_path, small_family):
+    root = str(tmp_path / "store")
+    refs = [small_family[k] for k in ("base", "ft1", "ft2")]
+    args = ["--store", root, "weighted-sum", *refs, "--weights", "0.2,0.3,0.5", "--name", "soup", "--max-memory", "512K"]
+    _kill_after_journal_lines(args, root, lines=6)
+    assert Store(root).list() == []
+    rerun = run_tsllm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert int(rerun.stdout.split("resumed: ")[1].split()[0]) >= 6
+    other = str(tmp_path / "other")
+    done = run_tsllm("--store", other, "weighted-sum", *refs, "--weights", "0.2,0.3,0.5", "--max-memory", "4G")
+    assert done.returncode == 0, done.stderr
+    resumed, uninterrupted = Store(root).get("soup"), Store(other).list()[0]
+    assert resumed.manifest.tensors == uninterrupted.manifest.tensors
+    assert resumed.id == uninterrupted.id

@@ -1,0 +1,119 @@
+"""Store behaviour: ids, tags, refs, verify, gc, compression, carried files."""
+import glob
+import hashlib
+import os
+
+import pytest
+import torch
+
+from conformance import SinkConformance, same_bits, sample_tensors
+from tensorstore_llm import api
+from tensorstore_llm.errors import ArtifactNotFound, IntegrityError, RefError, StorageError
+from tensorstore_llm.store import Store
+
+
+def _commit(store, tensors, key="job-x", compression="none", **kw):
+    writer = store.create(key, compression)
+    SinkConformance.write_all(None, writer, tensors)
+    return writer.commit(kind="checkpoint", **kw)
+
+
+def test_same_content_same_id_and_no_duplicate(store):
+    t = {"w": torch.randn(8, 8)}
+    a = _commit(store, t, "job-1")
+    b = _commit(store, t, "job-2")
+    assert a.id == b.id and len(store.list()) == 1
+    c = _commit(store, {"w": t["w"] + 1}, "job-3")
+    assert c.id != a.id
+
+
+def test_manifest_records_everything(store, tiny_family):
+    art = api.import_checkpoint(tiny_family["base"], store, name="base", progress=False).artifact
+    m = art.manifest
+    assert m.kind == "checkpoint" and m.source["type"] == "hf-dir"
+    assert set(m.files) == {"config.json", "generation_config.json"}
+    assert m.tool["name"] == "tensorstore_llm" and m.created_at
+    rec = m.tensors["model.embed_tokens.weight"]
+    assert rec.dtype == "bfloat16" and rec.shape == (512, 64) and rec.checksum.startswith("sha256:")
+    # the checksum is the sha256 of the tensor's bytes as they sit in the safetensors file
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.dtypes import raw_bytes
+    with HFCheckpointSource(tiny_family["base"]) as src:
+        expected = hashlib.sha256(bytes(raw_bytes(src.read("model.embed_tokens.weight")))).hexdigest()
+    assert rec.checksum == "sha256:" + expected
+    with open(os.path.join(art.path, "files", "config.json"), "rb") as f, open(os.path.join(tiny_family["base"], "config.json"), "rb") as g:
+        assert f.read() == g.read()
+
+
+def test_refs_tags_and_prefixes(store):
+    a = _commit(store, {"w": torch.zeros(2)}, "job-a")
+    assert store.resolve(a.id[:8]) == a.id
+    store.tag(a.id, "base")
+    assert store.get("base").id == a.id
+    b = _commit(store, {"w": torch.ones(2)}, "job-b")
+    with pytest.raises(RefError, match="already points"):
+        store.tag(b.id, "base", force=False)
+    assert store.tag(b.id, "base") == a.id
+    assert store.tags() == {"base": b.id}
+    for bad in ("../x", "", "a/b", "deadbeef"):
+        with pytest.raises(RefError):
+            store.tag(a.id, bad)
+    with pytest.raises(ArtifactNotFound):
+        store.get("nothing-here")
+    store.untag("base")
+    with pytest.raises(ArtifactNotFound):
+        store.get("base")
+
+
+def test_verify_catches_a_flipped_byte(store):
+    a = _commit(store, {"w": torch.randn(64, 64)})
+    store.verify(a.id)
+    chunk = sorted(glob.glob(os.path.join(a.path, "tensors", "w", "c", "**", "*"), recursive=True))
+    chunk = [c for c in chunk if os.path.isfile(c)][0]
+    data = bytearray(open(chunk, "rb").read())
+    data[100] ^= 0x01
+    open(chunk, "wb").write(bytes(data))
+    with pytest.raises(IntegrityError, match="'w'.*checksum"):
+        store.verify(a.id)
+
+
+def test_verify_catches_a_deleted_chunk_read_as_fill_value(store):
+    a = _commit(store, {"w": torch.randn(64, 64)})
+    for chunk in glob.glob(os.path.join(a.path, "tensors", "w", "c", "**", "*"), recursive=True):
+        if os.path.isfile(chunk):
+            os.remove(chunk)
+    with pytest.raises(IntegrityError):
+        store.verify(a.id)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_compression_round_trips_bit_exact(store, compression):
+    tensors = sample_tensors()
+    a = _commit(store, tensors, compression=compression)
+    with store.open(a.id) as src:
+        for name, t in tensors.items():
+            assert same_bits(src.read(name), t)
+    store.verify(a.id)
+
+
+def test_staging_is_never_listed_and_gc_removes_it(store):
+    writer = store.create("job-left")
+    writer.prepare([])
+    assert store.list() == []
+    with pytest.raises(StorageError, match="already running"):
+        store.create("job-left")
+    assert store.gc() == []  # held by a live writer
+    writer.close()
+    removed = store.gc()
+    assert len(removed) == 1 and not os.path.exists(removed[0])
+
+
+def test_commit_refuses_unfinished(store):
+    from tensorstore_llm.io.base import TensorMeta
+
+    writer = store.create("job-u")
+    writer.prepare([TensorMeta("w", (4,), "float32")])
+    with pytest.raises(ValueError, match="unfinished"):
+        writer.commit(kind="checkpoint")
+    writer.abort()
+    assert store.list() == []
