@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from .progress import Progress
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
+TILE_ELEMENTS_CPU = 1 << 19      # fp32 temps of 2 MiB: cache-sized, and below the 4 MiB mmap threshold
+TILE_ELEMENTS_CUDA = 1 << 26
 _DONE = object()
 
 
@@ -99,21 +102,43 @@ class Executor:
         self.skipped: list[str] = []
 
     # -- planning -------------------------------------------------------------------------------
-    def _bytes_per_row(self, job: TensorJob) -> tuple[int, int]:
+    def tile_rows(self, job: TensorJob) -> int:
+        """Rows per kernel call: about TILE_ELEMENTS outputs, so fp32 temporaries stay in cache."""
+        tile = TILE_ELEMENTS_CUDA if self.device.type == "cuda" else TILE_ELEMENTS_CPU
+        return max(1, tile // max(1, job.output.row_numel))
+
+    def _memory_model(self, job: TensorJob) -> tuple[int, int, int]:
+        """(bytes per block row held by the pipeline, fixed bytes of one kernel call, input bytes per row)."""
         spec = get_op(job.op)
         metas = [self.plan.input_meta(r) for r in job.refs()]
         in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
         out_row = job.output.row_numel * by_name(job.output.dtype).itemsize
-        compute = job.output.row_numel * 4 * (len(metas) + spec.temps) if spec.compute else 0
-        return IN_BLOCKS_HELD * in_row + compute + OUT_BLOCKS_HELD * out_row, in_row
+        if not spec.compute:
+            return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, 0, in_row
+        eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple))
+        temps = spec.temps(len(metas)) if callable(spec.temps) else spec.temps
+        fp32_row = job.output.row_numel * 4 * (eager + temps)
+        if not spec.rowwise or not job.output.shape:
+            return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row + fp32_row, 0, in_row
+        return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job), in_row
 
     def block_rows(self, job: TensorJob) -> int:
-        """Rows per block for ``job``: as many as the budget allows, aligned to the sink's chunks."""
+        """Rows per block for ``job``: as many as the budget allows, aligned to the sink's chunks.
+
+        A block of R rows holds ``R * per_row`` in the pipeline plus one kernel tile of
+        ``min(R, tile)`` rows of fp32 temporaries.
+        """
         meta = job.output
         if not get_op(job.op).rowwise or not meta.shape:
             return meta.rows
-        per_row, _ = self._bytes_per_row(job)
-        rows = max(1, min(meta.rows, self.budget // max(per_row, 1)))
+        per_row, tile_bytes, _ = self._memory_model(job)
+        tile = self.tile_rows(job)
+        fp32_row = tile_bytes // tile
+        if self.budget >= tile * (per_row + fp32_row):
+            rows = (self.budget - tile_bytes) // max(per_row, 1)
+        else:
+            rows = self.budget // max(per_row + fp32_row, 1)
+        rows = max(1, min(meta.rows, rows))
         align = self.sink.preferred_rows(meta) if self.sink is not None else 1
         if rows < meta.rows and rows > align:
             rows -= rows % align
@@ -124,9 +149,10 @@ class Executor:
         out = []
         for job in self.plan.jobs:
             rows = self.block_rows(job)
-            per_row, in_row = self._bytes_per_row(job)
+            per_row, fixed, in_row = self._memory_model(job)
             blocks = -(-job.output.rows // rows) if job.output.numel else 0
-            out.append(JobEstimate(job, rows, blocks, per_row * rows, in_row * job.output.rows))
+            fp32_row = fixed // self.tile_rows(job)
+            out.append(JobEstimate(job, rows, blocks, per_row * rows + fp32_row * min(rows, self.tile_rows(job)), in_row * job.output.rows))
         return Estimate(out, self.budget)
 
     # -- running --------------------------------------------------------------------------------
@@ -134,6 +160,7 @@ class Executor:
         """Compute every job not already finished in the sink. Returns output name -> checksum."""
         if self.sink is None:
             raise ValueError("Executor.run needs a sink")
+        tune_allocator()
         self.sink.prepare([j.output for j in self.plan.jobs])
         results = dict(self.sink.completed())
         todo = [j for j in self.plan.jobs if j.output.name not in results]
@@ -188,20 +215,32 @@ class Executor:
         return self.plan.sources[ref.source].read_rows(ref.name, start, stop)
 
     def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict):
+        """The output rows ``start:stop``: the kernel runs on cache-sized row tiles of the block."""
         spec = get_op(job.op)
         out_dtype = by_name(job.output.dtype).torch
-        ctx = OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device)
-        if spec.compute:
-            tensors = {role: ([self._to_compute(t) for t in v] if isinstance(v, list) else self._to_compute(v))
-                       for role, v in tensors.items()}
-        result = spec.fn(ctx, job.params, **tensors)
-        result = result.to(dtype=out_dtype).to("cpu")
+        if not spec.compute or not spec.rowwise or not job.output.shape:
+            result = self._kernel(spec, job, start, stop, tensors).to(dtype=out_dtype).to("cpu")
+        else:
+            result = torch.empty((stop - start, *job.output.shape[1:]), dtype=out_dtype)
+            tile = self.tile_rows(job)
+            for t0 in range(start, stop, tile):
+                t1 = min(stop, t0 + tile)
+                part = {role: ([x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
+                        for role, v in tensors.items()}
+                result[t0 - start:t1 - start] = self._kernel(spec, job, t0, t1, part).to(dtype=out_dtype)
         expected = (stop - start, *job.output.shape[1:]) if job.output.shape else ()
         if tuple(result.shape) != expected:
             raise TsllmError(f"op {job.op!r} returned shape {tuple(result.shape)} for tensor {job.output.name!r} rows {start}:{stop}, expected {expected}")
         if stop == job.output.rows:
             self.computed.append(job.output.name)
         return result.contiguous()
+
+    def _kernel(self, spec, job: TensorJob, start: int, stop: int, tensors: dict):
+        ctx = OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device)
+        if spec.compute:
+            tensors = {role: (_CastOnAccess(v, self._to_compute) if isinstance(v, list) else self._to_compute(v))
+                       for role, v in tensors.items()}
+        return spec.fn(ctx, job.params, **tensors)
 
     def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.compute_dtype)
@@ -217,6 +256,53 @@ class Executor:
                 progress.update(block.numel() * block.element_size())
             if last:
                 results[job.output.name] = self.sink.finish(job.output.name)
+
+
+class _CastOnAccess(Sequence):
+    """A variadic input: each element moves to the device and compute dtype when it is accessed.
+
+    A kernel that walks its inputs once (a weighted sum) then holds one fp32 copy at a time; one
+    that needs them all together takes ``list(inputs)`` and declares the memory in ``temps``.
+    """
+
+    def __init__(self, items: list, cast):
+        self._items, self._cast = items, cast
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _CastOnAccess(self._items[index], self._cast)
+        return self._cast(self._items[index])
+
+
+def tune_allocator() -> None:
+    """Pin glibc's malloc thresholds: blocks go back to the OS at once, tiles stay in the heap.
+
+    By default glibc raises its mmap threshold after each large free (up to 32 MiB), after which
+    block-sized buffers come from per-thread arenas that keep freed memory: with three pipeline
+    threads that added ~300 MiB of RSS at --max-memory 512M. A fixed 4 MiB mmap threshold fixes
+    that, but also pins the trim threshold at 128 KiB, so the heap is trimmed after every tile
+    and each tile's temporaries page-fault in again (measured: 3.2M faults, 2x wall time); a
+    32 MiB trim threshold keeps them. Process-wide, changes where memory comes from, never
+    results. No-op off glibc.
+    """
+    global _allocator_limited
+    if _allocator_limited:
+        return
+    _allocator_limited = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_allocator_limited = False
 
 
 class _Pipeline:

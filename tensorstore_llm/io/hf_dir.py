@@ -17,7 +17,7 @@ from ..dtypes import by_name, from_storage
 from ..errors import FormatError, OutputExists, TensorNotFound, TsllmError, UnsafeFormat
 from .base import SourceBase, TensorMeta, check_tensor_name
 from .journal import Journal
-from .fsutil import fsync_path, fsync_tree, remove_tree, storage_errors
+from .fsutil import fsync_path, fsync_tree, start_writeback, storage_errors
 from .safetensors_format import Entry, build_header, parse_header, pread_into, pwrite_all
 from .staged import JOURNAL_NAME, StagedSink
 
@@ -253,9 +253,15 @@ class HFCheckpointSink(StagedSink):
     def _write_block(self, meta: TensorMeta, start: int, block, raw: memoryview) -> None:
         fd, offset = self._offsets[meta.name]
         pwrite_all(fd, raw, offset + start * meta.row_numel * by_name(meta.dtype).itemsize)
+        start_writeback(fd)
 
-    def _make_durable(self, meta: TensorMeta) -> None:
-        os.fdatasync(self._offsets[meta.name][0])
+    def _read_back(self, meta: TensorMeta, start: int, stop: int):
+        fd, offset = self._offsets[meta.name]
+        dt = by_name(meta.dtype)
+        buf = np.empty((stop - start, *meta.shape[1:]) if meta.shape else (), dtype=dt.storage)
+        if buf.nbytes:
+            pread_into(self.staging_dir, fd, memoryview(buf.reshape(-1)).cast("B"), offset + start * meta.row_numel * dt.itemsize)
+        return from_storage(buf, dt)
 
     def commit(self) -> str:
         """Write the index and carried files, then move the directory into place. Returns its path."""

@@ -1,19 +1,21 @@
 """What every sink shares: a staging directory, in-order checksums, and a resume journal.
 
-A subclass says how a block lands in storage (``_write_block``), how a finished tensor is made
-durable (``_make_durable``) and how the staging directory is published (``commit``).
+A subclass says how a block lands in storage (``_write_block``), how to read rows back
+(``_read_back``, used to re-verify journaled tensors on resume) and how the staging directory is
+published (``commit``, which makes it durable first).
 """
 from __future__ import annotations
 
 import os
 from typing import Iterable
 
-from ..dtypes import raw_bytes
+from ..dtypes import by_name, raw_bytes
 from .base import RowHasher, TensorMeta
 from .fsutil import remove_tree, storage_errors
 from .journal import Journal
 
 JOURNAL_NAME = "journal.jsonl"
+READ_BACK_BYTES = 64 * 1024 * 1024
 
 
 class StagedSink:
@@ -27,6 +29,8 @@ class StagedSink:
         self.journal = Journal(os.path.join(staging_dir, JOURNAL_NAME))
         self.metas: dict[str, TensorMeta] = {}
         self._hashers: dict[str, RowHasher] = {}
+        self._verified: dict[str, str] | None = None   # journaled by an earlier run, re-checked
+        self._finished: dict[str, str] = {}             # finished by this sink
 
     def prepare(self, metas: Iterable[TensorMeta]) -> None:
         """Declare every tensor that will be written (shapes and dtypes) before the first block."""
@@ -35,8 +39,28 @@ class StagedSink:
             self._prepare_storage(list(self.metas.values()))
 
     def completed(self) -> dict[str, str]:
-        """Tensors finished by an earlier, interrupted run of the same job: name -> checksum."""
-        return {n: c for n, c in self.journal.completed().items() if n in self.metas}
+        """Tensors finished by an earlier, interrupted run of the same job: name -> checksum.
+
+        Each journaled tensor is read back and kept only if its bytes still hash to the journaled
+        checksum (computed once per sink, on first call).
+        """
+        if self._verified is None:
+            self._verified = {}
+            for name, checksum in self.journal.completed().items():
+                if name in self.metas and name not in self._finished and self._checksum_back(self.metas[name]) == checksum:
+                    self._verified[name] = checksum
+        return {**self._verified, **self._finished}
+
+    def _checksum_back(self, meta: TensorMeta) -> str | None:
+        hasher = RowHasher(meta, self.where)
+        step = max(1, READ_BACK_BYTES // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
+        try:
+            for start in range(0, meta.rows if meta.numel else 0, step):
+                stop = min(meta.rows, start + step)
+                hasher.update(start, raw_bytes(self._read_back(meta, start, stop)), stop - start)
+            return hasher.hexdigest()
+        except Exception:  # anything unreadable is simply recomputed
+            return None
 
     def preferred_rows(self, meta: TensorMeta) -> int:
         """Row granularity that writes whole storage chunks (blocks should be multiples of it)."""
@@ -53,12 +77,13 @@ class StagedSink:
         hasher.update(start, raw, rows)
 
     def finish(self, name: str) -> str:
-        """Close tensor ``name``: make it durable, journal it, and return its checksum."""
+        """Close tensor ``name``: journal it and return its checksum."""
         hasher = self._hashers.pop(name, None) or RowHasher(self.metas[name], self.where)
         digest = hasher.hexdigest()
         with storage_errors(self.where):
-            self._make_durable(self.metas[name])
+            self._finish_tensor(self.metas[name])
             self.journal.record(name, digest)
+        self._finished[name] = digest
         return digest
 
     def close(self) -> None:
@@ -77,5 +102,8 @@ class StagedSink:
     def _write_block(self, meta: TensorMeta, start: int, block, raw: memoryview) -> None:
         raise NotImplementedError
 
-    def _make_durable(self, meta: TensorMeta) -> None:
+    def _finish_tensor(self, meta: TensorMeta) -> None:
+        """Hook run when a tensor's last block is written."""
+
+    def _read_back(self, meta: TensorMeta, start: int, stop: int):
         raise NotImplementedError

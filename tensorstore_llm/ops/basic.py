@@ -24,17 +24,22 @@ class WeightedSumParams:
             raise ValueError("weights sum to 0 and cannot be normalised")
 
 
-@op("weighted_sum", inputs=("models*",), params=WeightedSumParams, temps=2)
+    def validate_inputs(self, counts: dict[str, int]) -> None:
+        if counts["models"] != len(self.weights):
+            raise ValueError(f"{counts['models']} models but {len(self.weights)} weights")
+
+
+@op("weighted_sum", inputs=("models*",), params=WeightedSumParams, temps=3)
 def weighted_sum(ctx, params, models):
     """sum_i w_i * x_i, accumulated in input order (divided by sum_i w_i when ``normalize``).
 
-    Multiplies and adds are separate ops (no fused multiply-add) so CPU and CUDA agree bit for bit.
+    Multiplies and adds are separate ops (no fused multiply-add) so CPU and CUDA agree bit for bit;
+    inputs are visited once, so one fp32 copy of one input is alive at a time (temps: total,
+    copy, product).
     """
-    if len(models) != len(params.weights):
-        raise ValueError(f"{len(models)} inputs but {len(params.weights)} weights")
     total = models[0] * params.weights[0]
     for w, x in zip(params.weights[1:], models[1:]):
-        total = total + x * w
+        total += x * w
     if params.normalize:
-        total = total / sum(params.weights)
+        total /= sum(params.weights)
     return total

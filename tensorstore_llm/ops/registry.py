@@ -38,7 +38,9 @@ class OpSpec:
     random: bool = False
     compute: bool = True     # False: raw stored values pass through (no fp32 cast, no device)
     rowwise: bool = True     # may be split into row blocks
-    temps: int = 2           # fp32 temporaries per element beyond the inputs (memory model)
+    # fp32 temporaries per element the kernel holds at its peak, including the copies it makes of
+    # variadic inputs (those are cast on access); an int or a function of the number of inputs.
+    temps: int | Callable[[int], int] = 2
 
     def make_params(self, values: dict | None, where: str) -> Any:
         """Build and validate this op's params from a plain dict; RecipeError on anything wrong."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..errors import ArtifactNotFound, IntegrityError, RefError, StorageError, TsllmError
 from ..io.base import RowHasher, TensorMeta, checksum_bytes
-from ..io.fsutil import fsync_path, remove_tree, storage_errors, write_file_atomic
+from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, write_file_atomic
 from ..io.staged import JOURNAL_NAME
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .manifest import KINDS, Manifest, now_utc, record_from
@@ -322,18 +322,12 @@ class ArtifactWriter(ZarrTensorSink):
                 data = content if isinstance(content, bytes) else open(content, "rb").read()
                 with open(os.path.join(files_dir, name), "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 carried[name] = checksum_bytes(data)
-            fsync_path(files_dir)
             self.journal.close()
             journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
             if os.path.exists(journal_path):
                 os.remove(journal_path)
-            zarr_json = os.path.join(self.root, "zarr.json")
-            if os.path.exists(zarr_json):
-                fsync_path(zarr_json)
-                fsync_path(self.root)
+            fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
                             tool={"name": "tensorstore_llm", "version": __version__})
