@@ -100,6 +100,8 @@ class Executor:
         self.desc = desc
         self.computed: list[str] = []
         self.skipped: list[str] = []
+        self._stats: dict | None = None     # statistics of the job being computed (main thread only)
+        self._partials: list = []
 
     # -- planning -------------------------------------------------------------------------------
     def tile_rows(self, job: TensorJob) -> int:
@@ -177,7 +179,10 @@ class Executor:
                 item = pipeline.get(pipeline.inputs)
                 if item is _DONE:
                     break
-                job, start, stop, tensors, last = item
+                job, pass_index, start, stop, tensors, last = item
+                if pass_index is not None:
+                    self._stats_block(job, pass_index, start, stop, tensors, last)
+                    continue
                 result = self._compute(job, start, stop, tensors) if tensors is not None else None
                 pipeline.put(pipeline.outputs, (job, start, result, last))
             pipeline.put(pipeline.outputs, _DONE)
@@ -193,54 +198,89 @@ class Executor:
         return {j.output.name: results[j.output.name] for j in self.plan.jobs}
 
     def _read_all(self, todo: list[TensorJob], pipeline: _Pipeline) -> None:
+        """Feed blocks in order; a job with statistics passes that spans several blocks is read
+        once per pass (``pass_index`` 0..P-1) and once more for the output (``pass_index`` None)."""
         for job in todo:
             meta = job.output
             if meta.numel == 0:
-                pipeline.put(pipeline.inputs, (job, 0, 0, None, True))
+                pipeline.put(pipeline.inputs, (job, None, 0, 0, None, True))
                 continue
             rows = self.block_rows(job)
-            for start in range(0, meta.rows, rows):
-                stop = min(meta.rows, start + rows)
-                tensors = {}
-                for role, refs in job.inputs:
-                    if isinstance(refs, tuple):
-                        tensors[role] = [self._read(r, start, stop) for r in refs]
-                    else:
-                        tensors[role] = self._read(refs, start, stop)
-                if not pipeline.put(pipeline.inputs, (job, start, stop, tensors, stop == meta.rows)):
-                    return
+            passes = len(get_op(job.op).passes_for(job.params)) if rows < meta.rows else 0
+            for pass_index in [*range(passes), None]:
+                for start in range(0, meta.rows, rows):
+                    stop = min(meta.rows, start + rows)
+                    tensors = {}
+                    for role, refs in job.inputs:
+                        if isinstance(refs, tuple):
+                            tensors[role] = [self._read(r, start, stop) for r in refs]
+                        else:
+                            tensors[role] = self._read(refs, start, stop)
+                    if not pipeline.put(pipeline.inputs, (job, pass_index, start, stop, tensors, stop == meta.rows)):
+                        return
         pipeline.put(pipeline.inputs, _DONE)
 
     def _read(self, ref, start, stop):
         return self.plan.sources[ref.source].read_rows(ref.name, start, stop)
 
+    def _tiles(self, job: TensorJob, start: int, stop: int, tensors: dict):
+        """(tile start, tile stop, tensors of the tile) over the rows of one block."""
+        if not get_op(job.op).rowwise or not job.output.shape:
+            yield start, stop, tensors
+            return
+        tile = self.tile_rows(job)
+        for t0 in range(start, stop, tile):
+            t1 = min(stop, t0 + tile)
+            yield t0, t1, {role: ([x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
+                           for role, v in tensors.items()}
+
+    def _stats_block(self, job: TensorJob, pass_index: int, start: int, stop: int, tensors: dict, last: bool) -> None:
+        """Run statistics pass ``pass_index`` over one block; reduce after the tensor's last block."""
+        spec = get_op(job.op)
+        stats_pass = spec.passes_for(job.params)[pass_index]
+        if pass_index == 0 and start == 0:
+            self._stats, self._partials = None, []
+        for t0, t1, part in self._tiles(job, start, stop, tensors):
+            self._partials.append(stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, part)))
+        if last:
+            ctx = self._context(job, 0, job.output.rows)
+            self._stats = {**(self._stats or {}), **stats_pass.reduce(job.params, self._partials, ctx)}
+            self._partials = []
+
     def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict):
         """The output rows ``start:stop``: the kernel runs on cache-sized row tiles of the block."""
         spec = get_op(job.op)
         out_dtype = by_name(job.output.dtype).torch
+        passes = spec.passes_for(job.params)
+        if passes and start == 0 and stop == job.output.rows:  # whole tensor in memory: passes run here
+            self._stats = None
+            for index in range(len(passes)):
+                self._stats_block(job, index, start, stop, tensors, True)
         if not spec.compute or not spec.rowwise or not job.output.shape:
             result = self._kernel(spec, job, start, stop, tensors).to(dtype=out_dtype).to("cpu")
         else:
             result = torch.empty((stop - start, *job.output.shape[1:]), dtype=out_dtype)
-            tile = self.tile_rows(job)
-            for t0 in range(start, stop, tile):
-                t1 = min(stop, t0 + tile)
-                part = {role: ([x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
-                        for role, v in tensors.items()}
+            for t0, t1, part in self._tiles(job, start, stop, tensors):
                 result[t0 - start:t1 - start] = self._kernel(spec, job, t0, t1, part).to(dtype=out_dtype)
         expected = (stop - start, *job.output.shape[1:]) if job.output.shape else ()
         if tuple(result.shape) != expected:
             raise TsllmError(f"op {job.op!r} returned shape {tuple(result.shape)} for tensor {job.output.name!r} rows {start}:{stop}, expected {expected}")
         if stop == job.output.rows:
             self.computed.append(job.output.name)
+            self._stats = None
         return result.contiguous()
 
+    def _context(self, job: TensorJob, start: int, stop: int) -> OpContext:
+        return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats)
+
+    def _cast(self, spec, tensors: dict) -> dict:
+        if not spec.compute:
+            return tensors
+        return {role: (_CastOnAccess(v, self._to_compute) if isinstance(v, list) else self._to_compute(v))
+                for role, v in tensors.items()}
+
     def _kernel(self, spec, job: TensorJob, start: int, stop: int, tensors: dict):
-        ctx = OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device)
-        if spec.compute:
-            tensors = {role: (_CastOnAccess(v, self._to_compute) if isinstance(v, list) else self._to_compute(v))
-                       for role, v in tensors.items()}
-        return spec.fn(ctx, job.params, **tensors)
+        return spec.fn(self._context(job, start, stop), job.params, **self._cast(spec, tensors))
 
     def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.compute_dtype)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ..errors import RecipeError
 
 _REGISTRY: dict[str, OpSpec] = {}
-_BUILTIN_MODULES = ("tensorstore_llm.ops.basic",)
+_BUILTIN_MODULES = ("tensorstore_llm.ops.basic", "tensorstore_llm.ops.merge")
 _loaded = False
 
 
@@ -25,6 +25,20 @@ _loaded = False
 class Role:
     name: str
     variadic: bool = False
+
+
+@dataclass(frozen=True)
+class StatsPass:
+    """A read-only pass over a whole tensor before its output is computed.
+
+    ``map(ctx, params, **tensors) -> dict`` runs on every row tile in row order (``ctx.stats``
+    holds what earlier passes found); ``reduce(params, partials, ctx) -> dict`` turns the list of
+    partials into statistics. Partials are per-row or integer counts, so the statistics do not
+    depend on how the rows were blocked.
+    """
+
+    map: Callable
+    reduce: Callable
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,11 @@ class OpSpec:
     # fp32 temporaries per element the kernel holds at its peak, including the copies it makes of
     # variadic inputs (those are cast on access); an int or a function of the number of inputs.
     temps: int | Callable[[int], int] = 2
+    passes: tuple[StatsPass, ...] | Callable[[Any], tuple[StatsPass, ...]] = ()
+
+    def passes_for(self, params) -> tuple[StatsPass, ...]:
+        """The statistics passes this op needs with ``params`` (none for most ops)."""
+        return self.passes(params) if callable(self.passes) else self.passes
 
     def make_params(self, values: dict | None, where: str) -> Any:
         """Build and validate this op's params from a plain dict; RecipeError on anything wrong."""
@@ -87,7 +106,7 @@ def _coerce(value, hint, where):
 
 
 def op(name: str, inputs: tuple[str, ...], params: type | None = None, *, random: bool = False,
-       compute: bool = True, rowwise: bool = True, temps: int = 2):
+       compute: bool = True, rowwise: bool = True, temps=2, passes=()):
     """Decorator registering a kernel ``fn(ctx, params, **tensors) -> tensor`` as op ``name``.
 
     Example:
@@ -98,7 +117,7 @@ def op(name: str, inputs: tuple[str, ...], params: type | None = None, *, random
     roles = tuple(Role(r.rstrip("*"), r.endswith("*")) for r in inputs)
 
     def decorate(fn):
-        register_op(OpSpec(name, fn, roles, params, random, compute, rowwise, temps))
+        register_op(OpSpec(name, fn, roles, params, random, compute, rowwise, temps, passes))
         return fn
 
     return decorate
@@ -149,9 +168,14 @@ class OpContext:
     stop: int
     seed: int
     device: Any = "cpu"
+    stats: Any = None
 
-    def uniform(self):
-        """Uniform [0, 1) float32 values for this block, identical under any blocking or device."""
+    def uniform(self, stream: str = ""):
+        """Uniform [0, 1) float32 values for this block, identical under any blocking or device.
+
+        ``stream`` separates independent draws of one op on one tensor (e.g. one per model).
+        """
         from ..seeding import uniform_rows
 
-        return uniform_rows(self.seed, self.op, self.output, self.shape, self.start, self.stop).to(self.device)
+        op = f"{self.op}/{stream}" if stream else self.op
+        return uniform_rows(self.seed, op, self.output, self.shape, self.start, self.stop).to(self.device)

@@ -1,0 +1,293 @@
+"""Merge methods as ops (anchor: mergekit — same method names, parameters and defaults).
+
+Notation: base θ0, models θi, task vectors τi = θi − θ0, weights wi.
+
+- task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic"): θ0 + λ Σ wi τi.
+- TIES (Yadav et al. 2023, "TIES-Merging"): keep the top density-fraction of |τi|, elect a sign
+  per parameter from Σ wi τ̂i (ties to +), keep agreeing entries, divide by the agreeing weights.
+- DARE (Yu et al. 2024, "Language Models are Super Mario"): keep each entry with probability
+  density, rescale the survivors; then linear or TIES election.
+- Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest gamma-fraction and the smallest
+  entries so that density remains.
+- DELLA (Deep et al. 2024): keep probabilities rise with the magnitude rank within each row,
+  from density − ε to density + ε.
+All five are one kernel with flags, as in mergekit; ``PRESETS`` holds each method's flags and
+defaults. Thresholds are exact (``select.py``): an entry's fate depends on its magnitude only,
+entries equal to a threshold count as the larger group (so TIES may keep a few more than
+density × n entries when magnitudes tie). Random masks come from ``ctx.uniform`` (seeded per
+tensor, model and row group), never a global RNG.
+- SLERP (Shoemake 1985, as used by mergekit): per tensor, on the flattened vectors; linear when
+  |cos| > dot_threshold.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import select
+from .registry import StatsPass, op
+
+SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "della")
+CONSENSUS = ("none", "sum", "count")
+RESCALE_METHODS = ("l1", "inverse")
+
+PRESETS = {  # method -> (sparsification, consensus, normalize default, rescale default)
+    "task_arithmetic": ("none", "none", False, False),
+    "ties": ("magnitude", "sum", True, False),
+    "dare_linear": ("random", "none", False, True),
+    "dare_ties": ("random", "sum", False, True),
+    "breadcrumbs": ("magnitude_outliers", "none", False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
+    "della": ("della", "sum", True, True),
+    "della_linear": ("della", "none", False, True),
+}
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    weights: tuple[float, ...]
+    densities: tuple[float, ...] = ()
+    sparsification: str = "none"
+    consensus: str = "none"
+    normalize: bool = False
+    rescale: bool = False
+    rescale_method: str = "l1"      # l1: restore each τi's L1 norm (mergekit); inverse: / density (paper)
+    lam: float = 1.0
+    gammas: tuple[float, ...] = ()   # breadcrumbs: fraction of largest entries dropped (default 0.01)
+    epsilons: tuple[float, ...] = field(default=())  # della: probability spread (default 0.15)
+
+    def __post_init__(self):
+        for name, value, allowed in (("sparsification", self.sparsification, SPARSIFICATIONS),
+                                     ("consensus", self.consensus, CONSENSUS),
+                                     ("rescale_method", self.rescale_method, RESCALE_METHODS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if any(not 0 <= d <= 1 for d in self.densities):
+            raise ValueError(f"densities must be in [0, 1], got {self.densities}")
+        for i in range(len(self.weights)):
+            if self.sparsification == "della" and 0 < self.density(i) < 1:
+                if not (0 < self.density(i) - self.epsilon(i) and self.density(i) + self.epsilon(i) < 1):
+                    raise ValueError(f"model {i}: epsilon must keep density ± epsilon inside (0, 1)")
+
+    def validate_inputs(self, counts: dict[str, int]) -> None:
+        n = counts["models"]
+        for name in ("weights", "densities", "gammas", "epsilons"):
+            values = getattr(self, name)
+            optional_and_absent = name != "weights" and not values
+            if not optional_and_absent and len(values) != n:
+                raise ValueError(f"{n} models but {len(values)} {name}")
+
+    def density(self, i: int) -> float:
+        return self.densities[i] if self.densities else 1.0
+
+    def gamma(self, i: int) -> float:
+        return self.gammas[i] if self.gammas else 0.01
+
+    def epsilon(self, i: int) -> float:
+        return self.epsilons[i] if self.epsilons else 0.15
+
+    def sparsifies(self, i: int) -> bool:
+        return self.sparsification != "none" and self.density(i) < 1
+
+
+# -- statistics passes -------------------------------------------------------------------------
+
+def _ranks_wanted(params: TaskArithmeticParams, i: int, numel: int) -> list[int]:
+    """Descending magnitude ranks whose values bound model i's kept entries."""
+    if not params.sparsifies(i) or params.density(i) <= 0 or numel == 0:
+        return []
+    if params.sparsification == "magnitude":
+        return [max(1, int(params.density(i) * numel))]
+    if params.sparsification == "magnitude_outliers":
+        target = int(params.density(i) * numel)
+        top_cut = numel - max(0, numel - target - int(params.gamma(i) * numel)) - target
+        return [top_cut, top_cut + target]
+    return []
+
+
+def _deltas(base, models):
+    return [m - base for m in models]
+
+
+def _hi_map(ctx, params, base, models):
+    numel = math.prod(ctx.shape)
+    return {i: select.high_histogram(d) for i, d in enumerate(_deltas(base, models)) if _ranks_wanted(params, i, numel)}
+
+
+def _hi_reduce(params, partials, ctx):
+    numel = math.prod(ctx.shape)
+    found = {}
+    for i in range(len(params.weights)):
+        ks = _ranks_wanted(params, i, numel)
+        if ks:
+            histogram = sum(p[i] for p in partials)
+            found[i] = [(k, *select.bin_of_kth_largest(histogram, k)) if k > 0 else (0, -1, 0) for k in ks]
+    return {"bins": found}
+
+
+def _lo_map(ctx, params, base, models):
+    out = {}
+    for i, d in enumerate(_deltas(base, models)):
+        for j, (k, high, _above) in enumerate(ctx.stats["bins"].get(i, [])):
+            if k > 0:
+                out[(i, j)] = select.low_histogram(d, high)
+    return out
+
+
+def _lo_reduce(params, partials, ctx):
+    thresholds = {}
+    for i, entries in ctx.stats["bins"].items():
+        values = []
+        for j, (k, high, above) in enumerate(entries):
+            if k <= 0:
+                values.append(math.inf)  # nothing is this large: no upper cut
+                continue
+            low, _ = select.bin_of_kth_largest(sum(p[(i, j)] for p in partials), k - above)
+            values.append(select.threshold_value(high, low))
+        thresholds[i] = values
+    return {"thresholds": thresholds}
+
+
+def _l1_map(ctx, params, base, models):
+    out = {}
+    for i, d in enumerate(_deltas(base, models)):
+        if params.sparsifies(i):
+            rows = d.reshape(max(1, ctx.stop - ctx.start), -1)
+            kept = _mask(ctx, params, i, d).reshape(rows.shape)
+            out[i] = (rows.abs().sum(1, dtype=torch.float64), (rows * kept).abs().sum(1, dtype=torch.float64))
+    return out
+
+
+def _l1_reduce(params, partials, ctx, eps: float = 1e-7):
+    ratios = {}
+    for i in range(len(params.weights)):
+        if params.sparsifies(i):
+            before = torch.cat([p[i][0] for p in partials]).sum().item()
+            after = torch.cat([p[i][1] for p in partials]).sum().item()
+            ratios[i] = 1.0 if before < eps or after < eps else before / after
+    return {"l1_ratio": ratios}
+
+
+def _passes(params: TaskArithmeticParams):
+    passes = []
+    if params.sparsification in ("magnitude", "magnitude_outliers") and any(params.sparsifies(i) for i in range(len(params.weights))):
+        passes += [StatsPass(_hi_map, _hi_reduce), StatsPass(_lo_map, _lo_reduce)]
+    if params.rescale and params.rescale_method == "l1" and any(params.sparsifies(i) for i in range(len(params.weights))):
+        passes.append(StatsPass(_l1_map, _l1_reduce))
+    return tuple(passes)
+
+
+# -- the kernel --------------------------------------------------------------------------------
+
+def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) -> torch.Tensor:
+    """Which entries of τi survive sparsification (a bool tensor shaped like ``delta``)."""
+    density = params.density(i)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    magnitude = delta.abs()
+    if params.sparsification == "magnitude":
+        return magnitude >= ctx.stats["thresholds"][i][0]
+    if params.sparsification == "magnitude_outliers":
+        upper, lower = ctx.stats["thresholds"][i]
+        return (magnitude >= lower) & (magnitude < upper)
+    draw = ctx.uniform(f"model{i}").reshape(delta.shape)
+    if params.sparsification == "random":
+        return draw < density
+    # della: keep probability grows linearly with the magnitude rank inside each row
+    rows = magnitude.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else magnitude.reshape(1, -1)
+    ranks = rows.argsort(dim=1).argsort(dim=1).to(torch.float32)          # 0 .. cols-1
+    spread = max(rows.shape[1] - 1, 1)
+    probs = (density - params.epsilon(i)) + ranks / spread * (2 * params.epsilon(i))
+    return draw < probs.reshape(delta.shape)
+
+
+def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) -> torch.Tensor:
+    if not params.sparsifies(i):
+        return delta
+    kept = delta * _mask(ctx, params, i, delta)
+    if not params.rescale:
+        return kept
+    if params.rescale_method == "inverse":
+        return kept / params.density(i) if params.density(i) > 0 else kept
+    return kept * ctx.stats["l1_ratio"][i]
+
+
+@op("task_arithmetic", inputs=("base", "models*"), params=TaskArithmeticParams, random=True,
+    temps=lambda n: n + 4, passes=_passes)
+def task_arithmetic(ctx, params, base, models):
+    """θ0 + λ · combine_i(wi · sparsify(θi − θ0)): task arithmetic, TIES, DARE, breadcrumbs, DELLA."""
+    weighted = [_sparsify(ctx, params, i, m - base) * params.weights[i] for i, m in enumerate(models)]
+    if params.consensus == "none":
+        mixed = weighted[0]
+        for w in weighted[1:]:
+            mixed = mixed + w
+        divisor = sum(params.weights)
+        divisor = divisor if abs(divisor) >= 1e-8 else 1.0
+    else:
+        if params.consensus == "sum":
+            votes = weighted[0].clone()
+            for w in weighted[1:]:
+                votes += w
+        else:
+            votes = sum(torch.sign(w) for w in weighted)
+        majority = torch.where(votes >= 0, 1.0, -1.0)
+        del votes
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for w, weight in zip(weighted, params.weights):
+            agree = torch.sign(w) == majority
+            mixed += w * agree
+            divisor += agree * weight
+        divisor[divisor == 0] = 1.0
+    if params.normalize:
+        mixed = mixed / divisor
+    if params.lam != 1:
+        mixed = mixed * params.lam
+    return base + mixed
+
+
+# -- SLERP -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlerpParams:
+    t: float
+    dot_threshold: float = 0.9995
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if not 0 <= self.t <= 1:
+            raise ValueError(f"t must be in [0, 1], got {self.t}")
+
+
+def _row_sums(x, y, rows):
+    return (x.reshape(rows, -1).double() * y.reshape(rows, -1).double()).sum(1)
+
+
+def _slerp_map(ctx, params, a, b):
+    rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
+    return {"aa": _row_sums(a, a, rows), "bb": _row_sums(b, b, rows), "ab": _row_sums(a, b, rows)}
+
+
+def _slerp_reduce(params, partials, ctx):
+    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in ("aa", "bb", "ab")}
+
+
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """(c_a, c_b) with slerp(a, b) = c_a·a + c_b·b, from |a|², |b|² and a·b (float64)."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = max(-1.0, min(1.0, ab / (na * nb)))
+    if abs(dot) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+@op("slerp", inputs=("a", "b"), params=SlerpParams, temps=3, passes=(StatsPass(_slerp_map, _slerp_reduce),))
+def slerp(ctx, params, a, b):
+    """Spherical interpolation from a (t=0) to b (t=1) on the tensor's flattened vectors."""
+    s = ctx.stats
+    c_a, c_b = slerp_coefficients(params.t, s["aa"], s["bb"], s["ab"], params.dot_threshold, params.eps)
+    return a * c_a + b * c_b

@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: timed subprocesses with peak RSS, medians, model families."""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+TSLLM = [sys.executable, "-m", "tensorstore_llm_cli"]
+
+
+def timed(cmd: list[str], env=None) -> tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that child alone (wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def median_of(repeat: int, fn) -> tuple[float, float]:
+    """Median wall and max peak RSS over ``repeat`` calls of ``fn() -> (wall, rss)``."""
+    results = [fn() for _ in range(repeat)]
+    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+
+
+def model_family(workdir: str, preset: str, finetunes: int = 2) -> list[str]:
+    """base + fine-tunes of ``preset`` under workdir (generated once, reused across runs)."""
+    from tensorstore_llm.synth import write_model_family
+
+    root = os.path.join(workdir, f"models-{preset}")
+    marker = os.path.join(root, ".complete")
+    if not os.path.exists(marker):
+        shutil.rmtree(root, ignore_errors=True)
+        write_model_family(root, preset, seed=0, finetunes=finetunes)
+        open(marker, "w").close()
+    return [os.path.join(root, "base")] + [os.path.join(root, f"ft{k}") for k in range(1, finetunes + 1)]
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def fresh(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def warm(paths: list[str]) -> None:
+    """Read files once so every contender starts from a warm page cache."""
+    for p in paths:
+        subprocess.run(["sh", "-c", f"cat '{p}'/*.safetensors > /dev/null"], check=True)
