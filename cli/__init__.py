@@ -23,6 +23,7 @@ _COMMANDS = {
     "gc": ("store_cmds", "gc_cmd"),
     "convert": ("run_cmds", "convert_cmd"),
     "weighted-sum": ("run_cmds", "weighted_sum_cmd"),
+    "merge": ("merge_cmds", "merge_cmd"),
     "ops": ("run_cmds", "ops_cmd"),
     "quickstart": ("quickstart_cmd", "quickstart_cmd"),
 }
@@ -55,6 +56,7 @@ def cli(ctx, store_root, quiet):
       tsllm import ./Llama-3-8B --name base      # HF dir, .safetensors file or org/name hub repo
       tsllm convert base --dtype fp16 --name base-fp16 --max-memory 1G
       tsllm weighted-sum ft1 ft2 --weights 0.5,0.5 --name soup
+      tsllm merge ties.yaml --name merged --max-memory 4G   # mergekit recipes
       tsllm export soup ./soup-hf --max-shard-size 5G
       tsllm ls; tsllm show soup; tsllm log soup; tsllm verify soup
 

@@ -23,7 +23,7 @@ def convert_cmd(ctx, ref, dtype, name, device, max_memory, seed, compression, dr
                      compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
     if dry_run:
         return print_estimate(result.estimate)
-    report(result, f"converted {ref} to {dtype}:", ctx.obj["quiet"])
+    report(result, f"converted {ref} to {dtype}", ctx.obj["quiet"])
 
 
 @click.command("weighted-sum")
@@ -50,7 +50,7 @@ def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_mem
                           progress=progress_flag(ctx), dry_run=dry_run)
     if dry_run:
         return print_estimate(result.estimate)
-    report(result, "weighted sum:", ctx.obj["quiet"])
+    report(result, "weighted sum", ctx.obj["quiet"])
 
 
 @click.command("ops")

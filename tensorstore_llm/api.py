@@ -182,3 +182,32 @@ def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | byt
                 config["dtype"] = by_name(dtype).name
             files["config.json"] = json.dumps(config, indent=2).encode()
     return files
+
+
+def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", **run_options) -> JobResult:
+    """Run a mergekit-format YAML recipe (text) into a new checkpoint artifact.
+
+    Everything that can fail (references, tensors, shapes, parameters) is checked before any
+    tensor is computed. The artifact's lineage records every input and the recipe.
+
+    Example:
+        >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
+    """
+    from .engine.recipe import load_recipe, plan_merge
+
+    parsed = load_recipe(recipe, where)
+    refs = list(dict.fromkeys(([parsed.base] if parsed.base else []) + [m.ref for m in parsed.models]))
+    opened = {}
+    try:
+        for ref in refs:
+            opened[ref] = resolve_input(store, ref)
+        plan = plan_merge(parsed, {ref: o[0] for ref, o in opened.items()}, where)
+        parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
+        files = opened[parsed.base or refs[0]][2]
+        return run_plan(store, plan, kind="checkpoint", parents=parents,
+                        recipe={"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw},
+                        files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}",
+                        **run_options)
+    finally:
+        for source, _, _ in opened.values():
+            source.close()

@@ -1,0 +1,54 @@
+"""``tsllm merge``: mergekit-format recipes, streamed."""
+from __future__ import annotations
+
+import click
+
+from .common import print_estimate, progress_flag, report, run_options, store_of
+
+
+@click.command("merge")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Tag for the merged artifact.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="Also export the result to this Hugging Face directory.")
+@click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the -o export.")
+@run_options
+@click.pass_context
+def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, seed, compression, dry_run):
+    """Merge models as RECIPE (a mergekit YAML file) says.
+
+    \b
+    Methods: linear (model soup), task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+    breadcrumbs_ties, della, della_linear, slerp. Model references are store refs (tags, ids),
+    Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists
+    or [{filter: substring, value: ...}] lists, as in mergekit. The recipe is fully validated
+    (references, tensors, shapes, parameters) before any work; --dry-run prints the plan, the
+    memory per tensor and the total I/O. DARE / DELLA masks come from --seed, per tensor.
+
+    \b
+    Example recipe:
+      merge_method: ties
+      base_model: base
+      models:
+        - model: ft1
+          parameters: {weight: 1.0, density: 0.5}
+        - model: ft2
+          parameters: {weight: [0.2, 0.8], density: 0.5}   # gradient over layers
+      parameters: {normalize: true}
+      dtype: bfloat16
+    """
+    from tensorstore_llm.api import export, merge
+
+    with open(recipe) as f:
+        text = f.read()
+    store = store_of(ctx)
+    result = merge(store, text, name=name, where=recipe, device=device, max_memory=max_memory, seed=seed,
+                   compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
+    if dry_run:
+        return print_estimate(result.estimate)
+    report(result, "merged", ctx.obj["quiet"])
+    if out_dir:
+        exported = export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size, max_memory=max_memory,
+                          progress=progress_flag(ctx))
+        if not ctx.obj["quiet"]:
+            click.echo(f"exported to {exported.output}")
