@@ -20,6 +20,19 @@ from .store import Store
 from .synth import write_model_family
 
 
+TIES_RECIPE = """
+merge_method: ties
+base_model: qs-base
+models:
+  - model: qs-ft1
+    parameters: {weight: 1.0, density: 0.5}
+  - model: qs-ft2
+    parameters: {weight: [0.3, 0.7], density: 0.5}
+parameters: {normalize: true}
+dtype: bfloat16
+"""
+
+
 def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None = None,
                    max_memory: str = "256K", echo: Callable[[str], None] = print, progress: bool | None = None) -> dict:
     """Run the demo in ``workdir``; returns a summary (artifact ids, output path, max error).
@@ -47,21 +60,25 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     soup = api.weighted_sum(store, ["qs-ft1", "qs-ft2"], [0.5, 0.5], name="qs-soup", **run)
     blocks = max(j.blocks for j in soup.estimate.jobs)
     echo(f"   weighted sum 0.5*ft1 + 0.5*ft2 -> {soup.artifact.short_id} (largest tensor in {blocks} blocks)")
+    ties = api.merge(store, TIES_RECIPE, name="qs-ties", where="quickstart TIES recipe", **run)
+    echo(f"   TIES merge (mergekit recipe)   -> {ties.artifact.short_id} (exact top-k thresholds, streamed)")
     out = os.path.join(workdir, "soup-hf")
     shutil.rmtree(out, ignore_errors=True)
     echo(f"4. exporting the soup as a Hugging Face directory to {out}")
     api.export(store, "qs-soup", out, max_shard_size="4M" if preset == "tiny" else "2G", progress=progress)
     echo(f"   {', '.join(sorted(os.listdir(out)))}")
     echo("5. verifying checksums of every artifact and checking the export against a direct formula")
-    for tag in ("qs-base", "qs-ft1", "qs-ft2", "qs-base-fp16", "qs-soup"):
+    for tag in ("qs-base", "qs-ft1", "qs-ft2", "qs-base-fp16", "qs-soup", "qs-ties"):
         store.verify(tag)
     max_error = _check_soup(models, out)
     echo(f"   all checksums match; exported soup == bf16(0.5*ft1 + 0.5*ft2 in fp32): max abs diff {max_error}")
     echo("\nDone. Try next:")
     echo(f"   tsllm --store {store.root} ls")
-    echo(f"   tsllm --store {store.root} log qs-soup")
+    echo(f"   tsllm --store {store.root} log qs-ties")
+    echo(f"   tsllm --store {store.root} show qs-ties")
     echo(f"   tsllm --store {store.root} weighted-sum qs-base qs-ft1 --weights 0.3,0.7 --max-memory 1M --dry-run")
-    return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "export": out, "max_abs_error": max_error}
+    return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "ties": ties.artifact.id,
+            "export": out, "max_abs_error": max_error}
 
 
 def _check_soup(models: str, out: str) -> float:

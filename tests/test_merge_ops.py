@@ -81,7 +81,8 @@ def test_dare_keeps_density_rescales_and_is_seeded(tmp_path, tiny_family):
 
 
 def test_dare_l1_rescale_restores_the_l1_norm(tmp_path, tiny_family):
-    params = {"weights": [1.0, 0.0], "densities": [0.4, 1.0], "sparsification": "random", "rescale": True}
+    params = {"weights": [1.0, 0.0], "densities": [0.4, 1.0], "sparsification": "random", "rescale": True,
+              "rescale_method": "l1"}
     store, art, sources = _run(tmp_path, tiny_family, "task_arithmetic", ROLES, params, budget="20K")
     for name, got, (b, x, _y) in _read_all(store, art, ("base", "ft1", "ft2"), sources):
         if got.numel() > 1000:
@@ -145,3 +146,18 @@ def test_bad_params_fail_at_plan_time(tiny_family):
         plan_map("task_arithmetic", sources, ROLES, params={"weights": [1, 1], "densities": [0.1, 0.5], "sparsification": "della"})
     with pytest.raises(RecipeError, match="t must be"):
         plan_map("slerp", sources, {"a": "ft1", "b": "ft2"}, params={"t": 2})
+
+
+def test_della_inverse_rescale_is_unbiased_per_entry(tmp_path, tiny_family):
+    params = {"weights": [1.0, 0.0], "densities": [0.5, 1.0], "epsilons": [0.2, 0.15], "sparsification": "della",
+              "rescale": True}
+    store, art, sources = _run(tmp_path, tiny_family, "task_arithmetic", ROLES, params)
+    name = "model.embed_tokens.weight"
+    with store.open(art.id) as out:
+        got = out.read(name) - sources["base"].read(name).float()
+    tau = sources["ft1"].read(name).float() - sources["base"].read(name).float()
+    kept = got != 0
+    ranks = tau.abs().argsort(dim=1).argsort(dim=1).float()
+    probs = 0.3 + ranks / (tau.shape[1] - 1) * 0.4
+    assert torch.allclose(got[kept], (tau / probs)[kept], atol=1e-6)
+    assert abs(got.sum().item() - tau.sum().item()) < 0.05 * tau.abs().sum().item()

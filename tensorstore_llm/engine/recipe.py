@@ -178,7 +178,7 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                       "densities": [value("density", m, 1.0) for m in others],
                       "sparsification": sparsification, "consensus": consensus,
                       "normalize": value("normalize", default=normalize), "rescale": value("rescale", default=rescale),
-                      "rescale_method": value("rescale_method", default="l1"), "lam": value("lambda", default=1.0)}
+                      "rescale_method": value("rescale_method", default="inverse"), "lam": value("lambda", default=1.0)}
             if sparsification == "magnitude_outliers":
                 params["gammas"] = [value("gamma", m, 0.01) for m in others]
             if sparsification == "della":

@@ -6,11 +6,14 @@ Notation: base θ0, models θi, task vectors τi = θi − θ0, weights wi.
 - TIES (Yadav et al. 2023, "TIES-Merging"): keep the top density-fraction of |τi|, elect a sign
   per parameter from Σ wi τ̂i (ties to +), keep agreeing entries, divide by the agreeing weights.
 - DARE (Yu et al. 2024, "Language Models are Super Mario"): keep each entry with probability
-  density, rescale the survivors; then linear or TIES election.
+  density, rescale the survivors; then linear or TIES election. Rescaling by default divides by
+  the keep probability, as the paper does (unbiased, no extra pass); ``rescale_method: l1``
+  restores each task vector's L1 norm as mergekit does (one more pass over the tensor).
 - Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest gamma-fraction and the smallest
   entries so that density remains.
 - DELLA (Deep et al. 2024): keep probabilities rise with the magnitude rank within each row,
-  from density − ε to density + ε.
+  from density − ε to density + ε; survivors are divided by their own keep probability (the
+  paper's rescaling) unless ``rescale_method: l1``.
 All five are one kernel with flags, as in mergekit; ``PRESETS`` holds each method's flags and
 defaults. Thresholds are exact (``select.py``): an entry's fate depends on its magnitude only,
 entries equal to a threshold count as the larger group (so TIES may keep a few more than
@@ -53,7 +56,7 @@ class TaskArithmeticParams:
     consensus: str = "none"
     normalize: bool = False
     rescale: bool = False
-    rescale_method: str = "l1"      # l1: restore each τi's L1 norm (mergekit); inverse: / density (paper)
+    rescale_method: str = "inverse"  # inverse: / keep probability (papers); l1: restore each τi's L1 norm (mergekit)
     lam: float = 1.0
     gammas: tuple[float, ...] = ()   # breadcrumbs: fraction of largest entries dropped (default 0.01)
     epsilons: tuple[float, ...] = field(default=())  # della: probability spread (default 0.15)
@@ -181,51 +184,62 @@ def _passes(params: TaskArithmeticParams):
 
 # -- the kernel --------------------------------------------------------------------------------
 
-def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) -> torch.Tensor:
-    """Which entries of τi survive sparsification (a bool tensor shaped like ``delta``)."""
+def _keep_probability(params: TaskArithmeticParams, i: int, delta: torch.Tensor):
+    """Per-entry keep probability of the random methods (a float for DARE, a tensor for DELLA)."""
     density = params.density(i)
-    if density <= 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs()
-    if params.sparsification == "magnitude":
-        return magnitude >= ctx.stats["thresholds"][i][0]
-    if params.sparsification == "magnitude_outliers":
-        upper, lower = ctx.stats["thresholds"][i]
-        return (magnitude >= lower) & (magnitude < upper)
-    draw = ctx.uniform(f"model{i}").reshape(delta.shape)
     if params.sparsification == "random":
-        return draw < density
-    # della: keep probability grows linearly with the magnitude rank inside each row
+        return density
+    # della: the probability grows linearly with the magnitude rank inside each row
+    magnitude = delta.abs()
     rows = magnitude.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else magnitude.reshape(1, -1)
     ranks = rows.argsort(dim=1).argsort(dim=1).to(torch.float32)          # 0 .. cols-1
     spread = max(rows.shape[1] - 1, 1)
-    probs = (density - params.epsilon(i)) + ranks / spread * (2 * params.epsilon(i))
-    return draw < probs.reshape(delta.shape)
+    return ((density - params.epsilon(i)) + ranks / spread * (2 * params.epsilon(i))).reshape(delta.shape)
+
+
+def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor, probability=None) -> torch.Tensor:
+    """Which entries of τi survive sparsification (a bool tensor shaped like ``delta``)."""
+    if params.density(i) <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    if params.sparsification == "magnitude":
+        return delta.abs() >= ctx.stats["thresholds"][i][0]
+    if params.sparsification == "magnitude_outliers":
+        upper, lower = ctx.stats["thresholds"][i]
+        magnitude = delta.abs()
+        return (magnitude >= lower) & (magnitude < upper)
+    if probability is None:
+        probability = _keep_probability(params, i, delta)
+    return ctx.uniform(f"model{i}").reshape(delta.shape) < probability
 
 
 def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) -> torch.Tensor:
     if not params.sparsifies(i):
         return delta
-    kept = delta * _mask(ctx, params, i, delta)
+    random = params.sparsification in ("random", "della")
+    probability = _keep_probability(params, i, delta) if random else None
+    kept = delta * _mask(ctx, params, i, delta, probability)
     if not params.rescale:
         return kept
-    if params.rescale_method == "inverse":
-        return kept / params.density(i) if params.density(i) > 0 else kept
-    return kept * ctx.stats["l1_ratio"][i]
+    if params.rescale_method == "l1":
+        return kept * ctx.stats["l1_ratio"][i]
+    if random:  # divide survivors by their keep probability (0 never survives, so never divides)
+        return kept / probability
+    return kept / params.density(i)
 
 
 @op("task_arithmetic", inputs=("base", "models*"), params=TaskArithmeticParams, random=True,
     temps=lambda n: n + 4, passes=_passes)
 def task_arithmetic(ctx, params, base, models):
     """θ0 + λ · combine_i(wi · sparsify(θi − θ0)): task arithmetic, TIES, DARE, breadcrumbs, DELLA."""
-    weighted = [_sparsify(ctx, params, i, m - base) * params.weights[i] for i, m in enumerate(models)]
-    if params.consensus == "none":
-        mixed = weighted[0]
-        for w in weighted[1:]:
-            mixed = mixed + w
+    if params.consensus == "none":  # one running sum: one delta alive at a time
+        mixed = None
+        for i, m in enumerate(models):
+            weighted = _sparsify(ctx, params, i, m - base).mul_(params.weights[i])
+            mixed = weighted if mixed is None else mixed.add_(weighted)
         divisor = sum(params.weights)
         divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     else:
+        weighted = [_sparsify(ctx, params, i, m - base).mul_(params.weights[i]) for i, m in enumerate(models)]
         if params.consensus == "sum":
             votes = weighted[0].clone()
             for w in weighted[1:]:
@@ -242,10 +256,10 @@ def task_arithmetic(ctx, params, base, models):
             divisor += agree * weight
         divisor[divisor == 0] = 1.0
     if params.normalize:
-        mixed = mixed / divisor
+        mixed = mixed.div_(divisor)
     if params.lam != 1:
-        mixed = mixed * params.lam
-    return base + mixed
+        mixed = mixed.mul_(params.lam)
+    return mixed.add_(base)
 
 
 # -- SLERP -------------------------------------------------------------------------------------
@@ -262,7 +276,8 @@ class SlerpParams:
 
 
 def _row_sums(x, y, rows):
-    return (x.reshape(rows, -1).double() * y.reshape(rows, -1).double()).sum(1)
+    """Per-row sums of x*y: fp32 products accumulated in fp64 (per row, so blocking-independent)."""
+    return (x.reshape(rows, -1) * y.reshape(rows, -1)).sum(1, dtype=torch.float64)
 
 
 def _slerp_map(ctx, params, a, b):
