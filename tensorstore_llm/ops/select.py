@@ -32,7 +32,7 @@ def low_histogram(x: torch.Tensor, high_bin: int) -> torch.Tensor:
 
 def bin_of_kth_largest(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest element, number of elements in higher bins); k >= 1."""
-    from_top = torch.flip(histogram, [0]).cumsum(0)
+    from_top = torch.flip(histogram.cpu(), [0]).cumsum(0)  # small: reduce on the CPU whatever the device
     index = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
     above = int(from_top[index - 1]) if index > 0 else 0
     return len(histogram) - 1 - index, above
