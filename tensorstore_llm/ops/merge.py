@@ -192,7 +192,8 @@ def _keep_probability(params: TaskArithmeticParams, i: int, delta: torch.Tensor)
     # della: the probability grows linearly with the magnitude rank inside each row
     magnitude = delta.abs()
     rows = magnitude.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else magnitude.reshape(1, -1)
-    ranks = rows.argsort(dim=1).argsort(dim=1).to(torch.float32)          # 0 .. cols-1
+    # stable sorts: tied magnitudes rank by position, the same on every device
+    ranks = rows.argsort(dim=1, stable=True).argsort(dim=1, stable=True).to(torch.float32)  # 0 .. cols-1
     spread = max(rows.shape[1] - 1, 1)
     return ((density - params.epsilon(i)) + ranks / spread * (2 * params.epsilon(i))).reshape(delta.shape)
 
