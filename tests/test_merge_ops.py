@@ -161,3 +161,22 @@ def test_della_inverse_rescale_is_unbiased_per_entry(tmp_path, tiny_family):
     probs = 0.3 + ranks / (tau.shape[1] - 1) * 0.4
     assert torch.allclose(got[kept], (tau / probs)[kept], atol=1e-6)
     assert abs(got.sum().item() - tau.sum().item()) < 0.05 * tau.abs().sum().item()
+
+
+def test_threshold_passes_hold_one_partial_not_one_per_tile(tmp_path, tiny_family, monkeypatch):
+    """Histograms are folded as they arrive: memory must not grow with the number of tiles."""
+    from tensorstore_llm.engine import executor
+
+    monkeypatch.setattr(executor, "TILE_ELEMENTS_CPU", 256)  # many tiles per tensor
+    seen = []
+    original = executor.Executor._stats_block
+
+    def spy(self, job, pass_index, *args):
+        original(self, job, pass_index, *args)
+        if pass_index < 2:
+            seen.append(len(self._partials))
+
+    monkeypatch.setattr(executor.Executor, "_stats_block", spy)
+    params = {"weights": [1.0, 0.5], "densities": [0.3, 0.6], "sparsification": "magnitude", "consensus": "sum"}
+    _run(tmp_path, tiny_family, "task_arithmetic", ROLES, params, budget="20K")
+    assert seen and max(seen) <= 1

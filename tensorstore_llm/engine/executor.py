@@ -241,7 +241,11 @@ class Executor:
         if pass_index == 0 and start == 0:
             self._stats, self._partials = None, []
         for t0, t1, part in self._tiles(job, start, stop, tensors):
-            self._partials.append(stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, part)))
+            partial = stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, part))
+            if stats_pass.fold is not None and self._partials:
+                self._partials = [stats_pass.fold(self._partials[0], partial)]
+            else:
+                self._partials.append(partial)
         if last:
             ctx = self._context(job, 0, job.output.rows)
             self._stats = {**(self._stats or {}), **stats_pass.reduce(job.params, self._partials, ctx)}

@@ -173,10 +173,14 @@ def _l1_reduce(params, partials, ctx, eps: float = 1e-7):
     return {"l1_ratio": ratios}
 
 
+def _add_histograms(a: dict, b: dict) -> dict:
+    return {key: a[key] + b[key] for key in a}
+
+
 def _passes(params: TaskArithmeticParams):
     passes = []
     if params.sparsification in ("magnitude", "magnitude_outliers") and any(params.sparsifies(i) for i in range(len(params.weights))):
-        passes += [StatsPass(_hi_map, _hi_reduce), StatsPass(_lo_map, _lo_reduce)]
+        passes += [StatsPass(_hi_map, _hi_reduce, _add_histograms), StatsPass(_lo_map, _lo_reduce, _add_histograms)]
     if params.rescale and params.rescale_method == "l1" and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes.append(StatsPass(_l1_map, _l1_reduce))
     return tuple(passes)

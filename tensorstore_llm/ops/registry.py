@@ -34,11 +34,13 @@ class StatsPass:
     ``map(ctx, params, **tensors) -> dict`` runs on every row tile in row order (``ctx.stats``
     holds what earlier passes found); ``reduce(params, partials, ctx) -> dict`` turns the list of
     partials into statistics. Partials are per-row or integer counts, so the statistics do not
-    depend on how the rows were blocked.
+    depend on how the rows were blocked. ``fold(a, b)``, when given, merges two partials as they
+    arrive (e.g. adds histograms), so memory does not grow with the number of tiles.
     """
 
     map: Callable
     reduce: Callable
+    fold: Callable | None = None
 
 
 @dataclass(frozen=True)
