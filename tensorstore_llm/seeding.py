@@ -11,6 +11,7 @@ import hashlib
 import torch
 
 GENERATOR_DEVICE = "cpu"
+RNG_GROUP_ELEMENTS = 1 << 19  # the executor's CPU tile size too, so tiles and groups coincide
 
 
 def seed_value(run_seed: int, op: str, tensor: str, block: int = 0) -> int:
@@ -31,7 +32,7 @@ def seed_for(run_seed: int, op: str, tensor: str, block: int = 0) -> torch.Gener
     return gen
 
 
-def rng_group_rows(shape: tuple[int, ...], target_elements: int = 1 << 20) -> int:
+def rng_group_rows(shape: tuple[int, ...], target_elements: int = RNG_GROUP_ELEMENTS) -> int:
     """Rows per canonical random group of a tensor: fixed by its shape, never by the block size."""
     row = 1
     for d in shape[1:]:

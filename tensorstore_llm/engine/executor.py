@@ -20,13 +20,14 @@ from ..dtypes import by_name
 from ..errors import TsllmError
 from ..io.base import TensorSink
 from ..ops.registry import OpContext, get_op
+from ..seeding import RNG_GROUP_ELEMENTS
 from ..units import parse_size
 from .plan import Plan, TensorJob
 from .progress import Progress
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
-TILE_ELEMENTS_CPU = 1 << 19      # fp32 temps of 2 MiB: cache-sized, and below the 4 MiB mmap threshold
+TILE_ELEMENTS_CPU = RNG_GROUP_ELEMENTS  # 2^19: fp32 temps of 2 MiB (cache-sized, below the mmap threshold)
 TILE_ELEMENTS_CUDA = 1 << 26
 _DONE = object()
 
@@ -229,10 +230,14 @@ class Executor:
             yield start, stop, tensors
             return
         tile = self.tile_rows(job)
-        for t0 in range(start, stop, tile):
-            t1 = min(stop, t0 + tile)
+        t0 = start
+        while t0 < stop:
+            # tiles sit at absolute multiples of the tile size, so they coincide with the seeded
+            # random row groups (seeding.rng_group_rows) and no group is drawn twice
+            t1 = min(stop, (t0 // tile + 1) * tile)
             yield t0, t1, {role: ([x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
                            for role, v in tensors.items()}
+            t0 = t1
 
     def _stats_block(self, job: TensorJob, pass_index: int, start: int, stop: int, tensors: dict, last: bool) -> None:
         """Run statistics pass ``pass_index`` over one block; reduce after the tensor's last block."""
