@@ -113,6 +113,18 @@ class RowHasher:
         return f"{CHECKSUM_ALGO}:{self._hash.hexdigest()}"
 
 
+def checksum_rows(meta: TensorMeta, read_rows, where: str, block_bytes: int = 64 * 1024 * 1024) -> str:
+    """Checksum of a stored tensor, read back ``block_bytes`` at a time with ``read_rows(start, stop)``."""
+    from ..dtypes import by_name, raw_bytes
+
+    hasher = RowHasher(meta, where)
+    step = max(1, block_bytes // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
+    for start in range(0, meta.rows if meta.numel else 0, step):
+        stop = min(meta.rows, start + step)
+        hasher.update(start, raw_bytes(read_rows(start, stop)), stop - start)
+    return hasher.hexdigest()
+
+
 def checksum_bytes(data) -> str:
     """The checksum string of a bytes-like object, in the form manifests record."""
     return f"{CHECKSUM_ALGO}:{hashlib.new(CHECKSUM_ALGO, data).hexdigest()}"

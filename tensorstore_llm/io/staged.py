@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from ..dtypes import by_name, raw_bytes
-from .base import RowHasher, TensorMeta
+from ..dtypes import raw_bytes
+from .base import RowHasher, TensorMeta, checksum_rows
 from .fsutil import remove_tree, storage_errors
 from .journal import Journal
 
 JOURNAL_NAME = "journal.jsonl"
-READ_BACK_BYTES = 64 * 1024 * 1024
 
 
 class StagedSink:
@@ -52,13 +51,8 @@ class StagedSink:
         return {**self._verified, **self._finished}
 
     def _checksum_back(self, meta: TensorMeta) -> str | None:
-        hasher = RowHasher(meta, self.where)
-        step = max(1, READ_BACK_BYTES // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
         try:
-            for start in range(0, meta.rows if meta.numel else 0, step):
-                stop = min(meta.rows, start + step)
-                hasher.update(start, raw_bytes(self._read_back(meta, start, stop)), stop - start)
-            return hasher.hexdigest()
+            return checksum_rows(meta, lambda a, b: self._read_back(meta, a, b), self.where)
         except Exception:  # anything unreadable is simply recomputed
             return None
 

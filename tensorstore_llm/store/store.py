@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import ArtifactNotFound, IntegrityError, RefError, StorageError, TsllmError
-from ..io.base import RowHasher, TensorMeta, checksum_bytes
+from ..io.base import checksum_bytes, checksum_rows
 from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, write_file_atomic
 from ..io.staged import JOURNAL_NAME
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
@@ -33,7 +33,6 @@ from .manifest import KINDS, Manifest, now_utc, record_from
 STORE_FORMAT = "tsllm-store/1"
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MIN_PREFIX = 4
-VERIFY_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def default_root() -> str:
@@ -211,7 +210,7 @@ class Store:
         with ZarrTensorSource(artifact.path, metas, artifact.id) as source:
             for name, meta in metas.items():
                 try:
-                    actual = _checksum_source_tensor(source, meta)
+                    actual = checksum_rows(meta, lambda a, b, n=name: source.read_rows(n, a, b), source.path)
                 except TsllmError as e:
                     problems.append(str(e))
                     continue
@@ -253,19 +252,6 @@ class Store:
             finally:
                 os.close(lock)
         return removed
-
-
-def _checksum_source_tensor(source: ZarrTensorSource, meta: TensorMeta) -> str:
-    from ..dtypes import by_name, raw_bytes
-
-    hasher = RowHasher(meta, source.path)
-    step = max(1, VERIFY_BLOCK_BYTES // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
-    if meta.numel:
-        for start in range(0, meta.rows, step):
-            stop = min(meta.rows, start + step)
-            block = source.read_rows(meta.name, start, stop)
-            hasher.update(start, raw_bytes(block), stop - start if meta.shape else 1)
-    return hasher.hexdigest()
 
 
 def _try_lock(path: str) -> int | None:

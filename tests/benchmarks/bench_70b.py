@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -22,12 +23,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--method", default="ties")
     args = ap.parse_args()
-    from tensorstore_llm.synth import write_model_family
-
     root = os.path.join(args.workdir, f"models-70b-{args.layers}layer")
     if not os.path.exists(os.path.join(root, ".complete")):
         fresh(root)
-        write_model_family(root, "70b-1layer", seed=0, finetunes=2, layers=args.layers)
+        code = ("import sys; from tensorstore_llm.synth import write_model_family; "
+                "write_model_family(sys.argv[1], '70b-1layer', seed=0, finetunes=2, layers=int(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", code, root, str(args.layers)], check=True)
         open(os.path.join(root, ".complete"), "w").close()
     recipe = os.path.join(args.workdir, f"70b-{args.method}.yaml")
     with open(recipe, "w") as f:

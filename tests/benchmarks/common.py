@@ -29,14 +29,18 @@ def median_of(repeat: int, fn) -> tuple[float, float]:
 
 
 def model_family(workdir: str, preset: str, finetunes: int = 2) -> list[str]:
-    """base + fine-tunes of ``preset`` under workdir (generated once, reused across runs)."""
-    from tensorstore_llm.synth import write_model_family
+    """base + fine-tunes of ``preset`` under workdir (generated once, reused across runs).
 
+    Generated in a child process so that this process never imports torch: a child's peak RSS
+    (wait4) starts from the parent's image, and a small parent keeps baseline readings honest.
+    """
     root = os.path.join(workdir, f"models-{preset}")
     marker = os.path.join(root, ".complete")
     if not os.path.exists(marker):
         shutil.rmtree(root, ignore_errors=True)
-        write_model_family(root, preset, seed=0, finetunes=finetunes)
+        code = ("import sys; from tensorstore_llm.synth import write_model_family; "
+                "write_model_family(sys.argv[1], sys.argv[2], seed=0, finetunes=int(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", code, root, preset, str(finetunes)], check=True)
         open(marker, "w").close()
     return [os.path.join(root, "base")] + [os.path.join(root, f"ft{k}") for k in range(1, finetunes + 1)]
 
