@@ -24,6 +24,7 @@ _COMMANDS = {
     "convert": ("run_cmds", "convert_cmd"),
     "weighted-sum": ("run_cmds", "weighted_sum_cmd"),
     "merge": ("merge_cmds", "merge_cmd"),
+    "soup": ("merge_cmds", "soup_cmd"),
     "ops": ("run_cmds", "ops_cmd"),
     "quickstart": ("quickstart_cmd", "quickstart_cmd"),
 }

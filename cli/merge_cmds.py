@@ -52,3 +52,26 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, se
                           progress=progress_flag(ctx))
         if not ctx.obj["quiet"]:
             click.echo(f"exported to {exported.output}")
+
+
+@click.command("soup")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--score-cmd", required=True,
+              help="Command scoring a candidate: run on its exported HF directory ({path}, else appended), "
+                   "it prints a number (higher is better) on its last line.")
+@click.option("--name", help="Tag for the final soup.")
+@click.option("--max-memory", default="2G", show_default=True, help="Budget for tensor data held at once.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.pass_context
+def soup_cmd(ctx, refs, score_cmd, name, max_memory, device):
+    """Greedy model soup of REFS: add models best-first, keep each only if the average improves.
+
+    Example: tsllm soup ft1 ft2 ft3 --score-cmd "python eval.py --model {path}" --name soup
+    """
+    from tensorstore_llm.soup import command_score, greedy_soup
+
+    result = greedy_soup(store_of(ctx), list(refs), command_score(score_cmd), name=name, max_memory=max_memory,
+                         device=device, progress=progress_flag(ctx))
+    for step in result.history:
+        click.echo(f"  {step['score']:12.6g}  {step['candidate']}")
+    click.echo(f"soup of {', '.join(result.kept)}: {result.artifact.short_id}")

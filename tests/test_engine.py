@@ -6,7 +6,7 @@ import torch
 
 from tensorstore_llm import api
 from tensorstore_llm.engine import Executor, plan_map
-from tensorstore_llm.errors import RecipeError, ShapeMismatch, TensorNotFound, TsllmError
+from tensorstore_llm.errors import DTypeError, RecipeError, ShapeMismatch, TensorNotFound, TsllmError
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
 from tensorstore_llm.ops.registry import OpSpec, Role, register_op
 from tensorstore_llm.seeding import normal_rows, seed_value, uniform_rows
@@ -79,6 +79,9 @@ def test_plan_validation_fails_before_any_work(store, tmp_path, tiny_family):
     save_file({"model.embed_tokens.weight": torch.zeros(512, 64, dtype=torch.bfloat16)}, str(tmp_path / "part.safetensors"))
     with pytest.raises(TensorNotFound, match="model.layers.0.*part.safetensors"):
         api.weighted_sum(store, [tiny_family["base"], str(tmp_path / "part.safetensors")], [1, 1], progress=False)
+    save_file({"model.embed_tokens.weight": torch.zeros(512, 64, dtype=torch.float16)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(DTypeError, match=r"model.embed_tokens.weight.*float16.*half.safetensors.*bfloat16"):
+        api.weighted_sum(store, [tiny_family["base"], str(tmp_path / "half.safetensors")], [1, 1], progress=False)
     with pytest.raises(TsllmError, match="2 models but 3 weights"):
         api.weighted_sum(store, [tiny_family["base"], tiny_family["ft1"]], [1, 1, 1])
     srcs = _sources(tiny_family, "ft1")

@@ -180,3 +180,29 @@ def test_threshold_passes_hold_one_partial_not_one_per_tile(tmp_path, tiny_famil
     params = {"weights": [1.0, 0.5], "densities": [0.3, 0.6], "sparsification": "magnitude", "consensus": "sum"}
     _run(tmp_path, tiny_family, "task_arithmetic", ROLES, params, budget="20K")
     assert seen and max(seen) <= 1
+
+
+def test_model_stock_formula_and_blocking(tmp_path, tiny_family):
+    store, art, sources = _run(tmp_path, tiny_family, "model_stock", ROLES, {})
+    for name, got, (b, x, y) in _read_all(store, art, ("base", "ft1", "ft2"), sources):
+        ox, oy = (x - b).reshape(-1).double(), (y - b).reshape(-1).double()
+        cos = (ox @ oy / max(ox.norm() * oy.norm(), 1e-6)).clamp(-1, 1).item()
+        t = 2 * cos / (1 + cos)
+        expected = (x + y) / 2 * t + b * (1 - t)
+        assert torch.allclose(got, expected, atol=1e-6), name
+    _, blocked, _ = _run(tmp_path, tiny_family, "model_stock", ROLES, {}, budget="20K")
+    assert blocked.manifest.tensors == art.manifest.tensors
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_formula(tmp_path, tiny_family, with_base):
+    roles = {"base": "base", "models": ["ft1", "ft2"]} if with_base else {"models": ["ft1", "ft2"]}
+    op = "nuslerp_delta" if with_base else "nuslerp"
+    store, art, sources = _run(tmp_path, tiny_family, op, roles, {"weights": [1.0, 3.0]})
+    for name, got, (b, x, y) in _read_all(store, art, ("base", "ft1", "ft2"), sources):
+        v0, v1 = ((x - b), (y - b)) if with_base else (x, y)
+        dot = (v0.reshape(-1).double() @ v1.reshape(-1).double() / (v0.double().norm() * v1.double().norm())).clamp(-1, 1).item()
+        theta = math.acos(dot)
+        expected = (v0 * (math.sin(0.25 * theta) / math.sin(theta)) + v1 * (math.sin(0.75 * theta) / math.sin(theta)))
+        expected = expected + b if with_base else expected
+        assert torch.allclose(got, expected, atol=2e-6), name

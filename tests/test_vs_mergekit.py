@@ -21,6 +21,9 @@ RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: [0.2, 0.9]}}\nparameters: {{lambda: 0.8}}\n",
     "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.4}}\n  - model: {ft2}\n    parameters: {{weight: 0.6, density: 0.7}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\n",
+    "nuslerp_base": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\n",
     "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 THRESHOLD_METHODS = {"ties", "breadcrumbs_ties"}

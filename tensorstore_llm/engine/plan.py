@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ..dtypes import by_name
-from ..errors import RecipeError, ShapeMismatch, TensorNotFound
+from ..errors import DTypeError, RecipeError, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import OpSpec, get_op
 
@@ -102,15 +102,24 @@ def plan_map(op_name: str, sources: Mapping[str, TensorSource], roles: Mapping[s
             for ref in refs:
                 metas.append((ref.source, _meta_of(sources, ref)))
             inputs.append((role.name, refs if role.variadic else refs[0]))
+        check_agreement(name, metas, sources, where)
         shape = metas[0][1].shape
-        for key, meta in metas[1:]:
-            if meta.shape != shape:
-                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {_describe(sources, key)} "
-                                    f"but {shape} in {_describe(sources, metas[0][0])}")
         in_dtype = metas[0][1].dtype
         target = out_dtype if out_dtype and (by_name(in_dtype).is_float or not float_only_dtype) else in_dtype
         jobs.append(TensorJob(TensorMeta(name, shape, target), op_name, tuple(inputs), op_params))
     return Plan(jobs, dict(sources))
+
+
+def check_agreement(name: str, metas: list[tuple[str, TensorMeta]], sources: Mapping[str, TensorSource], where: str) -> None:
+    """Every input of one output tensor must have the same shape and dtype (else a clear error)."""
+    first_key, first = metas[0]
+    for key, meta in metas[1:]:
+        if meta.shape != first.shape:
+            raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {_describe(sources, key)} "
+                                f"but {first.shape} in {_describe(sources, first_key)}")
+        if meta.dtype != first.dtype:
+            raise DTypeError(f"{where}: tensor {name!r} is {meta.dtype} in {_describe(sources, key)} but {first.dtype} "
+                             f"in {_describe(sources, first_key)}; convert one first (tsllm convert --dtype)")
 
 
 def _keys(value: str | list[str]) -> list[str]:

@@ -19,18 +19,18 @@ from typing import Any, Mapping
 import yaml
 
 from ..dtypes import by_name
-from ..errors import DTypeError, RecipeError, ShapeMismatch, TensorNotFound
+from ..errors import DTypeError, RecipeError, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.merge import PRESETS
 from ..ops.registry import get_op
-from .plan import InputRef, Plan, TensorJob
+from .plan import InputRef, Plan, TensorJob, check_agreement
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
 UNSUPPORTED = {"slices": "layer slicing (slices:) is not supported; merge whole models",
                "modules": "multi-module recipes (modules:) are not supported",
                "tokenizer": "tokenizer merging (tokenizer:) is not supported; use tokenizer_source: base"}
-METHODS = ("linear", "slerp", *PRESETS)
+METHODS = ("linear", "slerp", "nuslerp", "model_stock", *PRESETS)
 
 
 @dataclass
@@ -102,6 +102,14 @@ def _check_shape(recipe: MergeRecipe, where: str) -> None:
         if not recipe.models:
             raise RecipeError(f"{where}: linear needs at least one entry under models")
         return
+    if recipe.method == "nuslerp":
+        if len(others) != 2:
+            raise RecipeError(f"{where}: nuslerp merges exactly two models (besides an optional base_model), got {len(others)}")
+        if recipe.parameters.get("nuslerp_flatten", True) is not True or recipe.parameters.get("nuslerp_row_wise", False):
+            raise RecipeError(f"{where}: only flattened nuslerp is supported (nuslerp_flatten: true, nuslerp_row_wise: false)")
+        return
+    if recipe.method == "model_stock" and recipe.parameters.get("filter_wise", False):
+        raise RecipeError(f"{where}: model_stock with filter_wise: true is not supported")
     if recipe.base is None:
         raise RecipeError(f"{where}: {recipe.method} needs base_model")
     if recipe.method == "slerp" and len(others) != 1:
@@ -156,12 +164,9 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     jobs = []
     for name in names:
         t = layer_position(name, num_layers)
-        metas = {ref: _meta(sources, ref, name) for ref in {first, *(m.ref for m in recipe.models)}}
+        metas = {ref: _meta(sources, ref, name) for ref in dict.fromkeys([first, *(m.ref for m in recipe.models)])}
+        check_agreement(name, list(metas.items()), sources, f"{where} (models of different shapes, e.g. vocabulary sizes, cannot be merged)")
         shape = metas[first].shape
-        for ref, meta in metas.items():
-            if meta.shape != shape:
-                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {meta.shape} in {ref} but {shape} in {first}; "
-                                    "models with different shapes (e.g. vocabulary sizes) cannot be merged")
         out_dtype = recipe.out_dtype if recipe.out_dtype and by_name(metas[first].dtype).is_float else metas[first].dtype
         value = lambda key, entry=None, default=None: _param(recipe, entry, key, name, t, default, where)
         if recipe.method == "linear":
@@ -170,6 +175,14 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
         elif recipe.method == "slerp":
             op_name, roles = "slerp", (("a", InputRef(base, name)), ("b", InputRef(others[0].ref, name)))
             params = {"t": value("t")}
+        elif recipe.method == "nuslerp":
+            pair = ("models", tuple(InputRef(m.ref, name) for m in others))
+            op_name, roles = ("nuslerp", (pair,)) if base is None else ("nuslerp_delta", (("base", InputRef(base, name)), pair))
+            params = {"weights": [value("weight", m) for m in others]}
+        elif recipe.method == "model_stock":
+            op_name = "model_stock"
+            roles = (("base", InputRef(base, name)), ("models", tuple(InputRef(m.ref, name) for m in others)))
+            params = {}
         else:
             sparsification, consensus, normalize, rescale = PRESETS[recipe.method]
             op_name = "task_arithmetic"
@@ -199,6 +212,8 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
 KNOWN_PARAMS = {
     "linear": {"weight", "normalize"},
     "slerp": {"t"},
+    "nuslerp": {"weight", "nuslerp_flatten", "nuslerp_row_wise"},
+    "model_stock": {"filter_wise"},
     **{m: {"weight", "density", "normalize", "rescale", "rescale_method", "lambda", "int8_mask"}
        | ({"gamma"} if p[0] == "magnitude_outliers" else set()) | ({"epsilon"} if p[0] == "della" else set())
        for m, p in PRESETS.items()},

@@ -1,0 +1,114 @@
+"""Geometric merges: Model Stock and NuSLERP (anchor: mergekit's implementations).
+
+- Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models"):
+  per tensor, the mean pairwise cosine c of the task vectors τi = θi − θ0 (flattened) gives
+  t = N·c / (1 + (N − 1)·c); the result is t·mean(θi) + (1 − t)·θ0, or θ0 when the denominator
+  vanishes. The cosines come from a statistics pass of per-row sums, so any blocking agrees.
+- NuSLERP (mergekit): spherical interpolation with t = w1 / (w0 + w1) (0.5 if the weights sum to
+  0) of the two models' flattened tensors — or of their task vectors, added back to the base
+  when a base model is given; linear only when the vectors are exactly colinear.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .merge import _row_sums, slerp_coefficients
+from .registry import StatsPass, op
+
+
+@dataclass(frozen=True)
+class ModelStockParams:
+    eps: float = 1e-6
+
+
+def _pairs(n: int):
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def _stock_map(ctx, params, base, models):
+    rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
+    offsets = [m - base for m in models]
+    out = {("sq", i): _row_sums(o, o, rows) for i, o in enumerate(offsets)}
+    for i, j in _pairs(len(offsets)):
+        out[("dot", i, j)] = _row_sums(offsets[i], offsets[j], rows)
+    return out
+
+
+def _stock_reduce(params, partials, ctx):
+    total = {key: torch.cat([p[key] for p in partials]).sum().item() for key in partials[0]}
+    n = sum(1 for key in total if key[0] == "sq")
+    cosines = []
+    for i, j in _pairs(n):
+        norm = max(math.sqrt(total[("sq", i)]) * math.sqrt(total[("sq", j)]), params.eps)
+        cosines.append(max(-1.0, min(1.0, total[("dot", i, j)] / norm)))
+    cos = sum(cosines) / len(cosines) if cosines else 1.0
+    denominator = 1 + (n - 1) * cos
+    return {"t": 0.0 if abs(denominator) < 1e-6 else n * cos / denominator}
+
+
+@op("model_stock", inputs=("base", "models*"), params=ModelStockParams, temps=lambda n: n + 3,
+    passes=(StatsPass(_stock_map, _stock_reduce),))
+def model_stock(ctx, params, base, models):
+    """t · mean(models) + (1 − t) · base, t from the mean pairwise cosine of the task vectors."""
+    t = ctx.stats["t"]
+    total = None
+    for m in models:
+        total = m.clone() if total is None else total.add_(m)
+    return total.div_(len(models)).mul_(t).add_(base * (1 - t))
+
+
+@dataclass(frozen=True)
+class NuSlerpParams:
+    weights: tuple[float, ...]
+    eps: float = 1e-8
+
+    def validate_inputs(self, counts: dict[str, int]) -> None:
+        if counts.get("models", 0) != 2 or len(self.weights) != 2:
+            raise ValueError("nuslerp merges exactly two models (besides an optional base), with one weight each")
+
+    @property
+    def t(self) -> float:
+        total = sum(self.weights)
+        return 0.5 if abs(total) < 1e-6 else self.weights[1] / total
+
+
+def _vectors(base, models):
+    a, b = models[0], models[1]
+    return (a, b) if base is None else (a - base, b - base)
+
+
+def _nuslerp_map(ctx, params, models, base=None):
+    rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
+    a, b = _vectors(base, models)
+    return {"aa": _row_sums(a, a, rows), "bb": _row_sums(b, b, rows), "ab": _row_sums(a, b, rows)}
+
+
+def _nuslerp_reduce(params, partials, ctx):
+    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in ("aa", "bb", "ab")}
+
+
+def _nuslerp_coefficients(params, stats):
+    # mergekit: linear only when 1 - cos^2 <= eps^2, i.e. (numerically) exactly colinear
+    threshold = math.sqrt(max(0.0, 1 - params.eps ** 2))
+    return slerp_coefficients(params.t, stats["aa"], stats["bb"], stats["ab"], threshold, 1e-7)
+
+
+_NUSLERP_PASSES = (StatsPass(_nuslerp_map, _nuslerp_reduce),)
+
+
+@op("nuslerp", inputs=("models*",), params=NuSlerpParams, temps=4, passes=_NUSLERP_PASSES)
+def nuslerp(ctx, params, models):
+    """SLERP of two models' flattened tensors with t = w1 / (w0 + w1)."""
+    c_a, c_b = _nuslerp_coefficients(params, ctx.stats)
+    return models[0].mul(c_a).add_(models[1] * c_b)
+
+
+@op("nuslerp_delta", inputs=("base", "models*"), params=NuSlerpParams, temps=5, passes=_NUSLERP_PASSES)
+def nuslerp_delta(ctx, params, base, models):
+    """base + SLERP of the two task vectors with t = w1 / (w0 + w1)."""
+    c_a, c_b = _nuslerp_coefficients(params, ctx.stats)
+    a, b = _vectors(base, models)
+    return a.mul_(c_a).add_(b.mul_(c_b)).add_(base)
