@@ -19,7 +19,8 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, se
 
     \b
     Methods: linear (model soup), task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-    breadcrumbs_ties, della, della_linear, slerp. Model references are store refs (tags, ids),
+    breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, mediator (per-layer
+    sign-conflict analysis; prints its table), sens_merging (per-layer sensitivity scores file). Model references are store refs (tags, ids),
     Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists
     or [{filter: substring, value: ...}] lists, as in mergekit. The recipe is fully validated
     (references, tensors, shapes, parameters) before any work; --dry-run prints the plan, the
@@ -44,6 +45,11 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, se
     store = store_of(ctx)
     result = merge(store, text, name=name, where=recipe, device=device, max_memory=max_memory, seed=seed,
                    compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
+    if result.analysis and not ctx.obj["quiet"]:
+        a = result.analysis
+        click.echo(f"layer conflict ratios (mu {a['mu']:.4f}, sigma {a['sigma']:.4f}, averaged below {a['threshold']:.4f}):")
+        for row in a["layers"]:
+            click.echo(f"  {row['layer']:>6}  {row['conflict_ratio']:.4f}  {row['action']}")
     if dry_run:
         return print_estimate(result.estimate)
     report(result, "merged", ctx.obj["quiet"])

@@ -29,6 +29,7 @@ class JobResult:
     output: str | None = None
     computed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    analysis: dict | None = None   # e.g. Mediator's per-layer conflict table
 
 
 def open_store(root: str | None = None) -> Store:
@@ -201,13 +202,26 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     try:
         for ref in refs:
             opened[ref] = resolve_input(store, ref)
-        plan = plan_merge(parsed, {ref: o[0] for ref, o in opened.items()}, where)
+        sources = {ref: o[0] for ref, o in opened.items()}
+        table = None
+        if parsed.method == "mediator":
+            from .analysis import conflict_table
+
+            others = [m.ref for m in parsed.models if m.ref != parsed.base]
+            plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
+            table = conflict_table(sources[parsed.base], [sources[r] for r in others], list(sources[parsed.base].keys()),
+                                   float(parsed.parameters.get("sigma", 1.0)))
+        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         files = opened[parsed.base or refs[0]][2]
-        return run_plan(store, plan, kind="checkpoint", parents=parents,
-                        recipe={"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw},
-                        files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}",
-                        **run_options)
+        recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}
+        if table:
+            recipe_record["conflicts"] = table.to_json()
+        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
+                          files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}",
+                          **run_options)
+        result.analysis = table.to_json() if table else None
+        return result
     finally:
         for source, _, _ in opened.values():
             source.close()

@@ -21,6 +21,7 @@ import yaml
 from ..dtypes import by_name
 from ..errors import DTypeError, RecipeError, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
+from ..ops.layers import layer_key, sensitivity_weights
 from ..ops.merge import PRESETS
 from ..ops.registry import get_op
 from .plan import InputRef, Plan, TensorJob, check_agreement
@@ -30,7 +31,7 @@ TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_
 UNSUPPORTED = {"slices": "layer slicing (slices:) is not supported; merge whole models",
                "modules": "multi-module recipes (modules:) are not supported",
                "tokenizer": "tokenizer merging (tokenizer:) is not supported; use tokenizer_source: base"}
-METHODS = ("linear", "slerp", "nuslerp", "model_stock", *PRESETS)
+METHODS = ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator", *PRESETS)
 
 
 @dataclass
@@ -150,11 +151,14 @@ def layer_position(name: str, num_layers: int) -> float:
     return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: str = "recipe") -> Plan:
+def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: str = "recipe",
+               averaged_layers=None) -> Plan:
     """Every output tensor as a job with its own resolved parameters, validated up front.
 
     ``sources`` maps each model reference of the recipe (and the base) to an open TensorSource.
+    ``averaged_layers(layer_key) -> bool`` is Mediator's decision (from ``analysis.conflict_table``).
     """
+    scores = _load_sensitivity(recipe, where) if recipe.method == "sens_merging" else None
     base = recipe.base
     others = [m for m in recipe.models if m.ref != base]
     first = base if base is not None else recipe.models[0].ref
@@ -179,6 +183,21 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
             pair = ("models", tuple(InputRef(m.ref, name) for m in others))
             op_name, roles = ("nuslerp", (pair,)) if base is None else ("nuslerp_delta", (("base", InputRef(base, name)), pair))
             params = {"weights": [value("weight", m) for m in others]}
+        elif recipe.method == "mediator":
+            if averaged_layers(layer_key(name)):
+                op_name, roles = "weighted_sum", (("models", tuple(InputRef(m.ref, name) for m in others)),)
+                params = {"weights": [1.0] * len(others), "normalize": True}
+            else:
+                expert = value("expert", default=others[0].ref)
+                if expert not in {m.ref for m in others}:
+                    raise RecipeError(f"{where}: mediator expert {expert!r} is not one of the models")
+                op_name, roles, params = "copy", (("x", InputRef(expert, name)),), {}
+        elif recipe.method == "sens_merging":
+            alphas = sensitivity_weights(scores, [m.ref for m in others], layer_key(name), value("temperature", default=1.0))
+            op_name = "task_arithmetic"
+            roles = (("base", InputRef(base, name)), ("models", tuple(InputRef(m.ref, name) for m in others)))
+            params = {"weights": [a * value("weight", m, 1.0) for a, m in zip(alphas, others)],
+                      "lam": value("lambda", default=1.0)}
         elif recipe.method == "model_stock":
             op_name = "model_stock"
             roles = (("base", InputRef(base, name)), ("models", tuple(InputRef(m.ref, name) for m in others)))
@@ -214,6 +233,8 @@ KNOWN_PARAMS = {
     "slerp": {"t"},
     "nuslerp": {"weight", "nuslerp_flatten", "nuslerp_row_wise"},
     "model_stock": {"filter_wise"},
+    "mediator": {"sigma", "expert"},
+    "sens_merging": {"sensitivity", "temperature", "weight", "lambda"},
     **{m: {"weight", "density", "normalize", "rescale", "rescale_method", "lambda", "int8_mask"}
        | ({"gamma"} if p[0] == "magnitude_outliers" else set()) | ({"epsilon"} if p[0] == "della" else set())
        for m, p in PRESETS.items()},
@@ -242,6 +263,22 @@ def _param(recipe: MergeRecipe, entry: ModelEntry | None, key: str, tensor: str,
         owner = f" for model {entry.ref}" if entry else ""
         raise RecipeError(f"{where}: {recipe.method} needs parameter {key!r}{owner} (tensor {tensor!r} has no value)")
     return default
+
+
+def _load_sensitivity(recipe: MergeRecipe, where: str) -> dict:
+    """Sens-Merging scores: {model ref: {layer key ('0', '1', ..., 'embed', 'final'): score}}."""
+    path = recipe.parameters.get("sensitivity")
+    if not isinstance(path, str):
+        raise RecipeError(f"{where}: sens_merging needs parameters.sensitivity: a JSON/YAML file of per-layer scores per model")
+    try:
+        with open(path) as f:
+            scores = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{where}: cannot read sensitivity file {path}: {e}") from None
+    refs = [m.ref for m in recipe.models if m.ref != recipe.base]
+    if not isinstance(scores, dict) or any(not isinstance(scores.get(r), dict) for r in refs):
+        raise RecipeError(f"{where}: {path} must map every model ({', '.join(refs)}) to {{layer: score}}")
+    return {r: {str(k): float(v) for k, v in scores[r].items()} for r in refs}
 
 
 def _meta(sources: Mapping[str, TensorSource], ref: str, name: str) -> TensorMeta:
