@@ -59,3 +59,21 @@ def test_kill_during_streamed_job_then_resume_bit_identical(tmp_path, small_fami
     resumed, uninterrupted = Store(root).get("soup"), Store(other).list()[0]
     assert resumed.manifest.tensors == uninterrupted.manifest.tensors
     assert resumed.id == uninterrupted.id
+
+
+def test_kill_during_ties_merge_then_resume_bit_identical(tmp_path, small_family):
+    """A merge whose tensors need statistics passes resumes to the same bits as a clean run."""
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {small_family['base']}\nmodels:\n"
+                      f"  - model: {small_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+                      f"  - model: {small_family['ft2']}\n    parameters: {{weight: [0.2, 0.9], density: 0.6}}\n")
+    root = str(tmp_path / "store")
+    args = ["--store", root, "merge", recipe, "--name", "m", "--max-memory", "512K"]
+    _kill_after_journal_lines(args, root, lines=5)
+    assert Store(root).list() == []
+    rerun = run_tsllm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert int(rerun.stdout.split("resumed: ")[1].split()[0]) >= 5
+    clean = str(tmp_path / "clean")
+    assert run_tsllm("--store", clean, "merge", recipe, "--max-memory", "8G").returncode == 0
+    assert Store(root).get("m").id == Store(clean).list()[0].id
