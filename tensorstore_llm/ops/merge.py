@@ -280,14 +280,14 @@ class SlerpParams:
             raise ValueError(f"t must be in [0, 1], got {self.t}")
 
 
-def _row_sums(x, y, rows):
+def row_dots(x, y, rows):
     """Per-row sums of x*y: fp32 products accumulated in fp64 (per row, so blocking-independent)."""
     return (x.reshape(rows, -1) * y.reshape(rows, -1)).sum(1, dtype=torch.float64)
 
 
 def _slerp_map(ctx, params, a, b):
     rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
-    return {"aa": _row_sums(a, a, rows), "bb": _row_sums(b, b, rows), "ab": _row_sums(a, b, rows)}
+    return {"aa": row_dots(a, a, rows), "bb": row_dots(b, b, rows), "ab": row_dots(a, b, rows)}
 
 
 def _slerp_reduce(params, partials, ctx):

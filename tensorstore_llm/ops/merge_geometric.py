@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .merge import _row_sums, slerp_coefficients
+from .merge import row_dots, slerp_coefficients
 from .registry import StatsPass, op
 
 
@@ -31,9 +31,9 @@ def _pairs(n: int):
 def _stock_map(ctx, params, base, models):
     rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
     offsets = [m - base for m in models]
-    out = {("sq", i): _row_sums(o, o, rows) for i, o in enumerate(offsets)}
+    out = {("sq", i): row_dots(o, o, rows) for i, o in enumerate(offsets)}
     for i, j in _pairs(len(offsets)):
-        out[("dot", i, j)] = _row_sums(offsets[i], offsets[j], rows)
+        out[("dot", i, j)] = row_dots(offsets[i], offsets[j], rows)
     return out
 
 
@@ -83,7 +83,7 @@ def _vectors(base, models):
 def _nuslerp_map(ctx, params, models, base=None):
     rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
     a, b = _vectors(base, models)
-    return {"aa": _row_sums(a, a, rows), "bb": _row_sums(b, b, rows), "ab": _row_sums(a, b, rows)}
+    return {"aa": row_dots(a, a, rows), "bb": row_dots(b, b, rows), "ab": row_dots(a, b, rows)}
 
 
 def _nuslerp_reduce(params, partials, ctx):
