@@ -76,19 +76,24 @@ def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, re
     writer = store.create(key, compression)
     executor.sink = writer
     estimate = executor.estimate()
-    try:
-        executor.run()
-    except KeyboardInterrupt:
-        writer.close()  # keep the staging directory: the same command resumes it
-        raise
-    except BaseException:
-        writer.abort()
-        raise
+    _stream(executor, writer)
     run = {"seed": seed, "device": dev.type, "generator_device": GENERATOR_DEVICE, "compression": compression}
     artifact = writer.commit(kind=kind, parents=parents, source=source, recipe=recipe, files=files, run=run)
     if name:
         store.tag(artifact.id, name)
     return JobResult(estimate, artifact, None, executor.computed, executor.skipped)
+
+
+def _stream(executor: Executor, sink) -> None:
+    """Run ``executor`` into ``sink``: an interruption keeps the staging (to resume), any other failure removes it."""
+    try:
+        executor.run()
+    except KeyboardInterrupt:
+        sink.close()
+        raise
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def import_checkpoint(src: str, store: Store, *, name: str | None = None, revision: str | None = None,
@@ -123,14 +128,7 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
         sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
                                 files=_with_dtype(store.carried_files(ref), dtype))
         executor.sink = sink
-        try:
-            executor.run()
-        except KeyboardInterrupt:
-            sink.close()
-            raise
-        except BaseException:
-            sink.abort()
-            raise
+        _stream(executor, sink)
         path = sink.commit()
     return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
 

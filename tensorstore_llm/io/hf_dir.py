@@ -247,9 +247,6 @@ class HFCheckpointSink(StagedSink):
             with open(layout_path, "w") as f:
                 f.write(layout)
 
-    def preferred_rows(self, meta: TensorMeta) -> int:
-        return 1
-
     def _write_block(self, meta: TensorMeta, start: int, block, raw: memoryview) -> None:
         fd, offset = self._offsets[meta.name]
         pwrite_all(fd, raw, offset + start * meta.row_numel * by_name(meta.dtype).itemsize)

@@ -290,8 +290,13 @@ def _slerp_map(ctx, params, a, b):
     return {"aa": row_dots(a, a, rows), "bb": row_dots(b, b, rows), "ab": row_dots(a, b, rows)}
 
 
+def sum_row_partials(partials: list[dict]) -> dict:
+    """Each key's per-row partials, in row order, summed to one float (the same for any blocking)."""
+    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in partials[0]}
+
+
 def _slerp_reduce(params, partials, ctx):
-    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in ("aa", "bb", "ab")}
+    return sum_row_partials(partials)
 
 
 def slerp_coefficients(t: float, aa: float, bb: float, ab: float, dot_threshold: float = 0.9995, eps: float = 1e-8):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .merge import row_dots, slerp_coefficients
+from .merge import row_dots, slerp_coefficients, sum_row_partials
 from .registry import StatsPass, op
 
 
@@ -38,7 +38,7 @@ def _stock_map(ctx, params, base, models):
 
 
 def _stock_reduce(params, partials, ctx):
-    total = {key: torch.cat([p[key] for p in partials]).sum().item() for key in partials[0]}
+    total = sum_row_partials(partials)
     n = sum(1 for key in total if key[0] == "sq")
     cosines = []
     for i, j in _pairs(n):
@@ -86,17 +86,13 @@ def _nuslerp_map(ctx, params, models, base=None):
     return {"aa": row_dots(a, a, rows), "bb": row_dots(b, b, rows), "ab": row_dots(a, b, rows)}
 
 
-def _nuslerp_reduce(params, partials, ctx):
-    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in ("aa", "bb", "ab")}
-
-
 def _nuslerp_coefficients(params, stats):
     # mergekit: linear only when 1 - cos^2 <= eps^2, i.e. (numerically) exactly colinear
     threshold = math.sqrt(max(0.0, 1 - params.eps ** 2))
     return slerp_coefficients(params.t, stats["aa"], stats["bb"], stats["ab"], threshold, 1e-7)
 
 
-_NUSLERP_PASSES = (StatsPass(_nuslerp_map, _nuslerp_reduce),)
+_NUSLERP_PASSES = (StatsPass(_nuslerp_map, lambda params, partials, ctx: sum_row_partials(partials)),)
 
 
 @op("nuslerp", inputs=("models*",), params=NuSlerpParams, temps=4, passes=_NUSLERP_PASSES)
