@@ -68,8 +68,23 @@ def cli(ctx, store_root, quiet):
     ctx.obj = {"store": store_root, "quiet": quiet}
 
 
+def _tune_process() -> None:
+    """Settings for a short-lived, throughput-bound process, made before torch is imported.
+
+    OpenMP workers that spin while idle (libgomp's default) take cores from the reader and writer
+    threads of the pipeline (measured: 1 s of 8 s of CPU in a 3 x 1 GB merge on 2 cores), so they
+    sleep instead unless the user set OMP_WAIT_POLICY. Importing torch allocates ~1M long-lived
+    objects; a larger first-generation threshold spares it ~100 full collections (0.1 s).
+    """
+    import gc
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    gc.set_threshold(100_000, 50, 100)
+
+
 def main(argv=None) -> None:
     """Entry point of the ``tsllm`` console script."""
+    _tune_process()
     try:
         code = cli.main(args=argv, prog_name="tsllm", standalone_mode=False)
     except click.exceptions.Abort:
@@ -90,3 +105,22 @@ def main(argv=None) -> None:
     if os.environ.get("TSLLM_DEBUG"):
         click.echo(f"exit {code}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run() -> None:
+    """Console-script entry: ``main()``, then exit without tearing the interpreter down.
+
+    Unloading torch and freeing its objects at exit takes ~0.4 s and does nothing for the user:
+    every output was written, synced and closed before ``main`` returned.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

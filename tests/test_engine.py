@@ -153,3 +153,21 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path, tiny_family):
         art = api.run_plan(Store(str(tmp_path / device)), plan, kind="checkpoint", device=device, progress=False).artifact
         ids.append(art.manifest.tensors)
     assert ids[0] == ids[1]
+
+
+def test_output_block_buffers_are_recycled_within_their_bound():
+    from tensorstore_llm.engine.executor import _BlockBuffers
+
+    pool = _BlockBuffers(keep=2)
+    a = pool.take((64, 1024), torch.bfloat16)
+    ptr = a.data_ptr()
+    pool.give(a)
+    b = pool.take((32, 1024), torch.float32)             # fits in a's 128 KiB: same memory
+    assert b.data_ptr() == ptr and b.shape == (32, 1024) and b.dtype == torch.float32
+    pool.give(torch.empty(10))                           # not made here: ignored
+    pool.give(b)
+    c = pool.take((64, 1024), torch.float32)             # fits nothing free: fresh memory
+    assert c.data_ptr() != ptr and len(pool._free) == 0
+    for block in [c, pool.take((4,), torch.int8), pool.take((4,), torch.int8)]:
+        pool.give(block)
+    assert len(pool._free) == 2                          # never more than `keep`

@@ -159,3 +159,29 @@ def test_fuzz_index(tmp_path, index):
         _open(d)
     except TsllmError:
         pass
+
+
+def test_large_reads_are_mapped_copy_on_write(tmp_path):
+    """Blocks of >= 1 MiB come from a private mapping: same values, and writing to them never
+    reaches the file (kernels may work in place on fp32 inputs)."""
+    t = {"big": torch.randn(1024, 512), "small": torch.randn(3, 5)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(t, path)
+    before = open(path, "rb").read()
+    with HFCheckpointSource(path) as src:
+        big = src.read_rows("big", 100, 1024)   # 3.6 MiB at an offset that is not page aligned
+        assert torch.equal(big, t["big"][100:])
+        big.fill_(7.0)
+        assert torch.equal(src.read_rows("big", 0, 1024), t["big"])
+        assert torch.equal(src.read("small"), t["small"])
+    assert open(path, "rb").read() == before
+
+
+def test_file_truncated_after_opening_is_a_clear_error_not_a_crash(tmp_path):
+    t = {"big": torch.randn(1024, 512)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(t, path)
+    with HFCheckpointSource(path) as src:
+        os.truncate(path, os.path.getsize(path) - 4096)
+        with pytest.raises(FormatError, match="truncated"):
+            src.read_rows("big", 0, 1024)

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from ..errors import StorageError
 
+FSYNC_THREADS = 16
 _MESSAGES = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
@@ -67,11 +72,20 @@ def fsync_path(path: str) -> None:
 
 
 def fsync_tree(root: str) -> None:
-    """fsync every file and directory under ``root`` (data before the rename that publishes it)."""
+    """fsync every file and directory under ``root`` (data before the rename that publishes it).
+
+    Files first, then directories, each group from a few threads at once: the file system
+    commits concurrent fsyncs in one journal transaction, where one at a time each waits for its
+    own (measured: 0.86 s -> see docs/benchmarks.md for 577 paths of a 1 GB artifact).
+    """
+    files, dirs = [], []
     for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fsync_path(os.path.join(dirpath, name))
-        fsync_path(dirpath)
+        files.extend(os.path.join(dirpath, name) for name in filenames)
+        dirs.append(dirpath)
+    with ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="tsllm-fsync") as pool:
+        for group in (files, dirs):
+            for _ in pool.map(fsync_path, group):
+                pass
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
@@ -88,3 +102,37 @@ def write_file_atomic(path: str, data: bytes) -> None:
 def remove_tree(path: str) -> None:
     """Remove a directory tree if it exists; errors while cleaning up are not the user's problem."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+MAP_MIN_BYTES = 1 << 20   # below this a pread copy is cheaper than a mapping
+
+
+def map_range(fd: int, offset: int, size: int, file_size: int) -> np.ndarray | None:
+    """``size`` bytes at ``offset`` of ``fd`` as a writable uint8 array mapped from the page cache.
+
+    The mapping is private (copy on write): writing to the array never touches the file. It is
+    populated here, in the calling (reader) thread, so the thread that computes on it takes no
+    page faults, and it is unmapped when the last view of the array goes away. Reading through a
+    mapping instead of ``pread`` skips both the copy and the zero-filling of a fresh buffer
+    (measured: about a third of the CPU time of a 3 x 1 GB merge).
+
+    Returns None (the caller then reads with pread) for small ranges or ranges the file does not
+    hold in full, so a truncated file still gives the caller's clear error. (A file truncated by
+    another process while a block of it is in flight can still end the process with SIGBUS, as
+    with any memory-mapped reader.)
+    """
+    if size < MAP_MIN_BYTES or offset + size > file_size:
+        return None
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, offset + size - start, access=mmap.ACCESS_COPY, offset=start)
+    except (OSError, ValueError):
+        return None
+    try:
+        mapping.madvise(_MADV_POPULATE_READ)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: kernel too old, pages fault in on first touch instead
+            mapping.close()          # e.g. the file shrank since it was opened: let pread report it
+            return None
+    return np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset - start)

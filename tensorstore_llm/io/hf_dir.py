@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -17,7 +18,7 @@ from ..dtypes import by_name, from_storage
 from ..errors import FormatError, OutputExists, TensorNotFound, TsllmError, UnsafeFormat
 from .base import SourceBase, TensorMeta, check_tensor_name
 from .journal import Journal
-from .fsutil import fsync_path, fsync_tree, start_writeback, storage_errors
+from .fsutil import fsync_path, fsync_tree, map_range, start_writeback, storage_errors
 from .safetensors_format import Entry, build_header, parse_header, pread_into, pwrite_all
 from .staged import JOURNAL_NAME, StagedSink
 
@@ -57,6 +58,7 @@ class HFCheckpointSource(SourceBase):
     def __init__(self, path: str):
         self.path = path
         self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
         self._entries: dict[str, tuple[str, Entry]] = {}
         self._index: dict[str, str] | None = None
         if os.path.isfile(path):
@@ -91,7 +93,8 @@ class HFCheckpointSource(SourceBase):
                 raise FormatError(f"{path}: listed in {INDEX_NAME} but missing")
             fd = os.open(path, os.O_RDONLY)
             self._fds[path] = fd
-            header = parse_header(path, fd, os.fstat(fd).st_size)
+            self._sizes[path] = os.fstat(fd).st_size
+            header = parse_header(path, fd, self._sizes[path])
             for name, entry in header.entries.items():
                 if name in self._entries:
                     raise FormatError(f"{path}: tensor {name!r} also appears in {self._entries[name][0]}")
@@ -128,13 +131,17 @@ class HFCheckpointSource(SourceBase):
         meta = entry.meta
         dt = by_name(meta.dtype)
         if not meta.shape:
-            buf = np.empty((), dtype=dt.storage)
-            offset = entry.start
+            shape, offset = (), entry.start
         else:
             if not 0 <= start <= stop <= meta.shape[0]:
                 raise IndexError(f"{path}: rows {start}:{stop} outside tensor {name!r} of shape {meta.shape}")
-            buf = np.empty((stop - start, *meta.shape[1:]), dtype=dt.storage)
+            shape = (stop - start, *meta.shape[1:])
             offset = entry.start + start * meta.row_numel * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
+        mapped = map_range(self._fds[path], offset, nbytes, self._sizes[path]) if offset % dt.itemsize == 0 else None
+        if mapped is not None:
+            return from_storage(mapped.view(dt.storage).reshape(shape), dt)
+        buf = np.empty(shape, dtype=dt.storage)
         if buf.nbytes:
             pread_into(path, self._fds[path], memoryview(buf.reshape(-1)).cast("B"), offset)
         return from_storage(buf, dt)

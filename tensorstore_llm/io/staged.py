@@ -7,6 +7,7 @@ published (``commit``, which makes it durable first).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from ..dtypes import raw_bytes
@@ -15,6 +16,8 @@ from .fsutil import remove_tree, storage_errors
 from .journal import Journal
 
 JOURNAL_NAME = "journal.jsonl"
+PARALLEL_HASH_BYTES = 1 << 20
+_HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsllm-hash")
 
 
 class StagedSink:
@@ -66,9 +69,16 @@ class StagedSink:
         hasher = self._hashers.setdefault(name, RowHasher(meta, self.where))
         raw = raw_bytes(block)
         rows = block.shape[0] if block.dim() else 1
-        with storage_errors(self.where):
-            self._write_block(meta, start, block, raw)
-        hasher.update(start, raw, rows)
+        # hashing and writing both release the GIL: run them side by side
+        hashed = _HASH_POOL.submit(hasher.update, start, raw, rows) if len(raw) >= PARALLEL_HASH_BYTES else None
+        try:
+            with storage_errors(self.where):
+                self._write_block(meta, start, block, raw)
+        finally:
+            if hashed is not None:
+                hashed.result()
+        if hashed is None:
+            hasher.update(start, raw, rows)
 
     def finish(self, name: str) -> str:
         """Close tensor ``name``: journal it and return its checksum."""

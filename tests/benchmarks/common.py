@@ -12,7 +12,12 @@ TSLLM = [sys.executable, "-m", "tensorstore_llm_cli"]
 
 
 def timed(cmd: list[str], env=None) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that child alone (wait4)."""
+    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that child alone (wait4).
+
+    Dirty pages of earlier runs are flushed first (untimed), so no contender pays for another's
+    writes: mergekit does not sync its output, and the next run's fsync would wait behind it.
+    """
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
