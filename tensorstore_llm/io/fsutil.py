@@ -6,13 +6,11 @@ import errno
 import mmap
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import StorageError
 
-FSYNC_THREADS = 16
 _MESSAGES = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
@@ -72,20 +70,11 @@ def fsync_path(path: str) -> None:
 
 
 def fsync_tree(root: str) -> None:
-    """fsync every file and directory under ``root`` (data before the rename that publishes it).
-
-    Files first, then directories, each group from a few threads at once: the file system
-    commits concurrent fsyncs in one journal transaction, where one at a time each waits for its
-    own (measured: 0.86 s -> see docs/benchmarks.md for 577 paths of a 1 GB artifact).
-    """
-    files, dirs = [], []
+    """fsync every file and directory under ``root`` (data before the rename that publishes it)."""
     for dirpath, _dirnames, filenames in os.walk(root):
-        files.extend(os.path.join(dirpath, name) for name in filenames)
-        dirs.append(dirpath)
-    with ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="tsllm-fsync") as pool:
-        for group in (files, dirs):
-            for _ in pool.map(fsync_path, group):
-                pass
+        for name in filenames:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
