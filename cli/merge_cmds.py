@@ -12,9 +12,12 @@ from .common import print_estimate, progress_flag, report, run_options, store_of
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               help="Also export the result to this Hugging Face directory.")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the -o export.")
+@click.option("--arithmetic", type=click.Choice(["fp32", "mergekit"]), default="fp32", show_default=True,
+              help="fp32: compute in fp32, round once. mergekit: replay mergekit's operations in the recipe's "
+                   "dtype (e.g. bf16 task vectors), bit-exact with mergekit for linear / task_arithmetic.")
 @run_options
 @click.pass_context
-def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, seed, compression, dry_run):
+def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, max_memory, seed, compression, dry_run):
     """Merge models as RECIPE (a mergekit YAML file) says.
 
     \b
@@ -43,7 +46,7 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, device, max_memory, se
     with open(recipe) as f:
         text = f.read()
     store = store_of(ctx)
-    result = merge(store, text, name=name, where=recipe, device=device, max_memory=max_memory, seed=seed,
+    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, device=device, max_memory=max_memory, seed=seed,
                    compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
     if result.analysis and not ctx.obj["quiet"]:
         a = result.analysis

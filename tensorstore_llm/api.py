@@ -183,11 +183,14 @@ def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | byt
     return files
 
 
-def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", **run_options) -> JobResult:
+def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", arithmetic: str = "fp32",
+          **run_options) -> JobResult:
     """Run a mergekit-format YAML recipe (text) into a new checkpoint artifact.
 
     Everything that can fail (references, tensors, shapes, parameters) is checked before any
     tensor is computed. The artifact's lineage records every input and the recipe.
+    ``arithmetic="mergekit"`` replays mergekit's operations in the recipe's dtype (bit-exact
+    comparison mode, linear and task-arithmetic methods); the default computes in fp32.
 
     Example:
         >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
@@ -209,10 +212,12 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
             plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
             table = conflict_table(sources[parsed.base], [sources[r] for r in others], list(sources[parsed.base].keys()),
                                    float(parsed.parameters.get("sigma", 1.0)))
-        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None)
+        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None, arithmetic=arithmetic)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         files = opened[parsed.base or refs[0]][2]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}
+        if arithmetic != "fp32":
+            recipe_record["arithmetic"] = arithmetic
         if table:
             recipe_record["conflicts"] = table.to_json()
         result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,

@@ -92,3 +92,21 @@ def test_merge_cli(cli, tmp_path, tiny_family):
     bad.write_text("merge_method: magic\n")
     code, _, err = cli("--store", s, "merge", str(bad))
     assert code == 7 and "bad.yaml" in err
+
+
+def test_mergekit_arithmetic_from_the_cli_and_where_it_is_refused(cli, tmp_path, tiny_family, store):
+    s = str(tmp_path / "store")
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(_ties(tiny_family, extra="dtype: bfloat16\n"))
+    code, out, err = cli("--store", s, "merge", str(recipe), "--arithmetic", "mergekit", "--name", "mk")
+    assert code == 0, err
+    code, out, err = cli("--store", s, "merge", str(recipe), "--name", "fp32")
+    assert code == 0, err
+    from tensorstore_llm.store import Store
+    st = Store(s)
+    assert st.get("mk").id != st.get("fp32").id
+    assert st.get("mk").manifest.recipe["arithmetic"] == "mergekit"
+    slerp = tmp_path / "slerp.yaml"
+    slerp.write_text(f"merge_method: slerp\nbase_model: {tiny_family['ft1']}\nmodels: [{tiny_family['ft2']}]\nparameters: {{t: 0.5}}\n")
+    code, _, err = cli("--store", s, "merge", str(slerp), "--arithmetic", "mergekit")
+    assert code == 7 and "not for slerp" in err

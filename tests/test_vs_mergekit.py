@@ -5,6 +5,10 @@ magnitude-threshold methods, entries whose magnitude ties the threshold may go e
 mergekit (it keeps exactly k by an unstable argsort), so at most 0.5% of entries may differ.
 DARE / DELLA draw from different RNGs by design and are compared by their statistics elsewhere.
 mergekit 0.1.5's SLERP works per output row, ours per tensor as the spec says: not compared.
+
+With ``arithmetic="mergekit"`` and ``dtype: bfloat16`` we replay mergekit's bf16 operations: then
+linear and task arithmetic must match bit for bit, and TIES / breadcrumbs everywhere except at
+threshold ties.
 """
 import os
 
@@ -37,14 +41,15 @@ def _load_dir(path):
     return out
 
 
-def _at_a_threshold(family, name, method):
-    """Entries whose |τ| equals a cut-off magnitude of one of the models (where the rules differ)."""
+def _at_a_threshold(family, name, method, dtype=torch.float32):
+    """Entries whose |τ| equals a cut-off magnitude of one of the models (where the rules differ);
+    τ is computed in ``dtype`` as the merge does."""
     from tensorstore_llm.io.hf_dir import HFCheckpointSource
 
     specs = {"ties": [(0.4, 0.0), (0.7, 0.0)], "breadcrumbs_ties": [(0.5, 0.05), (0.6, 0.01)]}[method]
     with HFCheckpointSource(family["base"]) as b, HFCheckpointSource(family["ft1"]) as x, HFCheckpointSource(family["ft2"]) as y:
-        base = b.read(name).float()
-        taus = [x.read(name).float() - base, y.read(name).float() - base]
+        base = b.read(name).to(dtype)
+        taus = [(x.read(name).to(dtype) - base).float(), (y.read(name).to(dtype) - base).float()]
     tied = torch.zeros(base.shape, dtype=torch.bool)
     for tau, (density, gamma) in zip(taus, specs):
         flat, n = tau.abs().reshape(-1), tau.numel()
@@ -57,16 +62,43 @@ def _at_a_threshold(family, name, method):
     return tied
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
-def test_matches_mergekit(tmp_path, store, tiny_family, method):
+def _run_mergekit(text, out):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
     import yaml
 
-    text = RECIPES[method].format(**tiny_family) + "dtype: float32\nout_dtype: float32\n"
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    theirs = _load_dir(tmp_path / "mk")
+    return _load_dir(out)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties"])
+def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, store, tiny_family, method):
+    text = RECIPES[method].format(**tiny_family) + "dtype: bfloat16\n"
+    theirs = _run_mergekit(text, tmp_path / "mk")
+    ours_art = api.merge(store, text, progress=False, max_memory="32K", arithmetic="mergekit").artifact
+    fp32_art = api.merge(store, text, progress=False, max_memory="32K").artifact
+    differs_from_fp32 = 0
+    with store.open(ours_art.id) as ours, store.open(fp32_art.id) as fp32:
+        assert sorted(ours.keys()) == sorted(theirs)
+        for name in ours.keys():
+            a, b = ours.read(name), theirs[name]
+            assert a.dtype == b.dtype == torch.bfloat16
+            same = a.view(torch.int16) == b.view(torch.int16)
+            if method in THRESHOLD_METHODS:
+                assert (~same <= _at_a_threshold(tiny_family, name, method, torch.bfloat16)).all(), name
+                assert a.numel() < 1000 or same.float().mean() >= 0.9, (name, same.float().mean())
+            else:
+                assert same.all(), (name, int((~same).sum()))
+            differs_from_fp32 += int((fp32.read(name).view(torch.int16) != a.view(torch.int16)).sum())
+    if method != "linear":   # mergekit's linear merge computes in fp32 too; the others round τ to bf16
+        assert differs_from_fp32 > 0
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_matches_mergekit(tmp_path, store, tiny_family, method):
+    text = RECIPES[method].format(**tiny_family) + "dtype: float32\nout_dtype: float32\n"
+    theirs = _run_mergekit(text, tmp_path / "mk")
     ours_art = api.merge(store, text, progress=False, max_memory="32K").artifact
     with store.open(ours_art.id) as ours:
         assert sorted(ours.keys()) == sorted(theirs)

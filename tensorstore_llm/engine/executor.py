@@ -248,7 +248,7 @@ class Executor:
         if pass_index == 0 and start == 0:
             self._stats, self._partials = None, []
         for t0, t1, part in self._tiles(job, start, stop, tensors):
-            partial = stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, part))
+            partial = stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, job, part))
             if stats_pass.fold is not None and self._partials:
                 self._partials = [stats_pass.fold(self._partials[0], partial)]
             else:
@@ -284,17 +284,17 @@ class Executor:
     def _context(self, job: TensorJob, start: int, stop: int) -> OpContext:
         return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats)
 
-    def _cast(self, spec, tensors: dict) -> dict:
+    def _cast(self, spec, job: TensorJob, tensors: dict) -> dict:
         if not spec.compute:
             return tensors
-        return {role: (_CastOnAccess(v, self._to_compute) if isinstance(v, list) else self._to_compute(v))
-                for role, v in tensors.items()}
+        dtype = self.compute_dtype if job.compute_dtype == "float32" else by_name(job.compute_dtype).torch
+
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(device=self.device, dtype=dtype)
+        return {role: (_CastOnAccess(v, cast) if isinstance(v, list) else cast(v)) for role, v in tensors.items()}
 
     def _kernel(self, spec, job: TensorJob, start: int, stop: int, tensors: dict):
-        return spec.fn(self._context(job, start, stop), job.params, **self._cast(spec, tensors))
-
-    def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.device, dtype=self.compute_dtype)
+        return spec.fn(self._context(job, start, stop), job.params, **self._cast(spec, job, tensors))
 
     def _write_all(self, results: dict, pipeline: _Pipeline, progress: Progress) -> None:
         while True:

@@ -32,6 +32,7 @@ class TensorJob:
     op: str
     inputs: tuple[tuple[str, InputRef | tuple[InputRef, ...]], ...]
     params: Any = None
+    compute_dtype: str = "float32"   # what inputs are cast to before the kernel sees them
 
     def refs(self) -> list[InputRef]:
         out = []
@@ -55,6 +56,7 @@ class Plan:
         """Hash of the source identities and every job: equal fingerprints give equal results."""
         body = {"sources": {k: s.identity for k, s in sorted(self.sources.items())},
                 "jobs": [[j.output.name, list(j.output.shape), j.output.dtype, j.op, repr(j.inputs), repr(j.params)]
+                         + ([j.compute_dtype] if j.compute_dtype != "float32" else [])
                          for j in self.jobs]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

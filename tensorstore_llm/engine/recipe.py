@@ -9,6 +9,8 @@ the tensor name, ``*`` or absent matches). Model references are store refs, Hugg
 directories or hub repo ids. Not supported (refused with a clear error): ``slices``,
 ``modules``, tokenizer merging (``tokenizer:`` or ``tokenizer_source`` other than ``base``).
 Computation is fp32; ``out_dtype`` (else ``dtype``, else the base model's dtype) is the output dtype.
+With ``arithmetic="mergekit"`` (linear and the task-arithmetic family) the kernels instead replay
+mergekit 0.1.5's operations in ``dtype``, rounding where it rounds (e.g. bf16 task vectors).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class MergeRecipe:
     parameters: dict
     out_dtype: str | None
     raw: dict
+    dtype: str | None = None   # mergekit's compute dtype; used by arithmetic="mergekit" only
 
 
 def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
@@ -83,16 +86,15 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
         models.append(ModelEntry(str(entry["model"]), dict(params)))
     base = raw.get("base_model")
     base = str(base["model"] if isinstance(base, dict) else base) if base is not None else None
-    out_dtype = raw.get("out_dtype") or raw.get("dtype")
-    if out_dtype is not None:
-        try:
-            out_dtype = by_name(out_dtype).name
-        except DTypeError as e:
-            raise RecipeError(f"{where}: {e}") from None
+    try:
+        dtype = by_name(raw["dtype"]).name if raw.get("dtype") is not None else None
+        out_dtype = by_name(raw["out_dtype"]).name if raw.get("out_dtype") is not None else dtype
+    except DTypeError as e:
+        raise RecipeError(f"{where}: {e}") from None
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise RecipeError(f"{where}: parameters must be a mapping")
-    recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw)
+    recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype)
     _check_shape(recipe, where)
     return recipe
 
@@ -151,13 +153,23 @@ def layer_position(name: str, num_layers: int) -> float:
     return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
 
 
+MERGEKIT_ARITHMETIC = ("linear", *PRESETS)
+
+
 def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: str = "recipe",
-               averaged_layers=None) -> Plan:
+               averaged_layers=None, arithmetic: str = "fp32") -> Plan:
     """Every output tensor as a job with its own resolved parameters, validated up front.
 
     ``sources`` maps each model reference of the recipe (and the base) to an open TensorSource.
     ``averaged_layers(layer_key) -> bool`` is Mediator's decision (from ``analysis.conflict_table``).
+    ``arithmetic="mergekit"`` replays mergekit's operations in the recipe's ``dtype`` (default:
+    the models' dtype) instead of computing in fp32, for bit-exact comparison with mergekit.
     """
+    if arithmetic not in ("fp32", "mergekit"):
+        raise RecipeError(f"{where}: arithmetic must be fp32 or mergekit, got {arithmetic!r}")
+    if arithmetic == "mergekit" and recipe.method not in MERGEKIT_ARITHMETIC:
+        raise RecipeError(f"{where}: mergekit arithmetic is replayed for {', '.join(MERGEKIT_ARITHMETIC)}; "
+                          f"not for {recipe.method} (use the default fp32 arithmetic)")
     scores = _load_sensitivity(recipe, where) if recipe.method == "sens_merging" else None
     base = recipe.base
     others = [m for m in recipe.models if m.ref != base]
@@ -215,6 +227,10 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                 params["gammas"] = [value("gamma", m, 0.01) for m in others]
             if sparsification == "della":
                 params["epsilons"] = [value("epsilon", m, 0.15) for m in others]
+        compute_dtype = "float32"
+        if arithmetic == "mergekit" and by_name(metas[first].dtype).is_float:
+            params["arithmetic"] = "mergekit"
+            compute_dtype = recipe.dtype or metas[first].dtype
         spec = get_op(op_name)
         job_params = spec.make_params(params, f"{where}: tensor {name!r}")
         if hasattr(job_params, "validate_inputs"):
@@ -223,7 +239,7 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                 job_params.validate_inputs(counts)
             except ValueError as e:
                 raise RecipeError(f"{where}: tensor {name!r}: {e}") from None
-        jobs.append(TensorJob(TensorMeta(name, shape, out_dtype), op_name, roles, job_params))
+        jobs.append(TensorJob(TensorMeta(name, shape, out_dtype), op_name, roles, job_params, compute_dtype))
     _check_unused(recipe, where)
     return Plan(jobs, dict(sources))
 

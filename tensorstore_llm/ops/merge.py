@@ -35,6 +35,7 @@ from .registry import StatsPass, op
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "della")
 CONSENSUS = ("none", "sum", "count")
 RESCALE_METHODS = ("l1", "inverse")
+ARITHMETIC = ("fp32", "mergekit")
 
 PRESETS = {  # method -> (sparsification, consensus, normalize default, rescale default)
     "task_arithmetic": ("none", "none", False, False),
@@ -60,11 +61,13 @@ class TaskArithmeticParams:
     lam: float = 1.0
     gammas: tuple[float, ...] = ()   # breadcrumbs: fraction of largest entries dropped (default 0.01)
     epsilons: tuple[float, ...] = field(default=())  # della: probability spread (default 0.15)
+    arithmetic: str = "fp32"         # "mergekit": replay mergekit's operations in the inputs' dtype
 
     def __post_init__(self):
         for name, value, allowed in (("sparsification", self.sparsification, SPARSIFICATIONS),
                                      ("consensus", self.consensus, CONSENSUS),
-                                     ("rescale_method", self.rescale_method, RESCALE_METHODS)):
+                                     ("rescale_method", self.rescale_method, RESCALE_METHODS),
+                                     ("arithmetic", self.arithmetic, ARITHMETIC)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if any(not 0 <= d <= 1 for d in self.densities):
@@ -236,6 +239,8 @@ def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) ->
     temps=lambda n: n + 4, passes=_passes)
 def task_arithmetic(ctx, params, base, models):
     """θ0 + λ · combine_i(wi · sparsify(θi − θ0)): task arithmetic, TIES, DARE, breadcrumbs, DELLA."""
+    if params.arithmetic == "mergekit":
+        return _mergekit_task_arithmetic(ctx, params, base, list(models))
     if params.consensus == "none":  # one running sum: one delta alive at a time
         mixed = None
         for i, m in enumerate(models):
@@ -265,6 +270,38 @@ def task_arithmetic(ctx, params, base, models):
     if params.lam != 1:
         mixed = mixed.mul_(params.lam)
     return mixed.add_(base)
+
+
+def _mergekit_task_arithmetic(ctx, params, base, models):
+    """mergekit 0.1.5's generalized task arithmetic replayed op for op in the inputs' dtype
+    (``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``), so that a bf16 merge
+    rounds exactly where mergekit's does: for bit-exact comparisons. Sparsification masks stay
+    ours (exact magnitude thresholds, seeded draws); the L1 rescale ratio is computed in fp64.
+    """
+    deltas = base.new_empty((len(models), *base.shape))
+    for i, m in enumerate(models):
+        deltas[i] = _sparsify(ctx, params, i, m - base)
+    weights = torch.tensor(params.weights, dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    if params.consensus != "none":
+        sign = deltas.sign()
+        votes = deltas.sum(dim=0) if params.consensus == "sum" else sign.sum(dim=0)
+        majority = (votes >= 0).to(base.dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if params.normalize:
+        mixed /= divisor
+    if params.lam != 1:
+        mixed *= params.lam
+    return base + mixed
 
 
 # -- SLERP -------------------------------------------------------------------------------------

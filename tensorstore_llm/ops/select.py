@@ -14,8 +14,9 @@ LO_BINS = 1 << 16
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |x| (fp32), flattened; their order is the order of |x|."""
-    return x.abs().reshape(-1).view(torch.int32)
+    """int32 bit patterns of |x| as fp32 (exact for bf16 / fp16 inputs), flattened; their order
+    is the order of |x|."""
+    return x.abs().reshape(-1).to(torch.float32).view(torch.int32)
 
 
 def high_histogram(x: torch.Tensor) -> torch.Tensor:
