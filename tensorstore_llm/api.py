@@ -212,12 +212,16 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
             plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
             table = conflict_table(sources[parsed.base], [sources[r] for r in others], list(sources[parsed.base].keys()),
                                    float(parsed.parameters.get("sigma", 1.0)))
-        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None, arithmetic=arithmetic)
+        scores = _calibrated_sensitivity(parsed, sources, opened, where, run_options.get("dry_run", False))
+        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None, arithmetic=arithmetic,
+                          sensitivity=scores)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         files = opened[parsed.base or refs[0]][2]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}
         if arithmetic != "fp32":
             recipe_record["arithmetic"] = arithmetic
+        if scores is not None:
+            recipe_record["sensitivity"] = scores
         if table:
             recipe_record["conflicts"] = table.to_json()
         result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
@@ -228,3 +232,21 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     finally:
         for source, _, _ in opened.values():
             source.close()
+
+
+def _calibrated_sensitivity(parsed, sources: dict, opened: dict, where: str, dry_run: bool) -> dict | None:
+    """Sens-Merging scores computed from ``parameters.calibration`` (None when the recipe gives a
+    scores file instead; uniform on a dry run, which must not run the models)."""
+    params = parsed.parameters
+    if parsed.method != "sens_merging" or "calibration" not in params or "sensitivity" in params:
+        return None
+    from .sensitivity import layer_sensitivities, read_corpus
+
+    others = [m.ref for m in parsed.models if m.ref != parsed.base]
+    if dry_run:
+        return {ref: {} for ref in others}
+    texts = read_corpus(str(params["calibration"]), int(params.get("calibration_samples", 64)))
+    tokens = int(params.get("calibration_tokens", 256))
+    return {ref: layer_sensitivities(sources[parsed.base], sources[ref], opened[ref][2], texts, max_tokens=tokens,
+                                     where=f"{where}: model {ref}")
+            for ref in others}

@@ -157,11 +157,13 @@ MERGEKIT_ARITHMETIC = ("linear", *PRESETS)
 
 
 def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: str = "recipe",
-               averaged_layers=None, arithmetic: str = "fp32") -> Plan:
+               averaged_layers=None, arithmetic: str = "fp32", sensitivity: dict | None = None) -> Plan:
     """Every output tensor as a job with its own resolved parameters, validated up front.
 
     ``sources`` maps each model reference of the recipe (and the base) to an open TensorSource.
     ``averaged_layers(layer_key) -> bool`` is Mediator's decision (from ``analysis.conflict_table``).
+    ``sensitivity`` ({model ref: {layer key: score}}) are Sens-Merging's scores when they were
+    computed from a calibration corpus (else they come from the recipe's ``sensitivity`` file).
     ``arithmetic="mergekit"`` replays mergekit's operations in the recipe's ``dtype`` (default:
     the models' dtype) instead of computing in fp32, for bit-exact comparison with mergekit.
     """
@@ -170,7 +172,9 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     if arithmetic == "mergekit" and recipe.method not in MERGEKIT_ARITHMETIC:
         raise RecipeError(f"{where}: mergekit arithmetic is replayed for {', '.join(MERGEKIT_ARITHMETIC)}; "
                           f"not for {recipe.method} (use the default fp32 arithmetic)")
-    scores = _load_sensitivity(recipe, where) if recipe.method == "sens_merging" else None
+    scores = None
+    if recipe.method == "sens_merging":
+        scores = sensitivity if sensitivity is not None else _load_sensitivity(recipe, where)
     base = recipe.base
     others = [m for m in recipe.models if m.ref != base]
     first = base if base is not None else recipe.models[0].ref
@@ -250,7 +254,8 @@ KNOWN_PARAMS = {
     "nuslerp": {"weight", "nuslerp_flatten", "nuslerp_row_wise"},
     "model_stock": {"filter_wise"},
     "mediator": {"sigma", "expert"},
-    "sens_merging": {"sensitivity", "temperature", "weight", "lambda"},
+    "sens_merging": {"sensitivity", "calibration", "calibration_samples", "calibration_tokens", "temperature",
+                     "weight", "lambda"},
     **{m: {"weight", "density", "normalize", "rescale", "rescale_method", "lambda", "int8_mask"}
        | ({"gamma"} if p[0] == "magnitude_outliers" else set()) | ({"epsilon"} if p[0] == "della" else set())
        for m, p in PRESETS.items()},
@@ -285,7 +290,8 @@ def _load_sensitivity(recipe: MergeRecipe, where: str) -> dict:
     """Sens-Merging scores: {model ref: {layer key ('0', '1', ..., 'embed', 'final'): score}}."""
     path = recipe.parameters.get("sensitivity")
     if not isinstance(path, str):
-        raise RecipeError(f"{where}: sens_merging needs parameters.sensitivity: a JSON/YAML file of per-layer scores per model")
+        raise RecipeError(f"{where}: sens_merging needs parameters.sensitivity (a JSON/YAML file of per-layer scores "
+                          f"per model) or parameters.calibration (a text / JSONL corpus to compute them from)")
     try:
         with open(path) as f:
             scores = yaml.safe_load(f)

@@ -1,0 +1,127 @@
+"""Sens-Merging's per-layer sensitivity scores, computed from a calibration corpus.
+
+Sens-Merging (Liu et al. 2025, "Sens-Merging: Sensitivity-Guided Parameter Balancing for Merging
+Large Language Models") weights each task model's task vector per layer by how much that layer
+matters to the task. Here a layer's sensitivity for task model i is the first-order (Taylor)
+importance of its task vector on the model's own calibration loss:
+
+    S_i^l = sum over parameters p of layer l of |tau_p * dL/dtheta_p|,   at theta = theta_i,
+
+with tau = theta_i - theta_base and L the mean next-token negative log-likelihood of the model on
+the calibration texts. Scores are divided by their mean over the layers of the same model, so
+models with different loss scales compare; the merge then softmaxes them across models per layer
+with temperature T (``ops.layers.sensitivity_weights``). The paper's cross-task (logit-alignment)
+scaling is not computed.
+
+The model is run with transformers in fp32 on the CPU (or the given device); it needs memory for
+the weights and their gradients (8 bytes per parameter).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+
+from .errors import RecipeError, TsllmError
+from .io.base import TensorSource
+from .ops.layers import layer_key
+
+
+def read_corpus(path: str, max_samples: int) -> list[str]:
+    """Calibration texts: the ``text`` field of each line of a ``.jsonl`` file, else each
+    non-empty line of a text file; at most ``max_samples``."""
+    texts = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if path.endswith(".jsonl"):
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        raise RecipeError(f"{path}:{number}: not a JSON object") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise RecipeError(f"{path}:{number}: expected an object with a string 'text' field")
+                    line = record["text"]
+                texts.append(line)
+                if len(texts) >= max_samples:
+                    break
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read calibration corpus {path}: {e}") from None
+    if not texts:
+        raise RecipeError(f"calibration corpus {path} holds no text")
+    return texts
+
+
+def layer_sensitivities(base: TensorSource, model: TensorSource, files: dict[str, str], texts: list[str], *,
+                        max_tokens: int = 256, device: str = "cpu", where: str = "model") -> dict[str, float]:
+    """{layer key: S^l / mean_l S^l} of ``model`` against ``base`` (see the module docstring).
+
+    ``files`` are the model's carried files (``config.json`` and the tokenizer's files), as
+    ``HFCheckpointSource.files()`` or ``Store.carried_files`` return them.
+    """
+    import torch
+
+    model_nn, tokenizer = _load(model, files, device, where)
+    model_nn.zero_grad(set_to_none=True)
+    batches = [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    batches = [ids for ids in batches if ids.shape[1] >= 2]
+    total = sum(ids.shape[1] - 1 for ids in batches)
+    if not total:
+        raise RecipeError(f"{where}: the calibration texts tokenize to fewer than 2 tokens each")
+    for ids in batches:
+        loss = model_nn(input_ids=ids.to(device), labels=ids.to(device)).loss   # mean over ids.shape[1]-1 targets
+        (loss * ((ids.shape[1] - 1) / total)).backward()                        # -> mean over all targets
+    raw: dict[str, float] = defaultdict(float)
+    with torch.no_grad():
+        for name, parameter in model_nn.named_parameters():
+            if parameter.grad is None or name not in base.keys():
+                continue
+            tau = parameter.detach() - base.read(name).to(device=device, dtype=torch.float32)
+            raw[layer_key(name)] += float((tau * parameter.grad).abs().sum(dtype=torch.float64))
+    mean = sum(raw.values()) / len(raw)
+    return {key: (value / mean if mean > 0 else 1.0) for key, value in raw.items()}
+
+
+def _load(source: TensorSource, files: dict[str, str], device: str, where: str):
+    """A transformers causal LM built from ``config.json`` with ``source``'s weights in fp32, and
+    its tokenizer; both from the carried files (no download)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise TsllmError("computing sensitivities needs transformers: pip install 'tensorstore-llm[distill]'") from None
+    if "config.json" not in files:
+        raise RecipeError(f"{where}: has no config.json, so it cannot be run to compute sensitivities")
+    folder = tempfile.mkdtemp(prefix="tsllm-sens-")
+    try:
+        for name, path in files.items():
+            if isinstance(path, (bytes, bytearray)):
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(path)
+            else:
+                shutil.copyfile(path, os.path.join(folder, name))
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{where}: no usable tokenizer among its files ({e})") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    config.torch_dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    state = model.state_dict()
+    weights = {}
+    for name in state:
+        if name in source.keys():
+            weights[name] = source.read(name).to(torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [m for m in missing if m not in tied and not m.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise RecipeError(f"{where}: the checkpoint lacks {len(missing)} tensors its config needs, e.g. {missing[0]!r}")
+    return model.to(device).train(False), tokenizer
