@@ -206,3 +206,36 @@ def test_nuslerp_formula(tmp_path, tiny_family, with_base):
         expected = (v0 * (math.sin(0.25 * theta) / math.sin(theta)) + v1 * (math.sin(0.75 * theta) / math.sin(theta)))
         expected = expected + b if with_base else expected
         assert torch.allclose(got, expected, atol=2e-6), name
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.6, 0.8), (1.0, -0.5, 0.8)])
+def test_ties_kernel_is_exact_on_ties_and_cancelling_votes(weights):
+    """The kernel on hand-made values: magnitudes equal to the threshold are kept, a vote that
+    cancels to +0 elects +, entries no model agrees on stay at the base; exact equality with
+    the paper's formula (negative weights take the other divisor path)."""
+    from tensorstore_llm.ops.merge import TaskArithmeticParams, task_arithmetic
+    from tensorstore_llm.ops.registry import OpContext
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 32, generator=g)
+    taus = [torch.randn(64, 32, generator=g) * 0.01 for _ in weights]
+    taus[1][0, :4] = -taus[0][0, :4] * weights[0] / weights[1]           # w0 τ0 + w1 τ1 == 0 there
+    taus[2][0, :4] = 0.0
+    taus[0][1, :8] = 0.0125                                               # ties at a threshold
+    densities = (0.5, 0.7, 0.9)
+    thresholds = {}
+    for i, (t, d) in enumerate(zip(taus, densities)):
+        k = max(1, int(d * t.numel()))
+        thresholds[i] = [float(t.abs().reshape(-1).kthvalue(t.numel() - k + 1).values)]
+    taus[0][1, :8] = thresholds[0][0]
+    params = TaskArithmeticParams(weights=weights, densities=densities, sparsification="magnitude", consensus="sum", normalize=True)
+    ctx = OpContext("task_arithmetic", "w", (64, 32), 0, 64, 0, "cpu", {"thresholds": thresholds})
+    models = [base + t for t in taus]
+    got = task_arithmetic(ctx, params, base, [m.clone() for m in models])
+    trimmed = [(m - base) * ((m - base).abs() >= thresholds[i][0]) * w for i, (m, w) in enumerate(zip(models, weights))]
+    elected = torch.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [torch.sign(t) == elected for t in trimmed]
+    divisor = sum(a * w for a, w in zip(agree, weights))
+    divisor[divisor == 0] = 1
+    expected = base + sum(t * a for t, a in zip(trimmed, agree)) / divisor
+    assert torch.equal(got, expected)

@@ -10,8 +10,11 @@ which is all that resuming takes: every block is a pure function of its inputs a
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,13 +88,14 @@ class Executor:
             libraries come on top.
         seed: run seed for ops that draw random numbers.
         compute_dtype: dtype kernels compute in (fp32 by default).
+        tile_workers: threads computing row tiles at once (CPU; default: the usable cores, <= 8).
     Example:
         >>> Executor(plan, sink, max_memory="1G").run()     # doctest: +SKIP
     """
 
     def __init__(self, plan: Plan, sink: TensorSink | None = None, *, device="auto", max_memory="2G",
                  seed: int = 0, progress: bool | None = None, compute_dtype: str = "float32",
-                 desc: str = "tsllm"):
+                 desc: str = "tsllm", tile_workers: int | None = None):
         self.plan = plan
         self.sink = sink
         self.device = resolve_device(device)
@@ -105,6 +109,10 @@ class Executor:
         self._stats: dict | None = None     # statistics of the job being computed (main thread only)
         self._partials: list = []
         self._outputs = _BlockBuffers(OUT_BLOCKS_HELD)
+        self._pool: ThreadPoolExecutor | None = None
+        # CPU kernels run on row tiles in parallel, each tile on one core, results placed and
+        # folded in tile order (so results do not depend on the worker count)
+        self.tile_workers = tile_workers or (default_tile_workers() if self.device.type == "cpu" else 1)
 
     # -- planning -------------------------------------------------------------------------------
     def tile_rows(self, job: TensorJob) -> int:
@@ -113,7 +121,7 @@ class Executor:
         return max(1, tile // max(1, job.output.row_numel))
 
     def _memory_model(self, job: TensorJob) -> tuple[int, int, int]:
-        """(bytes per block row held by the pipeline, fixed bytes of one kernel call, input bytes per row)."""
+        """(bytes per block row held by the pipeline, fixed bytes of the kernel calls in flight, input bytes per row)."""
         spec = get_op(job.op)
         metas = [self.plan.input_meta(r) for r in job.refs()]
         in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
@@ -125,7 +133,7 @@ class Executor:
         fp32_row = job.output.row_numel * 4 * (eager + temps)
         if not spec.rowwise or not job.output.shape:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row + fp32_row, 0, in_row
-        return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job), in_row
+        return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job) * self.tile_workers, in_row
 
     def block_rows(self, job: TensorJob) -> int:
         """Rows per block for ``job``: as many as the budget allows, aligned to the sink's chunks.
@@ -166,6 +174,15 @@ class Executor:
         if self.sink is None:
             raise ValueError("Executor.run needs a sink")
         tune_allocator()
+        intra_op_threads = torch.get_num_threads()
+        if self.tile_workers > 1:
+            torch.set_num_threads(1)   # the tile workers are the parallelism (torch's setting is process-wide)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(intra_op_threads)
+
+    def _run(self) -> dict[str, str]:
         self.sink.prepare([j.output for j in self.plan.jobs])
         results = dict(self.sink.completed())
         todo = [j for j in self.plan.jobs if j.output.name not in results]
@@ -197,6 +214,9 @@ class Executor:
             reader.join()
             writer.join()
             progress.close()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
         pipeline.raise_error()
         return {j.output.name: results[j.output.name] for j in self.plan.jobs}
 
@@ -241,14 +261,40 @@ class Executor:
                            for role, v in tensors.items()}
             t0 = t1
 
+    def _map_tiles(self, fn, tiles):
+        """``fn(t0, t1, part)`` of each tile, yielded in tile order; up to ``tile_workers`` at once
+        (a bounded window, so only a few results are alive at a time)."""
+        if self.tile_workers <= 1:
+            for tile in tiles:
+                yield fn(*tile)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.tile_workers, thread_name_prefix="tsllm-tile")
+        window: deque = deque()
+        try:
+            for tile in tiles:
+                window.append(self._pool.submit(fn, *tile))
+                if len(window) >= self.tile_workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+            for future in window:
+                if not future.cancelled():
+                    future.exception()  # wait: no worker may still write into this block
+
     def _stats_block(self, job: TensorJob, pass_index: int, start: int, stop: int, tensors: dict, last: bool) -> None:
         """Run statistics pass ``pass_index`` over one block; reduce after the tensor's last block."""
         spec = get_op(job.op)
         stats_pass = spec.passes_for(job.params)[pass_index]
         if pass_index == 0 and start == 0:
             self._stats, self._partials = None, []
-        for t0, t1, part in self._tiles(job, start, stop, tensors):
-            partial = stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, job, part))
+        def one_tile(t0, t1, part):
+            return stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, job, part))
+
+        for partial in self._map_tiles(one_tile, self._tiles(job, start, stop, tensors)):
             if stats_pass.fold is not None and self._partials:
                 self._partials = [stats_pass.fold(self._partials[0], partial)]
             else:
@@ -271,8 +317,11 @@ class Executor:
             result = self._kernel(spec, job, start, stop, tensors).to(dtype=out_dtype).to("cpu")
         else:
             result = self._outputs.take((stop - start, *job.output.shape[1:]), out_dtype)
-            for t0, t1, part in self._tiles(job, start, stop, tensors):
+
+            def one_tile(t0, t1, part):
                 result[t0 - start:t1 - start].copy_(self._kernel(spec, job, t0, t1, part))  # casts as .to() does
+            for _ in self._map_tiles(one_tile, self._tiles(job, start, stop, tensors)):
+                pass
         expected = (stop - start, *job.output.shape[1:]) if job.output.shape else ()
         if tuple(result.shape) != expected:
             raise TsllmError(f"op {job.op!r} returned shape {tuple(result.shape)} for tensor {job.output.name!r} rows {start}:{stop}, expected {expected}")
@@ -368,6 +417,15 @@ class _CastOnAccess(Sequence):
         if isinstance(index, slice):
             return _CastOnAccess(self._items[index], self._cast)
         return self._cast(self._items[index])
+
+
+def default_tile_workers() -> int:
+    """Cores this process may run on, at most 8 (tiles are memory-bound beyond that)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 def tune_allocator() -> None:
