@@ -15,7 +15,7 @@ from .engine import Estimate, Executor, Plan, plan_map, resolve_device
 from .errors import TsllmError
 from .io import hub
 from .io.hf_dir import HFCheckpointSink, HFCheckpointSource
-from .seeding import GENERATOR_DEVICE
+from .seeding import GENERATOR_DEVICE, UNIFORM_GENERATOR
 from .store import Artifact, Store, job_key
 from .units import parse_size
 
@@ -77,7 +77,8 @@ def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, re
     executor.sink = writer
     estimate = executor.estimate()
     _stream(executor, writer)
-    run = {"seed": seed, "device": dev.type, "generator_device": GENERATOR_DEVICE, "compression": compression}
+    run = {"seed": seed, "device": dev.type, "generator_device": GENERATOR_DEVICE, "uniform_generator": UNIFORM_GENERATOR,
+           "compression": compression}
     artifact = writer.commit(kind=kind, parents=parents, source=source, recipe=recipe, files=files, run=run)
     if name:
         store.tag(artifact.id, name)
