@@ -23,7 +23,8 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
     \b
     Methods: linear (model soup), task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, mediator (per-layer
-    sign-conflict analysis; prints its table), sens_merging (per-layer sensitivity scores file). Model references are store refs (tags, ids),
+    sign-conflict analysis; prints its table), sens_merging (per-layer sensitivity scores from a
+    file, or computed from a calibration corpus). Model references are store refs (tags, ids),
     Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists
     or [{filter: substring, value: ...}] lists, as in mergekit. The recipe is fully validated
     (references, tensors, shapes, parameters) before any work; --dry-run prints the plan, the
