@@ -168,6 +168,9 @@ def test_output_block_buffers_are_recycled_within_their_bound():
     pool.give(b)
     c = pool.take((64, 1024), torch.float32)             # fits nothing free: fresh memory
     assert c.data_ptr() != ptr and len(pool._free) == 0
-    for block in [c, pool.take((4,), torch.int8), pool.take((4,), torch.int8)]:
-        pool.give(block)
-    assert len(pool._free) == 2                          # never more than `keep`
+    d, e = pool.take((4,), torch.int8), pool.take((4,), torch.int8)   # 3 in use: more than `keep`
+    pool.give(c)
+    assert len(pool._free) == 0                          # in use + kept never exceeds `keep`
+    pool.give(d)
+    pool.give(e)
+    assert len(pool._free) == 2
