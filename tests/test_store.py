@@ -150,3 +150,27 @@ def test_raw_chunk_files_are_what_zarr_reads_and_writes(store, tmp_path):
             assert same_bits(src.read(name), t), name
             if t.dim() and t.shape[0] > 3:
                 assert same_bits(src.read_rows(name, 1, t.shape[0] - 1), t[1:-1]), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64", "int8", "uint8", "int16", "int32",
+                                   "int64", "bool", "float8_e4m3fn"])
+@pytest.mark.parametrize("shape", [(), (7,), (5000, 3), (0, 4)])
+def test_array_metadata_is_what_zarr_writes(tmp_path, dtype, shape):
+    """Uncompressed arrays get their zarr.json from us (no zarr import on the write path): it
+    must be exactly what zarr-python writes for the same array."""
+    import json
+
+    import zarr
+
+    from tensorstore_llm.dtypes import by_name
+    from tensorstore_llm.io.base import TensorMeta
+    from tensorstore_llm.io.zarr_tensors import GROUP_METADATA, array_metadata, chunk_shape
+
+    meta = TensorMeta("t", shape, dtype)
+    group = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+    group.create_array("t", shape=shape, dtype=by_name(dtype).storage, chunks=chunk_shape(meta), compressors=None,
+                       fill_value=0, attributes={"dtype": by_name(dtype).name})
+    with open(tmp_path / "g" / "t" / "zarr.json") as f:
+        assert json.load(f) == array_metadata(meta)
+    with open(tmp_path / "g" / "zarr.json") as f:
+        assert json.load(f) == GROUP_METADATA
