@@ -174,3 +174,16 @@ def test_array_metadata_is_what_zarr_writes(tmp_path, dtype, shape):
         assert json.load(f) == array_metadata(meta)
     with open(tmp_path / "g" / "zarr.json") as f:
         assert json.load(f) == GROUP_METADATA
+
+
+def test_background_durability_drains_and_ignores_vanished_files(tmp_path):
+    from tensorstore_llm.io.fsutil import DurableInBackground
+
+    durable = DurableInBackground()
+    for i in range(3):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 4096)
+        durable.add(str(tmp_path / f"f{i}"))
+    durable.add(str(tmp_path / "gone"))      # removed before it was synced: fsync_tree reports such things
+    durable.drain()
+    assert durable._thread is None
+    durable.drain()                           # idempotent

@@ -27,6 +27,7 @@ class RawRowChunks:
         self.chunk_rows = chunk_rows
         self.row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if shape else itemsize
         self._made_dirs: set[str] = set()
+        self.on_written = None   # called with each chunk file's path once it is written
 
     @classmethod
     def open(cls, array_dir: str, itemsize: int) -> RawRowChunks | None:
@@ -108,3 +109,5 @@ class RawRowChunks:
                 f.write(bytes(padding))  # edge chunks are stored at full chunk size
             f.flush()
             start_writeback(f.fileno())
+        if self.on_written is not None:
+            self.on_written(path)

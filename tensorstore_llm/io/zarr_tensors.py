@@ -16,6 +16,7 @@ import numpy as np
 from ..dtypes import by_name, from_storage, to_storage
 from ..errors import FormatError, TensorNotFound
 from .base import SourceBase, TensorMeta, check_tensor_name
+from .fsutil import DurableInBackground
 from .staged import StagedSink
 from .zarr_chunks import RawRowChunks
 
@@ -52,6 +53,7 @@ class ZarrTensorSink(StagedSink):
         self.compression = compression
         self.root = os.path.join(staging_dir, "tensors")
         self._group = None
+        self.durable = DurableInBackground()
         self._arrays: dict = {}
         self._raw: dict[str, RawRowChunks | None] = {}
 
@@ -81,7 +83,9 @@ class ZarrTensorSink(StagedSink):
         else:
             array = self._zarr_array(meta)
         self._arrays[meta.name] = array
-        self._raw[meta.name] = RawRowChunks.open(path, dt.itemsize)
+        raw = self._raw[meta.name] = RawRowChunks.open(path, dt.itemsize)
+        if raw is not None:
+            raw.on_written = self.durable.add
         return array
 
     def _zarr_array(self, meta: TensorMeta):
@@ -113,6 +117,10 @@ class ZarrTensorSink(StagedSink):
         self._array(meta)  # empty tensors still get their array
         self._arrays.pop(meta.name, None)
         self._raw.pop(meta.name, None)
+
+    def close(self) -> None:
+        self.durable.drain()
+        super().close()
 
     def _read_back(self, meta: TensorMeta, start: int, stop: int):
         return ZarrTensorSource(self.staging_dir, {meta.name: meta}, "").read_rows(meta.name, start, stop)

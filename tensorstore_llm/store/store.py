@@ -313,6 +313,7 @@ class ArtifactWriter(ZarrTensorSink):
             journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
             if os.path.exists(journal_path):
                 os.remove(journal_path)
+            self.durable.drain()
             fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
