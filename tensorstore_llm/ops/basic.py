@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .exact import divide_
 from .registry import op
 
 
@@ -48,7 +49,7 @@ def weighted_sum(ctx, params, models):
     for w, x in zip(params.weights[1:], models[1:]):
         total += x * w
     if params.normalize:
-        total /= sum(params.weights)
+        divide_(total, sum(params.weights))
     return total
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import select
+from .exact import divide_
 from .registry import StatsPass, op
 
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "della")
@@ -204,7 +205,7 @@ def _keep_probability(params: TaskArithmeticParams, i: int, delta: torch.Tensor)
     # stable sorts: tied magnitudes rank by position, the same on every device
     ranks = rows.argsort(dim=1, stable=True).argsort(dim=1, stable=True).to(torch.float32)  # 0 .. cols-1
     spread = max(rows.shape[1] - 1, 1)
-    return ((density - params.epsilon(i)) + ranks / spread * (2 * params.epsilon(i))).reshape(delta.shape)
+    return divide_(ranks, spread).mul_(2 * params.epsilon(i)).add_(density - params.epsilon(i)).reshape(delta.shape)
 
 
 def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor, probability=None) -> torch.Tensor:
@@ -266,8 +267,8 @@ def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) ->
     if params.rescale_method == "l1":
         return kept * ctx.stats["l1_ratio"][i]
     if random:  # divide survivors by their keep probability (0 never survives, so never divides)
-        return kept / probability
-    return kept / params.density(i)
+        return kept / probability if isinstance(probability, torch.Tensor) else divide_(kept, probability)
+    return divide_(kept, params.density(i))
 
 
 @op("task_arithmetic", inputs=("base", "models*"), params=TaskArithmeticParams, random=True,
@@ -307,7 +308,7 @@ def task_arithmetic(ctx, params, base, models):
         else:
             divisor = torch.where(divisor == 0, 1.0, divisor)
     if params.normalize:
-        mixed = mixed.div_(divisor)
+        mixed = mixed.div_(divisor) if isinstance(divisor, torch.Tensor) else divide_(mixed, divisor)
     if params.lam != 1:
         mixed = mixed.mul_(params.lam)
     return mixed.add_(base)

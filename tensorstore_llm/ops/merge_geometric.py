@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .exact import divide_
 from .merge import row_dots, slerp_coefficients, sum_row_partials
 from .registry import StatsPass, op
 
@@ -57,7 +58,7 @@ def model_stock(ctx, params, base, models):
     total = None
     for m in models:
         total = m.clone() if total is None else total.add_(m)
-    return total.div_(len(models)).mul_(t).add_(base * (1 - t))
+    return divide_(total, len(models)).mul_(t).add_(base * (1 - t))
 
 
 @dataclass(frozen=True)
