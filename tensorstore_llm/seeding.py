@@ -12,6 +12,7 @@ DARE merge. Normal draws (synthetic checkpoints) use a seeded ``torch.Generator`
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
@@ -78,11 +79,36 @@ def random_rows(run_seed, op, tensor, shape, start, stop, draw) -> torch.Tensor:
         return draw((), seed_value(run_seed, op, tensor, 0))
     group = rng_group_rows(shape)
     row_shape = tuple(shape[1:])
-    parts = []
-    for g in range(start // group, (stop - 1) // group + 1 if stop > start else start // group):
+    groups = range(start // group, (stop - 1) // group + 1 if stop > start else start // group)
+
+    def rows_of(g: int) -> torch.Tensor:
         g_start, g_stop = g * group, min((g + 1) * group, shape[0])
         values = draw((g_stop - g_start, *row_shape), seed_value(run_seed, op, tensor, g))
-        parts.append(values[max(start, g_start) - g_start: min(stop, g_stop) - g_start])
-    if not parts:
-        return torch.empty((0, *row_shape))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return values[max(start, g_start) - g_start: min(stop, g_stop) - g_start]
+
+    if len(groups) <= 1:
+        return rows_of(groups[0]) if groups else torch.empty((0, *row_shape))
+    out = torch.empty((stop - start, *row_shape))
+
+    def fill(g: int) -> None:
+        first = max(start, g * group) - start
+        values = rows_of(g)
+        out[first:first + values.shape[0]] = values
+    if len(groups) >= 4:   # many groups at once (a GPU tile): drawn in parallel, each by its own generator
+        list(_draw_pool().map(fill, groups))
+    else:
+        for g in groups:
+            fill(g)
+    return out
+
+
+_POOL = None
+
+
+def _draw_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="tsllm-draw")
+    return _POOL

@@ -102,6 +102,10 @@ def test_seeded_draws_are_blocking_independent():
     assert not torch.equal(whole, uniform_rows(8, "dare", "w", shape, 0, 5000))
     assert not torch.equal(whole, uniform_rows(7, "dare", "w2", shape, 0, 5000))
     assert torch.equal(normal_rows(1, "x", "t", (10,), 2, 7), normal_rows(1, "x", "t", (10,), 0, 10)[2:7])
+    many = (30000, 100)                                 # 6 groups of 5242 rows: drawn in parallel
+    whole = uniform_rows(7, "dare", "w", many, 1000, 29000)
+    parts = torch.cat([uniform_rows(7, "dare", "w", many, a, min(a + 5000, 29000)) for a in range(1000, 29000, 5000)])
+    assert torch.equal(whole, parts)
     assert seed_value(1, "a", "b", 2) == seed_value(1, "a", "b", 2) != seed_value(1, "a", "b", 3)
 
 
