@@ -1,9 +1,9 @@
 """Every merge method on CUDA against the same merge on the CPU (skipped without a CUDA device).
 
 Methods made of elementwise arithmetic and exact thresholds must agree bit for bit, DARE / DELLA
-included (their uniforms are drawn on the CPU per tensor and block, then moved). Methods with a
-reduction (norms, dot products, row sums) add in a different order on the GPU, so they agree to
-fp32 rounding only.
+included (their uniforms are drawn on the CPU per tensor and block, then moved; the L1 rescale
+factor is an fp64 ratio rounded to fp32). SLERP, NuSLERP and Model Stock reduce (norms, dot
+products), adding in a different order on the GPU, so they agree to fp32 rounding only.
 """
 import pytest
 import torch
@@ -25,11 +25,12 @@ RECIPES = {
     "breadcrumbs_ties": ("breadcrumbs_ties", "base_model: {base}\n", ", density: 0.5, gamma: 0.05"),
     "della": ("della", "base_model: {base}\n", ", density: 0.5, epsilon: 0.1"),
     "della_linear": ("della_linear", "base_model: {base}\n", ", density: 0.5, epsilon: 0.1"),
+    "dare_ties_l1": ("dare_ties", "base_model: {base}\nparameters: {{rescale_method: l1}}\n", ", density: 0.5"),
     "slerp": ("slerp", "base_model: {ft1}\nparameters: {{t: 0.3}}\n", None),
     "nuslerp": ("nuslerp", "", ""),
     "model_stock": ("model_stock", "base_model: {base}\n", None),
 }
-REDUCING = {"slerp", "nuslerp", "model_stock", "della", "della_linear"}
+REDUCING = {"slerp", "nuslerp", "model_stock"}
 
 
 def _recipe(method, family):
