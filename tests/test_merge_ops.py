@@ -239,3 +239,17 @@ def test_ties_kernel_is_exact_on_ties_and_cancelling_votes(weights):
     divisor[divisor == 0] = 1
     expected = base + sum(t * a for t, a in zip(trimmed, agree)) / divisor
     assert torch.equal(got, expected)
+
+
+def test_low_histogram_counts_exactly_the_entries_of_one_high_bin():
+    from tensorstore_llm.ops import select
+
+    x = torch.randn(100_000) * 0.01
+    edges = torch.tensor([0x3C000000, 0x3C00FFFF, 0x3C010000, 0x3BFFFFFF, 0x00000000, 0x0000FFFF, 0x7FFFFFFF],
+                         dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, edges, -edges])            # bin edges on both sides, zero, a NaN pattern
+    bits = x.abs().view(torch.int32)
+    for high in {0, 0x3C00, 0x3BFF, int(bits[0]) >> 16, int(bits[500]) >> 16}:
+        inside = bits[(bits >> 16) == high]
+        expected = torch.bincount(inside & 0xFFFF, minlength=select.LO_BINS)
+        assert torch.equal(select.low_histogram(x, high), expected), hex(high)
