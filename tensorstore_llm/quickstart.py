@@ -12,7 +12,6 @@ import os
 import shutil
 from typing import Callable
 
-import torch
 
 from . import api
 from .io.hf_dir import HFCheckpointSource

@@ -160,7 +160,7 @@ def test_cuda_matches_cpu_bit_for_bit(tmp_path, tiny_family):
 
 
 def test_output_block_buffers_are_recycled_within_their_bound():
-    from tensorstore_llm.engine.executor import _BlockBuffers
+    from tensorstore_llm.engine.memory import BlockBuffers as _BlockBuffers
 
     pool = _BlockBuffers(keep=2)
     a = pool.take((64, 1024), torch.bfloat16)

@@ -2,7 +2,6 @@
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tensorstore_llm.errors import TsllmError

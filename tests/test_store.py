@@ -9,7 +9,6 @@ import torch
 from conformance import SinkConformance, same_bits, sample_tensors
 from tensorstore_llm import api
 from tensorstore_llm.errors import ArtifactNotFound, IntegrityError, RefError, StorageError
-from tensorstore_llm.store import Store
 
 
 def _commit(store, tensors, key="job-x", compression="none", **kw):

@@ -2,16 +2,13 @@
 
 Three stages overlap: a reader thread reads the next block's inputs (and, on a GPU, uploads them
 on its own stream), the calling thread casts the current block to fp32 and runs the kernel, and
-a writer thread writes the previous result and checksums it. Each queue holds one block, so the memory held is a
-small multiple of one block, and the block size is chosen from ``max_memory`` — never from the
+a writer thread writes the previous result and checksums it. Each queue holds one block, so the
+memory held is a small multiple of one block, and the block size is chosen from ``max_memory`` — never from the
 size of the tensor or the model. Tensors the sink already finished (its journal) are skipped,
 which is all that resuming takes: every block is a pure function of its inputs and its seed.
 """
 from __future__ import annotations
 
-import math
-import os
-import queue
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +23,9 @@ from ..io.base import TensorSink
 from ..ops.registry import OpContext, get_op
 from ..seeding import RNG_GROUP_ELEMENTS
 from ..units import parse_size
+from .devices import Uploader, default_tile_workers, resolve_device
+from .memory import BlockBuffers, tune_allocator
+from .pipeline import DONE, Pipeline
 from .plan import Plan, TensorJob
 from .progress import Progress
 
@@ -33,7 +33,6 @@ IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
 TILE_ELEMENTS_CPU = RNG_GROUP_ELEMENTS  # 2^19: fp32 temps of 2 MiB (cache-sized, below the mmap threshold)
 TILE_ELEMENTS_CUDA = 1 << 26
-_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -69,16 +68,6 @@ class Estimate:
         return [j for j in self.jobs if j.peak_bytes > self.budget]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else must name an available device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TsllmError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu or auto")
-    return dev
-
-
 class Executor:
     """Runs ``plan`` into ``sink``.
 
@@ -109,9 +98,8 @@ class Executor:
         self._stats: dict | None = None     # statistics of the job being computed (main thread only)
         self._partials: list = []
         # pinned output buffers on a GPU: device-to-host copies into them run at full bus speed
-        self._outputs = _BlockBuffers(OUT_BLOCKS_HELD, pinned=self.device.type == "cuda")
-        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._gpu_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self._outputs = BlockBuffers(OUT_BLOCKS_HELD, pinned=self.device.type == "cuda")
+        self._uploader = Uploader(self.device) if self.device.type == "cuda" else None
         self._pool: ThreadPoolExecutor | None = None
         # CPU kernels run on row tiles in parallel, each tile on one core, results placed and
         # folded in tile order (so results do not depend on the worker count)
@@ -155,8 +143,8 @@ class Executor:
             rows = (self.budget - tile_bytes) // max(per_row, 1)
         else:
             rows = self.budget // max(per_row + fp32_row, 1)
-        if self._gpu_free is not None:
-            rows = min(rows, (self._gpu_free // 2 - tile_bytes) // max(IN_BLOCKS_HELD * in_row, 1))
+        if self._uploader is not None:
+            rows = min(rows, (self._uploader.free_bytes // 2 - tile_bytes) // max(IN_BLOCKS_HELD * in_row, 1))
         rows = max(1, min(meta.rows, rows))
         align = self.sink.preferred_rows(meta) if self.sink is not None else 1
         if rows < meta.rows and rows > align:
@@ -195,7 +183,7 @@ class Executor:
         self.skipped = [j.output.name for j in self.plan.jobs if j.output.name in results]
         total = sum(j.output.nbytes for j in self.plan.jobs)
         progress = Progress(total, self.desc, self.progress_enabled, initial=total - sum(j.output.nbytes for j in todo))
-        pipeline = _Pipeline()
+        pipeline = Pipeline()
         reader = threading.Thread(target=pipeline.guard, args=(self._read_all, todo, pipeline), daemon=True)
         writer = threading.Thread(target=pipeline.guard, args=(self._write_all, results, pipeline, progress), daemon=True)
         reader.start()
@@ -203,7 +191,7 @@ class Executor:
         try:
             while True:
                 item = pipeline.get(pipeline.inputs)
-                if item is _DONE:
+                if item is DONE:
                     break
                 job, pass_index, start, stop, tensors, last = item
                 if pass_index is not None:
@@ -211,7 +199,7 @@ class Executor:
                     continue
                 result = self._compute(job, start, stop, tensors) if tensors is not None else None
                 pipeline.put(pipeline.outputs, (job, start, result, last))
-            pipeline.put(pipeline.outputs, _DONE)
+            pipeline.put(pipeline.outputs, DONE)
             writer.join()
         except BaseException:
             pipeline.stop.set()
@@ -226,7 +214,7 @@ class Executor:
         pipeline.raise_error()
         return {j.output.name: results[j.output.name] for j in self.plan.jobs}
 
-    def _read_all(self, todo: list[TensorJob], pipeline: _Pipeline) -> None:
+    def _read_all(self, todo: list[TensorJob], pipeline: Pipeline) -> None:
         """Feed blocks in order; a job with statistics passes that spans several blocks is read
         once per pass (``pass_index`` 0..P-1) and once more for the output (``pass_index`` None)."""
         for job in todo:
@@ -237,7 +225,7 @@ class Executor:
             rows = self.block_rows(job)
             spec = get_op(job.op)
             passes = len(spec.passes_for(job.params)) if rows < meta.rows else 0
-            upload = self._upload_stream is not None and spec.compute
+            upload = self._uploader is not None and spec.compute
             for pass_index in [*range(passes), None]:
                 for start in range(0, meta.rows, rows):
                     stop = min(meta.rows, start + rows)
@@ -249,23 +237,11 @@ class Executor:
                             tensors[role] = self._read(refs, start, stop, upload)
                     if not pipeline.put(pipeline.inputs, (job, pass_index, start, stop, tensors, stop == meta.rows)):
                         return
-        pipeline.put(pipeline.inputs, _DONE)
+        pipeline.put(pipeline.inputs, DONE)
 
     def _read(self, ref, start, stop, upload: bool = False):
         block = self.plan.sources[ref.source].read_rows(ref.name, start, stop)
-        if not upload:
-            return block
-        # Uploaded once per block in the input dtype (every statistics pass reuses it), on a
-        # side stream so the copy overlaps the kernels and downloads of the previous block;
-        # staged through pinned memory: a parallel memcpy plus a DMA at bus speed is ~3x
-        # faster than the driver's pageable copy.
-        staging = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)  # torch caches pinned blocks
-        staging.copy_(block)
-        with torch.cuda.stream(self._upload_stream):
-            on_device = staging.to(self.device, non_blocking=True)
-        self._upload_stream.synchronize()
-        on_device.record_stream(torch.cuda.default_stream(self.device))  # freed only after its kernels ran
-        return on_device
+        return self._uploader.upload(block) if upload else block
 
     def _tiles(self, job: TensorJob, start: int, stop: int, tensors: dict):
         """(tile start, tile stop, tensors of the tile) over the rows of one block."""
@@ -366,10 +342,10 @@ class Executor:
     def _kernel(self, spec, job: TensorJob, start: int, stop: int, tensors: dict):
         return spec.fn(self._context(job, start, stop), job.params, **self._cast(spec, job, tensors))
 
-    def _write_all(self, results: dict, pipeline: _Pipeline, progress: Progress) -> None:
+    def _write_all(self, results: dict, pipeline: Pipeline, progress: Progress) -> None:
         while True:
             item = pipeline.get(pipeline.outputs)
-            if item is _DONE:
+            if item is DONE:
                 return
             job, start, block, last = item
             if block is not None:
@@ -378,53 +354,6 @@ class Executor:
                 self._outputs.give(block)
             if last:
                 results[job.output.name] = self.sink.finish(job.output.name)
-
-
-class _BlockBuffers:
-    """Recycles the buffers of output blocks once the writer is done with them.
-
-    A fresh block-sized buffer is mapped anew and zero-filled by the kernel on first touch, page
-    by page (measured: ~10% of the CPU time of a merge). Buffers in use plus buffers kept never
-    exceed ``keep``, the number of output blocks the memory model counts in flight; a block that
-    fits no free buffer drops them all and gets a new one. Only buffers made here come back
-    (``give`` ignores others, e.g. an input passed through unchanged by a copy).
-    """
-
-    def __init__(self, keep: int, pinned: bool = False):
-        self.keep = keep
-        self.pinned = pinned
-        self._free: list[torch.Tensor] = []
-        self._made: set[int] = set()
-        self._in_use = 0
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = max(1, math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        with self._lock:
-            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-            if fitting:
-                buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
-            else:
-                for b in self._free:
-                    self._made.discard(b.data_ptr())
-                self._free.clear()
-                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-                self._made.add(buffer.data_ptr())
-            self._in_use += 1
-        return buffer[:nbytes].view(dtype).view(shape)
-
-    def give(self, block: torch.Tensor) -> None:
-        if block.device.type != "cpu":
-            return
-        with self._lock:
-            base = block.untyped_storage()
-            if base.data_ptr() not in self._made:
-                return
-            self._in_use -= 1
-            if self._in_use + len(self._free) < self.keep:
-                self._free.append(torch.empty(0, dtype=torch.uint8).set_(base))
-            else:
-                self._made.discard(base.data_ptr())
 
 
 class _CastOnAccess(Sequence):
@@ -444,80 +373,3 @@ class _CastOnAccess(Sequence):
         if isinstance(index, slice):
             return _CastOnAccess(self._items[index], self._cast)
         return self._cast(self._items[index])
-
-
-def default_tile_workers() -> int:
-    """Cores this process may run on, at most 8 (tiles are memory-bound beyond that)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
-
-
-def tune_allocator() -> None:
-    """Pin glibc's malloc thresholds: blocks go back to the OS at once, tiles stay in the heap.
-
-    By default glibc raises its mmap threshold after each large free (up to 32 MiB), after which
-    block-sized buffers come from per-thread arenas that keep freed memory: with three pipeline
-    threads that added ~300 MiB of RSS at --max-memory 512M. A fixed 4 MiB mmap threshold fixes
-    that, but also pins the trim threshold at 128 KiB, so the heap is trimmed after every tile
-    and each tile's temporaries page-fault in again (measured: 3.2M faults, 2x wall time); a
-    32 MiB trim threshold keeps them. Process-wide, changes where memory comes from, never
-    results. No-op off glibc.
-    """
-    global _allocator_limited
-    if _allocator_limited:
-        return
-    _allocator_limited = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-_allocator_limited = False
-
-
-class _Pipeline:
-    """Two one-slot queues, a stop flag, and the first error raised by any stage."""
-
-    def __init__(self):
-        self.inputs: queue.Queue = queue.Queue(maxsize=1)
-        self.outputs: queue.Queue = queue.Queue(maxsize=1)
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-
-    def guard(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # handed to the main thread
-            self.errors.append(e)
-            self.stop.set()
-
-    def put(self, q: queue.Queue, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(self, q: queue.Queue):
-        while True:
-            if self.stop.is_set():
-                self.raise_error()
-                raise TsllmError("stopped")
-            try:
-                return q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-
-    def raise_error(self) -> None:
-        if self.errors:
-            raise self.errors[0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def divide_(tensor: torch.Tensor, divisor: float) -> torch.Tensor:
+def divide_(tensor: torch.Tensor, divisor: float | torch.Tensor) -> torch.Tensor:
     """``tensor /= divisor`` in place, correctly rounded (IEEE division) on every device."""
-    if tensor.device.type == "cpu":
+    if tensor.device.type == "cpu" or isinstance(divisor, torch.Tensor):
         return tensor.div_(divisor)
     # a 0-dim tensor on the device is not a "CPU scalar", so CUDA takes its true-division path
     return tensor.div_(torch.full((), divisor, dtype=tensor.dtype, device=tensor.device))

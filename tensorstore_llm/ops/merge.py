@@ -267,7 +267,7 @@ def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) ->
     if params.rescale_method == "l1":
         return kept * ctx.stats["l1_ratio"][i]
     if random:  # divide survivors by their keep probability (0 never survives, so never divides)
-        return kept / probability if isinstance(probability, torch.Tensor) else divide_(kept, probability)
+        return divide_(kept, probability)
     return divide_(kept, params.density(i))
 
 
@@ -308,7 +308,7 @@ def task_arithmetic(ctx, params, base, models):
         else:
             divisor = torch.where(divisor == 0, 1.0, divisor)
     if params.normalize:
-        mixed = mixed.div_(divisor) if isinstance(divisor, torch.Tensor) else divide_(mixed, divisor)
+        mixed = divide_(mixed, divisor)
     if params.lam != 1:
         mixed = mixed.mul_(params.lam)
     return mixed.add_(base)

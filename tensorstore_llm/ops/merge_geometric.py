@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 from .exact import divide_
 from .merge import row_dots, slerp_coefficients, sum_row_partials

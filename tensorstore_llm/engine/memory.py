@@ -1,0 +1,82 @@
+"""Host memory of the pipeline: the output buffer pool and glibc's allocator settings."""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+
+class BlockBuffers:
+    """Recycles the buffers of output blocks once the writer is done with them.
+
+    A fresh block-sized buffer is mapped anew and zero-filled by the kernel on first touch, page
+    by page (measured: ~10% of the CPU time of a merge). Buffers in use plus buffers kept never
+    exceed ``keep``, the number of output blocks the memory model counts in flight; a block that
+    fits no free buffer drops them all and gets a new one. Only buffers made here come back
+    (``give`` ignores others, e.g. an input passed through unchanged by a copy).
+    """
+
+    def __init__(self, keep: int, pinned: bool = False):
+        self.keep = keep
+        self.pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._made: set[int] = set()
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = max(1, math.prod(shape)) * dtype.itemsize
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fitting:
+                buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+            else:
+                for b in self._free:
+                    self._made.discard(b.data_ptr())
+                self._free.clear()
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+                self._made.add(buffer.data_ptr())
+            self._in_use += 1
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def give(self, block: torch.Tensor) -> None:
+        if block.device.type != "cpu":
+            return
+        with self._lock:
+            base = block.untyped_storage()
+            if base.data_ptr() not in self._made:
+                return
+            self._in_use -= 1
+            if self._in_use + len(self._free) < self.keep:
+                self._free.append(torch.empty(0, dtype=torch.uint8).set_(base))
+            else:
+                self._made.discard(base.data_ptr())
+
+
+def tune_allocator() -> None:
+    """Pin glibc's malloc thresholds: blocks go back to the OS at once, tiles stay in the heap.
+
+    By default glibc raises its mmap threshold after each large free (up to 32 MiB), after which
+    block-sized buffers come from per-thread arenas that keep freed memory: with three pipeline
+    threads that added ~300 MiB of RSS at --max-memory 512M. A fixed 4 MiB mmap threshold fixes
+    that, but also pins the trim threshold at 128 KiB, so the heap is trimmed after every tile
+    and each tile's temporaries page-fault in again (measured: 3.2M faults, 2x wall time); a
+    32 MiB trim threshold keeps them. Process-wide, changes where memory comes from, never
+    results. No-op off glibc.
+    """
+    global _allocator_limited
+    if _allocator_limited:
+        return
+    _allocator_limited = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_allocator_limited = False
