@@ -1,0 +1,1 @@
+"""Fine-tuning diffs: delta-stored checkpoints, delta codecs, apply / transfer, statistics."""

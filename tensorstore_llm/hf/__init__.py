@@ -1,0 +1,1 @@
+"""transformers model loading and corpus reading / packing, shared by the domain packages."""

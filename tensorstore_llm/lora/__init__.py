@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT format, merge, combine, extract, resize, SVD initialisation."""

@@ -1,0 +1,1 @@
+"""LoRAM: pruning plans, sparsity search, recovery of adapters trained on pruned models."""

@@ -1,0 +1,1 @@
+"""Conformance base classes and the synthetic checkpoint generator, importable by plugin authors."""
