@@ -1,0 +1,378 @@
+"""Pure LoRA kernels: merge, DoRA, combine, re-factor, extract, PiSSA / GOAT initialisation.
+
+LoRA (Hu et al. 2021) adds a low-rank update to a frozen weight: W = W0 + s * B @ A with
+B: out x r, A: r x in and s = alpha / r (rsLoRA, Kalajdzievski 2023: alpha / sqrt(r)). DoRA
+(Liu et al. 2024) rescales the merged weight by a learned magnitude per output feature:
+W = m * (W0 + s B A) / ||W0 + s B A||, the norm taken over the input dimension per output row
+(PEFT's ``DoraLinearLayer.get_weight_norm``). Everything here is a pure function of tensors: no
+files, no devices (kernels never call ``.to(device)``), fp32 arithmetic unless stated, one
+rounding to the output dtype at the end.
+
+Layouts. ``transpose=False``: the base weight is stored out x in (``nn.Linear``) and the delta is
+``B @ A``. ``transpose=True``: the base is stored in x out (GPT-2 ``Conv1D`` with PEFT's
+``fan_in_fan_out``, and ``nn.Embedding`` whose LoRA factors are ``lora_embedding_A``: r x vocab,
+``lora_embedding_B``: dim x r) and the delta is ``(B @ A).T``. Row ranges always refer to rows of
+the *stored* base weight, so a streamed merge can hand over W[r0:r1] with the matching slice of the
+factors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "lora_scaling", "lora_delta", "merge_rows", "dora_norm", "dora_merge_rows",
+    "concat_factors", "Refactored", "refactor", "rank_budget", "ExtractedLora",
+    "randomized_svd", "extract_lora", "SvdInit", "pissa_init", "goat_init",
+]
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA scale s: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA (as PEFT computes it).
+
+    >>> lora_scaling(16, 4), lora_scaling(16, 4, use_rslora=True)
+    (4.0, 8.0)
+    """
+    if r <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, *, transpose: bool = False,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows ``rows`` of the LoRA update in the base weight's stored layout, in fp32.
+
+    Computes ``(B @ A) * scaling`` (``transpose=False``) or ``(B @ A).T * scaling`` exactly as PEFT's
+    ``get_delta_weight`` does (product first, then the scale), so adding it to an fp32 base gives
+    PEFT's merge bit for bit.
+
+    Args:
+        A: r x in (``lora_A``) or r x vocab (``lora_embedding_A``).
+        B: out x r (``lora_B``) or dim x r (``lora_embedding_B``).
+        scaling: s from :func:`lora_scaling` (times any user scale).
+        transpose: base stored in x out (fan_in_fan_out Conv1D, embeddings).
+        rows: (r0, r1) of the stored layout; None for all rows.
+    Returns:
+        fp32 tensor, (r1 - r0) x columns of the stored weight.
+
+    >>> A, B = torch.ones(2, 3), torch.ones(4, 2)
+    >>> lora_delta(A, B, 0.5, rows=(1, 3)).shape
+    torch.Size([2, 3])
+    """
+    A32, B32 = A.float(), B.float()
+    if not transpose:
+        if rows is not None:
+            B32 = B32[rows[0]:rows[1]]
+        return (B32 @ A32) * scaling                       # (r1-r0) x in
+    if rows is not None:
+        A32 = A32[:, rows[0]:rows[1]]
+    return (B32 @ A32).T * scaling                          # (r1-r0) x out
+
+
+def merge_rows(w_rows: torch.Tensor, delta_rows: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+               round_delta_to: torch.dtype | None = None) -> torch.Tensor:
+    """W[r0:r1] + delta[r0:r1] in fp32, rounded once to ``out_dtype`` (default: W's dtype).
+
+    ``round_delta_to`` reproduces PEFT where it rounds twice: PEFT casts the delta to the
+    adapter's dtype when the adapter is fp16/bf16, and an embedding's delta to the base dtype,
+    before adding. Leave it None for the single-rounding merge.
+
+    >>> merge_rows(torch.zeros(2, 2, dtype=torch.bfloat16), torch.ones(2, 2)).dtype
+    torch.bfloat16
+    """
+    delta = delta_rows.float()
+    if round_delta_to is not None:
+        delta = delta.to(round_delta_to).float()
+    return (w_rows.float() + delta).to(out_dtype or w_rows.dtype)
+
+
+def dora_norm(w: torch.Tensor, delta: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """DoRA's weight norm ||W + delta|| per output feature, in fp32, as PEFT computes it.
+
+    For ``transpose=False`` (nn.Linear) the norm of each stored row over the input dimension, so
+    any row block of W and delta gives the norms of its own rows. For ``transpose=True``
+    (Conv1D fan_in_fan_out, embeddings) the norm of each stored column, which needs all rows.
+
+    Args:
+        w: base weight (or a row block of it), stored layout.
+        delta: fp32 delta from :func:`lora_delta` for the same rows.
+    Returns:
+        fp32 vector: one norm per stored row (``transpose=False``) or per column.
+    """
+    merged = w.float() + delta if not transpose else w.float().T + delta.T
+    return torch.linalg.norm(merged, dim=1)
+
+
+def dora_merge_rows(w_rows: torch.Tensor, delta_rows: torch.Tensor, magnitude: torch.Tensor,
+                    norm: torch.Tensor, *, transpose: bool = False,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """DoRA merge of a row block: (m / ||W + delta||) * (W + delta), fp32, one rounding.
+
+    Args:
+        w_rows, delta_rows: rows r0:r1 of the stored base weight and of :func:`lora_delta`.
+        magnitude: ``lora_magnitude_vector``; its rows r0:r1 when ``transpose=False``, all of it
+            (one entry per stored column) when ``transpose=True``.
+        norm: :func:`dora_norm` over the same rows (``transpose=False``) or over the whole
+            weight (``transpose=True``).
+    Returns:
+        the merged rows in ``out_dtype`` (default: W's dtype); equals PEFT's DoRA
+        ``merge_and_unload`` for fp32 inputs.
+    """
+    factor = magnitude.float() / norm
+    factor = factor.view(-1, 1) if not transpose else factor.view(1, -1)
+    return (factor * (w_rows.float() + delta_rows)).to(out_dtype or w_rows.dtype)
+
+
+def concat_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact linear combination of LoRAs as one LoRA of rank sum(r_i).
+
+    sum_i w_i s_i B_i A_i = [w_1 s_1 B_1, ..., w_k s_k B_k] @ [A_1; ...; A_k], so the combined
+    update has no cross terms B_i A_j (which averaging A and B separately would create).
+
+    Args:
+        factors: (A_i, B_i, c_i) with c_i = weight_i * scaling_i.
+    Returns:
+        (A, B) in fp32, A: R x in, B: out x R with R = sum r_i, and B @ A the combined delta.
+    """
+    A = torch.cat([a.float() for a, _, _ in factors], dim=0)          # R x in
+    B = torch.cat([b.float() * c for _, b, c in factors], dim=1)     # out x R
+    return A, B
+
+
+@dataclass
+class Refactored:
+    """Result of :func:`refactor`: rank-``rank`` factors with B @ A the best approximation.
+
+    ``singular_values`` are those of the full product (all R of them); ``tail_energy`` is the
+    squared Frobenius error sum_{i>rank} sigma_i^2 (Eckart-Young), ``total_energy`` = ||B A||_F^2.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    singular_values: torch.Tensor
+    tail_energy: float
+    total_energy: float
+
+    @property
+    def relative_error(self) -> float:
+        """||BA - B_r A_r||_F / ||BA||_F (0 for a zero update)."""
+        return math.sqrt(self.tail_energy / self.total_energy) if self.total_energy > 0 else 0.0
+
+
+def _svd_of_product(B: torch.Tensor, A: torch.Tensor):
+    """SVD of B @ A (m x R times R x n) through QR of the factors: O((m + n) R^2), float64.
+
+    B = Qb Rb, A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T and the SVD of the R x R core gives the
+    singular triplets; no m x n matrix is formed.
+    """
+    Qb, Rb = torch.linalg.qr(B.double())                  # m x R, R x R
+    Qa, Ra = torch.linalg.qr(A.double().T)                # n x R, R x R
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)                # R x R core
+    return Qb @ U, S, Vh @ Qa.T                            # m x R, R, R x n
+
+
+def _rank_for_energy(S: torch.Tensor, energy: float) -> int:
+    e = S.double() ** 2
+    total = float(e.sum())
+    if total == 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+
+
+def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Refactored:
+    """Truncate the product B @ A to its best rank-``rank`` approximation (or the smallest rank
+    keeping ``energy`` of ||BA||_F^2), without forming the out x in matrix.
+
+    Used to re-factor combined LoRAs and to resize (DyLoRA-style) an adapter. The returned
+    factors split the singular values evenly: B_r = U_r sqrt(S_r), A_r = sqrt(S_r) V_r^T, fp32.
+
+    Args:
+        A: R x in, B: out x R (scale already folded in, so the update is B @ A).
+        rank: target rank (<= R), or
+        energy: fraction in (0, 1] of the squared Frobenius norm to keep.
+    Returns:
+        :class:`Refactored`; ``relative_error`` is the Eckart-Young error of the truncation.
+
+    >>> A, B = torch.randn(6, 10), torch.randn(8, 6)
+    >>> out = refactor(A, B, rank=6)
+    >>> bool(torch.allclose(out.B @ out.A, B @ A, atol=1e-4))
+    True
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    U, S, Vh = _svd_of_product(B, A)
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        rank = _rank_for_energy(S, energy)
+    if not 1 <= rank <= S.numel():
+        raise ValueError(f"rank must be in [1, {S.numel()}], got {rank}")
+    root = S[:rank].sqrt()
+    e = S ** 2
+    return Refactored(
+        A=(root[:, None] * Vh[:rank]).float(), B=(U[:, :rank] * root[None, :]).float(), rank=rank,
+        singular_values=S.float(), tail_energy=float(e[rank:].sum()), total_energy=float(e.sum()))
+
+
+def rank_budget(spectra: dict[str, tuple[torch.Tensor, int]], budget: int, min_rank: int = 1) -> dict[str, int]:
+    """Per-module ranks under a total parameter budget (``--rank-pattern auto``).
+
+    Greedy on energy per parameter: every module starts at ``min_rank``; the next singular
+    direction kept is the one with the largest sigma^2 / (out + in) over all modules, until the
+    parameters sum(rank_i * (out_i + in_i)) would exceed ``budget``. Because each module's
+    sigma are sorted, the greedy choice is optimal for this separable knapsack up to the last item.
+
+    Args:
+        spectra: module -> (singular values sorted descending, out + in).
+        budget: total LoRA parameters allowed.
+    Returns:
+        module -> rank.
+    """
+    import heapq
+
+    ranks = {k: min(min_rank, s.numel()) for k, (s, _) in spectra.items()}
+    used = sum(ranks[k] * cost for k, (_, cost) in spectra.items())
+    if used > budget:
+        raise ValueError(f"budget {budget} is below the minimum {used} (rank {min_rank} everywhere)")
+    heap = [(-float(s[ranks[k]]) ** 2 / cost, k) for k, (s, cost) in spectra.items() if ranks[k] < s.numel()]
+    heapq.heapify(heap)
+    while heap:
+        _, k = heapq.heappop(heap)
+        s, cost = spectra[k]
+        if used + cost > budget:
+            continue
+        used += cost
+        ranks[k] += 1
+        if ranks[k] < s.numel():
+            heapq.heappush(heap, (-float(s[ranks[k]]) ** 2 / cost, k))
+    return ranks
+
+
+def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = 10, power_iters: int = 2,
+                   generator: torch.Generator | None = None):
+    """Truncated SVD of M by randomised range finding (Halko, Martinsson, Tropp 2011).
+
+    Y = M Omega with a Gaussian Omega of rank + oversample columns, ``power_iters`` rounds of
+    re-orthonormalised subspace iteration (each sharpens the spectrum by sigma^2), then the exact
+    SVD of the small projection Q^T M. Exact when rank(M) <= rank + oversample.
+
+    Returns:
+        (U: m x k, S: k, Vh: k x n) with k = min(rank, m, n), in M's (floating) dtype.
+    """
+    m, n = M.shape
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(n, k, generator=generator, dtype=M.dtype)
+    Q, _ = torch.linalg.qr(M @ omega)                    # m x k
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(M.T @ Q)                   # n x k
+        Q, _ = torch.linalg.qr(M @ Z)                     # m x k
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)  # k x n projection
+    r = min(rank, m, n)
+    return (Q @ Ub)[:, :r], S[:r], Vh[:r]
+
+
+@dataclass
+class ExtractedLora:
+    """A LoRA extracted from a delta: B @ A approximates it; ``captured`` = ||B A||_F^2 / ||D||_F^2."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    captured: float
+    delta_energy: float
+
+
+def extract_lora(delta: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
+                 max_rank: int | None = None, oversample: int = 10, power_iters: int = 2,
+                 generator: torch.Generator | None = None) -> ExtractedLora:
+    """Rank-``rank`` (or smallest rank reaching ``energy``) LoRA of a weight delta W_ft - W_base.
+
+    Randomised SVD with ``power_iters`` >= 2 in fp32; B = U sqrt(S), A = sqrt(S) V^T so that
+    B @ A is the truncated SVD (use scaling 1, i.e. lora_alpha = r, or divide B by s).
+
+    Args:
+        delta: out x in (any float dtype; computed in fp32).
+        rank or energy: as in :func:`refactor`; with ``energy`` the search is capped at
+            ``max_rank`` (default min(out, in)).
+        generator: the seeded generator for the random projection.
+    Returns:
+        :class:`ExtractedLora` with the captured energy fraction.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if power_iters < 2:
+        raise ValueError(f"power_iters must be >= 2, got {power_iters}")
+    D = delta.float()
+    total = float(D.double().square().sum())
+    cap = min(D.shape) if rank is None else rank
+    if max_rank is not None:
+        cap = min(cap, max_rank)
+    U, S, Vh = randomized_svd(D, cap, oversample=oversample, power_iters=power_iters, generator=generator)
+    if energy is not None:
+        e = S.double() ** 2
+        cum = torch.cumsum(e, 0) / total if total > 0 else torch.ones_like(e)
+        hit = (cum >= energy - 1e-12).nonzero()
+        cap = int(hit[0]) + 1 if hit.numel() else S.numel()
+    root = S[:cap].sqrt()
+    captured = float((S[:cap].double() ** 2).sum()) / total if total > 0 else 1.0
+    return ExtractedLora(A=root[:, None] * Vh[:cap], B=U[:, :cap] * root[None, :], rank=cap,
+                         captured=captured, delta_energy=total)
+
+
+@dataclass
+class SvdInit:
+    """SVD-structured initialisation: adapters (A_e, B_e) and the residual base (fp32) with
+    residual + sum_e s * B_e @ A_e == W0 up to fp32 rounding."""
+
+    adapters: list[tuple[torch.Tensor, torch.Tensor]]
+    residual: torch.Tensor
+
+
+def _svd_init(W: torch.Tensor, segments: list[tuple[int, int]], scaling: float) -> SvdInit:
+    W32 = W.float()
+    U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
+    adapters, residual = [], W32.clone()
+    for lo, hi in segments:
+        root = (S[lo:hi] / scaling).sqrt()
+        A = root[:, None] * Vh[lo:hi]                       # r x in
+        B = U[:, lo:hi] * root[None, :]                     # out x r
+        adapters.append((A, B))
+        residual = residual - lora_delta(A, B, scaling)
+    return SvdInit(adapters=adapters, residual=residual)
+
+
+def pissa_init(W: torch.Tensor, rank: int, scaling: float = 1.0) -> SvdInit:
+    """PiSSA (Meng et al. 2024): the adapter holds the top-``rank`` singular triplets of W0 and
+    the base becomes the residual W0 - s B A.
+
+    A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A = U_r S_r V_r^T. Exact SVD in fp32.
+
+    >>> W = torch.randn(6, 5)
+    >>> init = pissa_init(W, 2, scaling=2.0)
+    >>> A, B = init.adapters[0]
+    >>> bool(torch.allclose(init.residual + lora_delta(A, B, 2.0), W, atol=1e-5))
+    True
+    """
+    if not 1 <= rank <= min(W.shape):
+        raise ValueError(f"rank must be in [1, {min(W.shape)}], got {rank}")
+    return _svd_init(W, [(0, rank)], scaling)
+
+
+def goat_init(W: torch.Tensor, rank: int, n_experts: int, scaling: float = 1.0) -> SvdInit:
+    """GOAT-style (Fan et al. 2025) initialisation of a LoRA mixture of experts from different
+    SVD segments of W0: the k = min(out, in) singular directions are split into ``n_experts``
+    contiguous segments and expert e takes the first ``rank`` directions of segment e, so the
+    experts see the head, the middle and the tail of the spectrum. The residual removes all of
+    them, so residual + sum of experts == W0.
+    """
+    k = min(W.shape)
+    if n_experts < 1 or rank < 1 or rank * n_experts > k:
+        raise ValueError(f"need 1 <= rank * n_experts <= {k}, got rank {rank} x {n_experts} experts")
+    starts = [e * k // n_experts for e in range(n_experts)]
+    if any(starts[i] + rank > (starts[i + 1] if i + 1 < n_experts else k) for i in range(n_experts)):
+        raise ValueError(f"rank {rank} does not fit in segments of {k // n_experts} directions")
+    return _svd_init(W, [(s, s + rank) for s in starts], scaling)
