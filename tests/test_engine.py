@@ -121,7 +121,7 @@ def test_random_op_is_reproducible_across_blocks_and_seeds(tmp_path, tiny_family
     from tensorstore_llm.store import Store
 
     results = {}
-    for label, budget, seed in [("a", "4K", 1), ("b", "1G", 1), ("c", "1G", 2)]:
+    for label, budget, seed in [("a", "8K", 1), ("b", "1G", 1), ("c", "1G", 2)]:  # 8K: one row per block
         srcs = _sources(tiny_family, "base")
         plan = plan_map("test_noisy", srcs, {"x": "base"}, dtype="float32")
         results[label] = api.run_plan(Store(str(tmp_path / label)), plan, kind="checkpoint", seed=seed,

@@ -9,6 +9,7 @@ which is all that resuming takes: every block is a pure function of its inputs a
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import by_name
-from ..errors import TsllmError
+from ..errors import RecipeError, TsllmError
 from ..io.base import TensorSink
 from ..ops.registry import OpContext, get_op
 from ..seeding import RNG_GROUP_ELEMENTS
-from ..units import parse_size
+from ..units import format_size, parse_size
 from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
 from .pipeline import DONE, Pipeline
@@ -104,6 +105,7 @@ class Executor:
         # CPU kernels run on row tiles in parallel, each tile on one core, results placed and
         # folded in tile order (so results do not depend on the worker count)
         self.tile_workers = tile_workers or (default_tile_workers() if self.device.type == "cpu" else 1)
+        self.check_budget()
 
     # -- planning -------------------------------------------------------------------------------
     def tile_rows(self, job: TensorJob) -> int:
@@ -126,6 +128,35 @@ class Executor:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row + fp32_row, 0, in_row
         return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job) * self.tile_workers, in_row
 
+    def min_block_bytes(self, job: TensorJob) -> int:
+        """Memory the smallest block of ``job`` holds: one row with one tile of temporaries (the
+        whole tensor for ops that cannot be split; 0 for an empty tensor, which is never read)."""
+        if job.output.numel == 0:
+            return 0
+        per_row, tile_bytes, _ = self._memory_model(job)
+        if not get_op(job.op).rowwise or not job.output.shape:
+            return per_row * job.output.rows
+        return per_row + tile_bytes // (self.tile_rows(job) * self.tile_workers)
+
+    def check_budget(self) -> None:
+        """Refuse, before anything is read or allocated, a job whose smallest block exceeds the budget.
+
+        Blocks are whole rows: a row is never split into columns, so a row larger than the budget
+        (e.g. a ``[1, 2**31]`` fp32 tensor at 64 MiB) cannot be streamed within it. Raises
+        RecipeError naming the tensor, its input and the bytes the run would need.
+        """
+        for job in self.plan.jobs:
+            need = self.min_block_bytes(job)
+            if need > self.budget:
+                meta = job.output
+                unit = "one row" if get_op(job.op).rowwise and meta.shape else "the whole tensor"
+                inputs = sorted({str(getattr(self.plan.sources[r.source], "path", r.source)) for r in job.refs()})
+                origin = f" (from {', '.join(inputs[:2])})" if inputs else ""
+                raise RecipeError(f"tensor {meta.name!r}{origin} of shape {list(meta.shape)} {meta.dtype}: {unit} of "
+                                  f"op {job.op!r} needs {format_size(need)} ({need} bytes) in memory at once, more than "
+                                  f"the budget of {format_size(self.budget)} ({self.budget} bytes); rows are not split "
+                                  f"into columns, so give --max-memory {need} or more")
+
     def block_rows(self, job: TensorJob) -> int:
         """Rows per block for ``job``: as many as the budget allows, aligned to the sink's chunks.
 
@@ -147,6 +178,9 @@ class Executor:
             rows = min(rows, (self._uploader.free_bytes // 2 - tile_bytes) // max(IN_BLOCKS_HELD * in_row, 1))
         rows = max(1, min(meta.rows, rows))
         align = self.sink.preferred_rows(meta) if self.sink is not None else 1
+        for ref in job.refs():   # whole verified chunks of the inputs: no chunk is read twice
+            source_rows = getattr(self.plan.sources[ref.source], "preferred_rows", None)
+            align = math.lcm(align, source_rows(ref.name) if source_rows else 1)
         if rows < meta.rows and rows > align:
             rows -= rows % align
         return rows
@@ -158,8 +192,11 @@ class Executor:
             rows = self.block_rows(job)
             per_row, fixed, in_row = self._memory_model(job)
             blocks = -(-job.output.rows // rows) if job.output.numel else 0
-            fp32_row = fixed // self.tile_rows(job)
-            out.append(JobEstimate(job, rows, blocks, per_row * rows + fp32_row * min(rows, self.tile_rows(job)), in_row * job.output.rows))
+            tile = self.tile_rows(job)
+            # the tiles of one block in flight at once: up to tile_workers of min(rows, tile) rows
+            tile_rows_alive = min(rows, tile) * min(self.tile_workers, -(-rows // tile))
+            peak = per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive
+            out.append(JobEstimate(job, rows, blocks, peak, in_row * job.output.rows))
         return Estimate(out, self.budget)
 
     # -- running --------------------------------------------------------------------------------

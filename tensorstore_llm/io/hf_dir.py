@@ -19,7 +19,7 @@ from ..errors import FormatError, OutputExists, TensorNotFound, TsllmError, Unsa
 from .base import SourceBase, TensorMeta, check_tensor_name
 from .journal import Journal
 from .fsutil import fsync_path, fsync_tree, map_range, start_writeback, storage_errors
-from .safetensors_format import Entry, build_header, parse_header, pread_into, pwrite_all
+from .safetensors_format import Entry, build_header, check_shape_size, parse_header, pread_into, pwrite_all
 from .staged import JOURNAL_NAME, StagedSink
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -229,6 +229,8 @@ class HFCheckpointSink(StagedSink):
         self._fds: list[int] = []
 
     def _prepare_storage(self, metas: list[TensorMeta]) -> None:
+        for meta in metas:
+            check_shape_size(f"{self.out_dir}: tensor {meta.name!r}", meta.shape, by_name(meta.dtype).itemsize)
         shards = plan_shards(metas, self.max_shard_bytes)
         names = shard_file_names(len(shards))
         layout = json.dumps([[n, [[m.name, list(m.shape), m.dtype] for m in s]] for n, s in zip(names, shards)])

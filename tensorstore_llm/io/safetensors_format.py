@@ -18,6 +18,7 @@ from .base import TensorMeta, check_tensor_name
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same cap as the reference implementation
 MAX_NDIM = 32
+MAX_BYTES = 2**63 - 1  # byte counts and offsets are signed 64-bit in safetensors readers
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,26 @@ def _parse_entry(path: str, name: str, info, data_start: int) -> Entry:
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
         raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {str(offsets)[:80]}")
+    check_shape_size(where, shape, dt.itemsize)
     expected = math.prod(shape) * dt.itemsize
     if offsets[1] - offsets[0] != expected:
         raise FormatError(f"{where}: shape {shape} of {dt.name} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}")
     meta = TensorMeta(name, tuple(shape), dt.name)
     return Entry(meta, data_start + offsets[0], data_start + offsets[1])
+
+
+def check_shape_size(where: str, shape, itemsize: int) -> None:
+    """FormatError unless ``shape``'s dimensions, zeros left out, multiply to at most ``MAX_BYTES`` bytes.
+
+    A zero-size tensor such as ``[2**62, 2**62, 0]`` holds no data, yet readers that multiply its
+    dimensions (safetensors does, in 64 bits) overflow and refuse the file; so do we, up front.
+    """
+    size = itemsize
+    for d in shape:
+        size *= d or 1
+    if size > MAX_BYTES:
+        raise FormatError(f"{where}: shape {list(shape)[:MAX_NDIM]} is too large: its non-zero dimensions times "
+                          f"{itemsize} bytes per element exceed 2^63-1 bytes, which safetensors files cannot describe")
 
 
 def _check_layout(path: str, entries: dict[str, Entry], data_start: int, file_size: int) -> None:
@@ -111,6 +127,9 @@ def build_header(metas: list[TensorMeta], metadata: dict[str, str] | None = None
     body: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     relative, position = {}, 0
     for meta in metas:
+        if len(meta.shape) > MAX_NDIM:
+            raise FormatError(f"tensor {meta.name!r}: {len(meta.shape)} dimensions; safetensors files hold at most {MAX_NDIM}")
+        check_shape_size(f"tensor {meta.name!r}", meta.shape, by_name(meta.dtype).itemsize)
         size = meta.numel * by_name(meta.dtype).itemsize
         body[meta.name] = {"dtype": by_name(meta.dtype).safetensors, "shape": list(meta.shape),
                            "data_offsets": [position, position + size]}
