@@ -25,13 +25,16 @@ from .staged import JOURNAL_NAME, StagedSink
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".npy")
-MAX_CARRIED_FILE_BYTES = 64 * 1024 * 1024
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".npy", ".ot", ".tflite")
+MAX_CARRIED_FILE_BYTES = 1 << 30   # carried files are read whole when committed; a bigger one is an error
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 def carried_files(directory: str) -> dict[str, str]:
     """Config, tokenizer and other small files of a checkpoint directory that travel with it.
+
+    Every such file is carried, whatever its size (tokenizers of large vocabularies pass 30 MB),
+    up to ``MAX_CARRIED_FILE_BYTES``; a bigger one is an error naming it, never silently dropped.
 
     Returns:
         file name -> path, for top-level regular files that are not weights or the index.
@@ -42,8 +45,11 @@ def carried_files(directory: str) -> dict[str, str]:
         if (name.startswith(".") or not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES)
                 or name.endswith(".safetensors.index.json") or name.endswith(".bin.index.json")):
             continue
-        if os.path.getsize(path) <= MAX_CARRIED_FILE_BYTES:
-            found[name] = path
+        size = os.path.getsize(path)
+        if size > MAX_CARRIED_FILE_BYTES:
+            raise FormatError(f"{path}: {size} bytes; files carried with a checkpoint (config, tokenizer, ...) may "
+                              f"have at most {MAX_CARRIED_FILE_BYTES} bytes; move it out of {directory} to import the weights")
+        found[name] = path
     return found
 
 
