@@ -33,6 +33,12 @@ class FormatError(TsllmError):
     exit_code = 4
 
 
+class CodecError(TsllmError):
+    """Encoded bytes or codec parameters are invalid: corrupt payload, wrong base, unknown codec."""
+
+    exit_code = 4
+
+
 class UnsafeFormat(FormatError):
     """A checkpoint format we refuse to read because loading it can run code (pickle)."""
 
@@ -69,6 +75,19 @@ class InvalidTensorName(TsllmError):
 
 class RecipeError(TsllmError):
     """A recipe or its parameters cannot succeed; raised while planning, before any work."""
+
+    exit_code = 7
+
+
+class InvalidParameter(RecipeError):
+    """A parameter (a recipe key or a command option such as ``--weights``) is outside its
+    documented domain: NaN or infinite, out of range, of the wrong type, or the wrong count."""
+
+
+class DatasetMismatch(TsllmError):
+    """A dataset (teacher logits, corpus packing) does not match what its reader expects:
+    other tokenizer, chat template, packing rule or sampling settings; or a corpus that cannot
+    produce what was asked (empty, too short, no chat template)."""
 
     exit_code = 7
 

@@ -1,0 +1,166 @@
+"""Sparse teacher targets: random-sampling KD (RS-KD), top-k, full log-probs.
+
+RS-KD (Anshumann et al., "Sparse Logit Sampling", arXiv 2503.16870): per position, the teacher
+distribution t = softmax(logits / T) is computed in fp32 and N ids are drawn with replacement from
+a proposal q ∝ t^τ. For τ = 1 (q = t) the target is t̂_i = c_i / N over the unique drawn ids with
+counts c_i: it sums to 1 and E[t̂] = t exactly, so the expected gradient of a cross-entropy against
+t̂ equals that of full KD. For τ ≠ 1 the importance weights t̂_i = (c_i / N) · t_i / q_i are
+unbiased (E[t̂] = t) but do not sum to 1; with ``self_normalise=True`` they are divided by their
+sum (biased, lower variance). Top-k (DistillKit style: k ids + their log-probs) is biased and kept
+as a baseline.
+
+Draws are inverse-CDF lookups of uniforms from ``seeding.uniform_rows(seed, "rs-kd",
+"sequence/<index>", (seq_len, N), start, stop)``: the ids of a position depend only on the run
+seed, the sequence's global index and the teacher's probabilities, never on batch or chunk size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..seeding import uniform_rows
+
+SAMPLING_STREAM = "rs-kd"
+
+
+def teacher_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) in fp32 over the last axis."""
+    return torch.softmax(logits.float() / float(temperature), dim=-1)
+
+
+def sequence_uniforms(seed: int, sequence: int, seq_len: int, draws: int, start: int, stop: int) -> torch.Tensor:
+    """Uniforms [stop - start, draws] in [0, 1) for positions start:stop of one sequence."""
+    return uniform_rows(seed, SAMPLING_STREAM, f"sequence/{int(sequence)}", (seq_len, draws), start, stop)
+
+
+def draw_ids(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: int64 ids [P, N] with P(id = i) = probs[p, i] / sum(probs[p]).
+
+    The CDF is accumulated in float64 so that tail ids keep their probability at a 128k vocab.
+    An id with zero probability is never drawn (searchsorted with right=True skips flat steps).
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)                        # [P, V]
+    targets = uniforms.double() * cdf[:, -1:]                         # [P, N], strictly below the total
+    ids = torch.searchsorted(cdf, targets, right=True)
+    return ids.clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class SparseRows:
+    """CSR sparse targets for P positions: row r holds ``ids[offsets[r]:offsets[r+1]]``.
+
+    ``ids`` are ascending within a row. ``counts`` (int) are set for RS-KD; ``weights`` (float32)
+    for τ ≠ 1 (importance weights) and ``logprobs`` (float32) for top-k.
+    """
+
+    offsets: np.ndarray                 # int64 [P + 1]
+    ids: np.ndarray                     # int32 [nnz]
+    counts: np.ndarray | None = None    # uint8/uint16 [nnz]
+    weights: np.ndarray | None = None   # float32 [nnz]
+    logprobs: np.ndarray | None = None  # float32 [nnz]
+    coverage: np.ndarray | None = None  # float32 [P]: teacher mass on the stored ids
+
+    @property
+    def positions(self) -> int:
+        return len(self.offsets) - 1
+
+
+def unique_counts(draws: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique ids per row of ``draws`` [P, N] with their counts, as CSR (offsets, ids, counts).
+
+    Vectorised: rows are sorted, and a new (row, id) starts wherever the id changes.
+    """
+    P, N = draws.shape
+    s, _ = torch.sort(draws, dim=-1)                                  # [P, N]
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    flat_new = new.reshape(-1)
+    starts = torch.nonzero(flat_new).squeeze(1)                       # [nnz] flat index of each first draw
+    ids = s.reshape(-1)[starts]
+    ends = torch.cat([starts[1:], torch.tensor([P * N])])
+    counts = ends - starts
+    per_row = new.sum(dim=1)
+    offsets = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(per_row.numpy(), out=offsets[1:])
+    return offsets, ids.numpy().astype(np.int32), counts.numpy()
+
+
+def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self_normalise: bool = False) -> SparseRows:
+    """RS-KD targets for positions with teacher probabilities ``probs`` [P, V] (fp32, rows sum to 1).
+
+    Args:
+        probs: teacher distribution t per position.
+        uniforms: [P, N] uniforms in [0, 1) (``sequence_uniforms``); N is the number of draws.
+        tau: proposal exponent, q ∝ t^τ. τ = 1 stores integer counts only.
+        self_normalise: for τ ≠ 1, divide the importance weights of a row by their sum.
+    Returns:
+        :class:`SparseRows` with counts (always), weights (τ ≠ 1) and coverage Σ t over stored ids.
+
+    Example:
+        >>> t = torch.tensor([[0.5, 0.25, 0.25]])
+        >>> rows = rs_kd(t, torch.rand(1, 50))
+        >>> int(rows.counts.sum())
+        50
+    """
+    N = uniforms.shape[1]
+    if tau == 1.0:
+        q = probs
+    else:
+        q = probs.clamp_min(0).pow(tau)
+        q = q / q.sum(dim=-1, keepdim=True)
+    offsets, ids, counts = unique_counts(draw_ids(q, uniforms))
+    rows = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    t_sel = probs[rows, ids_t]
+    coverage = torch.zeros(probs.shape[0], dtype=torch.float64).index_add_(0, rows, t_sel.double()).float().numpy()
+    out = SparseRows(offsets, ids, counts.astype(np.uint8 if N < 256 else np.uint16), coverage=coverage)
+    if tau != 1.0:
+        w = (torch.from_numpy(counts).double() / N) * (t_sel.double() / q[rows, ids_t].double())
+        if self_normalise:
+            total = torch.zeros(probs.shape[0], dtype=torch.float64).index_add_(0, rows, w)
+            w = w / total[rows]
+        out.weights = w.float().numpy()
+    return out
+
+
+def top_k(probs: torch.Tensor, k: int) -> SparseRows:
+    """The k most probable ids per position (ascending id order) and their log-probs (fp32)."""
+    P, V = probs.shape
+    k = min(int(k), V)
+    values, ids = torch.topk(probs, k, dim=-1)
+    ids, order = torch.sort(ids, dim=-1)
+    values = torch.gather(values, 1, order)
+    offsets = np.arange(0, P * k + 1, k, dtype=np.int64)
+    return SparseRows(offsets, ids.reshape(-1).numpy().astype(np.int32),
+                      logprobs=torch.log(values.clamp_min(1e-30)).reshape(-1).numpy(),
+                      coverage=values.sum(dim=-1).numpy())
+
+
+def full(probs: torch.Tensor) -> SparseRows:
+    """Every id with its log-prob: the dense reference, for tiny tests only."""
+    P, V = probs.shape
+    offsets = np.arange(0, P * V + 1, V, dtype=np.int64)
+    ids = np.tile(np.arange(V, dtype=np.int32), P)
+    return SparseRows(offsets, ids, logprobs=torch.log(probs.clamp_min(1e-30)).reshape(-1).numpy(),
+                      coverage=probs.sum(dim=-1).numpy())
+
+
+def dense_targets(rows: SparseRows, vocab: int, draws: int | None = None) -> torch.Tensor:
+    """The sparse targets as a dense [P, vocab] float64 tensor (for tests and references).
+
+    RS-KD rows: weights if present, else counts / draws. Top-k / full rows: exp(logprobs).
+    """
+    P = rows.positions
+    out = torch.zeros(P, vocab, dtype=torch.float64)
+    r = torch.from_numpy(np.repeat(np.arange(P), np.diff(rows.offsets)))
+    ids = torch.from_numpy(rows.ids.astype(np.int64))
+    if rows.weights is not None:
+        values = torch.from_numpy(rows.weights).double()
+    elif rows.counts is not None:
+        values = torch.from_numpy(rows.counts.astype(np.float64)) / float(draws)
+    else:
+        values = torch.from_numpy(rows.logprobs).double().exp()
+    out[r, ids] = values
+    return out
