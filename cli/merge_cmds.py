@@ -43,9 +43,9 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
       dtype: bfloat16
     """
     from tensorstore_llm.api import export, merge
+    from tensorstore_llm.engine.recipe import read_recipe_file
 
-    with open(recipe) as f:
-        text = f.read()
+    text = read_recipe_file(recipe)
     store = store_of(ctx)
     result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, device=device, max_memory=max_memory, seed=seed,
                    compression=compression, progress=progress_flag(ctx), dry_run=dry_run)

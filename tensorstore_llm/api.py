@@ -7,12 +7,13 @@ commits atomically. An interrupted run (Ctrl-C, kill) resumes when re-run with t
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from .dtypes import by_name
 from .engine import Estimate, Executor, Plan, plan_map, resolve_device
-from .errors import TsllmError
+from .errors import ArtifactNotFound, DTypeError, InvalidParameter, TsllmError
 from .io import hub
 from .io.hf_dir import HFCheckpointSink, HFCheckpointSource
 from .seeding import GENERATOR_DEVICE, UNIFORM_GENERATOR
@@ -53,7 +54,7 @@ def resolve_input(store: Store | None, ref: str, revision: str | None = None):
     parsed = hub.parse_hub_ref(ref)
     if parsed is None:
         where = f" in store {store.root}" if store is not None else ""
-        raise TsllmError(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
+        raise ArtifactNotFound(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
     repo, rev = parsed
     path, commit = hub.snapshot(repo, revision or rev)
     source = HFCheckpointSource(path)
@@ -138,6 +139,7 @@ def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, **ru
     """A new artifact with the float tensors of ``ref`` cast to ``dtype`` (round to nearest even)."""
     source, lineage, files = resolve_input(store, ref)
     with source:
+        _check_float_target(source, dtype, f"convert {ref}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=ref)
         return run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "source"}],
                         recipe={"op": "convert", "dtype": by_name(dtype).name}, files=_with_dtype(files, dtype),
@@ -151,11 +153,14 @@ def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normali
     Example:
         >>> weighted_sum(store, ["ft1", "ft2"], [0.5, 0.5], name="soup")     # doctest: +SKIP
     """
-    if len(refs) != len(weights):
-        raise TsllmError(f"{len(refs)} models but {len(weights)} weights; give one weight per model")
-    opened = [resolve_input(store, r) for r in refs]
-    sources = {f"model{i}": s for i, (s, _, _) in enumerate(opened)}
+    _check_weights(refs, weights)
+    opened = []
     try:
+        for r in refs:
+            opened.append(resolve_input(store, r))
+        sources = {f"model{i}": s for i, (s, _, _) in enumerate(opened)}
+        if dtype is not None:
+            _check_float_target(opened[0][0], dtype, "weighted sum")
         plan = plan_map("weighted_sum", sources, {"models": list(sources)}, dtype=dtype,
                         params={"weights": weights, "normalize": normalize}, where="weighted sum")
         parents = [{**lineage, "role": "model", "ref": r} for r, (_, lineage, _) in zip(refs, opened)]
@@ -165,6 +170,29 @@ def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normali
     finally:
         for source, _, _ in opened:
             source.close()
+
+
+def _check_weights(refs: list[str], weights: list[float]) -> None:
+    """One finite number per model (InvalidParameter, exit 7, otherwise)."""
+    if len(refs) != len(weights):
+        raise InvalidParameter(f"weights: {len(refs)} models ({', '.join(map(str, refs))}) but {len(weights)} weights; "
+                               f"give one weight per model")
+    for i, (ref, w) in enumerate(zip(refs, weights)):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InvalidParameter(f"weights: weight {i + 1} (model {ref}) must be a finite number, got {w!r}")
+
+
+def _check_float_target(source, dtype: str, where: str) -> None:
+    """Refuse casting float weights to a non-float dtype (int8 would truncate them to integers)."""
+    target = by_name(dtype)
+    if target.is_float:
+        return
+    for name in source.keys():
+        meta = source.meta(name)
+        if by_name(meta.dtype).is_float:
+            raise DTypeError(f"{where}: --dtype {target.name} is not a float dtype: tensor {name!r} is {meta.dtype} and a cast "
+                             f"would truncate its weights to integers (use bfloat16, float16 or float32; "
+                             f"quantisation is not a dtype cast)")
 
 
 def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | bytes]:

@@ -92,6 +92,11 @@ class DatasetMismatch(TsllmError):
     exit_code = 7
 
 
+class InvalidParameter(RecipeError):
+    """A parameter (a recipe key or a command option such as ``--weights``) is outside its
+    documented domain: NaN or infinite, out of range, of the wrong type, or the wrong count."""
+
+
 class StorageError(TsllmError):
     """The store or output location cannot be written (disk full, read-only, permissions)."""
 

@@ -11,17 +11,24 @@ directories or hub repo ids. Not supported (refused with a clear error): ``slice
 Computation is fp32; ``out_dtype`` (else ``dtype``, else the base model's dtype) is the output dtype.
 With ``arithmetic="mergekit"`` (linear and the task-arithmetic family) the kernels instead replay
 mergekit 0.1.5's operations in ``dtype``, rounding where it rounds (e.g. bf16 task vectors).
+
+Recipes are untrusted input. They are read by a safe YAML loader that refuses anchors and
+aliases (no expansion bombs), tags that build anything but plain data, documents over
+``MAX_RECIPE_BYTES`` and nesting deeper than ``MAX_DEPTH``; NaN and infinities are refused
+anywhere, and every parameter is checked against its domain (``PARAMETER_DOMAINS``) when the
+recipe is read, before any model is opened.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from ..dtypes import by_name
-from ..errors import DTypeError, RecipeError, TensorNotFound
+from ..errors import DTypeError, InvalidParameter, RecipeError, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.layers import layer_key, sensitivity_weights
 from ..ops.merge import PRESETS
@@ -55,12 +62,132 @@ class MergeRecipe:
     dtype: str | None = None   # mergekit's compute dtype; used by arithmetic="mergekit" only
 
 
-def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
-    """Parse a mergekit YAML recipe; RecipeError naming the key for anything we cannot run."""
+MAX_RECIPE_BYTES = 1 << 20   # real recipes are a few KB; per-layer gradient lists stay far below this
+MAX_SCORES_BYTES = 16 << 20  # a scores file: one number per layer per model
+MAX_DEPTH = 24               # a recipe's deepest legitimate path is about 9 levels
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class _Refused(yaml.YAMLError):
+    """Raised by the recipe loader while composing; becomes a RecipeError."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, stricter for untrusted recipes: anchors and aliases are refused
+    before anything is expanded, and nesting deeper than ``max_depth`` stops the composer (which
+    is recursive) long before Python's stack limit. Dates stay strings (no timestamp resolver).
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream, max_depth: int = MAX_DEPTH):
+        super().__init__(stream)
+        self._depth = 0
+        self._max_depth = max_depth
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark else "?"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(f"line {line}: YAML anchors and aliases (&name / *name) are not allowed in recipes")
+        self._depth += 1
+        try:
+            if self._depth > self._max_depth:
+                raise _Refused(f"line {line}: nested deeper than {self._max_depth} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def safe_yaml(text: str | bytes, where: str, max_bytes: int = MAX_RECIPE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse untrusted YAML (a recipe, a scores file) into plain data, or raise RecipeError.
+
+    Refuses: more than ``max_bytes``, anchors / aliases, nesting over ``max_depth``, tags that
+    build anything but mappings with string keys, lists, strings, numbers, booleans and null,
+    and NaN or infinite numbers anywhere.
+    """
+    if isinstance(text, bytes):
+        if len(text) > max_bytes:
+            raise RecipeError(f"{where}: {len(text)} bytes is over the limit of {max_bytes} bytes")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(text, str):
+        raise RecipeError(f"{where}: expected YAML text, got {type(text).__name__}")
+    if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise RecipeError(f"{where}: {len(text.encode('utf-8', 'surrogatepass'))} bytes is over the limit of {max_bytes} bytes")
+    loader = RecipeLoader(text, max_depth)
     try:
-        raw = yaml.safe_load(text)
+        data = loader.get_single_data()
+    except _Refused as e:
+        raise RecipeError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise RecipeError(f"{where}: not valid YAML ({_first_line(e)})") from None
+    except (ValueError, OverflowError, UnicodeError) as e:  # e.g. an integer of more than 4300 digits
+        raise RecipeError(f"{where}: not valid YAML ({_first_line(e)})") from None
+    finally:
+        loader.dispose()
+    _check_plain(data, where, "")
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+def _check_plain(node: Any, where: str, path: str) -> None:
+    """Only plain data: string-keyed mappings, lists, strings, finite numbers, booleans, null."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise RecipeError(f"{where}: key {key!r}{_at(path)} is not a string")
+            _check_plain(value, where, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_plain(value, where, f"{path}[{i}]")
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise RecipeError(f"{where}: {path or 'the document'} is {node!r}; NaN and infinities are not allowed")
+    elif not isinstance(node, _PLAIN):
+        raise RecipeError(f"{where}: {path or 'the document'} is a {type(node).__name__}; recipes hold only "
+                          f"mappings, lists, strings, numbers, booleans and null")
+
+
+def _at(path: str) -> str:
+    return f" under {path}" if path else ""
+
+
+def read_recipe_file(path: str) -> str:
+    """The text of recipe file ``path``, refusing files over MAX_RECIPE_BYTES without reading them whole."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: over the {MAX_RECIPE_BYTES}-byte limit for recipes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
+    """Parse a mergekit YAML recipe; RecipeError naming the key for anything we cannot run.
+
+    Every parameter's value (scalar, each gradient point, each filter value) is checked against
+    its domain here, so a recipe that parses is one whose parameters are all in range.
+
+    Example:
+        >>> load_recipe("merge_method: linear\nmodels: [a, b]\nparameters: {weight: 0.5}").method
+        'linear'
+    """
+    raw = safe_yaml(text, where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping with merge_method, models, ...")
     for key, why in UNSUPPORTED.items():
@@ -70,33 +197,186 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}")
     method = raw.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{where}: merge_method {method!r} is not supported; supported: {', '.join(METHODS)}")
     if raw.get("tokenizer_source") not in (None, "base"):
         raise RecipeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base')")
+    entries = raw.get("models")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise RecipeError(f"{where}: models must be a list of entries (- model: REF), got {type(entries).__name__} "
+                          f"{_short(entries)}")
     models = []
-    for i, entry in enumerate(raw.get("models") or []):
+    for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise RecipeError(f"{where}: models[{i}] needs a 'model' reference")
-        params = entry.get("parameters") or {}
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise RecipeError(f"{where}: models[{i}] has unknown key(s) {extra}; known: ['model', 'parameters']")
+        params = entry.get("parameters")
+        params = {} if params is None else params
         if not isinstance(params, dict):
             raise RecipeError(f"{where}: models[{i}].parameters must be a mapping")
-        models.append(ModelEntry(str(entry["model"]), dict(params)))
+        models.append(ModelEntry(_ref(entry["model"], f"{where}: models[{i}].model"), dict(params)))
     base = raw.get("base_model")
-    base = str(base["model"] if isinstance(base, dict) else base) if base is not None else None
-    try:
-        dtype = by_name(raw["dtype"]).name if raw.get("dtype") is not None else None
-        out_dtype = by_name(raw["out_dtype"]).name if raw.get("out_dtype") is not None else dtype
-    except DTypeError as e:
-        raise RecipeError(f"{where}: {e}") from None
-    params = raw.get("parameters") or {}
+    if isinstance(base, dict):
+        if "model" not in base:
+            raise RecipeError(f"{where}: base_model needs a 'model' reference")
+        base = base["model"]
+    base = _ref(base, f"{where}: base_model") if base is not None else None
+    dtype = _float_dtype(raw, "dtype", where)
+    out_dtype = _float_dtype(raw, "out_dtype", where) or dtype
+    params = raw.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise RecipeError(f"{where}: parameters must be a mapping")
     recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype)
     _check_shape(recipe, where)
+    _check_parameters(recipe, where)
     return recipe
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _ref(value: Any, where: str) -> str:
+    """A model reference: a string (an integer, as YAML reads a tag like ``2024``, is taken as text)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise RecipeError(f"{where}: expected a model reference (store tag / id, directory or hub repo), got {_short(value)}")
+    return str(value)
+
+
+def _float_dtype(raw: dict, key: str, where: str) -> str | None:
+    if raw.get(key) is None:
+        return None
+    try:
+        dtype = by_name(raw[key])
+    except DTypeError as e:
+        raise RecipeError(f"{where}: {key}: {e}") from None
+    if not dtype.is_float:
+        raise RecipeError(f"{where}: {key}: {dtype.name} is not a float dtype; merges compute and store float weights "
+                          f"(bfloat16, float16, float32, ...)")
+    return dtype.name
+
+
+# -- parameter domains -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Domain:
+    """What one parameter's values may be; ``text`` is the documentation (README's table)."""
+
+    text: str
+    check: Callable[[Any], bool]
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:   # an int too large for a float
+        return False
+
+
+def _interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Domain:
+    brackets = ("(" if low_open else "[", ")" if high_open else "]")
+    text = (f"finite number {'>' if low_open else '>='} {low:g}" if high == math.inf
+            else f"number in {brackets[0]}{low:g}, {high:g}{brackets[1]}")
+    return Domain(text, lambda v: _is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high))
+
+
+def _integer(low: int) -> Domain:
+    return Domain(f"integer >= {low}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+
+
+REAL = Domain("finite number", _is_number)
+BOOL = Domain("true or false", lambda v: isinstance(v, bool))
+PATH = Domain("path of a file", lambda v: isinstance(v, str) and v != "")
+MODEL_REF = Domain("one of the recipe's models", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool))
+
+PARAMETER_DOMAINS: dict[str, Domain] = {
+    "weight": REAL,
+    "density": _interval(0, 1),
+    "gamma": _interval(0, 1),
+    "epsilon": _interval(0, 0.5, high_open=True),
+    "lambda": REAL,
+    "normalize": BOOL,
+    "rescale": BOOL,
+    "rescale_method": Domain("inverse or l1", lambda v: v in ("inverse", "l1")),
+    "int8_mask": BOOL,
+    "t": _interval(0, 1),
+    "nuslerp_flatten": BOOL,
+    "nuslerp_row_wise": BOOL,
+    "filter_wise": BOOL,
+    "sigma": REAL,
+    "expert": MODEL_REF,
+    "temperature": _interval(0, math.inf, low_open=True, high_open=True),
+    "sensitivity": PATH,
+    "calibration": PATH,
+    "calibration_samples": _integer(1),
+    "calibration_tokens": _integer(2),
+}
+# Parameters a model entry may set (others apply to the whole merge: top-level parameters only).
+PER_MODEL = {"weight", "density", "gamma", "epsilon"}
+# Parameters read once for the whole merge (not per tensor): no gradients or filters.
+GLOBAL_ONLY = {"sigma", "expert", "sensitivity", "calibration", "calibration_samples", "calibration_tokens",
+               "nuslerp_flatten", "nuslerp_row_wise", "filter_wise"}
+
+
+def _check_parameters(recipe: MergeRecipe, where: str) -> None:
+    """Every parameter is known to the method and each of its values lies in its domain."""
+    known = KNOWN_PARAMS[recipe.method]
+    scopes = [("parameters", None, recipe.parameters)] + [
+        (f"models[{i}].parameters", entry, entry.parameters) for i, entry in enumerate(recipe.models)]
+    for scope, entry, settings in scopes:
+        for key, setting in settings.items():
+            if key not in known:
+                owner = f" of model {entry.ref}" if entry else ""
+                raise RecipeError(f"{where}: parameter {key!r}{owner} is not used by {recipe.method}; known: {sorted(known)}")
+            domain = PARAMETER_DOMAINS[key]
+            if entry is not None and key not in PER_MODEL:
+                raise RecipeError(f"{where}: {scope}.{key}: {key} is a setting of the whole merge, not of one model; "
+                                  f"give it under the top-level parameters")
+            if key in GLOBAL_ONLY:
+                leaves = [setting]
+            else:
+                leaves = list(_leaves(setting, f"{where}: {scope}.{key}"))
+            for value in leaves:
+                if not domain.check(value):
+                    raise InvalidParameter(f"{where}: {scope}.{key} must be a {domain.text}, got {_short(value)}")
+    expert = recipe.parameters.get("expert")
+    others = [m.ref for m in recipe.models if m.ref != recipe.base]
+    if recipe.method == "mediator" and expert is not None and str(expert) not in others:
+        raise InvalidParameter(f"{where}: parameters.expert {_short(expert)} is not one of the models ({', '.join(others)})")
+
+
+def _leaves(setting: Any, where: str):
+    """The scalar values a setting can take: itself, each gradient point, each filter's value."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        yield setting
+        return
+    if not setting:
+        raise RecipeError(f"{where}: an empty list is neither a gradient nor a filter list")
+    if all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            extra = sorted(set(cond) - {"filter", "value"})
+            if extra or "value" not in cond:
+                raise RecipeError(f"{where}: a filter entry has exactly 'filter' (optional) and 'value', got {_short(cond)}")
+            if not isinstance(cond.get("filter"), (str, type(None))):
+                raise RecipeError(f"{where}: filter {_short(cond['filter'])} is not a string (a substring of tensor names or '*')")
+            yield from _leaves(cond["value"], where)
+        return
+    for value in setting:
+        if isinstance(value, (list, dict)):
+            raise RecipeError(f"{where}: a gradient is a list of plain values; got {_short(setting)}")
+        yield value
 
 
 def _check_shape(recipe: MergeRecipe, where: str) -> None:
@@ -204,7 +484,7 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                 op_name, roles = "weighted_sum", (("models", tuple(InputRef(m.ref, name) for m in others)),)
                 params = {"weights": [1.0] * len(others), "normalize": True}
             else:
-                expert = value("expert", default=others[0].ref)
+                expert = str(value("expert", default=others[0].ref))
                 if expert not in {m.ref for m in others}:
                     raise RecipeError(f"{where}: mediator expert {expert!r} is not one of the models")
                 op_name, roles, params = "copy", (("x", InputRef(expert, name)),), {}
@@ -231,6 +511,7 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                 params["gammas"] = [value("gamma", m, 0.01) for m in others]
             if sparsification == "della":
                 params["epsilons"] = [value("epsilon", m, 0.15) for m in others]
+                params["rank_pass"] = len(shape) == 1   # other tensors rank per row, inside a block
         compute_dtype = "float32"
         if arithmetic == "mergekit" and by_name(metas[first].dtype).is_float:
             params["arithmetic"] = "mergekit"
@@ -244,7 +525,6 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
             except ValueError as e:
                 raise RecipeError(f"{where}: tensor {name!r}: {e}") from None
         jobs.append(TensorJob(TensorMeta(name, shape, out_dtype), op_name, roles, job_params, compute_dtype))
-    _check_unused(recipe, where)
     return Plan(jobs, dict(sources))
 
 
@@ -260,17 +540,6 @@ KNOWN_PARAMS = {
        | ({"gamma"} if p[0] == "magnitude_outliers" else set()) | ({"epsilon"} if p[0] == "della" else set())
        for m, p in PRESETS.items()},
 }
-
-
-def _check_unused(recipe: MergeRecipe, where: str) -> None:
-    known = KNOWN_PARAMS[recipe.method]
-    for key in recipe.parameters:
-        if key not in known:
-            raise RecipeError(f"{where}: parameter {key!r} is not used by {recipe.method}; known: {sorted(known)}")
-    for entry in recipe.models:
-        for key in entry.parameters:
-            if key not in known:
-                raise RecipeError(f"{where}: parameter {key!r} of model {entry.ref} is not used by {recipe.method}; known: {sorted(known)}")
 
 
 def _param(recipe: MergeRecipe, entry: ModelEntry | None, key: str, tensor: str, t: float, default, where: str):
@@ -293,13 +562,19 @@ def _load_sensitivity(recipe: MergeRecipe, where: str) -> dict:
         raise RecipeError(f"{where}: sens_merging needs parameters.sensitivity (a JSON/YAML file of per-layer scores "
                           f"per model) or parameters.calibration (a text / JSONL corpus to compute them from)")
     try:
-        with open(path) as f:
-            scores = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{where}: cannot read sensitivity file {path}: {e}") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_SCORES_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{where}: cannot read sensitivity file {path}: {e.strerror or e}") from None
+    scores = safe_yaml(data, f"{where}: sensitivity file {path}", max_bytes=MAX_SCORES_BYTES)
     refs = [m.ref for m in recipe.models if m.ref != recipe.base]
     if not isinstance(scores, dict) or any(not isinstance(scores.get(r), dict) for r in refs):
         raise RecipeError(f"{where}: {path} must map every model ({', '.join(refs)}) to {{layer: score}}")
+    for r in refs:
+        for layer, value in scores[r].items():
+            if not _is_number(value):
+                raise InvalidParameter(f"{where}: sensitivity file {path}: score of model {r} layer {layer} must be "
+                                       f"a finite number, got {_short(value)}")
     return {r: {str(k): float(v) for k, v in scores[r].items()} for r in refs}
 
 

@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from ..errors import InvalidParameter
+
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 LM_HEAD_NAMES = ("lm_head", "model.norm", "norm.weight", "final_layernorm")
 
@@ -49,6 +51,8 @@ def gaussian_threshold(ratios: list[float], k: float) -> tuple[float, float, flo
 
 def sensitivity_weights(scores: dict[str, dict[str, float]], models: list[str], key: str, temperature: float) -> list[float]:
     """Softmax over models of their sensitivity score for layer ``key`` (uniform if none is given)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise InvalidParameter(f"sens_merging temperature must be a finite number > 0, got {temperature!r}")
     values = [scores.get(m, {}).get(key) for m in models]
     if any(v is None for v in values):
         return [1.0 / len(models)] * len(models)

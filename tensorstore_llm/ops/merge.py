@@ -13,7 +13,10 @@ Notation: base θ0, models θi, task vectors τi = θi − θ0, weights wi.
   entries so that density remains.
 - DELLA (Deep et al. 2024): keep probabilities rise with the magnitude rank within each row,
   from density − ε to density + ε; survivors are divided by their own keep probability (the
-  paper's rescaling) unless ``rescale_method: l1``.
+  paper's rescaling) unless ``rescale_method: l1``. A row is the last axis of a tensor of two or
+  more dims (always whole inside a block) and the whole tensor for a 1-D tensor (as mergekit),
+  ranked in a statistics pass, so the ranks never depend on the block size or the device's tile.
+  Tied magnitudes rank by position (stable sorts), the same everywhere.
 All five are one kernel with flags, as in mergekit; ``PRESETS`` holds each method's flags and
 defaults. Thresholds are exact (``select.py``): an entry's fate depends on its magnitude only,
 entries equal to a threshold count as the larger group (so TIES may keep a few more than
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import RecipeError
 from . import select
 from .exact import divide_
 from .registry import StatsPass, op
@@ -65,6 +69,9 @@ class TaskArithmeticParams:
     gammas: tuple[float, ...] = ()   # breadcrumbs: fraction of largest entries dropped (default 0.01)
     epsilons: tuple[float, ...] = field(default=())  # della: probability spread (default 0.15)
     arithmetic: str = "fp32"         # "mergekit": replay mergekit's operations in the inputs' dtype
+    # della: rank a 1-D tensor's magnitudes over the whole tensor in a statistics pass. The
+    # planner turns it off for tensors of two or more dims (ranked per row, no pass needed).
+    rank_pass: bool = True
 
     def __post_init__(self):
         for name, value, allowed in (("sparsification", self.sparsification, SPARSIFICATIONS),
@@ -73,8 +80,15 @@ class TaskArithmeticParams:
                                      ("arithmetic", self.arithmetic, ARITHMETIC)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name, values in (("weights", self.weights), ("lambda", (self.lam,))):
+            if any(not math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite numbers, got {values}")
         if any(not 0 <= d <= 1 for d in self.densities):
             raise ValueError(f"densities must be in [0, 1], got {self.densities}")
+        if any(not 0 <= g <= 1 for g in self.gammas):
+            raise ValueError(f"gammas (breadcrumbs' fraction of largest entries dropped) must be in [0, 1], got {self.gammas}")
+        if any(not 0 <= e < 0.5 for e in self.epsilons):
+            raise ValueError(f"epsilons (DELLA's probability spread) must be in [0, 0.5), got {self.epsilons}")
         for i in range(len(self.weights)):
             if self.sparsification == "della" and 0 < self.density(i) < 1:
                 if not (0 < self.density(i) - self.epsilon(i) and self.density(i) + self.epsilon(i) < 1):
@@ -179,12 +193,39 @@ def _l1_reduce(params, partials, ctx, eps: float = 1e-7):
     return {"l1_ratio": ratios}
 
 
+def _rank_map(ctx, params, base, models):
+    """DELLA on a 1-D tensor: each sparsified model's |τi| of this tile (rows in order)."""
+    if len(ctx.shape) != 1:
+        return {}
+    return {i: (models[i] - base).abs_() for i in range(len(params.weights)) if params.sparsifies(i)}
+
+
+def _rank_reduce(params, partials, ctx):
+    """Magnitude ranks 0..n-1 over the whole 1-D tensor (stable: ties rank by position), as fp32.
+
+    Holds the tensor's magnitudes and ranks: 12 bytes per entry per model, for a moment 8 more
+    (LLM 1-D tensors are norms and biases of a few thousand to a few hundred thousand entries).
+    """
+    if len(ctx.shape) != 1 or not partials or not partials[0]:
+        return {}
+    ranks = {}
+    for i in partials[0]:
+        magnitude = torch.cat([p[i] for p in partials])
+        order = magnitude.argsort(stable=True)
+        del magnitude
+        position = torch.arange(order.numel(), device=order.device).to(torch.float32)
+        ranks[i] = torch.empty_like(position).scatter_(0, order, position)   # ranks[order[j]] = j
+    return {"ranks": ranks}
+
+
 def _add_histograms(a: dict, b: dict) -> dict:
     return {key: a[key] + b[key] for key in a}
 
 
 def _passes(params: TaskArithmeticParams):
     passes = []
+    if params.sparsification == "della" and params.rank_pass and any(params.sparsifies(i) for i in range(len(params.weights))):
+        passes.append(StatsPass(_rank_map, _rank_reduce))   # first: the L1 pass below needs the ranks
     if params.sparsification in ("magnitude", "magnitude_outliers") and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes += [StatsPass(_hi_map, _hi_reduce, _add_histograms), StatsPass(_lo_map, _lo_reduce, _add_histograms)]
     if params.rescale and params.rescale_method == "l1" and any(params.sparsifies(i) for i in range(len(params.weights))):
@@ -194,18 +235,32 @@ def _passes(params: TaskArithmeticParams):
 
 # -- the kernel --------------------------------------------------------------------------------
 
-def _keep_probability(params: TaskArithmeticParams, i: int, delta: torch.Tensor):
+def _keep_probability(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor):
     """Per-entry keep probability of the random methods (a float for DARE, a tensor for DELLA)."""
     density = params.density(i)
     if params.sparsification == "random":
         return density
     # della: the probability grows linearly with the magnitude rank inside each row
-    magnitude = delta.abs()
-    rows = magnitude.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else magnitude.reshape(1, -1)
-    # stable sorts: tied magnitudes rank by position, the same on every device
-    ranks = rows.argsort(dim=1, stable=True).argsort(dim=1, stable=True).to(torch.float32)  # 0 .. cols-1
-    spread = max(rows.shape[1] - 1, 1)
+    if len(ctx.shape) == 1:   # the row is the whole tensor: ranks from the statistics pass
+        ranks, spread = _whole_tensor_ranks(ctx, params, i, delta), max(ctx.shape[0] - 1, 1)
+    else:
+        magnitude = delta.abs()
+        rows = magnitude.reshape(-1, delta.shape[-1]) if delta.dim() > 1 else magnitude.reshape(1, -1)
+        # stable sorts: tied magnitudes rank by position, the same on every device
+        ranks = rows.argsort(dim=1, stable=True).argsort(dim=1, stable=True).to(torch.float32)  # 0 .. cols-1
+        spread = max(rows.shape[1] - 1, 1)
     return divide_(ranks, spread).mul_(2 * params.epsilon(i)).add_(density - params.epsilon(i)).reshape(delta.shape)
+
+
+def _whole_tensor_ranks(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) -> torch.Tensor:
+    """Ranks of this tile's entries among the whole 1-D tensor's magnitudes (fp32, 0 .. n-1)."""
+    found = (ctx.stats or {}).get("ranks", {}).get(i)
+    if found is not None:
+        return found[ctx.start:ctx.stop]
+    if ctx.start == 0 and ctx.stop == ctx.shape[0]:   # the tile is the whole tensor: rank it here
+        return delta.abs().argsort(stable=True).argsort(stable=True).to(torch.float32)
+    raise RecipeError(f"della on 1-D tensor {ctx.output!r} split into row blocks needs its rank pass "
+                      f"(TaskArithmeticParams.rank_pass=True)")
 
 
 def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor, probability=None) -> torch.Tensor:
@@ -219,7 +274,7 @@ def _mask(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor, probab
         magnitude = delta.abs()
         return (magnitude >= lower) & (magnitude < upper)
     if probability is None:
-        probability = _keep_probability(params, i, delta)
+        probability = _keep_probability(ctx, params, i, delta)
     return ctx.uniform(f"model{i}").reshape(delta.shape) < probability
 
 
@@ -258,7 +313,7 @@ def _sparsify(ctx, params: TaskArithmeticParams, i: int, delta: torch.Tensor) ->
     if not params.sparsifies(i):
         return delta
     random = params.sparsification in ("random", "della")
-    probability = _keep_probability(params, i, delta) if random else None
+    probability = _keep_probability(ctx, params, i, delta) if random else None
     kept = _magnitude_kept(ctx, params, i, delta) if not random else _random_kept(ctx, params, i, delta, probability)
     if kept is None:
         kept = delta * _mask(ctx, params, i, delta, probability)
@@ -357,6 +412,8 @@ class SlerpParams:
     def __post_init__(self):
         if not 0 <= self.t <= 1:
             raise ValueError(f"t must be in [0, 1], got {self.t}")
+        if not (math.isfinite(self.dot_threshold) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"dot_threshold and eps must be finite (eps >= 0), got {self.dot_threshold}, {self.eps}")
 
 
 def row_dots(x, y, rows):
