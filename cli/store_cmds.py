@@ -68,8 +68,11 @@ def ls_cmd(ctx, kind, as_json):
     from tensorstore_llm.units import format_size
 
     store = store_of(ctx)
-    artifacts = store.list(kind)
+    damaged: list = []
+    artifacts = store.list(kind, damaged=damaged)
     tags = store.tags()
+    for entry, reason in damaged:
+        click.echo(f"warning: skipped damaged entry artifacts/{entry}: {reason}", err=True)
     if as_json:
         rows = [{"id": a.id, "kind": a.kind, "tags": [t for t, i in tags.items() if i == a.id],
                  "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "created_at": a.manifest.created_at}
@@ -191,14 +194,22 @@ def tag_cmd(ctx, ref, name, force, delete):
 
 @click.command("verify")
 @click.argument("refs", nargs=-1, required=True)
+@click.option("--upgrade", is_flag=True,
+              help="Also add per-chunk checksums to artifacts written before they existed (their ids do not change).")
 @click.pass_context
-def verify_cmd(ctx, refs):
-    """Re-read every tensor and file of each REF and check it against the manifest's checksums."""
+def verify_cmd(ctx, refs, upgrade):
+    """Re-read every tensor and file of each REF and check it against the manifest's checksums.
+
+    Every read of an artifact is checked anyway (per-chunk checksums, exit 5 on a mismatch);
+    this reads all of it at once, e.g. after copying a store or a disk scare.
+    """
     store = store_of(ctx)
     for ref in refs:
-        artifact = store.verify(ref)
+        missing = store.needs_upgrade(ref) if upgrade else []
+        artifact = store.verify(ref, upgrade=upgrade)
         if not ctx.obj["quiet"]:
-            click.echo(f"ok {artifact.short_id}: {len(artifact.manifest.tensors)} tensors, {len(artifact.manifest.files)} files match")
+            added = f"; added chunk checksums to {len(missing)} tensors" if missing else ""
+            click.echo(f"ok {artifact.short_id}: {len(artifact.manifest.tensors)} tensors, {len(artifact.manifest.files)} files match{added}")
 
 
 @click.command("gc")

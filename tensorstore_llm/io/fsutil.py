@@ -121,8 +121,13 @@ def fsync_tree(root: str) -> None:
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix.
+
+    The temporary file is hidden (``.NAME.tmp-PID`` beside it), so a listing of the directory
+    never shows it as an entry of its own, even if the writer dies before the rename.
+    """
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

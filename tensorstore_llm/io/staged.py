@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from ..dtypes import raw_bytes
-from .base import RowHasher, TensorMeta, checksum_rows
+from .base import ChunkDigests, RowHasher, TensorMeta, digest_rows
 from .fsutil import remove_tree, storage_errors
 from .journal import Journal
 
@@ -33,6 +33,7 @@ class StagedSink:
         self._hashers: dict[str, RowHasher] = {}
         self._verified: dict[str, str] | None = None   # journaled by an earlier run, re-checked
         self._finished: dict[str, str] = {}             # finished by this sink
+        self._chunks: dict[str, ChunkDigests | None] = {}
 
     def prepare(self, metas: Iterable[TensorMeta]) -> None:
         """Declare every tensor that will be written (shapes and dtypes) before the first block."""
@@ -49,13 +50,24 @@ class StagedSink:
         if self._verified is None:
             self._verified = {}
             for name, checksum in self.journal.completed().items():
-                if name in self.metas and name not in self._finished and self._checksum_back(self.metas[name]) == checksum:
-                    self._verified[name] = checksum
+                if name in self.metas and name not in self._finished:
+                    back = self._digest_back(self.metas[name])
+                    if back is not None and back[0] == checksum:
+                        self._verified[name] = checksum
+                        self._chunks[name] = back[1]
         return {**self._verified, **self._finished}
 
-    def _checksum_back(self, meta: TensorMeta) -> str | None:
+    def chunk_digests(self, name: str) -> ChunkDigests | None:
+        """The per-chunk digests of finished tensor ``name`` (None for sinks without chunks)."""
+        return self._chunks.get(name)
+
+    def chunk_rows(self, meta: TensorMeta) -> int | None:
+        """Rows per storage chunk to digest separately, or None when the format has no chunks."""
+        return None
+
+    def _digest_back(self, meta: TensorMeta) -> tuple[str, ChunkDigests | None] | None:
         try:
-            return checksum_rows(meta, lambda a, b: self._read_back(meta, a, b), self.where)
+            return digest_rows(meta, lambda a, b: self._read_back(meta, a, b), self.where, self.chunk_rows(meta))
         except Exception:  # anything unreadable is simply recomputed
             return None
 
@@ -66,7 +78,9 @@ class StagedSink:
     def write_rows(self, name: str, start: int, block) -> None:
         """Write rows ``start:start+len(block)`` of tensor ``name``; blocks must come in order."""
         meta = self.metas[name]
-        hasher = self._hashers.setdefault(name, RowHasher(meta, self.where))
+        hasher = self._hashers.get(name)
+        if hasher is None:
+            hasher = self._hashers[name] = RowHasher(meta, self.where, self.chunk_rows(meta))
         raw = raw_bytes(block)
         rows = block.shape[0] if block.dim() else 1
         # hashing and writing both release the GIL: run them side by side
@@ -82,12 +96,14 @@ class StagedSink:
 
     def finish(self, name: str) -> str:
         """Close tensor ``name``: journal it and return its checksum."""
-        hasher = self._hashers.pop(name, None) or RowHasher(self.metas[name], self.where)
+        meta = self.metas[name]
+        hasher = self._hashers.pop(name, None) or RowHasher(meta, self.where, self.chunk_rows(meta))
         digest = hasher.hexdigest()
         with storage_errors(self.where):
-            self._finish_tensor(self.metas[name])
+            self._finish_tensor(meta)
             self.journal.record(name, digest)
         self._finished[name] = digest
+        self._chunks[name] = hasher.chunk_digests()
         return digest
 
     def close(self) -> None:

@@ -14,8 +14,16 @@ import os
 
 import numpy as np
 
+from ..errors import FormatError, IntegrityError
 from .fsutil import start_writeback
 from .safetensors_format import pread_into
+
+
+def chunk_file(array_dir: str, ndim: int, index: int) -> str:
+    """The file of row chunk ``index`` of an array chunked by whole rows (default key encoding)."""
+    if not ndim:
+        return os.path.join(array_dir, "c")
+    return os.path.join(array_dir, "c", str(index), *(["0"] * (ndim - 1)))
 
 
 class RawRowChunks:
@@ -50,12 +58,14 @@ class RawRowChunks:
         return cls(array_dir, shape, chunks[0] if shape else 1, itemsize)
 
     def _path(self, index: int) -> str:
-        if not self.shape:
-            return os.path.join(self.array_dir, "c")
-        return os.path.join(self.array_dir, "c", str(index), *(["0"] * (len(self.shape) - 1)))
+        return chunk_file(self.array_dir, len(self.shape), index)
 
     def read_rows(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Fill ``out`` (C-contiguous, rows ``start:stop``) from the chunk files; absent chunks read as 0."""
+        """Fill ``out`` (C-contiguous, rows ``start:stop``) from the chunk files.
+
+        A missing or truncated chunk file raises IntegrityError: a committed tensor has every
+        chunk, so reading one as fill value (zarr's rule) would pass off lost data as zeros.
+        """
         flat = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
         if not self.shape:
             self._read_chunk_part(0, 0, flat)
@@ -73,10 +83,11 @@ class RawRowChunks:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            dest[:] = bytes(len(dest))  # zarr semantics: a chunk never written is all fill value
-            return
+            raise IntegrityError(f"{path}: chunk {index} of this tensor is missing") from None
         try:
             pread_into(path, fd, dest, offset)
+        except FormatError as e:
+            raise IntegrityError(f"chunk {index}: {e}") from None
         finally:
             os.close(fd)
 

@@ -13,12 +13,12 @@ import os
 
 import numpy as np
 
-from ..dtypes import by_name, from_storage, to_storage
-from ..errors import FormatError, TensorNotFound
-from .base import SourceBase, TensorMeta, check_tensor_name
+from ..dtypes import by_name, from_storage, raw_bytes, to_storage
+from ..errors import FormatError, IntegrityError, TensorNotFound
+from .base import ChunkDigests, RowHasher, SourceBase, TensorMeta, check_tensor_name
 from .fsutil import DurableInBackground
 from .staged import StagedSink
-from .zarr_chunks import RawRowChunks
+from .zarr_chunks import RawRowChunks, chunk_file
 
 CHUNK_BYTES = 8 * 1024 * 1024
 COMPRESSIONS = ("none", "zstd", "lz4")
@@ -68,6 +68,9 @@ class ZarrTensorSink(StagedSink):
 
     def preferred_rows(self, meta: TensorMeta) -> int:
         return chunk_shape(meta)[0] if meta.shape else 1
+
+    def chunk_rows(self, meta: TensorMeta) -> int:
+        return self.preferred_rows(meta)
 
     def _array(self, meta: TensorMeta):
         """The zarr array of ``meta`` (created on first use), or None for an uncompressed array,
@@ -127,12 +130,25 @@ class ZarrTensorSink(StagedSink):
 
 
 class ZarrTensorSource(SourceBase):
-    """Reads the tensors of a committed artifact; metas come from its manifest, not from zarr."""
+    """Reads the tensors of a committed artifact; metas come from its manifest, not from zarr.
 
-    def __init__(self, artifact_dir: str, metas: dict[str, TensorMeta], identity: str):
+    Every read is verified: with ``chunks`` (the manifest's per-chunk digests) each chunk a read
+    touches is hashed and compared before any of its rows are returned, so a flipped byte fails
+    the read that meets it (IntegrityError naming artifact, tensor and chunk). Tensors without
+    chunk digests (artifacts written before they existed) are checked against ``checksums`` (the
+    per-tensor sha256) when read whole or front to back in order. A missing chunk is an error.
+    """
+
+    def __init__(self, artifact_dir: str, metas: dict[str, TensorMeta], identity: str, *,
+                 chunks: dict[str, ChunkDigests | None] | None = None, checksums: dict[str, str] | None = None):
         self.path = artifact_dir
         self.identity = identity
+        self.label = (f"artifact {identity[9:21]} ({artifact_dir})" if identity.startswith("artifact:")
+                      else f"artifact {artifact_dir}")
         self._metas = metas
+        self._chunks = chunks or {}
+        self._checksums = checksums or {}
+        self._sequential: dict[str, RowHasher] = {}
         if not os.path.isfile(os.path.join(artifact_dir, "tensors", "zarr.json")):
             raise FormatError(f"artifact {artifact_dir}: its tensors group (tensors/zarr.json) is missing")
         self._group = None   # opened with zarr only for arrays the raw chunk reader cannot read
@@ -147,19 +163,78 @@ class ZarrTensorSource(SourceBase):
             raise TensorNotFound(f"artifact {self.path}: has no tensor {name!r}")
         return self._metas[name]
 
+    def preferred_rows(self, name: str) -> int:
+        """Rows per verified chunk: blocks aligned to it are read and checked without extra I/O."""
+        digests = self._chunks.get(name)
+        return digests.rows if digests is not None else 1
+
     def read_rows(self, name: str, start: int, stop: int):
-        """Rows ``start:stop`` of ``name`` (the whole value for a scalar), reading only their chunks."""
+        """Rows ``start:stop`` of ``name`` (the whole value for a scalar), reading and verifying
+        only the chunks they lie in."""
         meta = self.meta(name)
+        if meta.shape and not 0 <= start <= stop <= meta.shape[0]:
+            raise IndexError(f"artifact {self.path}: rows {start}:{stop} outside tensor {name!r} of shape {meta.shape}")
+        if not meta.shape:
+            start, stop = 0, 1
+        digests = self._chunks.get(name)
+        if digests is None:
+            return self._read_legacy(meta, start, stop)
+        if digests.chunk_count(meta) != len(digests.digests):
+            raise IntegrityError(f"artifact {self.path}: tensor {name!r} has {len(digests.digests)} chunk checksums, "
+                                 f"expected {digests.chunk_count(meta)}")
+        if start == stop or not meta.numel:
+            return self._read_plain(meta, start, stop) if meta.shape else self._read_plain(meta, 0, 1).reshape(())
+        first, last = start // digests.rows, -(-stop // digests.rows)
+        lo, hi = first * digests.rows, min(meta.rows, last * digests.rows)
+        values = self._read_plain(meta, lo, hi)
+        raw = raw_bytes(values)
+        row_bytes = len(raw) // (hi - lo)
+        for index in range(first, last):
+            a, b = index * digests.rows - lo, min(hi, (index + 1) * digests.rows) - lo
+            digests.check(meta, index, raw[a * row_bytes:b * row_bytes], self.label)
+        if (lo, hi) != (start, stop):
+            values = values[start - lo:stop - lo]
+        return values if meta.shape else values.reshape(())
+
+    def _read_legacy(self, meta: TensorMeta, start: int, stop: int):
+        """Rows of a tensor without chunk digests: the tensor's sha256 is checked when its rows
+        have been read from first to last in order (a whole read is the simplest case)."""
+        values = self._read_plain(meta, start, stop)
+        expected = self._checksums.get(meta.name)
+        if expected is None or not meta.numel:
+            return values if meta.shape else values.reshape(())
+        hasher = self._sequential.get(meta.name)
+        if start == 0:
+            hasher = self._sequential[meta.name] = RowHasher(meta, self.path)
+        if hasher is not None and hasher.next_row == start:
+            hasher.update(start, raw_bytes(values), stop - start)
+            if stop == meta.rows:
+                del self._sequential[meta.name]
+                actual = hasher.hexdigest()
+                if actual != expected:
+                    raise IntegrityError(f"{self.label}: tensor {meta.name!r} is corrupted: "
+                                         f"{actual[:23]}... != recorded {expected[:23]}...")
+        else:
+            self._sequential.pop(meta.name, None)
+        return values if meta.shape else values.reshape(())
+
+    def _read_plain(self, meta: TensorMeta, start: int, stop: int):
+        """Rows ``start:stop`` as stored (a scalar as one row), without checks of their content."""
+        name = meta.name
         dt = by_name(meta.dtype)
         if name not in self._raw:
             self._raw[name] = RawRowChunks.open(os.path.join(self.path, "tensors", name), dt.itemsize)
         fast = self._raw[name]
+        shape = (stop - start, *meta.shape[1:]) if meta.shape else (1,)
         if fast is not None and tuple(fast.shape) == meta.shape:
-            if meta.shape and not 0 <= start <= stop <= meta.shape[0]:
-                raise IndexError(f"artifact {self.path}: rows {start}:{stop} outside tensor {name!r} of shape {meta.shape}")
-            out = np.empty((stop - start, *meta.shape[1:]) if meta.shape else (), dtype=dt.storage)
-            fast.read_rows(start, stop, out)
+            out = np.empty(shape, dtype=dt.storage)
+            if out.size:
+                fast.read_rows(start, stop, out)
             return from_storage(out, dt)
+        return from_storage(self._read_zarr(meta, start, stop).reshape(shape), dt)
+
+    def _read_zarr(self, meta: TensorMeta, start: int, stop: int):
+        name = meta.name
         array = self._arrays.get(name)
         if array is None:
             if self._group is None:
@@ -167,12 +242,22 @@ class ZarrTensorSource(SourceBase):
             try:
                 array = self._group[name]
             except KeyError:
-                raise FormatError(f"artifact {self.path}: tensor {name!r} is in the manifest but its array is missing") from None
+                raise IntegrityError(f"artifact {self.path}: tensor {name!r} is in the manifest but its array is missing") from None
             self._arrays[name] = array
         if tuple(array.shape) != meta.shape:
             raise FormatError(f"artifact {self.path}: tensor {name!r} is stored with shape {tuple(array.shape)}, manifest says {meta.shape}")
-        values = array[...] if not meta.shape else array[start:stop]
-        return from_storage(values, meta.dtype)
+        if meta.numel:
+            chunk_rows = array.chunks[0] if meta.shape else 1
+            array_dir = os.path.join(self.path, "tensors", name)
+            for index in range(start // chunk_rows, -(-stop // chunk_rows)):
+                path = chunk_file(array_dir, len(meta.shape), index)
+                if not os.path.isfile(path):   # zarr would read it as fill value
+                    raise IntegrityError(f"{path}: chunk {index} of tensor {name!r} is missing")
+        try:
+            return array[...] if not meta.shape else array[start:stop]
+        except Exception as e:   # a corrupt compressed chunk fails inside zarr's decoders
+            raise IntegrityError(f"artifact {self.path}: tensor {name!r} rows {start}:{stop} cannot be decoded "
+                                 f"({e.__class__.__name__}: {e})") from None
 
 
 GROUP_METADATA = {"attributes": {}, "zarr_format": 3, "node_type": "group"}

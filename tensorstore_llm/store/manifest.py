@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from ..errors import FormatError
-from ..io.base import TensorMeta
+from ..errors import FormatError, IntegrityError
+from ..io.base import ChunkDigests, TensorMeta
 
 FORMAT = "tsllm-artifact/1"
 KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits")
@@ -21,9 +21,26 @@ KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits")
 
 @dataclass(frozen=True)
 class TensorRecord:
+    """What the manifest knows of one tensor. ``chunks`` (per-chunk digests, checked on every
+    read) is derived from the bytes, so it is not part of the artifact id and can be added to
+    an older artifact later (``tsllm verify --upgrade``)."""
+
     shape: tuple[int, ...]
     dtype: str
     checksum: str
+    chunks: ChunkDigests | None = None
+
+    def to_json(self) -> dict:
+        body = {"shape": list(self.shape), "dtype": self.dtype, "checksum": self.checksum}
+        if self.chunks is not None:
+            body["chunks"] = self.chunks.to_json()
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict) -> TensorRecord:
+        chunks = body.get("chunks")
+        return cls(tuple(int(d) for d in body["shape"]), str(body["dtype"]), str(body["checksum"]),
+                   ChunkDigests.from_json(chunks) if chunks is not None else None)
 
 
 @dataclass
@@ -44,6 +61,20 @@ class Manifest:
     def metas(self) -> dict[str, TensorMeta]:
         return {n: TensorMeta(n, tuple(r.shape), r.dtype) for n, r in self.tensors.items()}
 
+    def chunk_digests(self) -> dict[str, ChunkDigests | None]:
+        return {n: r.chunks for n, r in self.tensors.items()}
+
+    def checksums(self) -> dict[str, str]:
+        return {n: r.checksum for n, r in self.tensors.items()}
+
+    def check_id(self, directory_name: str, where: str) -> None:
+        """Raise IntegrityError unless the recorded id, the directory name and the id computed
+        from the content agree: a hand-edited or damaged manifest is never trusted."""
+        computed = self.content_id()
+        if not (self.id == directory_name == computed):
+            raise IntegrityError(f"{where}: manifest does not match its artifact id (directory {directory_name[:12]}, "
+                                 f"recorded {self.id[:12]}, content hashes to {computed[:12]}): it was edited or damaged")
+
     @property
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.metas().values())
@@ -60,8 +91,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         body = {"format": FORMAT, "id": self.id, **self._content(), "created_at": self.created_at, "tool": self.tool}
-        body["tensors"] = {n: {"shape": list(r.shape), "dtype": r.dtype, "checksum": r.checksum}
-                           for n, r in self.tensors.items()}
+        body["tensors"] = {n: r.to_json() for n, r in self.tensors.items()}
         return json.dumps(body, indent=1).encode()
 
     @classmethod
@@ -70,8 +100,7 @@ class Manifest:
             body = json.loads(data)
             if body.get("format") != FORMAT:
                 raise ValueError(f"format {body.get('format')!r}, expected {FORMAT!r}")
-            tensors = {n: TensorRecord(tuple(int(d) for d in r["shape"]), str(r["dtype"]), str(r["checksum"]))
-                       for n, r in body["tensors"].items()}
+            tensors = {n: TensorRecord.from_json(r) for n, r in body["tensors"].items()}
             return cls(kind=body["kind"], tensors=tensors, files=dict(body.get("files") or {}),
                        parents=list(body.get("parents") or []), source=body.get("source"),
                        recipe=body.get("recipe"), run=dict(body.get("run") or {}),
@@ -84,8 +113,8 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def record_from(meta: TensorMeta, checksum: str) -> TensorRecord:
-    return TensorRecord(tuple(meta.shape), meta.dtype, checksum)
+def record_from(meta: TensorMeta, checksum: str, chunks: ChunkDigests | None = None) -> TensorRecord:
+    return TensorRecord(tuple(meta.shape), meta.dtype, checksum, chunks)
 
 
 __all__ = ["Manifest", "TensorRecord", "KINDS", "FORMAT", "now_utc", "record_from", "asdict"]

@@ -23,15 +23,18 @@ import shutil
 from dataclasses import dataclass
 
 from .. import __version__
-from ..errors import ArtifactNotFound, IntegrityError, RefError, StorageError, TsllmError
-from ..io.base import checksum_bytes, checksum_rows
+from ..errors import ArtifactNotFound, FormatError, IntegrityError, RefError, StorageError, TsllmError
+from ..io.base import checksum_bytes, digest_rows
 from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, write_file_atomic
+from ..io.zarr_tensors import chunk_shape
 from ..io.staged import JOURNAL_NAME
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .manifest import KINDS, Manifest, now_utc, record_from
 
 STORE_FORMAT = "tsllm-store/1"
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TEMP_RE = re.compile(r"\.tmp-\d+$")   # a temporary file of an atomic write (older versions left them visible)
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
 MIN_PREFIX = 4
 
 
@@ -104,8 +107,7 @@ class Store:
         """The full artifact id a ref names: a tag, a full id, or a unique id prefix."""
         tag_path = self._dir("tags", ref)
         if TAG_RE.match(ref) and os.path.isfile(tag_path):
-            with open(tag_path) as f:
-                return f.read().strip()
+            return self._read_tag(ref)
         if re.fullmatch(r"[0-9a-f]{%d,64}" % MIN_PREFIX, ref or ""):
             matches = [i for i in self._ids() if i.startswith(ref)]
             if len(matches) == 1:
@@ -113,6 +115,19 @@ class Store:
             if len(matches) > 1:
                 raise RefError(f"store {self.root}: id prefix {ref!r} is ambiguous ({len(matches)} artifacts); give more characters")
         raise ArtifactNotFound(f"store {self.root}: no artifact or tag named {ref!r} (see `tsllm ls`)")
+
+    def _read_tag(self, name: str) -> str:
+        """The artifact id tag ``name`` holds; a tag holding anything but an id is an error
+        (a hand-edited ``../x`` must never lead outside the store)."""
+        path = self._dir("tags", name)
+        try:
+            with open(path, "rb") as f:
+                value = f.read(200).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RefError(f"store {self.root}: tag {name!r} is unreadable ({e})") from None
+        if not ID_RE.match(value):
+            raise RefError(f"store {self.root}: tag {name!r} ({path}) does not hold an artifact id: {value[:80]!r}")
+        return value
 
     def has(self, ref: str) -> bool:
         try:
@@ -130,12 +145,15 @@ class Store:
             raise ArtifactNotFound(f"store {self.root}: artifact {artifact_id[:12]} (from {ref!r}) does not exist")
         with open(manifest_path, "rb") as f:
             manifest = Manifest.from_json(f.read(), manifest_path)
+        manifest.check_id(artifact_id, manifest_path)
         return Artifact(artifact_id, path, manifest)
 
     def open(self, ref: str) -> ZarrTensorSource:
-        """A TensorSource over the tensors of the artifact ``ref``."""
+        """A TensorSource over the tensors of the artifact ``ref``; every read it serves is
+        checked against the manifest's checksums (see ZarrTensorSource)."""
         artifact = self.get(ref)
-        return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id)
+        return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id,
+                                chunks=artifact.manifest.chunk_digests(), checksums=artifact.manifest.checksums())
 
     def file_path(self, ref: str, name: str) -> str:
         return os.path.join(self.get(ref).path, "files", name)
@@ -149,14 +167,25 @@ class Store:
         base = self._dir("artifacts")
         return sorted(os.listdir(base)) if os.path.isdir(base) else []
 
-    def list(self, kind: str | None = None) -> list[Artifact]:
-        """Committed artifacts, oldest first, optionally of one kind."""
+    def list(self, kind: str | None = None, damaged: list | None = None) -> list[Artifact]:
+        """Committed artifacts, oldest first, optionally of one kind.
+
+        An entry that is not a readable artifact (a truncated or edited manifest, a stray
+        directory or file under ``artifacts/``) is skipped; pass a list as ``damaged`` to
+        receive ``(entry name, reason)`` for each.
+        """
         found = []
         for artifact_id in self._ids():
-            if os.path.isfile(self._dir("artifacts", artifact_id, "manifest.json")):
+            try:
+                if not ID_RE.match(artifact_id):
+                    raise FormatError("not an artifact id")
                 artifact = self.get(artifact_id)
-                if kind is None or artifact.kind == kind:
-                    found.append(artifact)
+            except TsllmError as e:
+                if damaged is not None:
+                    damaged.append((artifact_id, str(e)))
+                continue
+            if kind is None or artifact.kind == kind:
+                found.append(artifact)
         return sorted(found, key=lambda a: (a.manifest.created_at, a.id))
 
     # -- tags -----------------------------------------------------------------------------------
@@ -167,9 +196,11 @@ class Store:
             return {}
         out = {}
         for name in sorted(os.listdir(base)):
-            if TAG_RE.match(name):
-                with open(os.path.join(base, name)) as f:
-                    out[name] = f.read().strip()
+            if TAG_RE.match(name) and not TEMP_RE.search(name):
+                try:
+                    out[name] = self._read_tag(name)
+                except RefError:
+                    continue   # a damaged tag names nothing; resolving it says why
         return out
 
     def tags_of(self, artifact_id: str) -> list[str]:
@@ -180,7 +211,7 @@ class Store:
 
         With ``force=False`` an existing tag pointing elsewhere raises RefError.
         """
-        if not TAG_RE.match(name) or re.fullmatch(r"[0-9a-f]{%d,64}" % MIN_PREFIX, name):
+        if not TAG_RE.match(name) or TEMP_RE.search(name) or re.fullmatch(r"[0-9a-f]{%d,64}" % MIN_PREFIX, name):
             raise RefError(f"tag {name!r} is not allowed: use letters, digits, '.', '_', '-' (not starting with "
                            "a symbol) and not something that looks like an artifact id")
         artifact_id = self.get(ref).id
@@ -196,32 +227,47 @@ class Store:
         path = self._dir("tags", name)
         if not TAG_RE.match(name) or not os.path.isfile(path):
             raise ArtifactNotFound(f"store {self.root}: no tag {name!r}")
-        os.remove(path)
+        with storage_errors(f"tag {name!r} in store {self.root}"):
+            os.remove(path)
+            fsync_path(self._dir("tags"))
 
     # -- checking and cleaning -------------------------------------------------------------------
-    def verify(self, ref: str, progress=None) -> Artifact:
-        """Re-read every tensor and carried file and compare with the manifest's checksums.
+    def verify(self, ref: str, progress=None, upgrade: bool = False) -> Artifact:
+        """Re-read every tensor and carried file and compare with the manifest's checksums: each
+        tensor's sha256 and, where recorded, each chunk's digest.
 
-        Returns the artifact when all match; raises IntegrityError listing what does not.
+        With ``upgrade``, an artifact written before chunk digests existed gets them (computed
+        in the same pass that checks its sha256, written only if everything matches); its id does
+        not change. Returns the (possibly upgraded) artifact; raises IntegrityError listing what
+        does not match.
         """
         artifact = self.get(ref)
         problems = []
-        metas = artifact.manifest.metas()
-        with ZarrTensorSource(artifact.path, metas, artifact.id) as source:
+        manifest = artifact.manifest
+        metas = manifest.metas()
+        added = {}
+        with self.open(artifact.id) as source:
             for name, meta in metas.items():
+                record = manifest.tensors[name]
+                chunk_rows = None
+                if record.chunks is None and upgrade:
+                    chunk_rows = chunk_shape(meta)[0] if meta.shape else 1
                 try:
-                    actual = checksum_rows(meta, lambda a, b, n=name: source.read_rows(n, a, b), source.path)
+                    actual, chunks = digest_rows(meta, lambda a, b, n=name: source.read_rows(n, a, b), source.path,
+                                                 chunk_rows or (record.chunks.rows if record.chunks else None))
                 except TsllmError as e:
                     problems.append(str(e))
                     continue
                 except Exception as e:  # a corrupt chunk can fail inside zarr's decoders
                     problems.append(f"tensor {name!r}: unreadable ({e.__class__.__name__}: {e})")
                     continue
-                if actual != artifact.manifest.tensors[name].checksum:
-                    problems.append(f"tensor {name!r}: checksum {actual[:20]}... != recorded {artifact.manifest.tensors[name].checksum[:20]}...")
+                if actual != record.checksum:
+                    problems.append(f"tensor {name!r}: checksum {actual[:20]}... != recorded {record.checksum[:20]}...")
+                elif chunk_rows is not None:
+                    added[name] = chunks
                 if progress:
                     progress(meta.nbytes)
-        for name, checksum in artifact.manifest.files.items():
+        for name, checksum in manifest.files.items():
             path = os.path.join(artifact.path, "files", name)
             if not os.path.isfile(path):
                 problems.append(f"file {name!r}: missing")
@@ -232,7 +278,19 @@ class Store:
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise IntegrityError(f"artifact {artifact.short_id} in {self.root}: {len(problems)} problem(s): {shown}")
+        if added:
+            for name, chunks in added.items():
+                r = manifest.tensors[name]
+                manifest.tensors[name] = record_from(metas[name], r.checksum, chunks)
+            manifest.check_id(artifact.id, artifact.path)   # chunk digests are not part of the id
+            with storage_errors(f"manifest of artifact {artifact.short_id} in store {self.root}"):
+                write_file_atomic(os.path.join(artifact.path, "manifest.json"), manifest.to_json())
+            artifact = self.get(artifact.id)
         return artifact
+
+    def needs_upgrade(self, ref: str) -> list[str]:
+        """Tensors of artifact ``ref`` that have no chunk digests (see ``verify(upgrade=True)``)."""
+        return [n for n, r in self.get(ref).manifest.tensors.items() if r.chunks is None]
 
     def gc(self, dry_run: bool = False) -> list[str]:
         """Remove staging directories no running job holds. Returns the removed paths."""
@@ -242,6 +300,13 @@ class Store:
             return removed
         for name in sorted(os.listdir(base)):
             path = os.path.join(base, name)
+            if os.path.islink(path) or not os.path.isdir(path):
+                # never ours to follow: a link is removed as a link, the target is left alone
+                if not dry_run:
+                    with storage_errors(f"staging entry {path}"):
+                        os.unlink(path)
+                removed.append(path)
+                continue
             lock = _try_lock(path)
             if lock is None:
                 continue  # a live job owns it
@@ -299,7 +364,7 @@ class ArtifactWriter(ZarrTensorSink):
         missing = [n for n in self.metas if n not in done]
         if missing:
             raise ValueError(f"{self.where}: cannot commit, {len(missing)} tensor(s) unfinished, e.g. {missing[0]!r}")
-        tensors = {n: record_from(m, done[n]) for n, m in self.metas.items()}
+        tensors = {n: record_from(m, done[n], self.chunk_digests(n)) for n, m in self.metas.items()}
         carried = {}
         with storage_errors(self.where):
             files_dir = os.path.join(self.staging_dir, "files")
