@@ -8,7 +8,7 @@ from .common import print_estimate, progress_flag, report, run_options, store_of
 
 @click.command("convert")
 @click.argument("ref")
-@click.option("--dtype", required=True, help="Target dtype of float tensors: bf16, fp16 or fp32.")
+@click.option("--dtype", required=True, help="Target dtype of float tensors: bf16, fp16 or fp32 (float dtypes only).")
 @click.option("--name", help="Tag for the new artifact.")
 @run_options
 @click.pass_context
@@ -40,11 +40,12 @@ def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_mem
     REFs are store artifacts, HF directories or hub repos; all must have the same tensors and shapes.
     """
     from tensorstore_llm.api import weighted_sum
+    from tensorstore_llm.errors import InvalidParameter
 
     try:
         values = [float(w) for w in weights.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights")
+        raise InvalidParameter(f"--weights {weights!r} is not a comma-separated list of numbers, e.g. 0.5,0.5") from None
     result = weighted_sum(store_of(ctx), list(refs), values, normalize=normalize, dtype=dtype, name=name,
                           device=device, max_memory=max_memory, seed=seed, compression=compression,
                           progress=progress_flag(ctx), dry_run=dry_run)

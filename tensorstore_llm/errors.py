@@ -79,11 +79,6 @@ class RecipeError(TsllmError):
     exit_code = 7
 
 
-class InvalidParameter(RecipeError):
-    """A parameter (a recipe key or a command option such as ``--weights``) is outside its
-    documented domain: NaN or infinite, out of range, of the wrong type, or the wrong count."""
-
-
 class DatasetMismatch(TsllmError):
     """A dataset (teacher logits, corpus packing) does not match what its reader expects:
     other tokenizer, chat template, packing rule or sampling settings; or a corpus that cannot
@@ -105,3 +100,15 @@ class StorageError(TsllmError):
 
 class OutputExists(StorageError):
     """The output location already holds something we will not overwrite."""
+
+
+class MissingDependency(TsllmError):
+    """An optional dependency (a pip extra) that this operation needs is not installed."""
+
+    exit_code = 1
+
+
+class ExternalCommandError(TsllmError):
+    """A command the user gave us to run (e.g. a soup's --score-cmd) failed or printed no result."""
+
+    exit_code = 1

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 
-from .errors import RecipeError, TsllmError
+from .errors import MissingDependency, RecipeError
 from .io.base import TensorSource
 from .ops.layers import layer_key
 
@@ -94,7 +94,7 @@ def _load(source: TensorSource, files: dict[str, str], device: str, where: str):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise TsllmError("computing sensitivities needs transformers: pip install 'tensorstore-llm[distill]'") from None
+        raise MissingDependency("computing sensitivities needs transformers: pip install 'tensorstore-llm[distill]'") from None
     if "config.json" not in files:
         raise RecipeError(f"{where}: has no config.json, so it cannot be run to compute sensitivities")
     folder = tempfile.mkdtemp(prefix="tsllm-sens-")

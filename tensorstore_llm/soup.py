@@ -7,6 +7,7 @@ shell; ``{path}`` in any argument is replaced by the directory.
 """
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import subprocess
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import api
-from .errors import RecipeError, TsllmError
+from .errors import ExternalCommandError, RecipeError
 from .store import Artifact, Store
 
 Score = Callable[[str], float]
@@ -38,14 +39,22 @@ def command_score(command: str, timeout: float | None = None) -> Score:
         argv = [a.replace("{path}", path) for a in args]
         if not any("{path}" in a for a in args):
             argv.append(path)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ExternalCommandError(f"score command {command!r} could not run on {path}: {e}") from None
         if done.returncode != 0:
-            raise TsllmError(f"score command {command!r} failed on {path} (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+            last = (done.stderr.strip().splitlines() or [""])[-1][-300:]
+            raise ExternalCommandError(f"score command {command!r} failed on {path} (exit {done.returncode}): {last}")
         lines = done.stdout.strip().splitlines()
         try:
-            return float(lines[-1].split()[-1])
+            value = float(lines[-1].split()[-1])
         except (IndexError, ValueError):
-            raise TsllmError(f"score command {command!r} printed no number on its last line (got {done.stdout.strip()[-100:]!r})") from None
+            value = None
+        if value is None or not math.isfinite(value):
+            got = lines[-1][-100:] if lines else ""
+            raise ExternalCommandError(f"score command {command!r} printed no number (or a NaN / infinite one) on its last line (got {got!r})")
+        return value
 
     return score
 

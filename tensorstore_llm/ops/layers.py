@@ -44,6 +44,8 @@ def conflict_counts(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[int
 
 def gaussian_threshold(ratios: list[float], k: float) -> tuple[float, float, float]:
     """(mu, sigma, mu + k*sigma) of the layers' conflict ratios (population standard deviation)."""
+    if not ratios:
+        raise InvalidParameter("mediator: the models have no tensor with entries whose sign conflicts could be measured")
     mu = sum(ratios) / len(ratios)
     sigma = math.sqrt(sum((r - mu) ** 2 for r in ratios) / len(ratios))
     return mu, sigma, mu + k * sigma
