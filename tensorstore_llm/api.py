@@ -117,7 +117,10 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
            device="cpu", max_memory="2G", progress: bool | None = None, dry_run: bool = False) -> JobResult:
     """Write artifact ``ref`` as a Hugging Face directory (sharded safetensors + index + carried files).
 
-    The directory appears complete or not at all; an interrupted export resumes.
+    The directory appears complete or not at all; an interrupted export resumes. Its staging
+    (``.OUT.tsllm-partial-*`` beside it) is locked while the export runs, so a concurrent export of
+    the same job fails with StorageError, and registered in the store, so ``gc`` removes it if the
+    export is killed.
     """
     artifact = store.get(ref)
     with store.open(ref) as source:
@@ -128,10 +131,17 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
         shard_bytes = parse_size(max_shard_size)
         key = job_key("export", plan.fingerprint(), shard_bytes)
         sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
-                                files=_with_dtype(store.carried_files(ref), dtype))
+                                files=_with_dtype(store.carried_files(ref), dtype), store_root=store.root)
         executor.sink = sink
         _stream(executor, sink)
-        path = sink.commit()
+        try:
+            path = sink.commit()
+        except KeyboardInterrupt:
+            sink.close()
+            raise
+        except BaseException:
+            sink.abort()
+            raise
     return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
 
 

@@ -6,6 +6,7 @@ Pickle checkpoints (``.bin``/``.pt``/``.pth``/``.ckpt``) are refused, never unpi
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import numpy as np
 from ..dtypes import by_name, from_storage
 from ..errors import FormatError, OutputExists, TensorNotFound, TsllmError, UnsafeFormat
 from .base import SourceBase, TensorMeta, check_tensor_name
+from .export_partials import LOCK_NAME, ExportLock, partial_dir
 from .journal import Journal
 from .fsutil import fsync_path, fsync_tree, map_range, start_writeback, storage_errors
 from .safetensors_format import Entry, build_header, check_shape_size, parse_header, pread_into, pwrite_all
@@ -213,20 +215,35 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def _check_output_free(out_dir: str) -> None:
+    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise OutputExists(f"{out_dir}: already exists and is not an empty directory; choose a new output path")
+
+
 class HFCheckpointSink(StagedSink):
     """Writes a Hugging Face checkpoint directory, resumable, published atomically by rename.
 
     Every shard's header is written first and each tensor goes straight to its final offset, so
-    neither a shard nor the model is ever held in memory, and a killed export resumes.
+    neither a shard nor the model is ever held in memory, and a killed export resumes. The
+    staging directory (``.OUT.tsllm-partial-KEY`` beside OUT) is locked for the sink's lifetime,
+    so a second export of the same job fails at once (StorageError) instead of writing into it;
+    with ``store_root`` it is also registered there, so ``gc`` can remove it if the export dies
+    (see ``export_partials``).
     """
 
     def __init__(self, out_dir: str, *, max_shard_bytes: int = 5 * 1024**3, job_key: str = "default",
-                 files: dict[str, str | bytes] | None = None):
+                 files: dict[str, str | bytes] | None = None, store_root: str | None = None):
         out_dir = os.path.abspath(out_dir)
-        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-            raise OutputExists(f"{out_dir}: already exists and is not an empty directory; choose a new output path")
-        parent, base = os.path.split(out_dir)
-        super().__init__(os.path.join(parent, f".{base}.tsllm-partial-{job_key[:16]}"), out_dir)
+        _check_output_free(out_dir)
+        staging = partial_dir(out_dir, job_key)
+        self._lock = ExportLock(staging, out_dir, store_root)
+        self._lock.acquire()
+        try:
+            _check_output_free(out_dir)   # again: a holder of the lock may have published meanwhile
+            super().__init__(staging, out_dir)
+        except BaseException:
+            self._lock.abandon()
+            raise
         self.out_dir = out_dir
         self.max_shard_bytes = max_shard_bytes
         self.files = dict(files or {})
@@ -245,7 +262,8 @@ class HFCheckpointSink(StagedSink):
         if fresh:
             self.journal.close()
             for entry in os.listdir(self.staging_dir):
-                os.remove(os.path.join(self.staging_dir, entry))
+                if entry != LOCK_NAME:
+                    os.remove(os.path.join(self.staging_dir, entry))
             self.journal = Journal(os.path.join(self.staging_dir, JOURNAL_NAME))
         for file_name, shard in zip(names, shards):
             path = os.path.join(self.staging_dir, file_name)
@@ -297,14 +315,33 @@ class HFCheckpointSink(StagedSink):
                 else:
                     shutil.copyfile(content, target)
             fsync_tree(self.staging_dir)
-            if os.path.isdir(self.out_dir):
-                os.rmdir(self.out_dir)  # empty, checked in __init__
-            os.rename(self.staging_dir, self.out_dir)
+            try:   # another export (other settings, other staging) may have published meanwhile
+                _check_output_free(self.out_dir)
+                if os.path.isdir(self.out_dir):
+                    os.rmdir(self.out_dir)  # empty
+                os.rename(self.staging_dir, self.out_dir)
+            except (OutputExists, OSError) as e:
+                if isinstance(e, OutputExists) or e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise OutputExists(f"{self.out_dir}: appeared while this export ran (another export published it "
+                                       "first); this one is discarded") from None
+                raise
             fsync_path(os.path.dirname(self.out_dir))
+            self._lock.published()
         return self.out_dir
 
-    def close(self) -> None:
+    def _close_files(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+
+    def close(self) -> None:
+        """Stop writing, keep the staging directory (a re-run resumes from it) and release its lock."""
+        self._close_files()
         super().close()
+        self._lock.release()
+
+    def abort(self) -> None:
+        """Remove the staging directory, still holding its lock, then release the lock."""
+        self._close_files()
+        StagedSink.close(self)
+        self._lock.remove()
