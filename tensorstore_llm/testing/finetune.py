@@ -1,0 +1,127 @@
+"""A real full fine-tune of SmolLM2-135M for diff-codec tests and benchmarks, cached per machine.
+
+Delta codecs must be measured on the differences a real optimizer makes, not on noise added to a
+base: AdamW moves nearly every weight by about ``lr`` per step whatever its magnitude, so the
+bf16 difference is a few units in the last place for large weights and many for small ones.
+:func:`smollm2_finetune` runs ``steps`` AdamW steps in fp32 on text from the Python standard
+library's docstrings (real English and code prose that ships with every interpreter), casts the
+result to bf16 and saves it next to :func:`~tensorstore_llm.testing.real_models.smollm2_checkpoint`.
+:func:`heldout_text` gives text from other modules, never trained on, for quality measurements.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from .real_models import cache_root, load_smollm2_fp32
+
+# Modules whose docstrings form the training text, and others whose docstrings are held out.
+TRAIN_MODULES = ("collections", "functools", "itertools", "json", "re", "string", "textwrap",
+                 "argparse", "logging", "pathlib", "subprocess", "threading", "heapq", "bisect")
+HELDOUT_MODULES = ("datetime", "decimal", "fractions", "statistics", "csv", "difflib", "email",
+                   "zipfile", "tarfile", "shutil", "tempfile", "calendar")
+
+
+def corpus_text(modules: tuple[str, ...]) -> str:
+    """The docstrings of ``modules`` and of their public classes and functions, joined.
+
+    Deterministic for a given Python version. Example:
+        >>> len(corpus_text(("json",))) > 1000
+        True
+    """
+    import importlib
+    import inspect
+
+    parts = []
+    for name in modules:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for attr in sorted(dir(module)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(module, attr, None)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    parts.append(doc)
+    return "\n\n".join(p for p in parts if p)
+
+
+def heldout_text() -> str:
+    """Text the fine-tune never saw (docstrings of :data:`HELDOUT_MODULES`)."""
+    return corpus_text(HELDOUT_MODULES)
+
+
+def token_batches(tokenizer, text: str, seq_len: int, batch: int, count: int, seed: int = 0):
+    """``count`` batches of ``batch`` random windows of ``seq_len`` tokens from ``text`` (LongTensors)."""
+    import torch
+
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if ids.numel() <= seq_len:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        starts = torch.randint(0, ids.numel() - seq_len, (batch,), generator=gen)
+        out.append(torch.stack([ids[s:s + seq_len] for s in starts.tolist()]))
+    return out
+
+
+def finetune(model, batches, lr: float = 1e-4, weight_decay: float = 0.0, seed: int = 0):
+    """Train ``model`` in place, one AdamW step per batch (causal LM loss); returns the losses.
+
+    Every parameter is trained (a full fine-tune); with tied embeddings the shared matrix moves once.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batch: int = 8,
+                     dtype: str = "bfloat16") -> str:
+    """A cached HF checkpoint directory: SmolLM2-135M-Instruct after ``steps`` AdamW steps.
+
+    Trained in fp32 from the same fp32 weights that :func:`smollm2_checkpoint` casts, so the bf16
+    base and this fine-tune are a true (base, fine-tune) pair. Built once per machine (about a
+    minute on two cores), then returned from the cache. Raises FormatError when SmolLM2 is not
+    installed (see ``real_models``).
+
+    Example:
+        >>> path = smollm2_finetune()            # doctest: +SKIP
+        >>> os.path.isfile(os.path.join(path, "model.safetensors"))   # doctest: +SKIP
+        True
+    """
+    target = os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}-{dtype}")
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return target
+    import torch
+
+    model, tokenizer = load_smollm2_fp32()
+    batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
+    finetune(model, batches, lr=lr)
+    model = model.to(getattr(torch, dtype))
+    os.makedirs(cache_root(), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".smollm2-ft-", dir=cache_root())
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:   # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
