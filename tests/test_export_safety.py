@@ -245,3 +245,31 @@ def test_lock_is_exclusive_and_released_by_publishing(tmp_path):
     again.acquire()
     again.abandon()   # it created the partial: gone again
     assert not os.path.exists(again.partial) and _registrations(root) == []
+
+
+def test_abort_after_close_or_publish_only_removes_what_the_sink_still_owns(tmp_path):
+    from tensorstore_llm.io.base import TensorMeta
+    from tensorstore_llm.io.hf_dir import HFCheckpointSink
+
+    root, out = str(tmp_path / "store"), tmp_path / "out"
+
+    def staged_sink():
+        sink = HFCheckpointSink(str(out), job_key="job-a", store_root=root)
+        sink.prepare([TensorMeta("w", (2,), "float32")])
+        sink.write_rows("w", 0, torch.ones(2))
+        sink.finish("w")
+        return sink
+
+    sink = staged_sink()
+    sink.close()   # interrupted: the partial stays for a resume, registered and unheld
+    assert stale_export_partials(root) == [sink.staging_dir]
+    sink.abort()
+    assert not os.path.exists(sink.staging_dir) and _registrations(root) == []
+    sink = staged_sink()
+    assert sink.commit() == str(out) and sorted(os.listdir(out)) == ["model.safetensors"]
+    holder = ExportLock(sink.staging_dir, str(out), root)   # someone else's partial at the same path now
+    holder.acquire()
+    sink.abort()
+    assert os.path.isdir(holder.partial) and os.path.isdir(out) and len(_registrations(root)) == 1
+    holder.remove()
+    assert not os.path.exists(holder.partial) and _registrations(root) == []

@@ -111,6 +111,7 @@ class ExportLock:
         self._registration_fd: int | None = None
         self._partial_fd: int | None = None
         self.created = False   # the partial directory did not exist before acquire()
+        self._published = False
 
     def _busy(self) -> StorageError:
         return StorageError(f"{self.out_dir}: another process is exporting the same job to it right now "
@@ -158,6 +159,7 @@ class ExportLock:
 
     def published(self) -> None:
         """The partial was renamed to ``out_dir``: drop its lock file there and the registration."""
+        self._published = True
         try:
             os.remove(os.path.join(self.out_dir, LOCK_NAME))
             fsync_path(self.out_dir)
@@ -167,9 +169,16 @@ class ExportLock:
         self._release()
 
     def remove(self) -> None:
-        """Remove the partial directory (the lock is still held while it goes) and the registration."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self._unregister()
+        """Remove the partial directory and the registration, holding their locks while they go
+        (taken again if released before; left alone if another process holds them now)."""
+        if not self._published:
+            if self._partial_fd is None:
+                self._partial_fd = _lock_partial(self.partial)
+            if self._registration_fd is None and self.registration:
+                self._registration_fd = _lock_file(self.registration, create=False)
+            if self._partial_fd is not None:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self._unregister()
         self._release()
 
     def abandon(self) -> None:
