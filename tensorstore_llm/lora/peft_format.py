@@ -447,7 +447,8 @@ def write_adapter(adapter: LoraAdapter | PrefixAdapter, path: str, *, overwrite:
 
 def build_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float | None = None,
                   kinds: Mapping[str, str] | None = None, fan_in_fan_out: bool = False,
-                  base_model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> LoraAdapter:
+                  base_model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
+                  fold_scaling: bool = True) -> LoraAdapter:
     """A LoRA adapter whose update for each module is exactly B @ A of the given factors.
 
     Args:
@@ -455,6 +456,7 @@ def build_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, a
         alpha: lora_alpha (default: the most common rank, so s = 1 there). Modules with another
             rank get a ``rank_pattern`` entry; B is divided by each module's s = alpha / r.
         kinds: module -> "embedding" for embedding LoRA (default "linear").
+        fold_scaling: False stores B as given (the update is then s * B @ A).
     Returns:
         :class:`LoraAdapter` ready for :func:`write_adapter`.
     """
@@ -473,6 +475,6 @@ def build_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, a
     for k, (A, B) in factors.items():
         s = cfg.scaling_for(k)
         kind = (kinds or {}).get(k, "linear")
-        modules[k] = ModuleLora(module=k, kind=kind, A=A.to(dtype).contiguous(), B=(B.float() / s).to(dtype),
+        modules[k] = ModuleLora(module=k, kind=kind, A=A.to(dtype).contiguous(), B=(B.float() / s if fold_scaling else B).to(dtype),
                                 scaling=s, alpha=alpha, fan_in_fan_out=fan_in_fan_out and kind == "linear")
     return LoraAdapter(config=cfg, modules=modules)
