@@ -120,8 +120,9 @@ def safe_yaml(text: str | bytes, where: str, max_bytes: int = MAX_RECIPE_BYTES, 
         raise RecipeError(f"{where}: expected YAML text, got {type(text).__name__}")
     if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise RecipeError(f"{where}: {len(text.encode('utf-8', 'surrogatepass'))} bytes is over the limit of {max_bytes} bytes")
-    loader = RecipeLoader(text, max_depth)
+    loader = None
     try:
+        loader = RecipeLoader(text, max_depth)   # its reader already refuses unprintable characters
         data = loader.get_single_data()
     except _Refused as e:
         raise RecipeError(f"{where}: {e}") from None
@@ -130,7 +131,8 @@ def safe_yaml(text: str | bytes, where: str, max_bytes: int = MAX_RECIPE_BYTES, 
     except (ValueError, OverflowError, UnicodeError) as e:  # e.g. an integer of more than 4300 digits
         raise RecipeError(f"{where}: not valid YAML ({_first_line(e)})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     _check_plain(data, where, "")
     return data
 
