@@ -47,12 +47,13 @@ def _recipe(tmp_path, method, extra=""):
     return path
 
 
-def _merge(cli, tmp_path, family, recipe, label, budget):
+def _merge(cli, tmp_path, family, recipe, label, budget, device="cpu"):
     root = tmp_path / f"store-{label}"
     for name, path in family.items():
         code, _, err = cli("--store", root, "-q", "import", path, "--name", name)
         assert code == 0, err
-    code, _, err = cli("--store", root, "-q", "merge", recipe, "--name", "m", "--max-memory", budget, "--seed", SEED)
+    code, _, err = cli("--store", root, "-q", "merge", recipe, "--name", "m", "--max-memory", budget, "--seed", SEED,
+                       "--device", device)
     assert code == 0, err
     store = Store(str(root))
     return store, store.get("m")
@@ -110,3 +111,13 @@ def test_della_1d_matches_the_whole_tensor_formula(cli, tmp_path, family):
             expected = (tau * (u < p).float()).div_(p).mul_(1.0).add_(base)
             assert torch.equal(got, expected), name
             assert 0.4 < (got != base).float().mean().item() < 0.6, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_della_cuda_equals_cpu_at_every_budget(cli, tmp_path, family):
+    """CUDA tiles are 2^26 elements, CPU tiles 2^19: whole-tensor ranks make both give the same bits."""
+    recipe = _recipe(tmp_path, "della")
+    _, cpu = _merge(cli, tmp_path, family, recipe, "cpu", "1G")
+    for budget in ("1G", "8K"):
+        _, cuda = _merge(cli, tmp_path, family, recipe, f"cuda-{budget}", budget, device="cuda")
+        assert cuda.manifest.tensors == cpu.manifest.tensors, budget
