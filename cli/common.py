@@ -15,11 +15,28 @@ def progress_flag(ctx):
     return False if ctx.obj["quiet"] else None
 
 
+def size_option(ctx, param, value):
+    """Click callback: ``value`` must read as a size (else a usage error, exit 2) and be positive
+    (else InvalidParameter, exit 7): the same rule as every option, parse first, then domain."""
+    from tensorstore_llm.errors import InvalidParameter, TsllmError
+    from tensorstore_llm.units import parse_size
+
+    if value is None:
+        return value
+    try:
+        size = parse_size(value)
+    except TsllmError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    if size <= 0:
+        raise InvalidParameter(f"--{param.name.replace('_', '-')} must be a positive size, got {value!r}")
+    return value
+
+
 def run_options(fn):
     """--device / --max-memory / --seed / --compression / --dry-run for streamed commands."""
     options = [
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--max-memory", default="2G", show_default=True, metavar="SIZE",
+        click.option("--max-memory", default="2G", show_default=True, metavar="SIZE", callback=size_option,
                      help="Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split into row blocks."),
         click.option("--seed", default=0, show_default=True, help="Run seed for ops that draw random numbers."),
         click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True,

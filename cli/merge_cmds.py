@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import print_estimate, progress_flag, report, run_options, store_of
+from .common import print_estimate, progress_flag, report, run_options, size_option, store_of
 
 
 @click.command("merge")
@@ -11,7 +11,7 @@ from .common import print_estimate, progress_flag, report, run_options, store_of
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               help="Also export the result to this Hugging Face directory.")
-@click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the -o export.")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the -o export.")
 @click.option("--arithmetic", type=click.Choice(["fp32", "mergekit"]), default="fp32", show_default=True,
               help="fp32: compute in fp32, round once. mergekit: replay mergekit's operations in the recipe's "
                    "dtype (e.g. bf16 task vectors), bit-exact with mergekit for linear / task_arithmetic.")
@@ -70,7 +70,7 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
               help="Command scoring a candidate: run on its exported HF directory ({path}, else appended), "
                    "it prints a number (higher is better) on its last line.")
 @click.option("--name", help="Tag for the final soup.")
-@click.option("--max-memory", default="2G", show_default=True, help="Budget for tensor data held at once.")
+@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.pass_context
 def soup_cmd(ctx, refs, score_cmd, name, max_memory, device):

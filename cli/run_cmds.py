@@ -40,12 +40,11 @@ def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_mem
     REFs are store artifacts, HF directories or hub repos; all must have the same tensors and shapes.
     """
     from tensorstore_llm.api import weighted_sum
-    from tensorstore_llm.errors import InvalidParameter
 
-    try:
+    try:   # text that is no number is a usage error (exit 2); NaN, inf or a wrong count: InvalidParameter (7)
         values = [float(w) for w in weights.split(",")]
     except ValueError:
-        raise InvalidParameter(f"--weights {weights!r} is not a comma-separated list of numbers, e.g. 0.5,0.5") from None
+        raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights")
     result = weighted_sum(store_of(ctx), list(refs), values, normalize=normalize, dtype=dtype, name=name,
                           device=device, max_memory=max_memory, seed=seed, compression=compression,
                           progress=progress_flag(ctx), dry_run=dry_run)

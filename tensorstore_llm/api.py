@@ -51,12 +51,17 @@ def resolve_input(store: Store | None, ref: str, revision: str | None = None):
         source = HFCheckpointSource(ref)
         kind = "hf-dir" if os.path.isdir(ref) else "safetensors-file"
         return source, {"external": {"type": kind, "path": os.path.abspath(ref)}}, source.files()
-    parsed = hub.parse_hub_ref(ref)
-    if parsed is None:
-        where = f" in store {store.root}" if store is not None else ""
-        raise ArtifactNotFound(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
-    repo, rev = parsed
-    path, commit = hub.snapshot(repo, revision or rev)
+    try:
+        parsed = hub.parse_hub_ref(ref)
+        if parsed is None:
+            where = f" in store {store.root}" if store is not None else ""
+            raise ArtifactNotFound(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
+        repo, rev = parsed
+        path, commit = hub.snapshot(repo, revision or rev)
+    except TsllmError as e:
+        if type(e) is not TsllmError:
+            raise
+        raise ArtifactNotFound(str(e)) from None   # a malformed or unavailable hub reference: exit 3
     source = HFCheckpointSource(path)
     return source, {"external": {"type": "hub", "repo": repo, "revision": revision or rev or "main", "commit": commit}}, source.files()
 

@@ -89,7 +89,7 @@ def test_documented_errors_and_exit_codes(cli, tmp_path, tiny_family):
     _expect_error(cli, 6, "unknown dtype 'fp7'", "--store", s, "import", tiny_family["base"], "--dtype", "fp7")
     assert cli("--store", s, "ls")[1].startswith("no artifacts")
     assert cli("--store", s, "import", tiny_family["base"], "--name", "base")[0] == 0
-    _expect_error(cli, 1, "cannot read 'lots' as a size", "--store", s, "convert", "base", "--dtype", "fp16", "--max-memory", "lots")
+    assert cli("--store", s, "convert", "base", "--dtype", "fp16", "--max-memory", "lots")[0] == 2  # usage error
     out_dir = tmp_path / "taken"
     out_dir.mkdir()
     (out_dir / "x").write_text("mine")

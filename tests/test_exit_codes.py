@@ -87,7 +87,8 @@ def test_real_commands_exit_with_the_family_code(cli, tmp_path, tiny_family):
     bad.write_bytes(b"\xff" * 64)
     assert cli("--store", root, "import", bad)[0] == 4
     assert cli("--store", root, "weighted-sum", "base", "--weights", "1,1")[0] == 7
-    assert cli("--store", root, "weighted-sum", "base", "--weights", "one")[0] == 7
+    assert cli("--store", root, "weighted-sum", "base", "--weights", "one")[0] == 2   # not a number: usage error
+    assert cli("--store", root, "weighted-sum", "base", "--weights", "nan")[0] == 7   # a number out of its domain
     assert cli("--store", root, "convert", "base", "--dtype", "int8")[0] == 6
     recipe = tmp_path / "r.yaml"
     recipe.write_text("merge_method: linear\nmodels: [base, missing]\nparameters: {weight: 1}\n")

@@ -258,3 +258,25 @@ def test_every_domain_is_documented_in_the_readme():
     for key, domain in PARAMETER_DOMAINS.items():
         assert f"`{key}`" in rows, key
         assert rows[f"`{key}`"].endswith(f"| {domain.text} |"), (key, domain.text)
+
+
+def test_unavailable_hub_reference_is_exit_3(cli, tagged, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))   # an empty cache
+    code, out, err = cli("--store", tagged, "weighted-sum", "ft1", "nobody/no-such-model", "--weights", "1,1")
+    _one_line_error(code, out, err, 3, "nobody/no-such-model")
+    _one_line_error(*cli("--store", tagged, "convert", "hf://..", "--dtype", "fp16"), 3, "not a hub reference")
+
+
+@pytest.mark.parametrize("size", ["nan", "infG", "-1G", "lots", "0"])
+def test_bad_memory_and_shard_sizes(cli, tagged, tmp_path, size):
+    """Not a size: usage error (2), as click does for every option; a zero size: InvalidParameter (7)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_ties())
+    for args, option in [(("convert", "ft1", "--dtype", "fp16", "--max-memory", size), "--max-memory"),
+                         (("merge", recipe, "-o", tmp_path / "out", "--max-shard-size", size), "--max-shard-size")]:
+        code, out, err = cli("--store", tagged, *args)
+        if size == "0":
+            _one_line_error(code, out, err, 7, f"{option} must be a positive size")
+        else:
+            assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err, err
