@@ -1,0 +1,220 @@
+"""NF4 (QLoRA's 4-bit NormalFloat) quantisation, following bitsandbytes bit for bit.
+
+QLoRA (Dettmers et al. 2023) trains a LoRA against the NF4-dequantised base. Merging that adapter
+into the bf16 original adds the quantisation error q = W16 - dequant(NF4(W16)) to every merged
+layer, so a faithful merge dequantises first. The format, as bitsandbytes writes it:
+
+- 16 code values: quantiles of N(0, 1) normalised to [-1, 1] (``create_normal_map(0.9677083)``),
+  exactly 0 included; each element is the index of the nearest code (ties between two codes go
+  up, as ``torch.bucketize`` on the midpoints does);
+- one absmax (fp32) per block of 64 consecutive elements of the flattened tensor; values are
+  scaled by 1/absmax and clamped to [-1, 1]; two 4-bit indices per byte, first one in the high
+  nibble;
+- double quantisation (``compress_statistics``): offset = mean(absmax); absmax - offset is
+  quantised to 8 bits with bitsandbytes' signed dynamic map, blocks of 256, one fp32 absmax per
+  block, each value to its nearest code (bitsandbytes' reference torch kernel and its CUDA
+  kernel's rule). bitsandbytes' compiled CPU kernel for this 8-bit step uses an approximate
+  search that, for values within a fraction of a percent of the gap from a midpoint between two
+  codes, sometimes picks the farther code; those absmax codes (and then their 64-blocks) differ
+  from bitsandbytes-on-CPU by one code step. Dequantising a stored bitsandbytes state
+  (:func:`from_bnb_state_dict`) is exact whatever kernel made it.
+
+Dequantisation: absmax = code8[q8] * absmax2 + offset (fp32), W = code4[q4] * absmax (fp32), then
+one rounding to the output dtype.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FormatError
+
+#: bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), as fp32.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+
+
+def normal_map(offset: float = 0.9677083) -> torch.Tensor:
+    """NF4's code derived from the normal distribution (QLoRA's construction), fp32.
+
+    8 positive quantiles Phi^-1(linspace(offset, 0.5, 9)[:-1]), 7 negative ones
+    -Phi^-1(linspace(offset, 0.5, 8)[:-1]) and 0, sorted and divided by the largest.
+    Equals :data:`NF4_CODE` to fp32 rounding (the table is what bitsandbytes ships).
+    """
+    def ppf(p: torch.Tensor) -> torch.Tensor:
+        return math.sqrt(2.0) * torch.special.erfinv(2 * p.double() - 1)
+
+    pos = ppf(torch.linspace(offset, 0.5, 9)[:-1])
+    neg = -ppf(torch.linspace(offset, 0.5, 8)[:-1])
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (v / v.max()).float()
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic code (``create_dynamic_map``, Dettmers 2015), used for the
+    double quantisation of NF4's absmax: per exponent 10^-(6-i), fraction values at the
+    midpoints of linspace(0.1, 1, 2^(i+...)+1) (fp32), with both signs, plus 0 and 1; sorted."""
+    data: list[float] = []
+    non_sign = total_bits - 1
+    additional = 2 ** (non_sign - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        items = int(2 ** (i + non_sign - max_exponent_bits) + 1 if signed
+                    else 2 ** (i + non_sign - max_exponent_bits + 1) + 1)
+        b = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional > 0:
+        b = torch.linspace(0.1, 1, additional + 1, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2 ** total_bits - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the nearest code per element after scaling each block by 1/absmax; absmax."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1)[0]
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, bounds, out_int32=True), absmax
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = values.numel()
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out
+
+
+@dataclass
+class NF4Tensor:
+    """An NF4-quantised tensor in bitsandbytes' layout.
+
+    ``packed``: uint8, ceil(n / 2) bytes (bitsandbytes keeps shape (bytes, 1)); ``absmax``: fp32 per
+    block, or uint8 codes when double-quantised (then ``offset``, ``absmax2`` per 256 absmax values,
+    ``code2``); ``shape`` / ``dtype``: the original tensor's.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int = 64
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    blocksize2: int = 256
+    code: torch.Tensor = NF4_CODE
+    code2: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 absmax per 64-block (double quantisation undone)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        return _scale_blocks(self.code2[self.absmax.long()], self.absmax2, self.blocksize2) + self.offset
+
+
+def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """NF4-quantise ``x`` exactly as ``bitsandbytes.functional.quantize_4bit(x, blocksize=64,
+    quant_type="nf4", compress_statistics=double_quant)`` does on CPU.
+
+    Args:
+        x: fp32, fp16 or bf16 tensor of any shape.
+    Returns:
+        :class:`NF4Tensor`; ``dequantize_nf4`` gives the weights a QLoRA adapter was trained against.
+
+    >>> q = quantize_nf4(torch.randn(4, 64))
+    >>> dequantize_nf4(q).shape
+    torch.Size([4, 64])
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FormatError(f"NF4 quantises fp32 / fp16 / bf16 tensors, got {x.dtype}")
+    q, absmax = _blockwise(x, NF4_CODE, blocksize)
+    if q.numel() % 2:                                               # bitsandbytes pads with the value 0
+        q = torch.cat([q, torch.full((1,), 7, dtype=q.dtype)])
+    q8 = q.to(torch.uint8)
+    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)               # high nibble first
+    out = NF4Tensor(packed=packed, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        code2 = dynamic_map(signed=True)
+        q2, absmax2 = _blockwise(absmax - offset, code2, 256)
+        out.absmax, out.offset, out.absmax2, out.code2 = q2.to(torch.uint8), offset, absmax2, code2
+    return out
+
+
+def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """code[index] * absmax in fp32, rounded once to ``dtype`` (default: the original dtype).
+
+    Matches ``bitsandbytes.functional.dequantize_4bit`` bit for bit.
+    """
+    n = math.prod(t.shape)
+    p = t.packed.reshape(-1)
+    idx = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
+    values = _scale_blocks(t.code[idx], t.block_absmax(), t.blocksize)
+    return values.reshape(t.shape).to(dtype or t.dtype)
+
+
+def nf4_roundtrip(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dequant(NF4(x)): the base weights a QLoRA adapter saw during training."""
+    return dequantize_nf4(quantize_nf4(x), dtype)
+
+
+def quantization_error_ratio(weight: torch.Tensor, delta: torch.Tensor) -> float:
+    """||q|| / ||delta|| with q = W - dequant(NF4(W)): how much merging into the unquantised
+    weight adds next to the adapter's own update (Unsloth measured 10-150x per layer)."""
+    q = weight.float() - nf4_roundtrip(weight, torch.float32)
+    dn = float(delta.float().norm())
+    return float(q.norm()) / dn if dn > 0 else math.inf
+
+
+def from_bnb_state_dict(tensors: dict[str, torch.Tensor], name: str) -> NF4Tensor:
+    """Read a bitsandbytes NF4 weight saved in a checkpoint (``Linear4bit`` state dict, as
+    transformers saves ``load_in_4bit`` models): ``<name>``, ``<name>.absmax``,
+    ``<name>.quant_map``, ``<name>.quant_state.bitsandbytes__nf4`` (JSON bytes) and, when
+    double-quantised, ``<name>.nested_absmax`` and ``<name>.nested_quant_map``.
+
+    Raises FormatError naming the tensor when a part is missing or the quant type is not nf4.
+    """
+    key = name + ".quant_state.bitsandbytes__nf4"
+    if key not in tensors:
+        if name + ".quant_state.bitsandbytes__fp4" in tensors:
+            raise FormatError(f"{name}: bitsandbytes FP4 weights are not supported (NF4 only)")
+        raise FormatError(f"{name}: no {key}; not a bitsandbytes NF4 weight")
+    try:
+        meta = json.loads(bytes(tensors[key].numpy().astype("uint8")).decode("utf-8"))
+        nested = "nested_offset" in meta
+        return NF4Tensor(
+            packed=tensors[name], absmax=tensors[name + ".absmax"], shape=tuple(meta["shape"]),
+            dtype=getattr(torch, meta["dtype"]), blocksize=int(meta["blocksize"]),
+            code=tensors[name + ".quant_map"].float(),
+            offset=torch.tensor(float(meta["nested_offset"])) if nested else None,
+            absmax2=tensors[name + ".nested_absmax"] if nested else None,
+            blocksize2=int(meta.get("nested_blocksize", 256)),
+            code2=tensors[name + ".nested_quant_map"].float() if nested else None)
+    except KeyError as e:
+        raise FormatError(f"{name}: bitsandbytes NF4 weight is missing {e.args[0]}") from None
