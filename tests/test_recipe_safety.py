@@ -280,3 +280,27 @@ def test_bad_memory_and_shard_sizes(cli, tagged, tmp_path, size):
             _one_line_error(code, out, err, 7, f"{option} must be a positive size")
         else:
             assert code == 2 and f"Invalid value for '{option}'" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("op,roles,params,message", [
+    ("task_arithmetic", {"base": "base", "models": ["ft1"]}, {"weights": [float("nan")]}, "weights must be finite"),
+    ("task_arithmetic", {"base": "base", "models": ["ft1"]}, {"weights": [1.0], "lam": float("inf")}, "lambda must be finite"),
+    ("task_arithmetic", {"base": "base", "models": ["ft1"]},
+     {"weights": [1.0], "densities": [0.5], "gammas": [-5], "sparsification": "magnitude_outliers"}, "gammas"),
+    ("task_arithmetic", {"base": "base", "models": ["ft1"]},
+     {"weights": [1.0], "densities": [0.5], "epsilons": [float("nan")], "sparsification": "della"}, "epsilons"),
+    ("slerp", {"a": "ft1", "b": "ft2"}, {"t": float("nan")}, "t must be in"),
+    ("nuslerp", {"models": ["ft1", "ft2"]}, {"weights": [1.0, float("inf")]}, "weights must be finite"),
+])
+def test_kernel_params_refuse_nan_from_the_python_api(tiny_family, op, roles, params, message):
+    """plan_map (the Python API below recipes) checks the same domains when the plan is built."""
+    from tensorstore_llm.engine import plan_map
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
+
+    sources = {k: HFCheckpointSource(tiny_family[k]) for k in ("base", "ft1", "ft2")}
+    try:
+        with pytest.raises(RecipeError, match=message):
+            plan_map(op, sources, roles, params=params)
+    finally:
+        for s in sources.values():
+            s.close()

@@ -23,6 +23,10 @@ from .registry import StatsPass, op
 class ModelStockParams:
     eps: float = 1e-6
 
+    def __post_init__(self):
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+
 
 def _pairs(n: int):
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
@@ -64,6 +68,10 @@ def model_stock(ctx, params, base, models):
 class NuSlerpParams:
     weights: tuple[float, ...]
     eps: float = 1e-8
+
+    def __post_init__(self):
+        if any(not math.isfinite(w) for w in self.weights) or not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"weights must be finite numbers and eps >= 0, got {self.weights}, {self.eps}")
 
     def validate_inputs(self, counts: dict[str, int]) -> None:
         if counts.get("models", 0) != 2 or len(self.weights) != 2:
