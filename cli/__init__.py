@@ -27,6 +27,7 @@ _COMMANDS = {
     "soup": ("merge_cmds", "soup_cmd"),
     "ops": ("run_cmds", "ops_cmd"),
     "quickstart": ("quickstart_cmd", "quickstart_cmd"),
+    "logits": ("distill_cmds", "logits_group"),
 }
 
 

@@ -141,3 +141,38 @@ def test_top_k_and_partial_run_with_other_settings(teacher, tmp_path):
         f.write("another run")
     with pytest.raises(DatasetMismatch, match="partial run"):
         precompute(teacher, CORPUS, str(tmp_path / "x"), rule=RULE, max_sequences=1)
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from tensorstore_llm.distill.precompute import SamplingConfig, precompute
+from tensorstore_llm.hf.packing import PackingRule
+from tensorstore_llm.testing.real_models import smollm2_checkpoint
+precompute(smollm2_checkpoint(), sys.argv[1], sys.argv[2], config=SamplingConfig(draws=50, alignment=True),
+           rule=PackingRule(seq_len=32, shuffle_seed=0), max_sequences=3, shard_sequences=2, batch_size=2,
+           progress=lambda done, total: time.sleep(1.0))
+"""
+
+
+def test_kill_9_and_rerun_gives_identical_dataset(teacher, dataset, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, CORPUS, out], stderr=subprocess.DEVNULL)
+    journal = os.path.join(out + ".partial", "journal.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(journal) and os.path.getsize(journal) > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the precompute finished or failed before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out) and os.path.exists(journal)
+    precompute(teacher, CORPUS, out, config=SamplingConfig(draws=50, alignment=True), position_chunk=32, **SLICE)
+    assert shard_hashes(out) == shard_hashes(dataset)
+    assert open_dataset(out).info == open_dataset(dataset).info

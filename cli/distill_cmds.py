@@ -1,0 +1,148 @@
+"""Teacher-logit verbs: ``tsllm logits precompute`` and ``tsllm logits show``."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.group("logits")
+def logits_group():
+    """Precompute a teacher's output distribution once (RS-KD), train many students from it.
+
+    \b
+      tsllm logits precompute --teacher ./SmolLM2-135M --data data/corpus --out kd-smollm2 --seq-len 512
+      tsllm logits show kd-smollm2
+
+    Per token position the teacher's softmax (fp32, temperature T) is sampled N times
+    (--draws, default 50) with a generator seeded per sequence; the unique ids and their counts are
+    kept: an unbiased sparse target (E[counts / N] = teacher probabilities). Train with
+    tensorstore_llm.distill.dataset.DistillDataset and distill.losses.
+    """
+
+
+def _resolve_teacher(ctx, teacher: str) -> str:
+    """An HF directory for TEACHER: a directory or hub id as is; a store artifact exported once."""
+    import os
+
+    from tensorstore_llm.io.hub import parse_hub_ref
+
+    if os.path.isdir(teacher) or parse_hub_ref(teacher) is not None:
+        return teacher
+    import tempfile
+
+    from tensorstore_llm.api import export
+
+    from .common import store_of
+
+    store = store_of(ctx)
+    artifact = store.get(teacher)          # ArtifactNotFound names the ref when it is none of the three
+    out = os.path.join(tempfile.gettempdir(), f"tsllm-teacher-{artifact.id[:16]}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        export(store, teacher, out, progress=False)
+    return out
+
+
+@logits_group.command("precompute")
+@click.option("--teacher", required=True, metavar="MODEL",
+              help="transformers causal LM: HF directory, hub id (org/name[@rev]) or store artifact.")
+@click.option("--data", "data", required=True, metavar="CORPUS",
+              help="Corpus file or directory: .txt (documents split at two blank lines), .jsonl with "
+                   "'text' or chat 'messages' (rendered with the teacher's chat template), .parquet.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Dataset directory to create (staged in OUT.partial; re-run to resume).")
+@click.option("--method", type=click.Choice(["rs-kd", "top-k", "full"]), default="rs-kd", show_default=True,
+              help="rs-kd: sampled ids + counts (unbiased); top-k: k ids + log-probs (biased baseline); "
+                   "full: every log-prob (tiny tests only).")
+@click.option("--draws", default=50, show_default=True, help="RS-KD draws N per position.")
+@click.option("--tau", default=1.0, show_default=True, help="RS-KD proposal exponent: q ∝ t^tau; tau != 1 stores importance weights.")
+@click.option("--self-normalise", is_flag=True, help="With tau != 1: divide each position's weights by their sum (biased).")
+@click.option("--temperature", default=1.0, show_default=True, help="T in softmax(logits / T).")
+@click.option("--top-k", "k", default=50, show_default=True, help="k for --method top-k.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per packed sequence.")
+@click.option("--shuffle-seed", default=0, show_default=True, type=int, help="Document order seed of the packing (-1: corpus order).")
+@click.option("--add-bos", is_flag=True, help="Start every document with BOS.")
+@click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
+@click.option("--shard-sequences", default=64, show_default=True, help="Sequences per Parquet shard (unit of resume).")
+@click.option("--max-sequences", type=int, help="Only the first N packed sequences.")
+@click.option("--alignment", is_flag=True, help="Also store teacher NLL, text and character offsets (for other tokenizers).")
+@click.option("--seed", default=0, show_default=True, help="Run seed of the per-sequence RS-KD generators.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, help="Compute dtype of the teacher (float32, bfloat16).")
+@click.pass_context
+def precompute_cmd(ctx, teacher, data, out, method, draws, tau, self_normalise, temperature, k, seq_len, shuffle_seed,
+                   add_bos, batch_size, shard_sequences, max_sequences, alignment, seed, device, dtype):
+    """Run TEACHER over CORPUS once and write its sparse targets as a sharded Parquet dataset.
+
+    The corpus is tokenised and packed by rule concat-eos-chunk-v1 (documents in shuffled order,
+    each followed by EOS, concatenated and cut into --seq-len windows, the last partial window
+    dropped). The dataset's fingerprint covers teacher, tokenizer, chat template, corpus, packing,
+    method, N, tau and T; a reader with another tokenizer or packing is refused.
+    """
+    from tensorstore_llm.distill.precompute import SamplingConfig, precompute
+    from tensorstore_llm.distill.stats import dataset_stats
+    from tensorstore_llm.hf.models import load_causal_lm
+    from tensorstore_llm.hf.packing import PackingRule
+
+    from transformers import AutoTokenizer
+
+    from tensorstore_llm.hf.corpus import read_corpus
+    from tensorstore_llm.hf.packing import Packing
+
+    quiet = ctx.obj["quiet"]
+    config = SamplingConfig(method=method, draws=draws, tau=tau, self_normalise=self_normalise,
+                            temperature=temperature, k=k, seed=seed, alignment=alignment)
+    config.validate()
+    rule = PackingRule(seq_len=seq_len, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed, add_bos=add_bos)
+    source = _resolve_teacher(ctx, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    corpus = read_corpus(data, tokenizer=tokenizer)          # corpus and packing errors before the model loads
+    Packing(corpus.documents, tokenizer, rule, corpus.fingerprint)
+    lm = load_causal_lm(source, dtype=dtype, device=device)
+
+    def progress(done, total):
+        if not quiet and sys.stderr.isatty():
+            click.echo(f"\r{done}/{total} sequences", nl=False, err=True)
+    path = precompute(lm, corpus, out, config=config, rule=rule, batch_size=batch_size, shard_sequences=shard_sequences,
+                      max_sequences=max_sequences, progress=progress)
+    if quiet:
+        click.echo(path)
+        return
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    s = dataset_stats(path)
+    click.echo(f"wrote {path}: {s['sequences']} sequences, {s['tokens']} tokens, {s['unique_per_position']:.1f} ids/position, "
+               f"{s['bytes_per_token']:.1f} B/token, {s['bytes_per_pair']:.2f} B/pair")
+
+
+@logits_group.command("show")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print fingerprint and statistics as JSON.")
+def show_cmd(dataset, as_json):
+    """Print a dataset's fingerprint, tokens, bytes per token / pair, ids per position and coverage.
+
+    Coverage is the teacher's probability mass on the stored ids, averaged over positions.
+    """
+    from tensorstore_llm.distill.shards import open_dataset
+    from tensorstore_llm.distill.stats import dataset_stats
+
+    ds = open_dataset(dataset)
+    stats = dataset_stats(ds)
+    if as_json:
+        click.echo(json.dumps({"info": ds.info, "stats": stats}, indent=1, sort_keys=True))
+        return
+    info, sampling = ds.info, ds.info["sampling"]
+    click.echo(f"dataset      {ds.path}")
+    click.echo(f"fingerprint  {info['fingerprint']}")
+    click.echo(f"teacher      {info['teacher_source']} ({info['teacher'][:16]})")
+    click.echo(f"tokenizer    {info['tokenizer'][:16]}  vocab {info['vocab']}  chat template {info['chat_template'][:16] or '-'}")
+    click.echo(f"corpus       {info['corpus'][:16]}  packing {info['packing']}")
+    detail = {"rs-kd": f"N={sampling['draws']} tau={sampling['tau']}" + (" self-normalised" if sampling["self_normalise"] else ""),
+              "top-k": f"k={sampling['k']}", "full": "all ids"}[sampling["method"]]
+    click.echo(f"method       {sampling['method']} {detail} T={sampling['temperature']} seed={sampling['seed']}"
+               f"{' +alignment' if sampling['alignment'] else ''}")
+    click.echo(f"sequences    {stats['sequences']} x {info['seq_len']} = {stats['tokens']} tokens in {len(ds.files)} shard(s)")
+    click.echo(f"ids/position {stats['unique_per_position']:.2f}   coverage {stats['coverage']:.3f}")
+    click.echo(f"size         {stats['bytes']} B: {stats['bytes_per_token']:.2f} B/token, {stats['bytes_per_pair']:.3f} B/pair "
+               f"({stats['target_bytes_per_pair']:.3f} B/pair in the target columns)")

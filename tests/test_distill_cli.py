@@ -1,0 +1,51 @@
+"""`tsllm logits precompute / show` end to end on a tiny slice, and CLI errors."""
+import json
+import os
+
+import pytest
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "literature.txt")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir():
+    from tensorstore_llm.testing.real_models import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+def test_precompute_then_show(cli, teacher_dir, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = str(tmp_path / "kd")
+        code, stdout, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", out,
+                                "--seq-len", "16", "--max-sequences", "2", "--shard-sequences", "1", "--draws", "20")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert "2 sequences, 32 tokens" in stdout and "B/token" in stdout
+    code, stdout, err = cli("logits", "show", out)
+    assert code == 0, err
+    assert "rs-kd N=20 tau=1.0 T=1.0" in stdout and "2 x 16 = 32 tokens in 2 shard(s)" in stdout
+    code, stdout, err = cli("logits", "show", out, "--json")
+    shown = json.loads(stdout)
+    assert shown["info"]["sampling"]["draws"] == 20 and shown["stats"]["tokens"] == 32
+    assert 1 <= shown["stats"]["unique_per_position"] <= 20
+    # the same output again: refused, nothing changed
+    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", out, "--seq-len", "16")
+    assert code == 8 and "already holds a committed dataset" in err
+
+
+def test_cli_errors(cli, teacher_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", str(empty), "--out", str(tmp_path / "o"))
+    assert code == 7 and err.startswith("error:") and "empty" in err
+    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", str(tmp_path / "o"),
+                       "--seq-len", "100000")
+    assert code == 7 and "fewer than one sequence of seq_len=100000" in err
+    code, _, err = cli("logits", "show", str(tmp_path))
+    assert code == 4 and "not a committed dataset" in err
