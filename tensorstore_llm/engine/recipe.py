@@ -148,7 +148,8 @@ def _check_plain(node: Any, where: str, path: str) -> None:
         for key, value in node.items():
             if not isinstance(key, str):
                 raise RecipeError(f"{where}: key {key!r}{_at(path)} is not a string")
-            _check_plain(value, where, f"{path}.{key}" if path else key)
+            name = key if key.isidentifier() else repr(key)   # a key with a newline stays on one line
+            _check_plain(value, where, f"{path}.{name}" if path else name)
     elif isinstance(node, list):
         for i, value in enumerate(node):
             _check_plain(value, where, f"{path}[{i}]")
@@ -186,7 +187,7 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     its domain here, so a recipe that parses is one whose parameters are all in range.
 
     Example:
-        >>> load_recipe("merge_method: linear\nmodels: [a, b]\nparameters: {weight: 0.5}").method
+        >>> load_recipe("{merge_method: linear, models: [a, b], parameters: {weight: 0.5}}").method
         'linear'
     """
     raw = safe_yaml(text, where)
@@ -248,7 +249,7 @@ def _short(value: Any) -> str:
 
 def _ref(value: Any, where: str) -> str:
     """A model reference: a string (an integer, as YAML reads a tag like ``2024``, is taken as text)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "" or not str(value).isprintable():
         raise RecipeError(f"{where}: expected a model reference (store tag / id, directory or hub repo), got {_short(value)}")
     return str(value)
 
