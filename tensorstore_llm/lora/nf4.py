@@ -186,8 +186,9 @@ def nf4_roundtrip(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
 
 def quantization_error_ratio(weight: torch.Tensor, delta: torch.Tensor) -> float:
     """||q|| / ||delta|| with q = W - dequant(NF4(W)): how much merging into the unquantised
-    weight adds next to the adapter's own update (Unsloth measured 10-150x per layer)."""
-    q = weight.float() - nf4_roundtrip(weight, torch.float32)
+    weight adds next to the adapter's own update (Unsloth measured 10-150x per layer). The
+    dequantised weight is taken in W's dtype, as bitsandbytes hands it to the layer in training."""
+    q = weight.float() - nf4_roundtrip(weight).float()
     dn = float(delta.float().norm())
     return float(q.norm()) / dn if dn > 0 else math.inf
 

@@ -1,0 +1,213 @@
+"""Merge a PEFT adapter into a Hugging Face safetensors checkpoint: the in-memory path.
+
+This is the path users have today, until the streamed engine job (block by block within
+``--max-memory``, artifacts bound to their base) lands: it holds one shard of the base at a time
+(plus the adapter), merges with the same kernels, and writes a checkpoint directory with the same
+shard layout. It reads safetensors only (pickle checkpoints are refused) and never leaves a
+half-written output: files are staged next to ``out_dir`` and renamed into place.
+
+Bases that are already quantised are dequantised first: bitsandbytes NF4 weights
+(``<m>.weight`` + ``<m>.weight.quant_state.bitsandbytes__nf4`` ...), GPTQ and AWQ packed weights
+(``<m>.qweight`` / ``qzeros`` / ``scales`` [/ ``g_idx``], settings from ``quantization_config`` in
+``config.json``). The output is a dense checkpoint without ``quantization_config``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..errors import FormatError, OutputExists, RecipeError, UnsafeFormat
+from . import nf4 as N
+from .merge import merge_module
+from .packed import dequantize_awq, dequantize_gptq
+from .peft_format import LoraAdapter, read_adapter
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+def _shards(base_dir: str) -> dict[str, list[str]]:
+    """shard file -> tensor names (in the order of the index / file)."""
+    from safetensors import safe_open
+
+    idx = os.path.join(base_dir, INDEX)
+    if os.path.isfile(idx):
+        with open(idx, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{idx}: no weight_map")
+        out: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            out.setdefault(shard, []).append(name)
+        return out
+    if os.path.isfile(os.path.join(base_dir, SINGLE)):
+        with safe_open(os.path.join(base_dir, SINGLE), "pt") as f:
+            return {SINGLE: list(f.keys())}
+    for name in _PICKLES:
+        if os.path.exists(os.path.join(base_dir, name)):
+            raise UnsafeFormat(f"{os.path.join(base_dir, name)}: pickle checkpoints are refused (loading them can run "
+                               "code); convert the base to safetensors first")
+    raise FormatError(f"{base_dir}: no {SINGLE} or {INDEX}")
+
+
+def _shapes(base_dir: str, shards: dict[str, list[str]], qcfg: dict | None) -> dict[str, tuple[int, ...]]:
+    """Dense shapes of every base tensor, from the headers (quantised weights as they will be)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard, names in shards.items():
+        with safe_open(os.path.join(base_dir, shard), "pt") as f:
+            for name in names:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    for name in list(shapes):
+        if name.endswith(".quant_state.bitsandbytes__nf4"):
+            w = name[: -len(".quant_state.bitsandbytes__nf4")]
+            with safe_open(os.path.join(base_dir, _shard_of(shards, name)), "pt") as f:
+                shapes[w] = tuple(json.loads(bytes(f.get_tensor(name).numpy().astype("uint8")).decode())["shape"])
+        elif name.endswith(".qweight") and qcfg:
+            m = name[: -len(".qweight")]
+            q, s = shapes[name], shapes.get(m + ".scales")
+            if s is None:
+                raise FormatError(f"{base_dir}: {name} without {m}.scales")
+            n_out = s[1]
+            n_in = q[0] * 32 // qcfg.get("bits", 4) if qcfg.get("quant_method") == "gptq" else q[0]
+            shapes[m + ".weight"] = (n_out, n_in)
+    return shapes
+
+
+def _shard_of(shards: dict[str, list[str]], name: str) -> str:
+    return next(s for s, names in shards.items() if name in names)
+
+
+def _dense(tensors: dict[str, torch.Tensor], qcfg: dict | None, where: str) -> dict[str, torch.Tensor]:
+    """Replace quantised weights of one shard by dense ones; other tensors pass through."""
+    out = {}
+    nf4_names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in tensors if k.endswith(".quant_state.bitsandbytes__nf4")]
+    skip = set()
+    for w in nf4_names:
+        out[w] = N.dequantize_nf4(N.from_bnb_state_dict(tensors, w))
+        skip |= {k for k in tensors if k.startswith(w + ".") or k == w}
+    method = (qcfg or {}).get("quant_method")
+    for k in [k for k in tensors if k.endswith(".qweight")]:
+        m = k[: -len(".qweight")]
+        if method not in ("gptq", "awq"):
+            raise FormatError(f"{where}: {k} is packed but config.json has no GPTQ / AWQ quantization_config")
+        parts = {p: tensors.get(f"{m}.{p}") for p in ("qweight", "qzeros", "scales", "g_idx")}
+        if parts["qzeros"] is None or parts["scales"] is None:
+            raise FormatError(f"{where}: {m} needs qweight, qzeros and scales")
+        bits, gs = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+        if method == "gptq":
+            zero = 0 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
+            gidx = parts["g_idx"] if qcfg.get("desc_act") else None
+            out[m + ".weight"] = dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits, group_size=gs,
+                                                 g_idx=gidx, zero_offset=zero, dtype=parts["scales"].dtype, name=m)
+        else:
+            out[m + ".weight"] = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits, group_size=gs,
+                                                dtype=parts["scales"].dtype, name=m)
+        skip |= {f"{m}.{p}" for p in parts}
+    out.update({k: v for k, v in tensors.items() if k not in skip})
+    return out
+
+
+def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float = 1.0, base_quant: str | None = None,
+                  peft_compat: bool = False, overwrite: bool = False) -> dict:
+    """Merge the PEFT adapter in ``adapter_dir`` into the checkpoint in ``base_dir``; write ``out_dir``.
+
+    In-memory path (one base shard at a time), until the streamed engine job lands. The merge is
+    W + s B A (DoRA: m (W + s B A) / ||W + s B A||) in fp32 with one rounding to the base dtype,
+    equal to PEFT's ``merge_and_unload()`` for fp32 weights (``peft_compat`` for PEFT's double
+    rounding of half-precision adapters).
+
+    Args:
+        base_dir: Hugging Face checkpoint directory (safetensors, sharded or not; may be NF4 /
+            GPTQ / AWQ quantised, then dequantised).
+        adapter_dir: PEFT LoRA / DoRA adapter directory.
+        out_dir: new directory (OutputExists unless ``overwrite``).
+        scale: factor on every LoRA update.
+        base_quant: "nf4" for a QLoRA adapter: merge into dequant(NF4(W)), the weights it was
+            trained against, and report ||q|| / ||delta|| per module (q = W - dequant(NF4(W))).
+    Returns:
+        report: ``modules`` (module -> rank, scaling, and ``q_over_delta`` with nf4), ``changed``
+        tensor names, ``dequantized`` tensor names.
+    Raises:
+        RecipeError for prefix-tuning adapters; TensorNotFound / ShapeMismatch when the adapter
+        does not fit the base; UnsafeFormat for pickle files. Nothing is written then.
+
+    Example: ``merge_adapter("llama-3-8b", "my-lora", "llama-3-8b-merged")``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if base_quant not in (None, "nf4"):
+        raise RecipeError(f"base_quant must be None or 'nf4', got {base_quant!r}")
+    if os.path.exists(out_dir) and not overwrite:
+        raise OutputExists(f"{out_dir} already exists")
+    adapter = read_adapter(adapter_dir)
+    if not isinstance(adapter, LoraAdapter):
+        raise RecipeError(f"{adapter_dir}: a prefix-tuning adapter adds key/value prefixes to attention and cannot be "
+                          "merged into weights; load it with PEFT at inference instead")
+    config_path = os.path.join(base_dir, "config.json")
+    config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else None
+    qcfg = (config or {}).get("quantization_config")
+    shards = _shards(base_dir)
+    adapter.validate_base(_shapes(base_dir, shards, qcfg), where=base_dir)
+
+    by_weight = {m.weight_name: m for m in adapter.modules.values()}
+    report = {"modules": {}, "changed": [], "dequantized": []}
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".merge-", dir=parent)
+    try:
+        weight_map = {}
+        for shard, names in shards.items():
+            raw = load_file(os.path.join(base_dir, shard))
+            tensors = _dense(raw, qcfg, os.path.join(base_dir, shard))
+            dequantized = {k for k in tensors if k not in raw or raw[k].dtype != tensors[k].dtype
+                           or raw[k].shape != tensors[k].shape}
+            report["dequantized"] += sorted(dequantized)
+            for name in list(tensors):
+                m = by_weight.get(name)
+                if m is not None:
+                    w = adapter.base_layers.get(name, tensors[name])
+                    info = {"rank": m.r, "scaling": m.scaling * scale}
+                    if base_quant == "nf4" and name not in dequantized:   # already-quantised bases are dequantised
+                        w16 = w
+                        w = N.nf4_roundtrip(w16)
+                        info["q_over_delta"] = N.quantization_error_ratio(
+                            w16, m.scaling * scale * (m.B.float() @ m.A.float()))
+                    tensors[name] = merge_module(w, m, scale=scale, peft_compat=peft_compat, out_dtype=tensors[name].dtype)
+                    report["modules"][m.module] = info
+                    report["changed"].append(name)
+                elif name in adapter.saved_modules:
+                    tensors[name] = adapter.saved_modules[name].to(tensors[name].dtype)
+                    report["changed"].append(name)
+                if name.endswith(".bias") and name[: -len(".bias")] in adapter.modules:
+                    mm = adapter.modules[name[: -len(".bias")]]
+                    if mm.bias is not None:
+                        tensors[name] = (tensors[name].float() + mm.bias.float() * (mm.scaling * scale)).to(tensors[name].dtype)
+                        report["changed"].append(name)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(stage, shard), metadata={"format": "pt"})
+            weight_map.update({k: shard for k in tensors})
+            del raw, tensors
+        if os.path.isfile(os.path.join(base_dir, INDEX)):
+            with open(os.path.join(stage, INDEX), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        for name in os.listdir(base_dir):
+            src = os.path.join(base_dir, name)
+            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")) and name != INDEX:
+                shutil.copy2(src, os.path.join(stage, name))
+        if config is not None and qcfg is not None and report["dequantized"]:
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
+            with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return report

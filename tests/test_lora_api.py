@@ -1,0 +1,153 @@
+"""merge_adapter over safetensors checkpoint directories (the in-memory path) against PEFT and
+against dequantise-then-merge formulas for NF4 / GPTQ bases."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e .[test]); merge_adapter tests skipped")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed; merge_adapter tests skipped")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from tensorstore_llm.errors import OutputExists, RecipeError, ShapeMismatch, TensorNotFound, UnsafeFormat  # noqa: E402
+from tensorstore_llm.lora import nf4 as N  # noqa: E402
+from tensorstore_llm.lora.api import merge_adapter  # noqa: E402
+from tensorstore_llm.lora.peft_format import read_adapter  # noqa: E402
+
+
+def tiny(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def make_adapter(model, path, config, seed=1):
+    pm = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(str(path))
+    return pm
+
+
+def dense_state(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merge_adapter_equals_peft_and_loads_in_transformers(tmp_path, sharded):
+    tiny().save_pretrained(tmp_path / "base", max_shard_size="40KB" if sharded else "5GB")
+    assert os.path.isfile(tmp_path / "base" / ("model.safetensors.index.json" if sharded else "model.safetensors"))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=sharded,
+                          modules_to_save=["lm_head"], rank_pattern={"down_proj": 2})
+    pm = make_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter", cfg)
+    ref = pm.merge_and_unload()
+    report = merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    assert report["modules"]["model.layers.1.mlp.down_proj"]["rank"] == 2
+    assert "lm_head.weight" in report["changed"]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "base"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for name, t in ref.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], t), name
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, ref(ids).logits)
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    tiny().save_pretrained(tmp_path / "base")
+    make_adapter(tiny(), tmp_path / "adapter", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    with pytest.raises(OutputExists):
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    # a base of another architecture: the target's shape does not fit
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ShapeMismatch, match="q_proj"):
+        merge_adapter(str(tmp_path / "other"), str(tmp_path / "adapter"), str(tmp_path / "out2"))
+    # a base missing a target module
+    sd = load_file(str(tmp_path / "base" / "model.safetensors"))
+    del sd["model.layers.1.self_attn.q_proj.weight"]
+    os.makedirs(tmp_path / "cut")
+    save_file(sd, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(TensorNotFound, match="model.layers.1.self_attn.q_proj"):
+        merge_adapter(str(tmp_path / "cut"), str(tmp_path / "adapter"), str(tmp_path / "out3"))
+    # pickle bases are refused
+    os.makedirs(tmp_path / "pickled")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(UnsafeFormat):
+        merge_adapter(str(tmp_path / "pickled"), str(tmp_path / "adapter"), str(tmp_path / "out4"))
+    # prefix tuning cannot be merged
+    peft.get_peft_model(tiny(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(
+        str(tmp_path / "prefix"))
+    with pytest.raises(RecipeError, match="cannot be merged"):
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "prefix"), str(tmp_path / "out5"))
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(("out2", "out3", "out4", "out5", ".merge-"))]
+    assert leftovers == []
+
+
+def test_qlora_merge_into_nf4_dequantised_base_and_reports_q_over_delta(tmp_path):
+    tiny(dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
+    make_adapter(tiny(dtype=torch.bfloat16), tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    report = merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), base_quant="nf4")
+    base, out = dense_state(tmp_path / "base"), dense_state(tmp_path / "out")
+    adapter = read_adapter(str(tmp_path / "adapter"))
+    for module, m in adapter.modules.items():
+        name = module + ".weight"
+        wq = N.dequantize_nf4(N.quantize_nf4(base[name]))              # what QLoRA trained against (bf16)
+        want = (wq.float() + (m.B.float() @ m.A.float()) * m.scaling).to(torch.bfloat16)
+        assert torch.equal(out[name], want), name
+        q = base[name].float() - wq.float()
+        ratio = float(q.norm() / ((m.B.float() @ m.A.float()) * m.scaling).norm())
+        assert report["modules"][module]["q_over_delta"] == pytest.approx(ratio, rel=1e-5)
+    assert torch.equal(out["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_merge_into_gptq_base_dequantises_first(tmp_path):
+    """A base whose q_proj is GPTQ-packed: merge = dequantised weight + s B A, written dense, and the
+    config loses its quantization_config."""
+    from tests.test_lora_nf4 import pack_cols, pack_rows
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "dense")
+    sd = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    dense_q = {}
+    for layer in range(2):
+        m = f"model.layers.{layer}.self_attn.q_proj"
+        w = sd.pop(m + ".weight")                                      # out x in = 64 x 64
+        q = torch.randint(0, 16, (64, 64), generator=g)                # in x out
+        z = torch.randint(1, 16, (2, 64), generator=g)
+        s = (torch.rand(2, 64, generator=g) * 0.01 + 1e-3).half()
+        sd.update({m + ".qweight": pack_rows(q, 4), m + ".qzeros": pack_cols(z - 1, 4), m + ".scales": s,
+                   m + ".g_idx": (torch.arange(64) // 32).int()})
+        dense_q[m] = ((q - z.repeat_interleave(32, 0)).float() * s.repeat_interleave(32, 0).float()).T.half()
+        del w
+    os.makedirs(tmp_path / "gptq")
+    save_file(sd, str(tmp_path / "gptq" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(cfg))
+    make_adapter(tiny(), tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    report = merge_adapter(str(tmp_path / "gptq"), str(tmp_path / "adapter"), str(tmp_path / "out"))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    adapter = read_adapter(str(tmp_path / "adapter"))
+    for m, wq in dense_q.items():
+        lm = adapter.modules[m]
+        want = (wq.float() + (lm.B.float() @ lm.A.float()) * lm.scaling).half()
+        assert torch.equal(out[m + ".weight"], want)
+        assert m + ".qweight" not in out
+    assert sorted(report["dequantized"]) == sorted(m + ".weight" for m in dense_q)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
