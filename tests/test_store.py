@@ -186,3 +186,36 @@ def test_background_durability_drains_and_ignores_vanished_files(tmp_path):
     durable.drain()
     assert durable._thread is None
     durable.drain()                           # idempotent
+
+
+def test_id_does_not_depend_on_run_settings(tmp_path, tiny_family, cli):
+    """An import with another --seed or device is the same artifact (format 2 ids)."""
+    from tensorstore_llm.store import Store
+
+    s = str(tmp_path / "s")
+    assert cli("-q", "--store", s, "import", tiny_family["base"], "--name", "a")[0] == 0
+    first = Store(s).get("a")
+    writer = Store(s).create("job-again")
+    with Store(s).open("a") as src:
+        writer.prepare(src.metas())
+        for m in src.metas():
+            writer.write_rows(m.name, 0, src.read(m.name))
+            writer.finish(m.name)
+    again = writer.commit(kind=first.kind, parents=first.manifest.parents, source=first.manifest.source,
+                          recipe=first.manifest.recipe, files=Store(s).carried_files("a"),
+                          run={"seed": 7, "device": "cuda:0"})
+    assert again.id == first.id
+
+
+def test_format_1_manifests_keep_their_ids(store):
+    import json as _json
+    from tensorstore_llm.store.manifest import Manifest
+
+    art = _commit(store, {"w": torch.randn(3, 3)}, run={"seed": 5})
+    path = os.path.join(art.path, "manifest.json")
+    body = _json.load(open(path))
+    body["format"] = "tsllm-artifact/1"
+    old = Manifest.from_json(_json.dumps(body).encode(), path)
+    assert old.content_id() != art.id          # format 1 hashed the run settings too
+    old.id = old.content_id()
+    assert Manifest.from_json(old.to_json(), path).content_id() == old.id

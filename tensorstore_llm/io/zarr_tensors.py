@@ -17,7 +17,7 @@ from ..dtypes import by_name, from_storage, raw_bytes, to_storage
 from ..errors import FormatError, IntegrityError, TensorNotFound
 from .base import ChunkDigests, RowHasher, SourceBase, TensorMeta, check_tensor_name
 from .fsutil import DurableInBackground
-from .staged import StagedSink
+from .staged import JOURNAL_NAME, StagedSink
 from .zarr_chunks import RawRowChunks, chunk_file
 
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -124,6 +124,14 @@ class ZarrTensorSink(StagedSink):
     def close(self) -> None:
         self.durable.drain()
         super().close()
+
+    def seal(self) -> None:
+        """Close the journal and wait for the background syncs before the manifest is written."""
+        self.journal.close()
+        journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
+        if os.path.exists(journal_path):
+            os.remove(journal_path)
+        self.durable.drain()
 
     def _read_back(self, meta: TensorMeta, start: int, stop: int):
         return ZarrTensorSource(self.staging_dir, {meta.name: meta}, "").read_rows(meta.name, start, stop)

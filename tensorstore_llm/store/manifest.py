@@ -1,9 +1,15 @@
 """The manifest: what an artifact is, where it came from, and a checksum for every byte of it.
 
 Written last, into the staging directory, just before the rename that publishes the artifact:
-an artifact directory with a readable manifest is complete by construction. The artifact id is
-the hash of the manifest's content (everything but creation time and tool version), so the same
-content imported twice is the same artifact.
+an artifact directory with a readable manifest is complete by construction.
+
+The artifact id is decided in one place, :meth:`Manifest.content_id`: the sha256 of the canonical
+JSON of the artifact's content (tensors' shapes, dtypes and checksums; dataset shards; carried
+files) and lineage (kind, parents, source, recipe, kind-specific info). Run settings that leave
+the bytes unchanged (seed, device, random generator) are recorded but are not part of the id
+(format 2; format-1 manifests, written before, included them and keep their ids), and neither are
+derived data (chunk checksums), creation time or tool version. The same content made the same
+way is therefore the same artifact.
 """
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ from datetime import datetime, timezone
 
 from ..errors import FormatError, IntegrityError
 from ..io.base import ChunkDigests, TensorMeta
+from .datasets import ShardRecord
 
-FORMAT = "tsllm-artifact/1"
-KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits")
+FORMAT = "tsllm-artifact/2"
+FORMATS = ("tsllm-artifact/1", FORMAT)   # readable; /1 ids included the run settings
+KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits", "dataset")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,9 @@ class Manifest:
     created_at: str = ""
     tool: dict = field(default_factory=dict)
     id: str = ""
+    shards: dict = field(default_factory=dict)                # dataset shard name -> ShardRecord
+    info: dict = field(default_factory=dict)                  # kind-specific facts (fingerprints, bindings)
+    format: str = FORMAT
 
     def metas(self) -> dict[str, TensorMeta]:
         return {n: TensorMeta(n, tuple(r.shape), r.dtype) for n, r in self.tensors.items()}
@@ -85,26 +96,39 @@ class Manifest:
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def _content(self) -> dict:
-        return {"kind": self.kind, "tensors": {n: [list(r.shape), r.dtype, r.checksum] for n, r in self.tensors.items()},
-                "files": self.files, "parents": self.parents, "source": self.source, "recipe": self.recipe,
-                "run": self.run}
+        """The fields the id is made of (see the module docstring)."""
+        body = {"kind": self.kind, "tensors": {n: [list(r.shape), r.dtype, r.checksum] for n, r in self.tensors.items()},
+                "files": self.files, "parents": self.parents, "source": self.source, "recipe": self.recipe}
+        if self.format == "tsllm-artifact/1":
+            body["run"] = self.run
+        # fields added later enter the id only when present, so older artifacts keep theirs
+        if self.shards:
+            body["shards"] = {n: [r.checksum, r.bytes, r.rows] for n, r in self.shards.items()}
+        if self.info:
+            body["info"] = self.info
+        return body
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT, "id": self.id, **self._content(), "created_at": self.created_at, "tool": self.tool}
+        body = {"format": self.format, "id": self.id, **self._content(), "run": self.run,
+                "created_at": self.created_at, "tool": self.tool}
         body["tensors"] = {n: r.to_json() for n, r in self.tensors.items()}
+        if self.shards:
+            body["shards"] = {n: r.to_json() for n, r in self.shards.items()}
         return json.dumps(body, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             body = json.loads(data)
-            if body.get("format") != FORMAT:
-                raise ValueError(f"format {body.get('format')!r}, expected {FORMAT!r}")
+            if body.get("format") not in FORMATS:
+                raise ValueError(f"format {body.get('format')!r}, expected one of {', '.join(FORMATS)}")
             tensors = {n: TensorRecord.from_json(r) for n, r in body["tensors"].items()}
             return cls(kind=body["kind"], tensors=tensors, files=dict(body.get("files") or {}),
                        parents=list(body.get("parents") or []), source=body.get("source"),
                        recipe=body.get("recipe"), run=dict(body.get("run") or {}),
-                       created_at=body.get("created_at", ""), tool=dict(body.get("tool") or {}), id=body["id"])
+                       created_at=body.get("created_at", ""), tool=dict(body.get("tool") or {}), id=body["id"],
+                       shards={n: ShardRecord.from_json(r) for n, r in (body.get("shards") or {}).items()},
+                       info=dict(body.get("info") or {}), format=body["format"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{where}: manifest is unreadable ({e})") from None
 

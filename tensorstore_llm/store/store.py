@@ -14,6 +14,7 @@ chunk and the manifest, so a writer killed at any instant leaves nothing that lo
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -27,8 +28,8 @@ from ..errors import ArtifactNotFound, FormatError, IntegrityError, RefError, St
 from ..io.base import checksum_bytes, digest_rows
 from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, write_file_atomic
 from ..io.zarr_tensors import chunk_shape
-from ..io.staged import JOURNAL_NAME
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
+from .datasets import DatasetPayload, DatasetSource
 from .manifest import KINDS, Manifest, now_utc, record_from
 
 STORE_FORMAT = "tsllm-store/1"
@@ -85,9 +86,22 @@ class Store:
 
     # -- writing --------------------------------------------------------------------------------
     def create(self, job_key: str, compression: str = "none") -> ArtifactWriter:
-        """A writer staging a new artifact; the same ``job_key`` resumes an interrupted write."""
+        """A writer staging a new tensor artifact; the same ``job_key`` resumes an interrupted write."""
         self._ensure()
-        return ArtifactWriter(self, self._dir("staging", job_key), compression)
+        return ArtifactWriter(self, self._dir("staging", job_key),
+                              lambda staging, where: ZarrTensorSink(staging, where, compression))
+
+    def create_dataset(self, job_key: str) -> ArtifactWriter:
+        """A writer staging a new dataset artifact (Parquet shards); the same ``job_key`` resumes.
+
+        Example:
+            >>> writer = store.create_dataset(job_key("logits", fingerprint))   # doctest: +SKIP
+            >>> if "shard-00000.parquet" not in writer.completed_shards():
+            ...     writer.write_shard("shard-00000.parquet", table)
+            >>> writer.commit(kind="logits", info={"fingerprint": fingerprint})
+        """
+        self._ensure()
+        return ArtifactWriter(self, self._dir("staging", job_key), DatasetPayload)
 
     def _publish(self, staging: str, manifest: Manifest) -> Artifact:
         manifest.id = manifest.content_id()
@@ -154,6 +168,14 @@ class Store:
         artifact = self.get(ref)
         return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id,
                                 chunks=artifact.manifest.chunk_digests(), checksums=artifact.manifest.checksums())
+
+    def open_dataset(self, ref: str) -> DatasetSource:
+        """Verified shard reads of the dataset artifact ``ref`` (see DatasetSource)."""
+        artifact = self.get(ref)
+        if not artifact.manifest.shards:
+            raise FormatError(f"store {self.root}: artifact {artifact.short_id} ({artifact.kind}) is not a dataset")
+        return DatasetSource(artifact.path, artifact.manifest.shards, f"artifact {artifact.short_id} ({artifact.path})",
+                             artifact.manifest.info)
 
     def file_path(self, ref: str, name: str) -> str:
         return os.path.join(self.get(ref).path, "files", name)
@@ -246,7 +268,7 @@ class Store:
         manifest = artifact.manifest
         metas = manifest.metas()
         added = {}
-        with self.open(artifact.id) as source:
+        with (self.open(artifact.id) if metas else contextlib.nullcontext()) as source:
             for name, meta in metas.items():
                 record = manifest.tensors[name]
                 chunk_rows = None
@@ -267,6 +289,8 @@ class Store:
                     added[name] = chunks
                 if progress:
                     progress(meta.nbytes)
+        if manifest.shards:
+            problems.extend(self.open_dataset(artifact.id).verify())
         for name, checksum in manifest.files.items():
             path = os.path.join(artifact.path, "files", name)
             if not os.path.isfile(path):
@@ -334,37 +358,84 @@ def _try_lock(path: str) -> int | None:
         return None
 
 
-class ArtifactWriter(ZarrTensorSink):
-    """A TensorSink staging one artifact; ``commit`` publishes it, ``abort`` discards it.
+class ArtifactWriter:
+    """Stages one artifact around a payload writer; ``commit`` publishes it, ``abort`` discards it.
 
-    Holds an exclusive lock on its staging directory for its lifetime, so a second process running
-    the same job, or ``gc``, cannot interfere.
+    The payload is a Zarr tensor sink (checkpoints, diffs, adapters: the TensorSink verbs below
+    are its) or a dataset payload (Parquet shards: ``write_shard`` / ``completed_shards``). Holds
+    an exclusive lock on its staging directory for its lifetime, so a second process running the
+    same job, or ``gc``, cannot interfere.
     """
 
-    def __init__(self, store: Store, staging_dir: str, compression: str):
-        with storage_errors(f"store {store.root}"):
+    def __init__(self, store: Store, staging_dir: str, make_payload):
+        where = f"store {store.root}"
+        with storage_errors(where):
             os.makedirs(staging_dir, exist_ok=True)
         self._lock = _try_lock(staging_dir)
         if self._lock is None:
             raise StorageError(f"store {store.root}: job {os.path.basename(staging_dir)[:16]} is already running in another process")
-        super().__init__(staging_dir, f"store {store.root}", compression)
         self.store = store
+        self.staging_dir = staging_dir
+        self.where = where
+        self.payload = make_payload(staging_dir, where)
 
-    def commit(self, *, kind: str, parents=(), source=None, recipe=None, files=None, run=None) -> Artifact:
-        """Publish the staged tensors as an artifact of ``kind``; every declared tensor must be finished.
+    # -- TensorSink, for tensor payloads ---------------------------------------------------------
+    @property
+    def metas(self):
+        return self.payload.metas
+
+    def prepare(self, metas) -> None:
+        self.payload.prepare(metas)
+
+    def preferred_rows(self, meta) -> int:
+        return self.payload.preferred_rows(meta)
+
+    def completed(self) -> dict[str, str]:
+        return self.payload.completed()
+
+    def write_rows(self, name: str, start: int, block) -> None:
+        self.payload.write_rows(name, start, block)
+
+    def finish(self, name: str) -> str:
+        return self.payload.finish(name)
+
+    def chunk_digests(self, name: str):
+        return self.payload.chunk_digests(name)
+
+    # -- datasets --------------------------------------------------------------------------------
+    def completed_shards(self) -> dict[str, str]:
+        """Shards of a dataset payload already finished (by an interrupted run too): name -> sha256."""
+        return self.payload.completed_shards()
+
+    def write_shard(self, name: str, table, **options) -> str:
+        """Write one Parquet shard of a dataset payload (see DatasetPayload.write_shard)."""
+        return self.payload.write_shard(name, table, **options)
+
+    # -- publishing ------------------------------------------------------------------------------
+    def commit(self, *, kind: str, parents=(), source=None, recipe=None, files=None, run=None,
+               info: dict | None = None) -> Artifact:
+        """Publish the staged payload as an artifact of ``kind``; every declared tensor must be finished.
 
         Args:
             files: carried file name -> path or bytes (config, tokenizer, ...).
+            info: kind-specific facts (e.g. a logits dataset's fingerprint); part of the id.
         Returns:
             The committed Artifact (an existing one if identical content was committed before).
         """
         if kind not in KINDS:
-            raise ValueError(f"unknown artifact kind {kind!r}")
-        done = self.completed()
-        missing = [n for n in self.metas if n not in done]
-        if missing:
-            raise ValueError(f"{self.where}: cannot commit, {len(missing)} tensor(s) unfinished, e.g. {missing[0]!r}")
-        tensors = {n: record_from(m, done[n], self.chunk_digests(n)) for n, m in self.metas.items()}
+            raise FormatError(f"{self.where}: unknown artifact kind {kind!r}; expected one of {', '.join(KINDS)}")
+        tensors, shards = {}, {}
+        if isinstance(self.payload, DatasetPayload):
+            shards = self.payload.records()
+            if not shards:
+                raise StorageError(f"{self.where}: cannot commit a dataset without shards")
+        else:
+            done = self.completed()
+            missing = [n for n in self.metas if n not in done]
+            if missing:
+                # a caller's bug, not bad input: never reached from the CLI
+                raise ValueError(f"{self.where}: cannot commit, {len(missing)} tensor(s) unfinished, e.g. {missing[0]!r}")
+            tensors = {n: record_from(m, done[n], self.chunk_digests(n)) for n, m in self.metas.items()}
         carried = {}
         with storage_errors(self.where):
             files_dir = os.path.join(self.staging_dir, "files")
@@ -374,23 +445,26 @@ class ArtifactWriter(ZarrTensorSink):
                 with open(os.path.join(files_dir, name), "wb") as f:
                     f.write(data)
                 carried[name] = checksum_bytes(data)
-            self.journal.close()
-            journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
-            if os.path.exists(journal_path):
-                os.remove(journal_path)
-            self.durable.drain()
+            self.payload.seal()
             fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
-                            tool={"name": "tensorstore_llm", "version": __version__})
+                            tool={"name": "tensorstore_llm", "version": __version__},
+                            shards=shards, info=dict(info or {}))
         try:
             return self.store._publish(self.staging_dir, manifest)
         finally:
             self._release()
 
     def close(self) -> None:
-        super().close()
+        """Stop writing but keep the staging directory, so the same job can resume later."""
+        self.payload.close()
         self._release()
+
+    def abort(self) -> None:
+        """Throw away everything staged."""
+        self.close()
+        remove_tree(self.staging_dir)
 
     def _release(self) -> None:
         if self._lock is not None:
