@@ -280,3 +280,30 @@ def test_write_refuses_existing_output(saved_adapter):
     with pytest.raises(OutputExists):
         write_adapter(read_adapter(str(saved_adapter)), str(saved_adapter))
     assert isinstance(read_adapter(str(saved_adapter)), LoraAdapter)
+
+
+def test_combine_equals_peft_cat_combination_and_linear_shows_cross_terms(tmp_path):
+    """Our combination of full deltas equals PEFT's exact ``add_weighted_adapter(..., "cat")``;
+    PEFT's ``"linear"`` (weighted A and B separately) differs from it by cross terms."""
+    from tensorstore_llm.lora.adapters import combine_adapters
+
+    cfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])  # noqa: E731
+    base = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
+    peft_adapter(tiny_llama(), cfg(), tmp_path / "a", seed=1)
+    peft_adapter(tiny_llama(), cfg(), tmp_path / "b", seed=2)
+    ours, report = combine_adapters([read_adapter(str(tmp_path / "a")), read_adapter(str(tmp_path / "b"))], [0.6, 0.3])
+    assert all(v["rank"] == 8 and v["relative_error"] == 0 for v in report.modules.values())
+    merged = merge_state_dict(base, ours)
+
+    def peft_combined(kind):
+        pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
+        pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+        pm.add_weighted_adapter(["a", "b"], [0.6, 0.3], adapter_name="ab", combination_type=kind)
+        pm.set_adapter("ab")
+        pm.delete_adapter("a")
+        pm.delete_adapter("b")
+        return pm.merge_and_unload().state_dict()
+    cat, linear = peft_combined("cat"), peft_combined("linear")
+    for name, t in merged.items():
+        torch.testing.assert_close(t, cat[name], rtol=1e-5, atol=1e-6)
+        assert (linear[name] - t).abs().max() > 1e-4, name
