@@ -1,0 +1,123 @@
+"""The training reader: rank / worker shares, per-epoch order, padding, and the shard writer's checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tensorstore_llm.distill import sampling
+from tensorstore_llm.distill.dataset import DistillDataset, collate_sparse, to_item
+from tensorstore_llm.distill.encoding import SequenceTargets, encode_rows
+from tensorstore_llm.distill.shards import ShardWriter, open_dataset
+from tensorstore_llm.errors import DatasetMismatch, IntegrityError, OutputExists
+
+V, L, N = 300, 8, 20
+
+
+def make_dataset(path, sequences=10, per_shard=2, seed=0):
+    """A small RS-KD dataset from random teacher distributions, written through ShardWriter."""
+    writer = ShardWriter(path, job_key="test")
+    files = {}
+    g = torch.Generator().manual_seed(seed)
+    for k in range(0, sequences, per_shard):
+        seqs = []
+        for i in range(k, min(sequences, k + per_shard)):
+            probs = torch.softmax(3 * torch.randn(L, V, generator=g), -1)
+            rows = sampling.rs_kd(probs, sampling.sequence_uniforms(seed, i, L, N, 0, L))
+            seqs.append(SequenceTargets(i, np.full(L, i, dtype=np.int32), rows))
+        name = f"shard-{k // per_shard:05d}.parquet"
+        files[name] = {"sha256": writer.write_shard(name, encode_rows("rs-kd", seqs, V, N))}
+    info = {"vocab": V, "seq_len": L, "kind": "rs-kd", "sampling": {"draws": N}, "tokenizer": "t", "packing_fingerprint": "p"}
+    return writer.commit(kind="logits", parents=[], info=info, files=files)
+
+
+def seen(ds, epoch=0, workers=0):
+    ds.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    return [int(item["input_ids"][0]) for item in loader]
+
+
+@pytest.mark.parametrize("sequences,per_shard", [(10, 2), (6, 3)])   # 5 shards; 2 shards (< 4 consumers)
+def test_ranks_and_workers_get_disjoint_covering_shares(tmp_path, sequences, per_shard):
+    path = make_dataset(str(tmp_path / "ds"), sequences, per_shard)
+    shares = [seen(DistillDataset(path, rank=r, world_size=2), workers=2) for r in range(2)]
+    flat = shares[0] + shares[1]
+    assert sorted(flat) == list(range(sequences)) and len(set(flat)) == len(flat)
+    assert all(shares)
+    again = [seen(DistillDataset(path, rank=r, world_size=2), workers=2) for r in range(2)]
+    assert again == shares                                         # deterministic per epoch
+
+
+def test_epoch_changes_shard_order(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 10, 1)
+    ds = DistillDataset(path)
+    orders = {tuple(seen(ds, epoch=e)) for e in range(4)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(10)) for o in orders)
+    assert seen(DistillDataset(path, shuffle=False)) == list(range(10))
+
+
+def test_items_and_padding(tmp_path):
+    path = make_dataset(str(tmp_path / "ds"), 2, 2)
+    ds = DistillDataset(path, shuffle=False)
+    items = list(ds)
+    batch = collate_sparse(items)
+    K = batch["target_ids"].shape[-1]
+    assert K == max(it["target_ids"].shape[-1] for it in items)
+    torch.testing.assert_close(batch["target_weights"].sum(-1), torch.ones(2, L))
+    assert not batch["target_weights"][~batch["target_mask"]].any()
+    seq = next(ds.sequences())
+    dense = sampling.dense_targets(seq.rows, V, N)
+    item = to_item(seq, N)
+    rebuilt = torch.zeros(L, V, dtype=torch.float64)
+    rebuilt.scatter_add_(1, item["target_ids"], item["target_weights"].double() * item["target_mask"])
+    torch.testing.assert_close(rebuilt, dense)
+
+
+def test_shard_writer_resume_and_refusals(tmp_path):
+    path = str(tmp_path / "ds")
+    make_dataset(path, 4, 2)
+    with pytest.raises(OutputExists):
+        ShardWriter(path)
+    partial = str(tmp_path / "p")
+    w = ShardWriter(partial, job_key="a")
+    table = encode_rows("rs-kd", [SequenceTargets(0, np.zeros(L, np.int32),
+                                                  sampling.rs_kd(torch.full((L, V), 1 / V), torch.rand(L, N)))], V, N)
+    digest = w.write_shard("shard-00000.parquet", table)
+    assert ShardWriter(partial, job_key="a").completed_shards() == {"shard-00000.parquet": digest}
+    with open(os.path.join(partial + ".partial", "shard-00000.parquet"), "r+b") as f:   # damaged after journalling
+        f.seek(20)
+        f.write(b"\xff\xff")
+    assert ShardWriter(partial, job_key="a").completed_shards() == {}
+    with pytest.raises(DatasetMismatch, match="partial run with other settings"):
+        ShardWriter(partial, job_key="b")
+    ds = open_dataset(path)
+    with open(os.path.join(path, "shard-00000.parquet"), "r+b") as f:
+        f.seek(30)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(IntegrityError, match="corrupt or truncated"):
+        ds.read_shard("shard-00000.parquet")
+    assert json.load(open(os.path.join(path, "dataset.json")))["kind"] == "logits"
+
+
+def test_narrow_teacher_head_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tensorstore_llm.hf.models import check_vocab
+
+    class FakeTokenizer:
+        def __len__(self):
+            return 120
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(DatasetMismatch, match="100 columns but its tokenizer has 120"):
+        check_vocab(model, FakeTokenizer())
+    model_padded = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=2))
+    assert check_vocab(model_padded, FakeTokenizer()) == 128       # padded heads are fine: columns dropped
+    from tensorstore_llm.hf.models import head_logits
+
+    hidden = torch.randn(3, 16)
+    logits = head_logits(model_padded, hidden, 120)
+    assert logits.shape == (3, 120) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model_padded.lm_head(hidden)[:, :120])
