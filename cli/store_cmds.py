@@ -128,9 +128,9 @@ def show_cmd(ctx, ref, show_all, as_json):
 
 
 def _describe_external(ext: dict) -> str:
-    if ext.get("type") == "hub":
-        return f"hub {ext.get('repo')}@{ext.get('revision')} (commit {ext.get('commit')})"
-    return f"{ext.get('type')} {ext.get('path')}"
+    from tensorstore_llm.store.store import describe_external
+
+    return describe_external(ext)
 
 
 def _describe_parent(parent: dict) -> str:
@@ -145,32 +145,24 @@ def _describe_parent(parent: dict) -> str:
 def log_cmd(ctx, ref):
     """Print the lineage graph of REF: what it was made from, recursively."""
     store = store_of(ctx)
+    tags = store.tags()
 
-    def line(artifact_id, role, prefix, last, seen):
-        from tensorstore_llm.errors import ArtifactNotFound
-
-        branch = "" if role is None else ("└── " if last else "├── ")
-        label = f"{role}: " if role else ""
-        try:
-            a = store.get(artifact_id)
-        except ArtifactNotFound:
-            click.echo(f"{prefix}{branch}{label}{artifact_id[:12]} (not in this store)")
-            return
-        tags = ",".join(store.tags_of(a.id))
+    def show(node, prefix, last):
+        branch = "" if node.role is None else ("└── " if last else "├── ")
+        label = f"{node.role}: " if node.role else ""
+        if node.artifact is None:
+            what = f"{node.id[:12]} (not in this store)" if node.missing else node.external
+            return click.echo(f"{prefix}{branch}{label}{what}")
+        a = node.artifact
+        names = ",".join(t for t, i in tags.items() if i == a.id)
         what = (a.manifest.recipe or {}).get("op", a.kind)
         origin = f"  <- {_describe_external(a.manifest.source)}" if a.manifest.source else ""
-        click.echo(f"{prefix}{branch}{label}{a.short_id} {a.kind} {what}{f' [{tags}]' if tags else ''} {a.manifest.created_at}{origin}")
-        if a.id in seen:
-            return
-        child_prefix = prefix + ("" if role is None else ("    " if last else "│   "))
-        parents = a.manifest.parents
-        for i, p in enumerate(parents):
-            if "id" in p:
-                line(p["id"], p.get("role", "parent"), child_prefix, i == len(parents) - 1, seen | {a.id})
-            else:
-                click.echo(f"{child_prefix}{'└── ' if i == len(parents) - 1 else '├── '}{p.get('role', 'parent')}: {_describe_parent(p)}")
+        click.echo(f"{prefix}{branch}{label}{a.short_id} {a.kind} {what}{f' [{names}]' if names else ''} {a.manifest.created_at}{origin}")
+        child_prefix = prefix + ("" if node.role is None else ("    " if last else "│   "))
+        for i, child in enumerate(node.children):
+            show(child, child_prefix, i == len(node.children) - 1)
 
-    line(store.resolve(ref), None, "", True, frozenset())
+    show(store.lineage(ref), "", True)
 
 
 @click.command("tag")

@@ -219,3 +219,16 @@ def test_format_1_manifests_keep_their_ids(store):
     assert old.content_id() != art.id          # format 1 hashed the run settings too
     old.id = old.content_id()
     assert Manifest.from_json(old.to_json(), path).content_id() == old.id
+
+
+def test_lineage_tree_from_the_store(store, tiny_family):
+    a = api.import_checkpoint(tiny_family["base"], store, name="base", progress=False).artifact
+    b = api.import_checkpoint(tiny_family["ft1"], store, name="ft1", progress=False).artifact
+    out = api.weighted_sum(store, ["base", "ft1"], [0.5, 0.5], name="soup", progress=False).artifact
+    tree = store.lineage("soup")
+    assert tree.role is None and tree.id == out.id
+    assert [c.id for c in tree.children] == [a.id, b.id]
+    assert tree.children[0].children == [] and tree.children[0].artifact.manifest.source["type"] == "hf-dir"
+    import shutil
+    shutil.rmtree(a.path)
+    assert store.lineage("soup").children[0].missing

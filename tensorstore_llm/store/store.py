@@ -21,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import ArtifactNotFound, FormatError, IntegrityError, RefError, StorageError, TsllmError
@@ -59,6 +59,26 @@ class Artifact:
     @property
     def short_id(self) -> str:
         return self.id[:12]
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    """One node of a lineage tree: the ``role`` it plays for its child (None at the root), the
+    artifact (or None for an external input, described by ``external``), and its parents."""
+
+    role: str | None
+    id: str | None
+    artifact: Artifact | None
+    external: str | None
+    missing: bool = False
+    children: list = field(default_factory=list)
+
+
+def describe_external(ext: dict) -> str:
+    """One line for an input from outside the store (a directory, a file, a hub revision)."""
+    if ext.get("type") == "hub":
+        return f"hub {ext.get('repo')}@{ext.get('revision')} (commit {ext.get('commit')})"
+    return f"{ext.get('type')} {ext.get('path')}"
 
 
 class Store:
@@ -209,6 +229,31 @@ class Store:
             if kind is None or artifact.kind == kind:
                 found.append(artifact)
         return sorted(found, key=lambda a: (a.manifest.created_at, a.id))
+
+    # -- lineage --------------------------------------------------------------------------------
+    def lineage(self, ref: str) -> LineageNode:
+        """The lineage tree of ``ref``: the artifact and, recursively, what it was made from.
+
+        Parents outside the store (a Hugging Face directory, a hub repo) are leaves with their
+        description; a parent id this store does not hold is a leaf marked missing; an artifact
+        met twice on one path (never in a valid store) is not expanded again.
+        """
+        def walk(artifact_id: str, role: str | None, path: frozenset) -> LineageNode:
+            try:
+                artifact = self.get(artifact_id)
+            except (ArtifactNotFound, FormatError, IntegrityError):
+                return LineageNode(role, artifact_id, None, None, missing=True)
+            children = []
+            if artifact.id not in path:
+                for parent in artifact.manifest.parents:
+                    if "id" in parent:
+                        children.append(walk(parent["id"], parent.get("role", "parent"), path | {artifact.id}))
+                    else:
+                        children.append(LineageNode(parent.get("role", "parent"), None, None,
+                                                    describe_external(parent.get("external", {}))))
+            return LineageNode(role, artifact.id, artifact, None, children=children)
+
+        return walk(self.resolve(ref), None, frozenset())
 
     # -- tags -----------------------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
