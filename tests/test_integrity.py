@@ -238,3 +238,29 @@ def test_store_api_refuses_bad_names_directly(store):
     writer = store.create("job-n")
     with pytest.raises(InvalidTensorName):
         SinkConformance.write_all(None, writer, {"zarr.json": torch.randn(2)})
+
+
+def test_tsllm_gc_removes_a_killed_exports_partial(tmp_path, small_family):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import run_tsllm
+    root = str(tmp_path / "store")
+    assert run_tsllm("--store", root, "import", small_family["base"], "--name", "base").returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tensorstore_llm_cli", "--store", root, "export", "base", str(out),
+                             "--max-memory", "256K"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    partials = []
+    while time.time() < deadline and not partials:
+        partials = [p for p in glob.glob(str(tmp_path / ".out.tsllm-partial-*"))
+                    if os.path.exists(os.path.join(p, "journal.jsonl"))]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partials and os.path.isdir(partials[0])
+    done = run_tsllm("--store", root, "gc")
+    assert done.returncode == 0 and partials[0] in done.stdout, done.stdout + done.stderr
+    assert not os.path.lexists(partials[0]) and not out.exists()

@@ -362,12 +362,13 @@ class Store:
         return [n for n, r in self.get(ref).manifest.tensors.items() if r.chunks is None]
 
     def gc(self, dry_run: bool = False) -> list[str]:
-        """Remove staging directories no running job holds. Returns the removed paths."""
+        """Remove staging directories no running job holds, and the partial directories that
+        killed exports from this store left next to their outputs. Returns the removed paths."""
+        from ..io.export_partials import remove_export_partials
+
         removed = []
         base = self._dir("staging")
-        if not os.path.isdir(base):
-            return removed
-        for name in sorted(os.listdir(base)):
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
             path = os.path.join(base, name)
             if os.path.islink(path) or not os.path.isdir(path):
                 # never ours to follow: a link is removed as a link, the target is left alone
@@ -385,7 +386,7 @@ class Store:
                 removed.append(path)
             finally:
                 os.close(lock)
-        return removed
+        return removed + remove_export_partials(self.root, dry_run=dry_run)
 
 
 def _try_lock(path: str) -> int | None:
