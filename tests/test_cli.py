@@ -148,3 +148,13 @@ def test_quickstart_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "qs" / "soup-hf" / "config.json")
     again = run_tsllm("quickstart", "--workdir", str(tmp_path / "qs"))  # idempotent
     assert again.returncode == 0, again.stderr
+
+
+@needs_unshare
+def test_tag_delete_on_read_only_store_is_exit_8(tmp_path, tiny_family):
+    result = _in_small_fs(tmp_path, f"""
+        $PY -m tensorstore_llm_cli -q --store $FS/store import {tiny_family['base']} --name base >/dev/null
+        mount -o remount,ro $FS
+        $PY -m tensorstore_llm_cli --store $FS/store tag -d base; echo "rc=$?" """)
+    assert "rc=8" in result.stdout and "read-only" in result.stderr, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1
