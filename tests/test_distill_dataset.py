@@ -121,3 +121,27 @@ def test_narrow_teacher_head_is_refused():
     logits = head_logits(model_padded, hidden, 120)
     assert logits.shape == (3, 120) and logits.dtype == torch.float32
     torch.testing.assert_close(logits, model_padded.lm_head(hidden)[:, :120])
+
+
+def test_hf_trainer_trains_from_the_cache(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from tensorstore_llm.distill.losses import distill_loss
+    from tensorstore_llm.distill.trainer import distill_trainer
+
+    path = make_dataset(str(tmp_path / "ds"), 4, 2)
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2))
+    before = student.lm_head.weight.detach().clone()
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True)
+    trainer = distill_trainer(student, args, train_dataset=DistillDataset(path, shuffle=False), alpha=0.7)
+    batch = collate_sparse(list(DistillDataset(path, shuffle=False))[:2])
+    with torch.no_grad():
+        want = distill_loss(student(input_ids=batch["input_ids"]).logits, batch, alpha=0.7)
+        got = trainer.compute_loss(student, dict(batch))
+    torch.testing.assert_close(got, want)
+    result = trainer.train()
+    assert result.global_step == 3 and np.isfinite(result.training_loss)
+    assert not torch.equal(before, student.lm_head.weight)
