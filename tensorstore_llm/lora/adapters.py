@@ -105,11 +105,10 @@ def resize_adapter(adapter: LoraAdapter, *, rank: int | None = None, energy: flo
         (resized adapter, report with rank, tail energy and relative error per module).
     """
     _refuse_dora(adapter, "resize")
-    spectra, cores = {}, {}
+    spectra, svds = {}, {}
     for k, m in adapter.modules.items():
-        full = K.refactor(m.A, m.B * m.scaling, rank=m.r)
-        cores[k] = full
-        spectra[k] = (full.singular_values, m.A.shape[1] + m.B.shape[0])
+        svds[k] = K.product_svd(m.A, m.B.float() * m.scaling)         # once per module
+        spectra[k] = (svds[k][1], m.A.shape[1] + m.B.shape[0])
     if auto_budget:
         if rank is None:
             raise RecipeError("--rank-pattern auto needs --rank (the budget is rank r in every module)")
@@ -121,7 +120,7 @@ def resize_adapter(adapter: LoraAdapter, *, rank: int | None = None, energy: flo
         ranks = {k: None for k in adapter.modules}
     factors, report = {}, Report()
     for k, m in adapter.modules.items():
-        out = K.refactor(cores[k].A, cores[k].B, rank=ranks[k], energy=energy if ranks[k] is None else None)
+        out = K.refactor(m.A, m.B, rank=ranks[k], energy=energy if ranks[k] is None else None, svd=svds[k])
         factors[k] = (out.A, out.B)
         report.modules[k] = {"rank": out.rank, "old_rank": m.r, "tail_energy": out.tail_energy,
                              "total_energy": out.total_energy, "relative_error": out.relative_error}

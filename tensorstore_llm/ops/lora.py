@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "lora_scaling", "lora_delta", "merge_rows", "dora_norm", "dora_merge_rows",
-    "concat_factors", "Refactored", "refactor", "rank_budget", "ExtractedLora",
+    "concat_factors", "product_svd", "Refactored", "refactor", "rank_budget", "ExtractedLora",
     "randomized_svd", "extract_lora", "SvdInit", "pissa_init", "goat_init",
 ]
 
@@ -162,16 +162,19 @@ class Refactored:
         return math.sqrt(self.tail_energy / self.total_energy) if self.total_energy > 0 else 0.0
 
 
-def _svd_of_product(B: torch.Tensor, A: torch.Tensor):
-    """SVD of B @ A (m x R times R x n) through QR of the factors: O((m + n) R^2), float64.
+def product_svd(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """SVD of B @ A (m x R times R x n) through QR of the factors: O((m + n) R^2).
 
     B = Qb Rb, A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T and the SVD of the R x R core gives the
     singular triplets; no m x n matrix is formed.
+
+    Returns:
+        (U: m x R, S: R descending, Vh: R x n) in ``dtype``.
     """
-    Qb, Rb = torch.linalg.qr(B.double())                  # m x R, R x R
-    Qa, Ra = torch.linalg.qr(A.double().T)                # n x R, R x R
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)                # R x R core
-    return Qb @ U, S, Vh @ Qa.T                            # m x R, R, R x n
+    Qb, Rb = torch.linalg.qr(B.to(dtype))                           # m x R, R x R
+    Qa, Ra = torch.linalg.qr(A.to(dtype).T.contiguous())            # n x R, R x R
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)                          # R x R core
+    return Qb @ U, S, Vh @ Qa.T                                     # m x R, R, R x n
 
 
 def _rank_for_energy(S: torch.Tensor, energy: float) -> int:
@@ -183,7 +186,8 @@ def _rank_for_energy(S: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
 
 
-def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Refactored:
+def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
+             svd=None, dtype: torch.dtype = torch.float32) -> Refactored:
     """Truncate the product B @ A to its best rank-``rank`` approximation (or the smallest rank
     keeping ``energy`` of ||BA||_F^2), without forming the out x in matrix.
 
@@ -194,6 +198,8 @@ def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: 
         A: R x in, B: out x R (scale already folded in, so the update is B @ A).
         rank: target rank (<= R), or
         energy: fraction in (0, 1] of the squared Frobenius norm to keep.
+        svd: (U, S, Vh) from :func:`product_svd` when already computed.
+        dtype: precision of the QR / SVD (float64 for very ill-conditioned factors).
     Returns:
         :class:`Refactored`; ``relative_error`` is the Eckart-Young error of the truncation.
 
@@ -204,7 +210,7 @@ def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: 
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank or energy")
-    U, S, Vh = _svd_of_product(B, A)
+    U, S, Vh = svd if svd is not None else product_svd(A, B, dtype)
     if energy is not None:
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
@@ -212,7 +218,7 @@ def refactor(A: torch.Tensor, B: torch.Tensor, rank: int | None = None, energy: 
     if not 1 <= rank <= S.numel():
         raise ValueError(f"rank must be in [1, {S.numel()}], got {rank}")
     root = S[:rank].sqrt()
-    e = S ** 2
+    e = S.double() ** 2
     return Refactored(
         A=(root[:, None] * Vh[:rank]).float(), B=(U[:, :rank] * root[None, :]).float(), rank=rank,
         singular_values=S.float(), tail_energy=float(e[rank:].sum()), total_energy=float(e.sum()))
