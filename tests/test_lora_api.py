@@ -151,3 +151,42 @@ def test_merge_into_gptq_base_dequantises_first(tmp_path):
         assert m + ".qweight" not in out
     assert sorted(report["dequantized"]) == sorted(m + ".weight" for m in dense_q)
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_pissa_dirs_reproduce_the_base_model_in_peft(tmp_path):
+    """Residual base + PiSSA adapter, loaded by PEFT, gives the original model's logits (fp32)."""
+    from tensorstore_llm.lora.api import svd_init_dirs
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "base")
+    dirs = svd_init_dirs(str(tmp_path / "base"), str(tmp_path / "residual"), str(tmp_path / "pissa"), rank=8,
+                         targets=["q_proj", "down_proj"], alpha=16.0)
+    assert dirs == [str(tmp_path / "pissa")]
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    residual = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual").eval()
+    with torch.no_grad():
+        want, alone = model(ids).logits, residual(ids).logits
+    assert (alone - want).abs().max() > 1e-3          # the residual alone lacks the top-r part
+    pm = peft.PeftModel.from_pretrained(residual, str(tmp_path / "pissa")).eval()
+    with torch.no_grad():
+        got = pm(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_extract_and_resize_dirs_round_trip_through_peft(tmp_path):
+    from tensorstore_llm.lora.api import extract_adapter_dir, resize_adapter_dir
+
+    tiny().save_pretrained(tmp_path / "base")
+    make_adapter(tiny(), tmp_path / "true", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    merge_adapter(str(tmp_path / "base"), str(tmp_path / "true"), str(tmp_path / "ft"))
+    report = extract_adapter_dir(str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "extracted"), rank=4,
+                                 targets=["q_proj", "v_proj"])
+    assert report["totals"]["captured"] > 1 - 1e-5
+    again = merge_adapter(str(tmp_path / "base"), str(tmp_path / "extracted"), str(tmp_path / "ft2"))
+    a, b = dense_state(tmp_path / "ft"), dense_state(tmp_path / "ft2")
+    for name in again["changed"]:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    rep = resize_adapter_dir(str(tmp_path / "extracted"), str(tmp_path / "small"), rank=2)
+    assert all(v["rank"] == 2 for v in rep["modules"].values())
+    pm = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "small"))
+    assert pm.peft_config["default"].r == 2

@@ -211,3 +211,96 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return report
+
+
+# ---------------------------------------------------------------- directory-level transforms
+
+def _load_dir(path: str, qcfg_from: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (dense; quantised weights dequantised)."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(path, "config.json")
+    qcfg = json.load(open(cfg_path, encoding="utf-8")).get("quantization_config") if os.path.isfile(cfg_path) else None
+    out: dict[str, torch.Tensor] = {}
+    for shard in _shards(path):
+        out.update(_dense(load_file(os.path.join(path, shard)), qcfg, os.path.join(path, shard)))
+    return out
+
+
+def extract_adapter_dir(base_dir: str, finetuned_dir: str, out_dir: str, *, rank: int | None = None,
+                        energy: float | None = None, targets: list[str] | None = None, seed: int = 0,
+                        max_rank: int | None = None) -> dict:
+    """Extract a PEFT LoRA adapter from a full fine-tune (in memory; see ``adapters.extract_adapter``).
+
+    Returns the report: ``modules`` (rank, captured energy per module) and ``totals["captured"]``.
+    Example: ``extract_adapter_dir("base", "ft", "ft-lora", rank=64)``.
+    """
+    from .adapters import extract_adapter
+    from .peft_format import write_adapter
+
+    if os.path.exists(out_dir):
+        raise OutputExists(f"{out_dir} already exists")
+    adapter, report = extract_adapter(_load_dir(base_dir), _load_dir(finetuned_dir), rank=rank, energy=energy,
+                                      targets=targets, seed=seed, max_rank=max_rank)
+    adapter.config.base_model_name_or_path = os.path.abspath(base_dir)
+    write_adapter(adapter, out_dir)
+    return {"modules": report.modules, "totals": report.totals}
+
+
+def resize_adapter_dir(adapter_dir: str, out_dir: str, *, rank: int | None = None, energy: float | None = None,
+                       auto_budget: bool = False) -> dict:
+    """Resize a PEFT adapter (``adapters.resize_adapter``) and write it; returns the report."""
+    from .adapters import resize_adapter
+    from .peft_format import write_adapter
+
+    if os.path.exists(out_dir):
+        raise OutputExists(f"{out_dir} already exists")
+    adapter = read_adapter(adapter_dir)
+    if not isinstance(adapter, LoraAdapter):
+        raise RecipeError(f"{adapter_dir}: only LoRA adapters can be resized")
+    new, report = resize_adapter(adapter, rank=rank, energy=energy, auto_budget=auto_budget)
+    write_adapter(new, out_dir)
+    return {"modules": report.modules, "totals": report.totals}
+
+
+def svd_init_dirs(base_dir: str, out_base_dir: str, out_adapter_dir: str, *, rank: int, method: str = "pissa",
+                  n_experts: int = 1, targets: list[str] | None = None, alpha: float | None = None,
+                  residual_dtype: torch.dtype = torch.float32) -> list[str]:
+    """PiSSA / GOAT initialisation for users who train next: writes the residual base (a checkpoint
+    directory with the base's other files, targets replaced by W0 - s B A in ``residual_dtype``)
+    and the adapter(s) (``out_adapter_dir``, or ``out_adapter_dir/expert-<e>`` for GOAT).
+
+    Base residual + adapter(s) reproduce W0 to fp32 rounding (with the default fp32 residual).
+    Returns the adapter directories written.
+    """
+    from safetensors.torch import save_file
+
+    from .adapters import svd_init
+    from .peft_format import write_adapter
+
+    for d in (out_base_dir, out_adapter_dir):
+        if os.path.exists(d):
+            raise OutputExists(f"{d} already exists")
+    base = _load_dir(base_dir)
+    adapters, residual = svd_init(base, rank=rank, targets=targets, method=method, n_experts=n_experts, alpha=alpha)
+    parent = os.path.dirname(os.path.abspath(out_base_dir))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".svd-init-", dir=parent)
+    try:
+        tensors = {k: (residual[k].to(residual_dtype) if k in residual else v).contiguous() for k, v in base.items()}
+        save_file(tensors, os.path.join(stage, SINGLE), metadata={"format": "pt"})
+        for name in os.listdir(base_dir):
+            src = os.path.join(base_dir, name)
+            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")) and name != INDEX:
+                shutil.copy2(src, os.path.join(stage, name))
+        dirs = [out_adapter_dir] if len(adapters) == 1 else [os.path.join(out_adapter_dir, f"expert-{e}")
+                                                              for e in range(len(adapters))]
+        for ad, d in zip(adapters, dirs):
+            ad.config.base_model_name_or_path = os.path.abspath(out_base_dir)
+            write_adapter(ad, d)
+        os.rename(stage, out_base_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(out_adapter_dir, ignore_errors=True)
+        raise
+    return dirs
