@@ -176,3 +176,33 @@ def test_kill_9_and_rerun_gives_identical_dataset(teacher, dataset, tmp_path):
     precompute(teacher, CORPUS, out, config=SamplingConfig(draws=50, alignment=True), position_chunk=32, **SLICE)
     assert shard_hashes(out) == shard_hashes(dataset)
     assert open_dataset(out).info == open_dataset(dataset).info
+
+
+def test_cached_nll_and_offsets_serve_another_tokenizer(dataset):
+    """A student with a small byte-level BPE trained here (``tokenizers``) aligned to the cached SmolLM2 sequences."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tensorstore_llm.distill.align import align_sequence, teacher_guided_loss
+
+    student = Tokenizer(models.BPE(unk_token="[UNK]"))
+    student.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    student.train_from_iterator(read_corpus(CORPUS).documents, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["[UNK]"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ds = DistillDataset(dataset, shuffle=False)
+    seq = next(ds.sequences())
+    item = align_sequence(seq, student, how="max")
+    n = len(item["input_ids"])
+    assert n > 32 and item["teacher_loss"].shape == (n,)                # a smaller vocabulary: more tokens
+    enc = student.encode(seq.text)
+    for i in (3, n // 2, n - 1):                                       # max over the covering teacher tokens
+        a, b = enc.offsets[i]
+        cover = [j for j, (c, d) in enumerate(seq.char_offsets) if d > a and c < b and not np.isnan(seq.nll[j])]
+        want = max(seq.nll[j] for j in cover) if cover else float("nan")
+        assert float(item["teacher_loss"][i]) == pytest.approx(want, nan_ok=True)
+    vocab = student.get_vocab_size()                                   # the byte alphabet + merges
+    logits = torch.zeros(1, n, vocab, requires_grad=True)
+    loss = teacher_guided_loss(logits, item["labels"][None], item["teacher_loss"][None])
+    assert loss.item() == pytest.approx(np.log(vocab), rel=1e-5)
+    with pytest.raises(ValueError, match="alignment=True"):
+        align_sequence(decode_table(open_dataset(dataset).read_shard("shard-00000.parquet").drop_columns(
+            ["nll", "text", "char_offsets"]), 49152, 50)[0], student)

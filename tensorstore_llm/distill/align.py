@@ -122,3 +122,35 @@ def student_span_teacher_nll(student_offsets: np.ndarray, teacher_offsets: np.nd
     """Aggregated teacher NLL per student token (NaN where unmapped): align, then aggregate."""
     first, last = align_spans(student_offsets, teacher_offsets)
     return aggregate_span(teacher_nll, first, last, how)
+
+
+def student_offsets(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
+    """(ids, int [n, 2] character offsets) of ``text`` under a student tokenizer, no special tokens.
+
+    Accepts a transformers fast tokenizer or a ``tokenizers.Tokenizer``.
+    """
+    if hasattr(tokenizer, "backend_tokenizer"):                       # transformers fast tokenizer
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    return list(enc.ids), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def align_sequence(seq, tokenizer, *, how: str = "max") -> dict:
+    """A cached teacher sequence re-tokenised for a student with another tokenizer.
+
+    Args:
+        seq: a decoded ``SequenceTargets`` from a dataset precomputed with ``alignment=True``
+            (text, teacher character offsets and per-token NLL).
+        tokenizer: the student's tokenizer (transformers fast tokenizer or ``tokenizers.Tokenizer``).
+        how: aggregation of the teacher NLL over each student token's span ('max', 'sum', 'mean').
+    Returns:
+        {"input_ids": int64 [n], "labels": int64 [n], "teacher_loss": float32 [n] (NaN where
+        unmapped)}, ready for :func:`teacher_guided_loss` after padding / stacking.
+    """
+    if seq.text is None or seq.nll is None or seq.char_offsets is None:
+        raise ValueError("the dataset has no alignment data: precompute it with alignment=True (--alignment)")
+    ids, offsets = student_offsets(tokenizer, seq.text)
+    loss = student_span_teacher_nll(offsets, seq.char_offsets, seq.nll, how)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone(), "teacher_loss": torch.from_numpy(loss.astype(np.float32))}
