@@ -129,6 +129,23 @@ def test_exact_errors():
         exact.decode_delta(base, bytes(corrupt))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_exact_more_escapes_than_the_header_says_is_an_error(path):
+    import zstandard
+
+    base, target = _fine_tune_like((64, 64), torch.bfloat16, seed=6)
+    fields = list(exact._HEADER.unpack_from(exact.encode_delta(base, target)))
+    b, t = exact._words(base, "bfloat16", "b"), exact._words(target, "bfloat16", "t")
+    sym, _, esc = exact._encode_np(b, t, 16, 7, 0xFF, 0)
+    sym = sym.copy()
+    sym[np.flatnonzero(sym != exact.ESCAPE)[:5]] = exact.ESCAPE   # five escapes more than the stream holds
+    blobs = [zstandard.ZstdCompressor().compress(sym.tobytes()), b"",
+             zstandard.ZstdCompressor().compress(esc.tobytes()) if esc.size else b""]
+    fields[-3:] = [len(x) for x in blobs]
+    with pytest.raises(CodecError):
+        exact.decode_delta(base, exact._HEADER.pack(*fields) + b"".join(blobs), use_numba=path)
+
+
 def _tiny_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

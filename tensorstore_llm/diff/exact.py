@@ -106,9 +106,17 @@ def _decode_np(base, sym, low, esc, bits, eshift, emask, k):
 if _numba is not None:
     @_numba.njit(cache=True, nogil=True)
     def _offsets(base, eshift, emask):
-        starts = np.zeros(emask + 2, np.int64)
-        for i in range(base.size):
-            starts[((np.int64(base[i]) >> eshift) & emask) + 1] += 1
+        """Start of each exponent's run in the sorted layout (4 interleaved histograms: no
+        store-to-load chain when neighbours share an exponent)."""
+        n = base.size
+        hist = np.zeros((4, emask + 2), np.int64)
+        quad = n - n % 4
+        for i in range(0, quad, 4):
+            for j in range(4):
+                hist[j, ((np.int64(base[i + j]) >> eshift) & emask) + 1] += 1
+        for i in range(quad, n):
+            hist[0, ((np.int64(base[i]) >> eshift) & emask) + 1] += 1
+        starts = hist[0] + hist[1] + hist[2] + hist[3]
         for e in range(1, emask + 2):
             starts[e] += starts[e - 1]
         return starts
@@ -119,6 +127,7 @@ if _numba is not None:
         pos = _offsets(base, eshift, emask)
         sign = np.int64(1) << (bits - 1)
         full = (np.int64(1) << bits) - 1
+        half = full >> 1
         kb = k // 8
         sym = np.empty(n, np.uint8)
         low = np.empty(n * kb, np.uint8)
@@ -127,12 +136,10 @@ if _numba is not None:
         for i in range(n):
             b = np.int64(base[i])
             f = np.int64(target[i])
-            mb = (~b & full) if b & sign else b | sign
-            mf = (~f & full) if f & sign else f | sign
-            d = (mf - mb) & full
-            if d & sign:
-                d -= full + 1
-            z = (d << 1) ^ (d >> 63)
+            mb = b ^ (((b >> (bits - 1)) * half) | sign)          # monotonic, branch-free
+            mf = f ^ (((f >> (bits - 1)) * half) | sign)
+            d = (((mf - mb) & full) ^ sign) - sign                # wrapped difference, signed
+            z = (d << 1) ^ (d >> 63)                              # zigzag
             high = z >> k
             e = (b >> eshift) & emask
             p = pos[e]
@@ -148,30 +155,73 @@ if _numba is not None:
         return sym, low, esc[:ne]
 
     @_numba.njit(cache=True, nogil=True)
-    def _decode_nb(base, sym, low, esc, bits, eshift, emask, k, out):
+    def _unpermute_nb(base, sym, low, kb, eshift, emask, n_esc):
+        """Symbols and low byte planes back in element order; positions of the escapes."""
         n = base.size
         pos = _offsets(base, eshift, emask)
-        sign = np.int64(1) << (bits - 1)
-        full = (np.int64(1) << bits) - 1
-        kb = k // 8
+        high = np.empty(n, np.uint8)
+        lows = np.empty(n * kb, np.uint8)
+        esc_at = np.empty(n_esc, np.int64)
         ne = 0
         for i in range(n):
-            b = np.int64(base[i])
-            e = (b >> eshift) & emask
+            e = (np.int64(base[i]) >> eshift) & emask
             p = pos[e]
             pos[e] = p + 1
-            high = np.int64(sym[p])
-            if high == 255:
-                high = np.int64(esc[ne])
+            h = sym[p]
+            high[i] = h
+            if h == 255:
+                if ne < n_esc:                                # corrupt payloads must not write past the end
+                    esc_at[ne] = i
                 ne += 1
-            z = high << k
             for j in range(kb):
-                z |= np.int64(low[j * n + p]) << (8 * j)
-            d = (z >> 1) ^ -(z & 1)
-            mb = (~b & full) if b & sign else b | sign
-            m = (mb + d) & full
-            out[i] = (m ^ sign) if m & sign else (~m & full)
-        return ne
+                lows[j * n + i] = low[j * n + p]
+        return high, lows, esc_at, ne
+
+    @_numba.njit(cache=True, nogil=True)
+    def _apply16_k0(base, high, out):
+        """bf16 / fp16 without low planes: base + unzigzag(high), vectorisable (no branches)."""
+        for i in range(base.size):
+            b = np.int32(base[i])
+            h = np.int32(high[i])
+            d = (h >> 1) ^ -(h & 1)
+            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+            m = (mb + d) & 0xFFFF
+            out[i] = m ^ (((1 - (m >> 15)) * 0x7FFF) | 0x8000)
+
+    @_numba.njit(cache=True, nogil=True)
+    def _apply_one(b, z, bits):
+        sign = np.int64(1) << (bits - 1)
+        full = (np.int64(1) << bits) - 1
+        half = full >> 1
+        d = (z >> 1) ^ -(z & 1)
+        mb = b ^ (((b >> (bits - 1)) * half) | sign)
+        m = (mb + d) & full
+        return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
+
+    @_numba.njit(cache=True, nogil=True)
+    def _apply_nb(base, high, lows, kb, esc, esc_at, bits, out):
+        n = base.size
+        k = 8 * kb
+        if bits == 16 and kb == 0:
+            _apply16_k0(base, high, out)
+        else:
+            for i in range(n):
+                z = np.int64(high[i]) << k
+                for j in range(kb):
+                    z |= np.int64(lows[j * n + i]) << (8 * j)
+                out[i] = _apply_one(np.int64(base[i]), z, bits)
+        for t in range(esc_at.size):                          # rare: large deltas
+            i = esc_at[t]
+            z = np.int64(esc[t]) << k
+            for j in range(kb):
+                z |= np.int64(lows[j * n + i]) << (8 * j)
+            out[i] = _apply_one(np.int64(base[i]), z, bits)
+
+    def _decode_nb(base, sym, low, esc, bits, eshift, emask, k, out):
+        high, lows, esc_at, found = _unpermute_nb(base, sym, low, k // 8, eshift, emask, esc.size)
+        if found != esc.size:
+            raise CodecError(f"exact delta: {found} escapes in the payload, header says {esc.size}")
+        _apply_nb(base, high, lows, k // 8, esc, esc_at, bits, out)
 
 
 def _choose_k(z_sample: np.ndarray) -> int:
@@ -276,12 +326,14 @@ def decode_delta(base, data: bytes, use_numba: bool = True):
             esc = np.frombuffer(dctx.decompress(blobs[2], max_output_size=n_esc * bits // 8), _WORD[bits]) if lens[2] else np.empty(0, _WORD[bits])
         except zstandard.ZstdError as exc:
             raise CodecError(f"exact delta: corrupt payload ({exc})") from exc
-        if sym.size != n or low.size != n * (k // 8) or esc.size != n_esc or int(np.count_nonzero(sym == ESCAPE)) != n_esc:
+        if sym.size != n or low.size != n * (k // 8) or esc.size != n_esc:
             raise CodecError("exact delta: payload sizes do not match the header")
-        if use_numba and _numba is not None:
+        if use_numba and _numba is not None:   # counts the escapes while it unpermutes
             out = np.empty(n, _WORD[bits])
             _decode_nb(b, sym, low, esc, bits, eshift, emask, k, out)
         else:
+            if int(np.count_nonzero(sym == ESCAPE)) != n_esc:
+                raise CodecError("exact delta: escapes in the payload do not match the header")
             out = _decode_np(b, sym, low, esc, bits, eshift, emask, k)
     return _like(base, out, fmt)
 

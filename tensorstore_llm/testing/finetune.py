@@ -93,9 +93,10 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
                      dtype: str = "bfloat16") -> str:
     """A cached HF checkpoint directory: SmolLM2-135M-Instruct after ``steps`` AdamW steps.
 
-    Trained in fp32 from the same fp32 weights that :func:`smollm2_checkpoint` casts, so the bf16
-    base and this fine-tune are a true (base, fine-tune) pair. Built once per machine (about a
-    minute on two cores), then returned from the cache. Raises FormatError when SmolLM2 is not
+    Trained in fp32 from the same fp32 weights that :func:`smollm2_checkpoint` casts, so the
+    base and this fine-tune in the same ``dtype`` are a true (base, fine-tune) pair. Trained once
+    per machine (the fp32 result is cached too; other dtypes are cast from it), then returned from
+    the cache. Training takes a few minutes on two free cores. Raises FormatError when SmolLM2 is not
     installed (see ``real_models``).
 
     Example:
@@ -103,15 +104,33 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         >>> os.path.isfile(os.path.join(path, "model.safetensors"))   # doctest: +SKIP
         True
     """
-    target = os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}-{dtype}")
+    target = _finetune_dir(steps, lr, dtype)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     import torch
 
-    model, tokenizer = load_smollm2_fp32()
-    batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
-    finetune(model, batches, lr=lr)
-    model = model.to(getattr(torch, dtype))
+    fp32_dir = _finetune_dir(steps, lr, "float32")
+    if os.path.isfile(os.path.join(fp32_dir, "model.safetensors")):   # cast the cached fp32 fine-tune
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
+    else:
+        model, tokenizer = load_smollm2_fp32()
+        batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
+        finetune(model, batches, lr=lr)
+        if dtype != "float32":
+            _save(model, tokenizer, fp32_dir)
+    _save(model.to(getattr(torch, dtype)), tokenizer, target)
+    return target
+
+
+def _finetune_dir(steps: int, lr: float, dtype: str) -> str:
+    return os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}-{dtype}")
+
+
+def _save(model, tokenizer, target: str) -> None:
+    """Save atomically: stage in the cache root, rename into place (a concurrent winner is kept)."""
     os.makedirs(cache_root(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".smollm2-ft-", dir=cache_root())
     try:
@@ -124,4 +143,3 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target

@@ -1,0 +1,234 @@
+"""Delta codecs on a real SmolLM2-135M full fine-tune (issue 11): exact representations, exact-codec
+throughput per core, and lossy codecs with weight error and model KL.
+
+    python tests/benchmarks/bench_diff_codecs.py [--repeat 5] [--skip-lossy] [--skip-fp32] [--json out.json]
+
+Builds (and caches) the fine-tune with tensorstore_llm.testing.finetune.smollm2_finetune. Every
+throughput figure is single-threaded (one core) and the median of ``--repeat`` runs; on a shared
+machine the spread is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from tensorstore_llm.diff import exact
+from tensorstore_llm.diff.codecs import get_codec
+from tensorstore_llm.diff.quality import codec_report, delta_kl
+
+GB = 1e9
+
+
+def load_state(path: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def words(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32).numpy().reshape(-1).view(
+        np.uint16 if t.element_size() == 2 else np.uint32)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def entropy(values: np.ndarray) -> float:
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def ulp_stats(base: dict, ft: dict, bits: int, eshift: int, emask: int) -> dict:
+    b = np.concatenate([words(base[k]) for k in sorted(base)])
+    f = np.concatenate([words(ft[k]) for k in sorted(base)])
+    z = exact._zigzag_np(b, f, bits)
+    d = np.where(z & 1, -((z >> 1).astype(np.int64)) - 1, (z >> 1).astype(np.int64))
+    e = (b >> eshift) & emask
+    h0 = entropy(d)
+    hc = 0.0
+    for ev in np.unique(e):
+        m = e == ev
+        hc += m.mean() * entropy(d[m])
+    a = np.abs(d)
+    return {"elements": int(b.size), "changed": float(np.mean(b != f)), "H_ulp": h0, "H_ulp_given_exp": hc,
+            "bound_ratio": bits / hc, "zero": float(np.mean(a == 0)), "pm1": float(np.mean(a == 1)),
+            "pm2": float(np.mean(a == 2)), "escape_share": float(np.mean(z >= 255))}
+
+
+# --- exact representations ----------------------------------------------------------------------
+
+def zstd(data: bytes, level: int) -> int:
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=level).compress(data))
+
+
+def blosc(arr: np.ndarray, shuffle: int, clevel: int = 5) -> int:
+    from numcodecs import Blosc
+
+    return len(Blosc(cname="zstd", clevel=clevel, shuffle=shuffle, blocksize=0).encode(arr))
+
+
+def byte_planes(arr: np.ndarray) -> list[bytes]:
+    raw = arr.view(np.uint8).reshape(-1, arr.itemsize)
+    return [raw[:, j].tobytes() for j in range(arr.itemsize)]
+
+
+def representations(base: dict, ft: dict, bits: int, eshift: int, emask: int, fmt: str) -> list[tuple]:
+    """(name, bytes) for each exact representation, every tensor coded on its own."""
+    from numcodecs import Blosc
+
+    rows = {}
+
+    def add(name, n):
+        rows[name] = rows.get(name, 0) + n
+
+    for k in sorted(base):
+        b, f = words(base[k]), words(ft[k])
+        xor = b ^ f
+        ulp = exact._zigzag_np(b, f, bits).astype(b.dtype)
+        add("fine-tune alone: zstd-3", zstd(f.tobytes(), 3))
+        add("fine-tune alone: byte-grouped zstd-3 (ZipNN-style)", sum(zstd(p, 3) for p in byte_planes(f)))
+        add("fine-tune alone: blosc-zstd-5 byte shuffle", blosc(f, Blosc.SHUFFLE))
+        add("XOR: zstd-3", zstd(xor.tobytes(), 3))
+        add("XOR: byte-grouped zstd-3 (BitX-style)", sum(zstd(p, 3) for p in byte_planes(xor)))
+        add("XOR: blosc-zstd-5 byte shuffle", blosc(xor, Blosc.SHUFFLE))
+        add("XOR: blosc-zstd-5 bit shuffle", blosc(xor, Blosc.BITSHUFFLE))
+        add("ULP diff (zigzag): zstd-3", zstd(ulp.tobytes(), 3))
+        add("ULP diff (zigzag): byte-grouped zstd-3", sum(zstd(p, 3) for p in byte_planes(ulp)))
+        add("ULP diff (zigzag): blosc-zstd-5 bit shuffle", blosc(ulp, Blosc.BITSHUFFLE))
+        for level in (1, 3, 9, 19):
+            add(f"ULP diff, sorted by base exponent, zstd-{level} (codec `exact`, level={level})",
+                len(exact.encode_delta(b, f, fmt, level=level)))
+        sym, low, esc = exact._encode_np(b, f, bits, eshift, emask, 0)
+        unsorted = np.minimum(exact._zigzag_np(b, f, bits), 255).astype(np.uint8)
+        add("ULP diff, byte symbols + escapes, element order, zstd-1 (no sort)",
+            zstd(unsorted.tobytes(), 1) + zstd(esc.tobytes(), 1) + exact._HEADER.size)
+    return list(rows.items())
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool) -> dict:
+    """Single-thread encode / decode of the whole model, GB/s of the target's raw bytes (median)."""
+    names = sorted(base)
+    raw = sum(ft[k].numel() * ft[k].element_size() for k in names)
+    blobs = {k: exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba) for k in names}   # warm-up / JIT
+    exact.decode_delta(base[names[0]], blobs[names[0]], use_numba=use_numba)
+    enc, dec = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for k in names:
+            exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba)
+        t1 = time.perf_counter()
+        for k in names:
+            exact.decode_delta(base[k], blobs[k], use_numba=use_numba)
+        t2 = time.perf_counter()
+        enc.append(raw / (t1 - t0) / GB)
+        dec.append(raw / (t2 - t1) / GB)
+    for k in names:   # and it is exact
+        out = exact.decode_delta(base[k], blobs[k], use_numba=use_numba)
+        assert torch.equal(out.view(torch.int16 if out.element_size() == 2 else torch.int32),
+                           ft[k].view(torch.int16 if out.element_size() == 2 else torch.int32)), k
+    return {"encode_gbps": statistics.median(enc), "decode_gbps": statistics.median(dec),
+            "encode_range": [min(enc), max(enc)], "decode_range": [min(dec), max(dec)],
+            "bytes": sum(len(v) for v in blobs.values()), "raw": raw}
+
+
+# --- lossy --------------------------------------------------------------------------------------
+
+LOSSY = [
+    ("bf16", {}),
+    ("bitdelta", {}),
+    ("bitdelta", {"per_row": True}),
+    ("low-rank", {"rank": 16}),
+    ("low-rank", {"rank": 64}),
+    ("low-rank", {"energy": 0.9}),
+    ("top-k", {"density": 0.1}),
+    ("top-k", {"density": 0.3}),
+    ("dare", {"keep": 0.3, "seed": 0}),
+    ("dare", {"keep": 0.6, "seed": 0}),
+    ("mixed-svd", {"groups": [[2, 8], [32, 3], [64, 2]]}),
+    ("mixed-svd", {"groups": [[8, 8], [64, 4], [128, 3], [192, 2]]}),
+]
+
+
+def lossy_table(base: dict, ft: dict, model, batches, specs) -> list[dict]:
+    rows = []
+    for name, params in specs:
+        codec = get_codec(name, **params)
+        t0 = time.perf_counter()
+        rep = codec_report(codec, base, ft, keep_reconstruction=True)
+        secs = time.perf_counter() - t0
+        q = delta_kl(model, ft, rep.pop("reconstruction"), batches)
+        rows.append({"codec": codec.to_dict(), "bytes": rep["bytes"], "ratio": rep["ratio"],
+                     "delta_rel": rep["delta_rel"], "weight_rel": rep["weight_rel"], "kl": q["kl"],
+                     "kl_max": q["kl_max"], "ppl_change": q["ppl_change"], "encode_decode_s": secs})
+        print(f"  {json.dumps(rows[-1]['codec']):60s} ratio {rep['ratio']:7.2f}  Δrel {rep['delta_rel']:.3f}  "
+              f"Wrel {rep['weight_rel']:.2e}  KL {q['kl']:.2e}  ppl {100 * q['ppl_change']:+.3f}%", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--skip-lossy", action="store_true")
+    ap.add_argument("--skip-fp32", action="store_true", help="skip fp16 / fp32 (the fp32 fine-tune trains once)")
+    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)   # per-core figures
+
+    from tensorstore_llm.testing.finetune import heldout_text, smollm2_finetune, token_batches
+    from tensorstore_llm.testing.real_models import smollm2_checkpoint
+
+    out = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "numba": exact._numba is not None}
+    dtypes = [("bfloat16", 16, 7, 0xFF)]
+    if not args.skip_fp32:
+        dtypes += [("float16", 16, 10, 0x1F), ("float32", 32, 23, 0xFF)]
+    for fmt, bits, eshift, emask in dtypes:
+        base, ft = load_state(smollm2_checkpoint(fmt)), load_state(smollm2_finetune(dtype=fmt))
+        raw = sum(v.numel() * v.element_size() for v in ft.values())
+        stats = ulp_stats(base, ft, bits, eshift, emask)
+        print(f"[{fmt}] {stats}", flush=True)
+        reps = representations(base, ft, bits, eshift, emask, fmt)
+        alone = min(n for name, n in reps if name.startswith("fine-tune alone"))
+        for name, n in reps:
+            print(f"  {name:80s} {n / 1e6:8.2f} MB  {raw / n:5.2f}x raw  {alone / n:5.2f}x vs best alone", flush=True)
+        tp = {"numba": throughput(base, ft, fmt, args.repeat, True)} if exact._numba is not None else {}
+        tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False)
+        for path, t in tp.items():
+            print(f"  throughput ({path}, 1 thread): encode {t['encode_gbps']:.3f} GB/s {t['encode_range']}, "
+                  f"decode {t['decode_gbps']:.3f} GB/s {t['decode_range']}", flush=True)
+        out[fmt] = {"raw": raw, "stats": stats, "representations": reps, "throughput": tp}
+    if not args.skip_lossy:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base_dir, ft_dir = smollm2_checkpoint("bfloat16"), smollm2_finetune()
+        base, ft = load_state(base_dir), load_state(ft_dir)
+        tok = AutoTokenizer.from_pretrained(ft_dir)
+        model = AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32).eval()
+        batches = token_batches(tok, heldout_text(), 256, 4, args.eval_batches, seed=1)
+        torch.set_num_threads(os.cpu_count() or 1)   # model evaluation only
+        base_kl = delta_kl(model, ft, base, batches)
+        print(f"[lossy] base itself vs fine-tune: KL {base_kl['kl']:.3e} ppl {100 * base_kl['ppl_change']:+.2f}% "
+              f"(fine-tune ppl {base_kl['ppl_reference']:.3f})", flush=True)
+        torch.set_num_threads(1)
+        out["lossy"] = {"base_vs_ft": base_kl, "tokens": base_kl["tokens"],
+                        "rows": lossy_table(base, ft, model, batches, LOSSY)}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
