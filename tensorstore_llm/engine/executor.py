@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import by_name
-from ..errors import RecipeError, TsllmError
+from ..errors import InvalidParameter, TsllmError
 from ..io.base import TensorSink
 from ..ops.registry import OpContext, get_op
 from ..seeding import RNG_GROUP_ELEMENTS
@@ -143,7 +143,7 @@ class Executor:
 
         Blocks are whole rows: a row is never split into columns, so a row larger than the budget
         (e.g. a ``[1, 2**31]`` fp32 tensor at 64 MiB) cannot be streamed within it. Raises
-        RecipeError naming the tensor, its input and the bytes the run would need.
+        InvalidParameter (exit 7) naming the tensor, its input and the bytes the run would need.
         """
         for job in self.plan.jobs:
             need = self.min_block_bytes(job)
@@ -152,7 +152,7 @@ class Executor:
                 unit = "one row" if get_op(job.op).rowwise and meta.shape else "the whole tensor"
                 inputs = sorted({str(getattr(self.plan.sources[r.source], "path", r.source)) for r in job.refs()})
                 origin = f" (from {', '.join(inputs[:2])})" if inputs else ""
-                raise RecipeError(f"tensor {meta.name!r}{origin} of shape {list(meta.shape)} {meta.dtype}: {unit} of "
+                raise InvalidParameter(f"tensor {meta.name!r}{origin} of shape {list(meta.shape)} {meta.dtype}: {unit} of "
                                   f"op {job.op!r} needs {format_size(need)} ({need} bytes) in memory at once, more than "
                                   f"the budget of {format_size(self.budget)} ({self.budget} bytes); rows are not split "
                                   f"into columns, so give --max-memory {need} or more")
