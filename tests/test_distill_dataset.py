@@ -145,3 +145,31 @@ def test_hf_trainer_trains_from_the_cache(tmp_path):
     result = trainer.train()
     assert result.global_step == 3 and np.isfinite(result.training_loss)
     assert not torch.equal(before, student.lm_head.weight)
+
+
+def test_multi_teacher_average_and_choice(tmp_path):
+    from tensorstore_llm.distill.dataset import MultiTeacherDataset
+
+    a = make_dataset(str(tmp_path / "a"), 4, 2, seed=0)
+    b = make_dataset(str(tmp_path / "b"), 4, 2, seed=1)       # another "teacher", same packing
+    avg = MultiTeacherDataset([a, b], [3, 1], shuffle=False)
+    seqs_a = list(DistillDataset(a, shuffle=False).sequences())
+    seqs_b = list(DistillDataset(b, shuffle=False).sequences())
+    for item, sa, sb in zip(avg, seqs_a, seqs_b):
+        want = 0.75 * sampling.dense_targets(sa.rows, V, N) + 0.25 * sampling.dense_targets(sb.rows, V, N)
+        got = torch.zeros(L, V, dtype=torch.float64)
+        got.scatter_add_(1, item["target_ids"], item["target_weights"].double() * item["target_mask"])
+        torch.testing.assert_close(got, want)
+        assert len(set(item["target_ids"][0][item["target_mask"][0]].tolist())) == int(item["target_mask"][0].sum())
+    choice = MultiTeacherDataset([a, b], [0.5, 0.5], mode="choice", shuffle=False)
+    picks = []
+    for item, sa, sb in zip(choice, seqs_a, seqs_b):
+        dense = torch.zeros(L, V, dtype=torch.float64)
+        dense.scatter_add_(1, item["target_ids"], item["target_weights"].double() * item["target_mask"])
+        picks.append(0 if torch.allclose(dense, sampling.dense_targets(sa.rows, V, N)) else 1)
+        assert torch.allclose(dense, sampling.dense_targets([sa, sb][picks[-1]].rows, V, N))
+    assert picks == [0 if torch.equal(x["target_ids"], y["target_ids"]) else 1 for x, y in zip(
+        MultiTeacherDataset([a, b], [0.5, 0.5], mode="choice", shuffle=False), DistillDataset(a, shuffle=False))]
+    c = make_dataset(str(tmp_path / "c"), 4, 1)                # other shard layout
+    with pytest.raises(DatasetMismatch, match="other shards"):
+        MultiTeacherDataset([a, c])

@@ -160,3 +160,80 @@ class DistillDataset(IterableDataset):
     def __iter__(self):
         for seq in self.sequences():
             yield to_item(seq, self.draws)
+
+
+def combine_targets(seqs: list[SequenceTargets], weights: list[float], draws: list[int]) -> SequenceTargets:
+    """One sequence's targets from several teachers: t̂ = Σ_j w_j t̂_j over the union of their ids.
+
+    All ``seqs`` must be the same packed sequence (same index and token ids). The result carries
+    float ``weights`` (no counts); ids stay ascending per position.
+    """
+    from .sampling import SparseRows
+
+    first = seqs[0]
+    for s in seqs[1:]:
+        if s.sequence != first.sequence or not np.array_equal(s.input_ids, first.input_ids):
+            raise DatasetMismatch(f"teachers disagree on sequence {first.sequence}: not the same corpus packing")
+    L = len(first.input_ids)
+    V = 1 + max(int(s.rows.ids.max(initial=0)) for s in seqs)
+    keys, values = [], []
+    for s, w, n in zip(seqs, weights, draws):
+        pos = np.repeat(np.arange(L, dtype=np.int64), np.diff(s.rows.offsets))
+        keys.append(pos * V + s.rows.ids)
+        values.append(w * target_weights(s, n).astype(np.float64))
+    unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    summed = np.bincount(inverse, weights=np.concatenate(values))
+    offsets = np.searchsorted(unique // V, np.arange(L + 1), side="left").astype(np.int64)
+    rows = SparseRows(offsets, (unique % V).astype(np.int32), weights=summed.astype(np.float32))
+    return SequenceTargets(first.sequence, first.input_ids, rows)
+
+
+class MultiTeacherDataset(IterableDataset):
+    """Several teacher-logit datasets over the same corpus packing and tokenizer, combined per sequence.
+
+    Args:
+        paths: datasets precomputed with the same tokenizer, packing and shard layout (same
+            ``--seq-len``, ``--shard-sequences``, ``--max-sequences``); checked at construction.
+        weights: one per teacher (normalised to sum to 1).
+        mode: 'average' (t̂ = Σ_j w_j t̂_j) or 'choice' (each sequence takes one teacher's targets,
+            teacher j with probability w_j, drawn from (seed, epoch, sequence)).
+        other arguments as for :class:`DistillDataset` (applied to every teacher).
+    """
+
+    def __init__(self, paths: list, weights: list[float] | None = None, *, mode: str = "average", **kwargs):
+        if mode not in ("average", "choice"):
+            raise DatasetMismatch(f"mode must be 'average' or 'choice', got {mode!r}")
+        self.parts = [DistillDataset(p, **kwargs) for p in paths]
+        w = np.asarray(weights if weights is not None else [1.0] * len(paths), dtype=np.float64)
+        if len(w) != len(paths) or np.any(w < 0) or w.sum() <= 0:
+            raise DatasetMismatch(f"need one non-negative weight per teacher ({len(paths)}), got {list(w)}")
+        self.weights = (w / w.sum()).tolist()
+        self.mode = mode
+        base = self.parts[0]
+        for p in self.parts[1:]:
+            for key in ("tokenizer", "packing_fingerprint", "num_sequences", "vocab"):
+                if p.info.get(key) != base.info.get(key):
+                    raise DatasetMismatch(f"{p.dataset.path} and {base.dataset.path} differ in {key}: teachers must "
+                                          f"share the tokenizer and the corpus packing")
+            if p.dataset.shard_names() != base.dataset.shard_names():
+                raise DatasetMismatch(f"{p.dataset.path} has other shards than {base.dataset.path}; precompute "
+                                      f"every teacher with the same --shard-sequences")
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def sequences(self):
+        streams = [p.sequences() for p in self.parts]
+        for seqs in zip(*streams):
+            if self.mode == "average":
+                yield combine_targets(list(seqs), self.weights, [p.draws for p in self.parts])
+            else:
+                rng = np.random.Generator(np.random.SFC64(seed_value(self.parts[0].seed, "distill-teacher",
+                                                                     f"epoch/{self.parts[0].epoch}", seqs[0].sequence)))
+                j = int(rng.choice(len(seqs), p=self.weights))
+                yield combine_targets([seqs[j]], [1.0], [self.parts[j].draws])
+
+    def __iter__(self):
+        for seq in self.sequences():
+            yield to_item(seq, 1)
