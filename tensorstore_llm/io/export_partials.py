@@ -160,10 +160,10 @@ class ExportLock:
     def published(self) -> None:
         """The partial was renamed to ``out_dir``: drop its lock file there and the registration."""
         self._published = True
-        try:
+        try:   # best effort: the export is complete and published already
             os.remove(os.path.join(self.out_dir, LOCK_NAME))
             fsync_path(self.out_dir)
-        except FileNotFoundError:
+        except OSError:
             pass
         self._unregister()
         self._release()
@@ -175,7 +175,10 @@ class ExportLock:
             if self._partial_fd is None:
                 self._partial_fd = _lock_partial(self.partial)
             if self._registration_fd is None and self.registration:
-                self._registration_fd = _lock_file(self.registration, create=False)
+                try:
+                    self._registration_fd = _lock_file(self.registration, create=False)
+                except OSError:
+                    pass
             if self._partial_fd is not None:
                 shutil.rmtree(self.partial, ignore_errors=True)
                 self._unregister()
