@@ -308,3 +308,23 @@ def test_extract_from_real_fine_tune_logits_approach_fine_tune_as_rank_grows():
     assert captured == sorted(captured) and captured[-1] > 1 - 1e-5
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 1e-3 * errors[0]
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_dora", "fif", "fif_dora", "embedding", "embedding_dora"])
+def test_merge_module_rows_blocks_equal_whole_module_merge(case):
+    """What a streamed job computes per row block concatenates to merge_module's result, bit for bit."""
+    kind = "embedding" if case.startswith("embedding") else "linear"
+    m = module("x", 24, 40, 4, seed=90, kind=kind, fif=case.startswith("fif"), magnitude=case.endswith("dora"))
+    W = torch.randn(m.base_shape, generator=g(91)).to(torch.bfloat16)
+    whole = merge_module(W, m, peft_compat=True)
+    norm = None
+    if m.transpose and m.magnitude is not None:
+        norm = K.dora_norm(W, K.lora_delta(m.A, m.B, m.scaling, transpose=True), transpose=True)
+    from tensorstore_llm.lora.merge import merge_module_rows
+
+    blocks = [merge_module_rows(W[r0:r0 + 7], m, r0, min(r0 + 7, W.shape[0]), peft_compat=True, dora_column_norm=norm)
+              for r0 in range(0, W.shape[0], 7)]
+    assert torch.equal(torch.cat(blocks), whole)
+    if m.transpose and m.magnitude is not None:
+        with pytest.raises(RecipeError, match="column norm"):
+            merge_module_rows(W[:7], m, 0, 7)

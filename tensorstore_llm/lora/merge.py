@@ -33,19 +33,40 @@ def merge_module(weight: torch.Tensor, m: ModuleLora, *, scale: float = 1.0, pef
     Returns:
         the merged tensor.
     """
+    norm = None
+    if m.magnitude is not None and m.transpose:                      # DoRA column norms need all rows
+        s = m.scaling * scale if scale != 1.0 else m.scaling
+        norm = K.dora_norm(weight, K.lora_delta(m.A, m.B, s, transpose=True), transpose=True)
+    return merge_module_rows(weight, m, 0, weight.shape[0], scale=scale, peft_compat=peft_compat,
+                             out_dtype=out_dtype, dora_column_norm=norm)
+
+
+def merge_module_rows(w_rows: torch.Tensor, m: ModuleLora, r0: int, r1: int, *, scale: float = 1.0,
+                      peft_compat: bool = False, out_dtype: torch.dtype | None = None,
+                      dora_column_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows r0:r1 of :func:`merge_module`: what a streamed merge job computes per row block.
+
+    Plain LoRA and DoRA on ``nn.Linear`` need only the block (the factors are whole-tensor side
+    inputs; DoRA's norm is per stored row). DoRA on a transposed layout (Conv1D
+    ``fan_in_fan_out``, embeddings) normalises stored columns over all rows: pass
+    ``dora_column_norm`` = ``ops.lora.dora_norm(W, delta, transpose=True)`` from a whole-tensor
+    pass. Concatenating the blocks equals :func:`merge_module` bit for bit.
+    """
     s = m.scaling * scale if scale != 1.0 else m.scaling
-    delta = K.lora_delta(m.A, m.B, s, transpose=m.transpose)
+    delta = K.lora_delta(m.A, m.B, s, transpose=m.transpose, rows=(r0, r1))
     if m.magnitude is not None:
-        norm = K.dora_norm(weight, delta, transpose=m.transpose)
-        return K.dora_merge_rows(weight, delta, m.magnitude, norm, transpose=m.transpose, out_dtype=out_dtype)
+        if m.transpose:
+            if dora_column_norm is None:
+                raise RecipeError(f"{m.module}: DoRA on a transposed layout needs the whole-tensor column norm")
+            return K.dora_merge_rows(w_rows, delta, m.magnitude, dora_column_norm, transpose=True, out_dtype=out_dtype)
+        return K.dora_merge_rows(w_rows, delta, m.magnitude[r0:r1], K.dora_norm(w_rows, delta), out_dtype=out_dtype)
     round_to = None
     if peft_compat:
         if m.A.dtype in _HALF:
-            round_to = m.A.dtype
+            delta = delta.to(m.A.dtype).float()
         if m.kind == "embedding":
-            delta = delta.to(round_to or delta.dtype).float() if round_to else delta
-            round_to = weight.dtype
-    return K.merge_rows(weight, delta, out_dtype=out_dtype, round_delta_to=round_to)
+            round_to = w_rows.dtype
+    return K.merge_rows(w_rows, delta, out_dtype=out_dtype, round_delta_to=round_to)
 
 
 def merged_names(adapter: LoraAdapter) -> list[str]:

@@ -14,6 +14,16 @@ Layouts. ``transpose=False``: the base weight is stored out x in (``nn.Linear``)
 ``lora_embedding_B``: dim x r) and the delta is ``(B @ A).T``. Row ranges always refer to rows of
 the *stored* base weight, so a streamed merge can hand over W[r0:r1] with the matching slice of the
 factors.
+
+Wiring into the engine (not done here): a merge job per target weight reads W in row blocks and
+A, B (and DoRA's magnitude) as whole-tensor side inputs, and computes
+``lora.merge.merge_module_rows`` per block; DoRA on a transposed layout first needs the column
+norms of the whole W + delta (``dora_norm``; a whole-tensor input, since partial sums of squares
+would not round like PEFT's ``torch.linalg.norm``). Extraction and PiSSA / GOAT need the whole
+tensor (an SVD) and have several outputs (A, B, residual). Combine and resize read only the
+factors. NF4 round trips work on 64-element blocks of the flattened tensor, but double
+quantisation's offset is the mean of all block absmaxes of the tensor, so it needs a reduction
+pass (or the whole tensor) first.
 """
 from __future__ import annotations
 
