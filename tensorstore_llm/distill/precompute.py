@@ -5,12 +5,15 @@ logits ``position_chunk`` positions at a time (the [batch, seq, vocab] tensor ne
 chunk is softmaxed in fp32, sampled (RS-KD), truncated (top-k) or kept (full), and freed. Shard k
 holds sequences ``[k * shard_sequences, (k + 1) * shard_sequences)``; a re-run after a crash
 keeps the journalled shards and recomputes the rest, and because draws are seeded per sequence
-(``sampling.sequence_uniforms``) the result is byte-identical to an uninterrupted run.
+(``sampling.sequence_uniforms``) the result is byte-identical to an uninterrupted run. A shard is
+encoded, compressed, written, read back and journalled in a background thread while the teacher
+computes the next one (at most one shard waits).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -174,25 +177,34 @@ def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str, *, c
     writer = ShardWriter(out_dir, job_key=info["fingerprint"])
     done = writer.completed_shards()
     names = [f"shard-{k:05d}.parquet" for k in range((total + shard_sequences - 1) // shard_sequences)]
-    for k, name in enumerate(names):
-        lo, hi = k * shard_sequences, min(total, (k + 1) * shard_sequences)
-        if name in done:
-            if progress:
-                progress(hi, total)
-            continue
-        sequences = []
-        for b in range(lo, hi, batch_size):
-            idx = list(range(b, min(hi, b + batch_size)))
-            ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
-            rows, nll = teacher_targets(lm, ids, idx, config, position_chunk=position_chunk)
-            for i, r, n in zip(idx, rows, nll):
-                seq = SequenceTargets(i, packing.sequences[i], r)
-                if config.alignment:
-                    seq.text, seq.char_offsets = packing.text_and_offsets(i)
-                    seq.nll = n
-                sequences.append(seq)
-            if progress:
-                progress(idx[-1] + 1, total)
+
+    def write(name, sequences):
         done[name] = writer.write_shard(name, encode_rows(config.kind, sequences, lm.real_vocab, config.draws))
+    with ThreadPoolExecutor(1, thread_name_prefix="tsllm-shard-writer") as behind:   # writes behind the forward passes
+        pending = None
+        for k, name in enumerate(names):
+            lo, hi = k * shard_sequences, min(total, (k + 1) * shard_sequences)
+            if name in done:
+                if progress:
+                    progress(hi, total)
+                continue
+            sequences = []
+            for b in range(lo, hi, batch_size):
+                idx = list(range(b, min(hi, b + batch_size)))
+                ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
+                rows, nll = teacher_targets(lm, ids, idx, config, position_chunk=position_chunk)
+                for i, r, n in zip(idx, rows, nll):
+                    seq = SequenceTargets(i, packing.sequences[i], r)
+                    if config.alignment:
+                        seq.text, seq.char_offsets = packing.text_and_offsets(i)
+                        seq.nll = n
+                    sequences.append(seq)
+                if progress:
+                    progress(idx[-1] + 1, total)
+            if pending is not None:
+                pending.result()                  # at most one shard waits to be written
+            pending = behind.submit(write, name, sequences)
+        if pending is not None:
+            pending.result()
     files = {name: {"sha256": done[name]} for name in names}
     return writer.commit(kind="logits", parents=[lm.fingerprint], info=info, files=files)
