@@ -148,6 +148,11 @@ def test_round_trip_write_loads_in_peft_with_same_logits(tmp_path):
     with torch.no_grad():
         before = pm(ids).logits
     adapter = read_adapter(str(tmp_path / "orig"))
+    info = adapter.describe()
+    assert info["dora"] and info["embedding_modules"] == ["model.embed_tokens"]
+    assert info["modules_to_save"] == ["lm_head.weight"] and info["ranks"]["model.layers.0.self_attn.v_proj"] == 2
+    assert info["num_params"] == sum(p.numel() for n, p in pm.named_parameters()
+                                     if "lora_" in n or "modules_to_save.default" in n)
     write_adapter(adapter, str(tmp_path / "copy"))
     again = read_adapter(str(tmp_path / "copy"))
     assert again.ranks() == adapter.ranks()
@@ -183,6 +188,7 @@ def test_prefix_tuning_read_write_and_refused_by_merge(tmp_path):
     pm.save_pretrained(str(tmp_path / "prefix"))
     adapter = read_adapter(str(tmp_path / "prefix"))
     assert isinstance(adapter, PrefixAdapter)
+    assert adapter.describe()["num_params"] == 5 * 64 and adapter.describe()["mergeable"] is False
     assert adapter.prompt_embeddings.shape == (5, 2 * 2 * 16)
     adapter.validate_base(model.config.to_dict())
     with pytest.raises(ShapeMismatch, match="layers"):

@@ -15,7 +15,7 @@ import torch
 from ..errors import RecipeError, ShapeMismatch, TensorNotFound
 from ..ops import lora as K
 from ..seeding import seed_for
-from .peft_format import LoraAdapter, ModuleLora, build_adapter, layer_index
+from .peft_format import LoraAdapter, build_adapter, layer_index
 
 
 @dataclass

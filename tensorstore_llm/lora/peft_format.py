@@ -244,6 +244,18 @@ class LoraAdapter:
         """LoRA parameters plus saved whole modules."""
         return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.saved_modules.values())
 
+    def describe(self) -> dict:
+        """What ``tsllm show`` prints for an adapter: base, kind, rank per module, parameters.
+
+        >>> build_adapter({"fc": (torch.ones(2, 3), torch.ones(4, 2))}).describe()["num_params"]
+        14
+        """
+        return {"peft_type": "LORA", "base_model_name_or_path": self.config.base_model_name_or_path,
+                "dora": any(m.magnitude is not None for m in self.modules.values()),
+                "use_rslora": self.config.use_rslora, "ranks": self.ranks(),
+                "embedding_modules": sorted(k for k, m in self.modules.items() if m.kind == "embedding"),
+                "modules_to_save": sorted(self.saved_modules), "num_params": self.num_params()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under PEFT's key names, as ``adapter_model.safetensors`` holds them."""
         out = {}
@@ -301,6 +313,12 @@ class PrefixAdapter:
 
     def num_params(self) -> int:
         return self.prompt_embeddings.numel()
+
+    def describe(self) -> dict:
+        """Base, virtual tokens, layers and parameter count of the prefix adapter."""
+        return {"peft_type": self.config.get("peft_type"), "base_model_name_or_path": self.config.get("base_model_name_or_path"),
+                "num_virtual_tokens": self.config.get("num_virtual_tokens"), "num_layers": self.config.get("num_layers"),
+                "num_params": self.num_params(), "mergeable": False}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.prompt_embeddings.contiguous()}
