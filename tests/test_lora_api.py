@@ -190,3 +190,29 @@ def test_extract_and_resize_dirs_round_trip_through_peft(tmp_path):
     assert all(v["rank"] == 2 for v in rep["modules"].values())
     pm = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "small"))
     assert pm.peft_config["default"].r == 2
+
+
+def test_combine_and_drop_dirs_load_in_peft(tmp_path):
+    from tensorstore_llm.lora.api import combine_adapter_dirs, drop_adapter_dir
+
+    tiny().save_pretrained(tmp_path / "base")
+    cfg = lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])  # noqa: E731
+    make_adapter(tiny(), tmp_path / "a", cfg(), seed=1)
+    make_adapter(tiny(), tmp_path / "b", cfg(), seed=2)
+    exact = combine_adapter_dirs([str(tmp_path / "a"), str(tmp_path / "b")], [0.5, 0.5], str(tmp_path / "ab"))
+    assert all(v["rank"] == 8 for v in exact["modules"].values())
+    cut = combine_adapter_dirs([str(tmp_path / "a"), str(tmp_path / "b")], [0.5, 0.5], str(tmp_path / "ab3"), rank=3)
+    assert all(v["rank"] == 3 and 0 < v["relative_error"] < 1 for v in cut["modules"].values())
+    assert peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "ab3")).peft_config["default"].r == 3
+    # the exact combination, merged, equals the two adapters merged at half scale each
+    merge_adapter(str(tmp_path / "base"), str(tmp_path / "ab"), str(tmp_path / "m_ab"))
+    merge_adapter(str(tmp_path / "base"), str(tmp_path / "a"), str(tmp_path / "m_a"), scale=0.5)
+    merge_adapter(str(tmp_path / "m_a"), str(tmp_path / "b"), str(tmp_path / "m_a_b"), scale=0.5)
+    x, y = dense_state(tmp_path / "m_ab"), dense_state(tmp_path / "m_a_b")
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+    rep = drop_adapter_dir(str(tmp_path / "a"), str(tmp_path / "a_top"), lowest=1)
+    assert rep["totals"]["params_removed"] == (4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)   # q, v of layer 0 (kv width 32)
+    pm = peft.PeftModel.from_pretrained(tiny(), str(tmp_path / "a_top"))
+    names = [n for n, _ in pm.named_parameters() if "lora_A" in n]
+    assert names and all("layers.1." in n for n in names)

@@ -304,3 +304,41 @@ def svd_init_dirs(base_dir: str, out_base_dir: str, out_adapter_dir: str, *, ran
         shutil.rmtree(out_adapter_dir, ignore_errors=True)
         raise
     return dirs
+
+
+def _read_lora(adapter_dir: str, what: str) -> LoraAdapter:
+    adapter = read_adapter(adapter_dir)
+    if not isinstance(adapter, LoraAdapter):
+        raise RecipeError(f"{adapter_dir}: only LoRA adapters can be {what}")
+    return adapter
+
+
+def combine_adapter_dirs(adapter_dirs: list[str], weights: list[float], out_dir: str, *, rank: int | None = None,
+                         energy: float | None = None) -> dict:
+    """Linear combination of PEFT adapters on full deltas (``adapters.combine_adapters``), written as
+    a new adapter: exact at rank sum(r_i), or re-factored to ``rank`` / ``energy`` with the
+    Eckart-Young error per module in the report.
+
+    Example: ``combine_adapter_dirs(["math-lora", "code-lora"], [0.5, 0.5], "both", rank=32)``.
+    """
+    from .adapters import combine_adapters
+    from .peft_format import write_adapter
+
+    if os.path.exists(out_dir):
+        raise OutputExists(f"{out_dir} already exists")
+    new, report = combine_adapters([_read_lora(d, "combined") for d in adapter_dirs], weights, rank=rank, energy=energy)
+    write_adapter(new, out_dir)
+    return {"modules": report.modules, "totals": report.totals}
+
+
+def drop_adapter_dir(adapter_dir: str, out_dir: str, *, lowest: int | None = None, modules: list[str] = ()) -> dict:
+    """AdapterDrop (``adapters.drop_layers``): write the adapter without its lowest ``lowest``
+    layers and / or the named modules; the report gives ``params_removed``."""
+    from .adapters import drop_layers
+    from .peft_format import write_adapter
+
+    if os.path.exists(out_dir):
+        raise OutputExists(f"{out_dir} already exists")
+    new, report = drop_layers(_read_lora(adapter_dir, "dropped from"), lowest=lowest, modules=modules)
+    write_adapter(new, out_dir)
+    return {"modules": report.modules, "totals": report.totals}
