@@ -313,3 +313,23 @@ def test_combine_equals_peft_cat_combination_and_linear_shows_cross_terms(tmp_pa
     for name, t in merged.items():
         torch.testing.assert_close(t, cat[name], rtol=1e-5, atol=1e-6)
         assert (linear[name] - t).abs().max() > 1e-4, name
+
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj", "model.layers.1.mlp.up_proj"]),
+    dict(target_modules=r".*layers\.[01]\.self_attn\.(q|v)_proj"),
+    dict(target_modules=["q_proj", "v_proj", "down_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
+    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]),
+])
+def test_target_matching_follows_peft(kw):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from tensorstore_llm.lora.peft_format import LoraConfig as OurConfig
+
+    theirs = peft.LoraConfig(r=4, **kw)
+    ours = OurConfig.from_dict({"r": 4, **kw})
+    names = [n for n, _ in tiny_llama().named_modules() if n]
+    picked = [n for n in names if ours.targets(n)]
+    assert picked, "the config targets nothing"
+    assert picked == [n for n in names if bool(check_target_module_exists(theirs, n))]
