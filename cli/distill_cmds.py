@@ -12,8 +12,8 @@ def logits_group():
     """Precompute a teacher's output distribution once (RS-KD), train many students from it.
 
     \b
-      tsllm logits precompute --teacher ./SmolLM2-135M --data data/corpus --out kd-smollm2 --seq-len 512
-      tsllm logits show kd-smollm2
+      tsllm logits precompute --teacher ./SmolLM2-135M --data data/corpus --name kd-smollm2 --seq-len 512
+      tsllm logits show kd-smollm2            # a logits artifact in the store (or --out DIR: a directory)
 
     Per token position the teacher's softmax (fp32, temperature T) is sampled N times
     (--draws, default 50) with a generator seeded per sequence; the unique ids and their counts are
@@ -22,14 +22,15 @@ def logits_group():
     """
 
 
-def _resolve_teacher(ctx, teacher: str) -> str:
-    """An HF directory for TEACHER: a directory or hub id as is; a store artifact exported once."""
+def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None]:
+    """(HF directory or hub id, artifact id or None): a store artifact is exported once to a
+    temporary directory."""
     import os
 
     from tensorstore_llm.io.hub import parse_hub_ref
 
     if os.path.isdir(teacher) or parse_hub_ref(teacher) is not None:
-        return teacher
+        return teacher, None
     import tempfile
 
     from tensorstore_llm.api import export
@@ -41,7 +42,7 @@ def _resolve_teacher(ctx, teacher: str) -> str:
     out = os.path.join(tempfile.gettempdir(), f"tsllm-teacher-{artifact.id[:16]}")
     if not os.path.isfile(os.path.join(out, "config.json")):
         export(store, teacher, out, progress=False)
-    return out
+    return out, artifact.id
 
 
 @logits_group.command("precompute")
@@ -50,8 +51,9 @@ def _resolve_teacher(ctx, teacher: str) -> str:
 @click.option("--data", "data", required=True, metavar="CORPUS",
               help="Corpus file or directory: .txt (documents split at two blank lines), .jsonl with "
                    "'text' or chat 'messages' (rendered with the teacher's chat template), .parquet.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Dataset directory to create (staged in OUT.partial; re-run to resume).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Write the dataset to this directory (staged in OUT.partial) instead of the store.")
+@click.option("--name", help="Tag for the new logits artifact in the store.")
 @click.option("--method", type=click.Choice(["rs-kd", "top-k", "full"]), default="rs-kd", show_default=True,
               help="rs-kd: sampled ids + counts (unbiased); top-k: k ids + log-probs (biased baseline); "
                    "full: every log-prob (tiny tests only).")
@@ -71,9 +73,13 @@ def _resolve_teacher(ctx, teacher: str) -> str:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="Compute dtype of the teacher (float32, bfloat16).")
 @click.pass_context
-def precompute_cmd(ctx, teacher, data, out, method, draws, tau, self_normalise, temperature, k, seq_len, shuffle_seed,
+def precompute_cmd(ctx, teacher, data, out, name, method, draws, tau, self_normalise, temperature, k, seq_len, shuffle_seed,
                    add_bos, batch_size, shard_sequences, max_sequences, alignment, seed, device, dtype):
-    """Run TEACHER over CORPUS once and write its sparse targets as a sharded Parquet dataset.
+    """Run TEACHER over CORPUS once and store its sparse targets as a sharded Parquet dataset.
+
+    The dataset becomes a store artifact of kind `logits` (tag it with --name), or a directory with
+    --out. Interrupted? Run the same command again: finished shards are kept, the rest recomputed,
+    and the result is identical to an uninterrupted run.
 
     The corpus is tokenised and packed by rule concat-eos-chunk-v1 (documents in shuffled order,
     each followed by EOS, concatenated and cut into --seq-len windows, the last partial window
@@ -81,7 +87,10 @@ def precompute_cmd(ctx, teacher, data, out, method, draws, tau, self_normalise, 
     method, N, tau and T; a reader with another tokenizer or packing is refused.
     """
     from tensorstore_llm.distill.precompute import SamplingConfig, precompute
+    from tensorstore_llm.distill.shards import open_dataset
     from tensorstore_llm.distill.stats import dataset_stats
+
+    from .common import store_of
     from tensorstore_llm.hf.models import load_causal_lm
     from tensorstore_llm.hf.packing import PackingRule
 
@@ -95,7 +104,7 @@ def precompute_cmd(ctx, teacher, data, out, method, draws, tau, self_normalise, 
                             temperature=temperature, k=k, seed=seed, alignment=alignment)
     config.validate()
     rule = PackingRule(seq_len=seq_len, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed, add_bos=add_bos)
-    source = _resolve_teacher(ctx, teacher)
+    source, parent = _resolve_teacher(ctx, teacher)
     tokenizer = AutoTokenizer.from_pretrained(source)
     corpus = read_corpus(data, tokenizer=tokenizer)          # corpus and packing errors before the model loads
     Packing(corpus.documents, tokenizer, rule, corpus.fingerprint)
@@ -104,30 +113,39 @@ def precompute_cmd(ctx, teacher, data, out, method, draws, tau, self_normalise, 
     def progress(done, total):
         if not quiet and sys.stderr.isatty():
             click.echo(f"\r{done}/{total} sequences", nl=False, err=True)
-    path = precompute(lm, corpus, out, config=config, rule=rule, batch_size=batch_size, shard_sequences=shard_sequences,
-                      max_sequences=max_sequences, progress=progress)
+    store = None if out else store_of(ctx)
+    result = precompute(lm, corpus, out, config=config, rule=rule, batch_size=batch_size, shard_sequences=shard_sequences,
+                        max_sequences=max_sequences, progress=progress, store=store, name=name,
+                        parents=[parent] if parent else None)
+    where = result if out else result.short_id
     if quiet:
-        click.echo(path)
+        click.echo(result if out else result.id)
         return
     if sys.stderr.isatty():
         click.echo("", err=True)
-    s = dataset_stats(path)
-    click.echo(f"wrote {path}: {s['sequences']} sequences, {s['tokens']} tokens, {s['unique_per_position']:.1f} ids/position, "
+    s = dataset_stats(open_dataset(out or result.id, store))
+    click.echo(f"wrote {where}{' (' + name + ')' if name and not out else ''}: {s['sequences']} sequences, {s['tokens']} tokens, {s['unique_per_position']:.1f} ids/position, "
                f"{s['bytes_per_token']:.1f} B/token, {s['bytes_per_pair']:.2f} B/pair")
 
 
 @logits_group.command("show")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("dataset")
 @click.option("--json", "as_json", is_flag=True, help="Print fingerprint and statistics as JSON.")
-def show_cmd(dataset, as_json):
+@click.pass_context
+def show_cmd(ctx, dataset, as_json):
     """Print a dataset's fingerprint, tokens, bytes per token / pair, ids per position and coverage.
 
+    DATASET is a logits artifact in the store (tag or id) or a directory written with --out.
     Coverage is the teacher's probability mass on the stored ids, averaged over positions.
     """
     from tensorstore_llm.distill.shards import open_dataset
     from tensorstore_llm.distill.stats import dataset_stats
 
-    ds = open_dataset(dataset)
+    import os
+
+    from .common import store_of
+
+    ds = open_dataset(dataset, None if os.path.isdir(dataset) else store_of(ctx))
     stats = dataset_stats(ds)
     if as_json:
         click.echo(json.dumps({"info": ds.info, "stats": stats}, indent=1, sort_keys=True))

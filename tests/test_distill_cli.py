@@ -17,26 +17,31 @@ def teacher_dir():
 def test_precompute_then_show(cli, teacher_dir, tmp_path):
     import torch
 
+    from tensorstore_llm.distill.dataset import DistillDataset
+    from tensorstore_llm.store import Store
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    store = str(tmp_path / "store")
     try:
-        out = str(tmp_path / "kd")
-        code, stdout, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", out,
-                                "--seq-len", "16", "--max-sequences", "2", "--shard-sequences", "1", "--draws", "20")
+        code, stdout, err = cli("--store", store, "logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS,
+                                "--name", "kd", "--seq-len", "16", "--max-sequences", "2", "--shard-sequences", "1",
+                                "--draws", "20")
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
-    assert "2 sequences, 32 tokens" in stdout and "B/token" in stdout
-    code, stdout, err = cli("logits", "show", out)
+    assert "(kd): 2 sequences, 32 tokens" in stdout and "B/token" in stdout
+    code, stdout, err = cli("--store", store, "logits", "show", "kd")
     assert code == 0, err
     assert "rs-kd N=20 tau=1.0 T=1.0" in stdout and "2 x 16 = 32 tokens in 2 shard(s)" in stdout
-    code, stdout, err = cli("logits", "show", out, "--json")
+    code, stdout, err = cli("--store", store, "logits", "show", "kd", "--json")
     shown = json.loads(stdout)
     assert shown["info"]["sampling"]["draws"] == 20 and shown["stats"]["tokens"] == 32
     assert 1 <= shown["stats"]["unique_per_position"] <= 20
-    # the same output again: refused, nothing changed
-    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", out, "--seq-len", "16")
-    assert code == 8 and "already holds a committed dataset" in err
+    items = list(DistillDataset("kd", store=Store(store), shuffle=False))
+    assert len(items) == 2 and items[0]["input_ids"].shape == (16,)
+    code, stdout, _ = cli("--store", store, "ls")
+    assert code == 0 and "logits" in stdout
 
 
 def test_cli_errors(cli, teacher_dir, tmp_path):
@@ -49,3 +54,5 @@ def test_cli_errors(cli, teacher_dir, tmp_path):
     assert code == 7 and "fewer than one sequence of seq_len=100000" in err
     code, _, err = cli("logits", "show", str(tmp_path))
     assert code == 4 and "not a committed dataset" in err
+    code, _, err = cli("--store", str(tmp_path / "store"), "logits", "show", "nothing-here")
+    assert code == 3 and "no artifact or tag named 'nothing-here'" in err

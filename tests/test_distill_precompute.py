@@ -206,3 +206,21 @@ def test_cached_nll_and_offsets_serve_another_tokenizer(dataset):
     with pytest.raises(ValueError, match="alignment=True"):
         align_sequence(decode_table(open_dataset(dataset).read_shard("shard-00000.parquet").drop_columns(
             ["nll", "text", "char_offsets"]), 49152, 50)[0], student)
+
+
+def test_precompute_into_the_store(teacher, dataset, tmp_path):
+    from tensorstore_llm.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    artifact = precompute(teacher, CORPUS, store=store, name="kd", config=SamplingConfig(draws=50, alignment=True),
+                          position_chunk=32, **SLICE)
+    assert artifact.kind == "logits" and store.resolve("kd") == artifact.id
+    mine = open_dataset(dataset)
+    stored = open_dataset("kd", store)
+    assert stored.info == mine.info and stored.shard_names() == mine.shard_names()
+    for name in mine.shard_names():
+        assert stored.read_shard(name).equals(mine.read_shard(name))
+    items = list(DistillDataset("kd", store=store, tokenizer=teacher.tokenizer, shuffle=False))
+    assert [int(i["input_ids"][0]) for i in items] == [int(i["input_ids"][0]) for i in DistillDataset(dataset, shuffle=False)]
+    again = precompute(teacher, CORPUS, store=store, config=SamplingConfig(draws=50, alignment=True), **SLICE)
+    assert again.id == artifact.id                        # same content, same artifact

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import DatasetMismatch
 from ..seeding import seed_value
 from .encoding import SequenceTargets, decode_table
-from .shards import ShardDataset, open_dataset
+from .shards import open_dataset
 
 
 def check_fingerprint(info: dict, *, tokenizer=None, packing_fingerprint: str | None = None,
@@ -100,7 +100,8 @@ class DistillDataset(IterableDataset):
     """Sequences of a teacher-logit dataset with their sparse targets, for a training loop.
 
     Args:
-        path: a committed dataset directory (or an opened :class:`ShardDataset`).
+        path: a committed dataset directory, a store ref (with ``store``), or an opened dataset.
+        store: a :class:`~tensorstore_llm.store.Store` to resolve ``path`` in when it is no directory.
         tokenizer / packing_fingerprint / expect: checked against the dataset's fingerprint
             (``check_fingerprint``); a mismatch raises DatasetMismatch at construction.
         rank / world_size: this process's share (default: torch.distributed, else 0 / 1).
@@ -112,8 +113,9 @@ class DistillDataset(IterableDataset):
     """
 
     def __init__(self, path, *, tokenizer=None, packing_fingerprint: str | None = None, expect: dict | None = None,
-                 rank: int | None = None, world_size: int | None = None, shuffle: bool = True, seed: int = 0):
-        self.dataset = path if isinstance(path, ShardDataset) else open_dataset(path)
+                 rank: int | None = None, world_size: int | None = None, shuffle: bool = True, seed: int = 0,
+                 store=None):
+        self.dataset = open_dataset(path, store) if isinstance(path, str) else path
         self.info = self.dataset.info
         if self.dataset.kind != "logits":
             raise DatasetMismatch(f"{self.dataset.path} is a {self.dataset.kind!r} dataset, not teacher logits")

@@ -26,7 +26,7 @@ from ..hf.packing import Packing, PackingRule
 from . import sampling
 from .encoding import CODEC, SequenceTargets, encode_rows
 from .sampling import SparseRows
-from .shards import ShardWriter
+from .shards import ZSTD_LEVEL, ShardWriter
 
 FORMAT = "tsllm-logits-v1"
 METHODS = ("rs-kd", "top-k", "full")
@@ -137,15 +137,20 @@ def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: lis
     return [_concat_rows(p) for p in parts], list(nll)
 
 
-def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str, *, config: SamplingConfig = SamplingConfig(),
-               rule: PackingRule = PackingRule(), batch_size: int = 4, shard_sequences: int = 64,
-               max_sequences: int | None = None, position_chunk: int = 128, progress=None) -> str:
+def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str | None = None, *,
+               config: SamplingConfig = SamplingConfig(), rule: PackingRule = PackingRule(), batch_size: int = 4,
+               shard_sequences: int = 64, max_sequences: int | None = None, position_chunk: int = 128,
+               progress=None, store=None, name: str | None = None, parents: list[str] | None = None):
     """Run ``teacher`` over ``corpus`` once and commit the sparse-target dataset at ``out_dir``.
 
     Args:
         teacher: a loaded :class:`CausalLM`, or an HF directory / hub id to load.
         corpus: a :class:`Corpus` or a corpus path (chat corpora render with the teacher's template).
-        out_dir: where the dataset is committed (staged in ``<out_dir>.partial`` until then).
+        out_dir: a directory to commit the dataset to (staged in ``<out_dir>.partial`` until then);
+            or None with ``store``.
+        store / name / parents: commit into this :class:`~tensorstore_llm.store.Store` instead, as an
+            artifact of kind ``logits`` (staged under the store, resumable by its job key), tagged
+            ``name``, with ``parents`` (e.g. the teacher's artifact id) as lineage.
         config: method, N, τ, T, k, seed, alignment data.
         rule: the packing rule (seq_len, shuffle seed, BOS).
         batch_size: sequences per forward pass.
@@ -154,7 +159,7 @@ def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str, *, c
         position_chunk: positions per LM-head application.
         progress: optional callable(done_sequences, total_sequences).
     Returns:
-        ``out_dir``.
+        ``out_dir``, or the committed store Artifact.
     Raises:
         DatasetMismatch: bad settings, empty / too-short corpus, teacher logits narrower than its
             tokenizer, or a partial run at ``out_dir`` made with other settings.
@@ -174,37 +179,56 @@ def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str, *, c
     info["num_sequences"] = total
     info["fingerprint"] = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "fingerprint"},
                                                     sort_keys=True).encode()).hexdigest()
-    writer = ShardWriter(out_dir, job_key=info["fingerprint"])
+    if store is not None:
+        from ..store import job_key
+
+        writer = store.create_dataset(job_key("logits", info["fingerprint"]))
+        write_options = {"compression_level": ZSTD_LEVEL}
+    elif out_dir is not None:
+        writer = ShardWriter(out_dir, job_key=info["fingerprint"])
+        write_options = {}
+    else:
+        raise DatasetMismatch("precompute needs an output directory or a store")
     done = writer.completed_shards()
     names = [f"shard-{k:05d}.parquet" for k in range((total + shard_sequences - 1) // shard_sequences)]
 
-    def write(name, sequences):
-        done[name] = writer.write_shard(name, encode_rows(config.kind, sequences, lm.real_vocab, config.draws))
-    with ThreadPoolExecutor(1, thread_name_prefix="tsllm-shard-writer") as behind:   # writes behind the forward passes
-        pending = None
-        for k, name in enumerate(names):
-            lo, hi = k * shard_sequences, min(total, (k + 1) * shard_sequences)
-            if name in done:
-                if progress:
-                    progress(hi, total)
-                continue
-            sequences = []
-            for b in range(lo, hi, batch_size):
-                idx = list(range(b, min(hi, b + batch_size)))
-                ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
-                rows, nll = teacher_targets(lm, ids, idx, config, position_chunk=position_chunk)
-                for i, r, n in zip(idx, rows, nll):
-                    seq = SequenceTargets(i, packing.sequences[i], r)
-                    if config.alignment:
-                        seq.text, seq.char_offsets = packing.text_and_offsets(i)
-                        seq.nll = n
-                    sequences.append(seq)
-                if progress:
-                    progress(idx[-1] + 1, total)
+    def write(shard, sequences):
+        done[shard] = writer.write_shard(shard, encode_rows(config.kind, sequences, lm.real_vocab, config.draws),
+                                        **write_options)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="tsllm-shard-writer") as behind:   # writes behind the forward passes
+            pending = None
+            for k, shard in enumerate(names):
+                lo, hi = k * shard_sequences, min(total, (k + 1) * shard_sequences)
+                if shard in done:
+                    if progress:
+                        progress(hi, total)
+                    continue
+                sequences = []
+                for b in range(lo, hi, batch_size):
+                    idx = list(range(b, min(hi, b + batch_size)))
+                    ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
+                    rows, nll = teacher_targets(lm, ids, idx, config, position_chunk=position_chunk)
+                    for i, r, n in zip(idx, rows, nll):
+                        seq = SequenceTargets(i, packing.sequences[i], r)
+                        if config.alignment:
+                            seq.text, seq.char_offsets = packing.text_and_offsets(i)
+                            seq.nll = n
+                        sequences.append(seq)
+                    if progress:
+                        progress(idx[-1] + 1, total)
+                if pending is not None:
+                    pending.result()                  # at most one shard waits to be written
+                pending = behind.submit(write, shard, sequences)
             if pending is not None:
-                pending.result()                  # at most one shard waits to be written
-            pending = behind.submit(write, name, sequences)
-        if pending is not None:
-            pending.result()
-    files = {name: {"sha256": done[name]} for name in names}
+                pending.result()
+    except BaseException:
+        writer.close()                            # keep what is staged: a re-run resumes from it
+        raise
+    if store is not None:
+        artifact = writer.commit(kind="logits", parents=list(parents or []), info=info)
+        if name:
+            store.tag(artifact.id, name)
+        return artifact
+    files = {shard: {"sha256": done[shard]} for shard in names}
     return writer.commit(kind="logits", parents=[lm.fingerprint], info=info, files=files)

@@ -139,6 +139,9 @@ class ShardWriter:
         _fsync_dir(os.path.dirname(self.out_dir))
         return self.out_dir
 
+    def close(self) -> None:
+        """Stop writing; the staging directory stays for a later run to resume (nothing is held open)."""
+
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -162,23 +165,61 @@ class ShardDataset:
     def shard_names(self) -> list[str]:
         return sorted(self.files)
 
-    def read_shard(self, name: str) -> pa.Table:
-        """The shard's table, after checking its sha256; IntegrityError if the bytes differ."""
+    def read_bytes(self, name: str) -> bytes:
+        """The shard's bytes, after checking their sha256; IntegrityError if they differ."""
         if name not in self.files:
             raise FormatError(f"{self.path}: no shard {name!r}")
         path = os.path.join(self.path, name)
-        if not os.path.isfile(path):
-            raise IntegrityError(f"{path}: shard file is missing")
-        actual = file_sha256(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"{path}: shard file is missing") from None
+        actual = hashlib.sha256(data).hexdigest()
         if actual != self.files[name]["sha256"]:
             raise IntegrityError(f"{path}: sha256 {actual[:16]}... differs from the recorded "
                                  f"{self.files[name]['sha256'][:16]}...; the shard is corrupt or truncated")
-        return pq.read_table(path)
+        return data
+
+    def read_shard(self, name: str) -> pa.Table:
+        """The shard's table, parsed from the bytes whose sha256 was checked."""
+        return pq.read_table(pa.BufferReader(self.read_bytes(name)))
 
     def shard_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.path, n)) for n in self.files)
 
 
-def open_dataset(path: str) -> ShardDataset:
-    """Open a committed shard dataset directory (see :class:`ShardDataset`)."""
+class StoreDataset:
+    """A store artifact of kind ``logits`` seen through the same verbs as :class:`ShardDataset`.
+
+    Reads go through the store's ``DatasetSource`` (xxh3-checked on every read).
+    """
+
+    def __init__(self, store, ref: str):
+        artifact = store.get(ref)
+        self.source = store.open_dataset(ref)
+        self.path = f"artifact {artifact.short_id}"
+        self.id = artifact.id
+        self.kind = artifact.kind
+        self.info = self.source.info
+        self.files = {n: {"sha256": self.source.record(n).checksum} for n in self.source.shards()}
+
+    def shard_names(self) -> list[str]:
+        return self.source.shards()
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.source.read_bytes(name)
+
+    def read_shard(self, name: str) -> pa.Table:
+        return self.source.read_shard(name)
+
+    def shard_bytes(self) -> int:
+        return sum(self.source.record(n).bytes for n in self.source.shards())
+
+
+def open_dataset(path: str, store=None):
+    """Open a teacher-logit dataset: a committed directory, or (when not a directory and a store is
+    given) a store artifact ref. Both answer ``shard_names`` / ``read_shard`` / ``info``."""
+    if store is not None and not os.path.isdir(path):
+        return StoreDataset(store, path)
     return ShardDataset(path)

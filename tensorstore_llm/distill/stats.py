@@ -1,12 +1,11 @@
 """Summary numbers of a teacher-logit dataset: tokens, stored pairs, bytes per pair / token, coverage."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import ShardDataset, open_dataset
+from .shards import open_dataset
 
 
 def dataset_stats(path) -> dict:
@@ -21,20 +20,21 @@ def dataset_stats(path) -> dict:
         >>> dataset_stats("/tmp/kd")["bytes_per_pair"]   # doctest: +SKIP
         1.9
     """
-    ds = path if isinstance(path, ShardDataset) else open_dataset(path)
+    ds = open_dataset(path) if isinstance(path, str) else path
     sequences = tokens = pairs = 0
     coverage = []
     target_bytes = 0
     targets = {"n_ids", "ids", "counts", "weights", "logprobs"}
     for name in ds.shard_names():
-        table = ds.read_shard(name)
+        data = ds.read_bytes(name)
+        table = pq.read_table(pa.BufferReader(data))
         for blob in table.column("n_ids").to_pylist():
             lengths = np.frombuffer(blob, dtype="<u1" if blob[0] == 0 else "<u2", offset=1)
             pairs += int(lengths.sum())
             tokens += len(lengths)
         sequences += table.num_rows
         coverage += table.column("coverage").to_pylist()
-        meta = pq.ParquetFile(os.path.join(ds.path, name)).metadata
+        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             for c in range(group.num_columns):
