@@ -381,7 +381,7 @@ def read_adapter(path: str) -> LoraAdapter | PrefixAdapter:
     except (SafetensorError, OSError, ValueError) as e:
         raise FormatError(f"{weights}: not a readable safetensors file ({e})") from None
     kind = raw.get("peft_type")
-    if kind in ("PREFIX_TUNING", "P_TUNING_V2"):
+    if kind == "PREFIX_TUNING":                        # P-Tuning v2 is PEFT's prefix tuning
         if set(tensors) != {"prompt_embeddings"}:
             raise FormatError(f"{weights}: prefix tuning expects one tensor 'prompt_embeddings', got {sorted(tensors)}")
         return PrefixAdapter(config=raw, prompt_embeddings=tensors["prompt_embeddings"], source=path)
