@@ -212,8 +212,18 @@ def test_precompute_into_the_store(teacher, dataset, tmp_path):
     from tensorstore_llm.store import Store
 
     store = Store(str(tmp_path / "store"))
+
+    def crash(done, total):
+        if done > 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):                 # interrupted in the second shard, then resumed
+        precompute(teacher, CORPUS, store=store, name="kd", config=SamplingConfig(draws=50, alignment=True),
+                   progress=crash, **SLICE)
+    assert not store.has("kd")
+    seen = []
     artifact = precompute(teacher, CORPUS, store=store, name="kd", config=SamplingConfig(draws=50, alignment=True),
-                          position_chunk=32, **SLICE)
+                          position_chunk=32, progress=lambda done, total: seen.append(done), **SLICE)
+    assert seen[0] == 2                                    # shard 0 came from the interrupted run
     assert artifact.kind == "logits" and store.resolve("kd") == artifact.id
     mine = open_dataset(dataset)
     stored = open_dataset("kd", store)
