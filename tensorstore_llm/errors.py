@@ -61,6 +61,16 @@ class ShapeMismatch(TsllmError):
     exit_code = 6
 
 
+class OpError(ShapeMismatch):
+    """An op (kernel) returned something other than the outputs its job declares."""
+
+
+class BaseMismatch(TsllmError):
+    """A diff, adapter or pruning plan is applied to a base other than the one it was made from."""
+
+    exit_code = 6
+
+
 class DTypeError(TsllmError):
     """A dtype is unknown or not allowed where it was used."""
 

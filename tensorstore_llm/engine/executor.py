@@ -9,7 +9,9 @@ which is all that resuming takes: every block is a pure function of its inputs a
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import by_name
-from ..errors import InvalidParameter, TsllmError
+from ..errors import InvalidParameter, OpError
 from ..io.base import TensorSink
 from ..ops.registry import OpContext, get_op
 from ..seeding import RNG_GROUP_ELEMENTS
@@ -27,13 +29,37 @@ from ..units import format_size, parse_size
 from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
 from .pipeline import DONE, Pipeline
-from .plan import Plan, TensorJob
+from .plan import ROWS, WHOLE, Plan, TensorJob
 from .progress import Progress
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
 TILE_ELEMENTS_CPU = RNG_GROUP_ELEMENTS  # 2^19: fp32 temps of 2 MiB (cache-sized, below the mmap threshold)
 TILE_ELEMENTS_CUDA = 1 << 26
+
+
+@dataclass
+class Block:
+    """One block of a job's inputs on its way from the reader to the compute stage: rows
+    ``start:stop`` (WHOLE inputs whole), for statistics pass ``pass_index`` or, when None, for
+    the output."""
+
+    job: TensorJob
+    pass_index: int | None
+    start: int
+    stop: int
+    tensors: dict | None
+    last: bool
+
+
+@dataclass
+class Result:
+    """Output rows of one block on their way to the writer: output name -> tensor."""
+
+    job: TensorJob
+    start: int
+    values: dict | None
+    last: bool
 
 
 @dataclass(frozen=True)
@@ -85,7 +111,7 @@ class Executor:
 
     def __init__(self, plan: Plan, sink: TensorSink | None = None, *, device="auto", max_memory="2G",
                  seed: int = 0, progress: bool | None = None, compute_dtype: str = "float32",
-                 desc: str = "tsllm", tile_workers: int | None = None):
+                 desc: str = "tsllm", tile_workers: int | None = None, records_path: str | None = None):
         self.plan = plan
         self.sink = sink
         self.device = resolve_device(device)
@@ -96,6 +122,17 @@ class Executor:
         self.desc = desc
         self.computed: list[str] = []
         self.skipped: list[str] = []
+        self.records: dict[str, dict] = {}  # reduction job name -> its statistics
+        # finished reductions are journaled here (JSON lines), so a re-run skips them
+        self.records_path = records_path
+        if records_path and os.path.exists(records_path):
+            with open(records_path, "rb") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        self.records[str(entry["name"])] = dict(entry["record"])
+                    except (ValueError, KeyError, TypeError):
+                        continue   # a line torn by a kill
         self._stats: dict | None = None     # statistics of the job being computed (main thread only)
         self._partials: list = []
         # pinned output buffers on a GPU: device-to-host copies into them run at full bus speed
@@ -105,6 +142,7 @@ class Executor:
         # CPU kernels run on row tiles in parallel, each tile on one core, results placed and
         # folded in tile order (so results do not depend on the worker count)
         self.tile_workers = tile_workers or (default_tile_workers() if self.device.type == "cpu" else 1)
+        plan.validate()
         self.check_budget()
 
     # -- planning -------------------------------------------------------------------------------
@@ -116,17 +154,32 @@ class Executor:
     def _memory_model(self, job: TensorJob) -> tuple[int, int, int]:
         """(bytes per block row held by the pipeline, fixed bytes of the kernel calls in flight, input bytes per row)."""
         spec = get_op(job.op)
-        metas = [self.plan.input_meta(r) for r in job.refs()]
+        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation == ROWS]
         in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
-        out_row = job.output.row_numel * by_name(job.output.dtype).itemsize
+        row_outputs = [] if job.reduce_only else [job.output, *(m for m in job.extra_outputs if job.row_aligned(m))]
+        out_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in row_outputs)
         if not spec.compute:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, 0, in_row
-        eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple))
+        eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple) and refs.relation == ROWS)
         temps = spec.temps(len(metas)) if callable(spec.temps) else spec.temps
         fp32_row = job.output.row_numel * 4 * (eager + temps)
         if not spec.rowwise or not job.output.shape:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row + fp32_row, 0, in_row
         return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job) * self.tile_workers, in_row
+
+    def whole_bytes(self, job: TensorJob) -> int:
+        """Bytes held for the whole of ``job``: its WHOLE inputs (as stored, plus the fp32 copy
+        the kernel reads) and the outputs that are not split into row blocks."""
+        spec = get_op(job.op)
+        total = 0
+        for ref in job.refs():
+            if ref.relation == WHOLE:
+                meta = self.plan.input_meta(ref)
+                total += meta.nbytes + (meta.numel * 4 if spec.compute else 0)
+        for meta in job.extra_outputs:
+            if not job.row_aligned(meta):
+                total += meta.nbytes + meta.numel * 4
+        return total
 
     def min_block_bytes(self, job: TensorJob) -> int:
         """Memory the smallest block of ``job`` holds: one row with one tile of temporaries (the
@@ -135,8 +188,8 @@ class Executor:
             return 0
         per_row, tile_bytes, _ = self._memory_model(job)
         if not get_op(job.op).rowwise or not job.output.shape:
-            return per_row * job.output.rows
-        return per_row + tile_bytes // (self.tile_rows(job) * self.tile_workers)
+            return per_row * job.output.rows + self.whole_bytes(job)
+        return per_row + tile_bytes // (self.tile_rows(job) * self.tile_workers) + self.whole_bytes(job)
 
     def check_budget(self) -> None:
         """Refuse, before anything is read or allocated, a job whose smallest block exceeds the budget.
@@ -170,15 +223,16 @@ class Executor:
         per_row, tile_bytes, in_row = self._memory_model(job)
         tile = self.tile_rows(job)
         fp32_row = tile_bytes // tile
-        if self.budget >= tile * (per_row + fp32_row):
-            rows = (self.budget - tile_bytes) // max(per_row, 1)
+        budget = self.budget - self.whole_bytes(job)
+        if budget >= tile * (per_row + fp32_row):
+            rows = (budget - tile_bytes) // max(per_row, 1)
         else:
-            rows = self.budget // max(per_row + fp32_row, 1)
+            rows = budget // max(per_row + fp32_row, 1)
         if self._uploader is not None:
             rows = min(rows, (self._uploader.free_bytes // 2 - tile_bytes) // max(IN_BLOCKS_HELD * in_row, 1))
         rows = max(1, min(meta.rows, rows))
         align = self.sink.preferred_rows(meta) if self.sink is not None else 1
-        for ref in job.refs():   # whole verified chunks of the inputs: no chunk is read twice
+        for ref in (r for r in job.refs() if r.relation == ROWS):   # whole verified chunks: none read twice
             source_rows = getattr(self.plan.sources[ref.source], "preferred_rows", None)
             align = math.lcm(align, source_rows(ref.name) if source_rows else 1)
         if rows < meta.rows and rows > align:
@@ -195,14 +249,15 @@ class Executor:
             tile = self.tile_rows(job)
             # the tiles of one block in flight at once: up to tile_workers of min(rows, tile) rows
             tile_rows_alive = min(rows, tile) * min(self.tile_workers, -(-rows // tile))
-            peak = per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive
-            out.append(JobEstimate(job, rows, blocks, peak, in_row * job.output.rows))
+            peak = per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive + self.whole_bytes(job)
+            whole_read = sum(self.plan.input_meta(r).nbytes for r in job.refs() if r.relation == WHOLE)
+            out.append(JobEstimate(job, rows, blocks, peak, in_row * job.output.rows + whole_read))
         return Estimate(out, self.budget)
 
     # -- running --------------------------------------------------------------------------------
     def run(self) -> dict[str, str]:
         """Compute every job not already finished in the sink. Returns output name -> checksum."""
-        if self.sink is None:
+        if self.sink is None and any(j.outputs() for j in self.plan.jobs):
             raise ValueError("Executor.run needs a sink")
         tune_allocator()
         intra_op_threads = torch.get_num_threads()
@@ -214,12 +269,19 @@ class Executor:
             torch.set_num_threads(intra_op_threads)
 
     def _run(self) -> dict[str, str]:
-        self.sink.prepare([j.output for j in self.plan.jobs])
-        results = dict(self.sink.completed())
-        todo = [j for j in self.plan.jobs if j.output.name not in results]
-        self.skipped = [j.output.name for j in self.plan.jobs if j.output.name in results]
-        total = sum(j.output.nbytes for j in self.plan.jobs)
-        progress = Progress(total, self.desc, self.progress_enabled, initial=total - sum(j.output.nbytes for j in todo))
+        results = {}
+        if self.sink is not None:
+            self.sink.prepare([m for j in self.plan.jobs for m in j.outputs()])
+            results = dict(self.sink.completed())
+
+        def done(job: TensorJob) -> bool:
+            if job.reduce_only:
+                return job.output.name in self.records
+            return all(m.name in results for m in job.outputs())
+        todo = [j for j in self.plan.jobs if not done(j)]
+        self.skipped = [j.output.name for j in self.plan.jobs if done(j)]
+        total = sum(self._progress_bytes(j) for j in self.plan.jobs)
+        progress = Progress(total, self.desc, self.progress_enabled, initial=total - sum(self._progress_bytes(j) for j in todo))
         pipeline = Pipeline()
         reader = threading.Thread(target=pipeline.guard, args=(self._read_all, todo, pipeline), daemon=True)
         writer = threading.Thread(target=pipeline.guard, args=(self._write_all, results, pipeline, progress), daemon=True)
@@ -227,15 +289,17 @@ class Executor:
         writer.start()
         try:
             while True:
-                item = pipeline.get(pipeline.inputs)
-                if item is DONE:
+                block = pipeline.get(pipeline.inputs)
+                if block is DONE:
                     break
-                job, pass_index, start, stop, tensors, last = item
-                if pass_index is not None:
-                    self._stats_block(job, pass_index, start, stop, tensors, last)
+                job = block.job
+                if block.pass_index is not None:
+                    self._stats_block(job, block.pass_index, block.start, block.stop, block.tensors, block.last)
+                    if job.reduce_only:
+                        self._finish_reduction(block, progress)
                     continue
-                result = self._compute(job, start, stop, tensors) if tensors is not None else None
-                pipeline.put(pipeline.outputs, (job, start, result, last))
+                values = self._compute(job, block.start, block.stop, block.tensors) if block.tensors is not None else None
+                pipeline.put(pipeline.outputs, Result(job, block.start, values, block.last))
             pipeline.put(pipeline.outputs, DONE)
             writer.join()
         except BaseException:
@@ -249,7 +313,29 @@ class Executor:
                 self._pool.shutdown()
                 self._pool = None
         pipeline.raise_error()
-        return {j.output.name: results[j.output.name] for j in self.plan.jobs}
+        return {m.name: results[m.name] for j in self.plan.jobs for m in j.outputs()}
+
+    def _progress_bytes(self, job: TensorJob) -> int:
+        if job.reduce_only:
+            return sum(self.plan.input_meta(r).nbytes for r in job.refs())
+        return sum(m.nbytes for m in job.outputs())
+
+    def _finish_reduction(self, block: Block, progress: Progress) -> None:
+        """After a reduction job's blocks: count its progress, and keep the record of its last pass."""
+        job = block.job
+        passes = get_op(job.op).passes_for(job.params)
+        rows = block.stop - block.start
+        progress.update(self._progress_bytes(job) * rows // max(1, job.output.rows) // len(passes))
+        if block.last and block.pass_index == len(passes) - 1:
+            self.records[job.output.name] = dict(self._stats or {})
+            self.computed.append(job.output.name)
+            if self.records_path:
+                line = json.dumps({"name": job.output.name, "record": self.records[job.output.name]}, default=_plain)
+                with open(self.records_path, "ab") as f:
+                    f.write(line.encode() + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._stats = None
 
     def _read_all(self, todo: list[TensorJob], pipeline: Pipeline) -> None:
         """Feed blocks in order; a job with statistics passes that spans several blocks is read
@@ -257,22 +343,33 @@ class Executor:
         for job in todo:
             meta = job.output
             if meta.numel == 0:
-                pipeline.put(pipeline.inputs, (job, None, 0, 0, None, True))
+                if job.reduce_only:
+                    self.records[meta.name] = {}
+                else:
+                    pipeline.put(pipeline.inputs, Block(job, None, 0, 0, None, True))
                 continue
             rows = self.block_rows(job)
             spec = get_op(job.op)
-            passes = len(spec.passes_for(job.params)) if rows < meta.rows else 0
+            passes = len(spec.passes_for(job.params)) if rows < meta.rows or job.reduce_only else 0
             upload = self._uploader is not None and spec.compute
-            for pass_index in [*range(passes), None]:
+            held: dict = {}   # WHOLE inputs: read once, handed to every block of the job
+
+            def read(ref, start, stop):
+                if ref.relation == WHOLE:
+                    if ref not in held:
+                        held[ref] = self._read(ref, 0, self.plan.input_meta(ref).rows, upload)
+                    return held[ref]
+                return self._read(ref, start, stop, upload)
+            for pass_index in [*range(passes), *([] if job.reduce_only else [None])]:
                 for start in range(0, meta.rows, rows):
                     stop = min(meta.rows, start + rows)
                     tensors = {}
                     for role, refs in job.inputs:
                         if isinstance(refs, tuple):
-                            tensors[role] = [self._read(r, start, stop, upload) for r in refs]
+                            tensors[role] = [read(r, start, stop) for r in refs]
                         else:
-                            tensors[role] = self._read(refs, start, stop, upload)
-                    if not pipeline.put(pipeline.inputs, (job, pass_index, start, stop, tensors, stop == meta.rows)):
+                            tensors[role] = read(refs, start, stop)
+                    if not pipeline.put(pipeline.inputs, Block(job, pass_index, start, stop, tensors, stop == meta.rows)):
                         return
         pipeline.put(pipeline.inputs, DONE)
 
@@ -286,12 +383,14 @@ class Executor:
             yield start, stop, tensors
             return
         tile = self.tile_rows(job)
+        whole = _whole_roles(job)
         t0 = start
         while t0 < stop:
             # tiles sit at absolute multiples of the tile size, so they coincide with the seeded
             # random row groups (seeding.rng_group_rows) and no group is drawn twice
             t1 = min(stop, (t0 // tile + 1) * tile)
-            yield t0, t1, {role: ([x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
+            yield t0, t1, {role: (v if role in whole else
+                                  [x[t0 - start:t1 - start] for x in v] if isinstance(v, list) else v[t0 - start:t1 - start])
                            for role, v in tensors.items()}
             t0 = t1
 
@@ -338,31 +437,57 @@ class Executor:
             self._stats = {**(self._stats or {}), **stats_pass.reduce(job.params, self._partials, ctx)}
             self._partials = []
 
-    def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict):
-        """The output rows ``start:stop``: the kernel runs on cache-sized row tiles of the block."""
+    def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict) -> dict:
+        """The output rows ``start:stop`` of every output of ``job`` (name -> tensor): the kernel
+        runs on cache-sized row tiles of the block. WHOLE inputs are cast once per block."""
         spec = get_op(job.op)
-        out_dtype = by_name(job.output.dtype).torch
         passes = spec.passes_for(job.params)
         if passes and start == 0 and stop == job.output.rows:  # whole tensor in memory: passes run here
             self._stats = None
             for index in range(len(passes)):
                 self._stats_block(job, index, start, stop, tensors, True)
+        whole = _whole_roles(job)
+        if whole and spec.compute:
+            cast = self._cast(spec, job, {r: v for r, v in tensors.items() if r in whole})
+            tensors = {**tensors, **{r: (list(v) if isinstance(v, _CastOnAccess) else v) for r, v in cast.items()}}
+        outputs = job.outputs()
         if not spec.compute or not spec.rowwise or not job.output.shape:
-            result = self._kernel(spec, job, start, stop, tensors).to(dtype=out_dtype).to("cpu")
+            values = self._as_outputs(job, self._kernel(spec, job, start, stop, tensors))
+            values = {m.name: values[m.name].to(dtype=by_name(m.dtype).torch).to("cpu") for m in outputs}
         else:
-            result = self._outputs.take((stop - start, *job.output.shape[1:]), out_dtype)
+            values = {m.name: (self._outputs.take if m is job.output else _empty)(
+                (stop - start, *m.shape[1:]), by_name(m.dtype).torch) for m in outputs}
 
             def one_tile(t0, t1, part):
-                result[t0 - start:t1 - start].copy_(self._kernel(spec, job, t0, t1, part))  # casts as .to() does
+                produced = self._as_outputs(job, self._kernel(spec, job, t0, t1, part))
+                for name, buffer in values.items():
+                    buffer[t0 - start:t1 - start].copy_(produced[name])  # casts as .to() does
             for _ in self._map_tiles(one_tile, self._tiles(job, start, stop, tensors)):
                 pass
-        expected = (stop - start, *job.output.shape[1:]) if job.output.shape else ()
-        if tuple(result.shape) != expected:
-            raise TsllmError(f"op {job.op!r} returned shape {tuple(result.shape)} for tensor {job.output.name!r} rows {start}:{stop}, expected {expected}")
+        for meta in outputs:
+            if job.row_aligned(meta) or meta is job.output:
+                expected = (stop - start, *meta.shape[1:]) if meta.shape else ()
+            else:
+                expected = tuple(meta.shape)
+            if tuple(values[meta.name].shape) != expected:
+                raise OpError(f"op {job.op!r} returned shape {tuple(values[meta.name].shape)} for tensor {meta.name!r} "
+                              f"rows {start}:{stop}, expected {expected}")
         if stop == job.output.rows:
-            self.computed.append(job.output.name)
+            self.computed.extend(m.name for m in outputs)
             self._stats = None
-        return result.contiguous()
+        return {name: value.contiguous() for name, value in values.items()}
+
+    def _as_outputs(self, job: TensorJob, produced) -> dict:
+        """A kernel's result as output name -> tensor (a single tensor is ``job.output``)."""
+        if isinstance(produced, dict):
+            missing = [m.name for m in job.outputs() if m.name not in produced]
+            if missing:
+                raise OpError(f"op {job.op!r} returned no tensor for output(s) {missing} of job {job.output.name!r}")
+            return produced
+        if job.extra_outputs:
+            raise OpError(f"op {job.op!r} returned one tensor, but job {job.output.name!r} has "
+                          f"{1 + len(job.extra_outputs)} outputs (return a dict name -> tensor)")
+        return {job.output.name: produced}
 
     def _context(self, job: TensorJob, start: int, stop: int) -> OpContext:
         return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats)
@@ -384,13 +509,38 @@ class Executor:
             item = pipeline.get(pipeline.outputs)
             if item is DONE:
                 return
-            job, start, block, last = item
-            if block is not None:
-                self.sink.write_rows(job.output.name, start, block)
-                progress.update(block.numel() * block.element_size())
-                self._outputs.give(block)
-            if last:
-                results[job.output.name] = self.sink.finish(job.output.name)
+            job = item.job
+            for meta in job.outputs():
+                block = (item.values or {}).get(meta.name)
+                if block is not None and (job.row_aligned(meta) or meta is job.output or item.last):
+                    self.sink.write_rows(meta.name, item.start if meta.shape and (job.row_aligned(meta) or meta is job.output) else 0, block)
+                    progress.update(block.numel() * block.element_size())
+                    self._outputs.give(block)
+                if item.last:
+                    results[meta.name] = self.sink.finish(meta.name)
+
+
+def _plain(value):
+    """JSON form of the numbers and tensors a statistics record may hold."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"a reduction record holds {type(value).__name__}, which has no JSON form")
+
+
+def _whole_roles(job: TensorJob) -> set[str]:
+    """Roles of ``job`` whose inputs arrive whole with every block."""
+    out = set()
+    for role, refs in job.inputs:
+        first = refs[0] if isinstance(refs, tuple) and refs else refs
+        if not isinstance(first, tuple) and getattr(first, "relation", ROWS) == WHOLE:
+            out.add(role)
+    return out
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 class _CastOnAccess(Sequence):

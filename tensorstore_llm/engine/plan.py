@@ -16,29 +16,61 @@ from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import OpSpec, get_op
 
 
+ROWS = "rows"     # the input's rows start:stop arrive with the output's rows start:stop
+WHOLE = "whole"   # the whole input arrives with every block (read once per job, held for it)
+RELATIONS = (ROWS, WHOLE)
+
+
 @dataclass(frozen=True)
 class InputRef:
-    """Tensor ``name`` of the source registered under key ``source`` in the plan."""
+    """Tensor ``name`` of the source registered under key ``source`` in the plan, and how it
+    relates to the output's rows (``relation``: ROWS or WHOLE; e.g. a LoRA merge reads W and B
+    by rows and A whole)."""
 
     source: str
     name: str
+    relation: str = ROWS
+
+    def __repr__(self) -> str:   # the plan fingerprint (and so resume keys) of row inputs stays as it was
+        extra = "" if self.relation == ROWS else f", relation={self.relation!r}"
+        return f"InputRef(source={self.source!r}, name={self.name!r}{extra})"
 
 
 @dataclass(frozen=True)
 class TensorJob:
-    """Compute one output tensor with ``op`` from its inputs; ``inputs`` maps role -> ref(s)."""
+    """Compute one output tensor (or several) with ``op`` from its inputs; ``inputs`` maps
+    role -> ref(s).
+
+    ``output`` drives the blocking: blocks are runs of its rows. ``extra_outputs`` are further
+    tensors the kernel returns (as a dict name -> tensor, ``output`` included): for an op that is
+    split into row blocks they must have ``output``'s rows (e.g. BitDelta's packed signs and
+    per-row scales); an op that needs whole tensors may return any shapes (LoRA A and B). A
+    ``reduce_only`` job writes nothing: its statistics passes run over the inputs and what the
+    last one returns is ``Executor.records[output.name]`` (``output`` then names the record and
+    gives the rows to block by).
+    """
 
     output: TensorMeta
     op: str
     inputs: tuple[tuple[str, InputRef | tuple[InputRef, ...]], ...]
     params: Any = None
     compute_dtype: str = "float32"   # what inputs are cast to before the kernel sees them
+    extra_outputs: tuple[TensorMeta, ...] = ()
+    reduce_only: bool = False
 
     def refs(self) -> list[InputRef]:
         out = []
         for _role, refs in self.inputs:
             out.extend(refs if isinstance(refs, tuple) else (refs,))
         return out
+
+    def outputs(self) -> tuple[TensorMeta, ...]:
+        """Every tensor this job writes (none for a reduction)."""
+        return () if self.reduce_only else (self.output, *self.extra_outputs)
+
+    def row_aligned(self, meta: TensorMeta) -> bool:
+        """Whether output ``meta`` is produced block by block with ``output``'s rows."""
+        return bool(meta.shape) and bool(self.output.shape) and meta.shape[0] == self.output.shape[0]
 
 
 @dataclass
@@ -57,16 +89,46 @@ class Plan:
         body = {"sources": {k: s.identity for k, s in sorted(self.sources.items())},
                 "jobs": [[j.output.name, list(j.output.shape), j.output.dtype, j.op, repr(j.inputs), repr(j.params)]
                          + ([j.compute_dtype] if j.compute_dtype != "float32" else [])
+                         + ([[m.name, list(m.shape), m.dtype] for m in j.extra_outputs] if j.extra_outputs else [])
+                         + (["reduce"] if j.reduce_only else [])
                          for j in self.jobs]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @property
     def output_bytes(self) -> int:
-        return sum(j.output.nbytes for j in self.jobs)
+        return sum(m.nbytes for j in self.jobs for m in j.outputs())
 
     @property
     def input_bytes(self) -> int:
         return sum(self.input_meta(r).nbytes for j in self.jobs for r in j.refs())
+
+    def validate(self, where: str = "plan") -> None:
+        """Check what every job promises about its inputs and outputs (RecipeError / ShapeMismatch
+        naming the tensor): relations are known, ROWS inputs have the output's rows, output names
+        are unique, and the extra outputs of a row-split op have the output's rows."""
+        seen: set[str] = set()
+        for job in self.jobs:
+            spec = get_op(job.op)
+            for ref in job.refs():
+                if ref.relation not in RELATIONS:
+                    raise RecipeError(f"{where}: input {ref.name!r} of {job.output.name!r} has relation {ref.relation!r}; "
+                                      f"expected one of {', '.join(RELATIONS)}")
+                meta = self.input_meta(ref)
+                if ref.relation == ROWS and meta.rows != job.output.rows and job.output.numel:
+                    raise ShapeMismatch(f"{where}: input {ref.name!r} ({meta.rows} rows) is read by rows for "
+                                        f"{job.output.name!r}, which has {job.output.rows}")
+            for meta in job.outputs():
+                if meta.name in seen:
+                    raise RecipeError(f"{where}: two jobs write tensor {meta.name!r}")
+                seen.add(meta.name)
+            if spec.rowwise and job.output.shape:
+                for meta in job.extra_outputs:
+                    if not job.row_aligned(meta):
+                        raise RecipeError(f"{where}: op {job.op!r} is split into row blocks, so its extra output "
+                                          f"{meta.name!r} {list(meta.shape)} must have the {job.output.rows} rows of "
+                                          f"{job.output.name!r}")
+            if job.reduce_only and not spec.passes_for(job.params):
+                raise RecipeError(f"{where}: op {job.op!r} has no statistics passes, so it cannot be a reduction job")
 
 
 def plan_map(op_name: str, sources: Mapping[str, TensorSource], roles: Mapping[str, str | list[str]], *,
