@@ -2,7 +2,8 @@
 
 The teacher runs over the packed sequences in batches; its final hidden states are turned into
 logits ``position_chunk`` positions at a time (the [batch, seq, vocab] tensor never exists), each
-chunk is softmaxed in fp32, sampled (RS-KD), truncated (top-k) or kept (full), and freed. Shard k
+chunk is softmaxed in fp32, sampled (RS-KD), truncated (top-k) or kept (full) on the model's device,
+and freed; only the sparse result is copied to the CPU. Shard k
 holds sequences ``[k * shard_sequences, (k + 1) * shard_sequences)``; a re-run after a crash
 keeps the journalled shards and recomputes the rest, and because draws are seeded per sequence
 (``sampling.sequence_uniforms``) the result is byte-identical to an uninterrupted run. A shard is
@@ -118,11 +119,11 @@ def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: lis
         hidden = final_hidden(lm.model, input_ids.to(lm.model.device))
         for s in range(0, L, position_chunk):
             e = min(L, s + position_chunk)
-            logits = head_logits(lm.model, hidden[:, s:e], V).cpu()               # [B, c, V] fp32
-            nxt = input_ids[:, s + 1:e + 1]                                          # [B, c'] next tokens
+            logits = head_logits(lm.model, hidden[:, s:e], V)                      # [B, c, V] fp32, on the device
+            nxt = input_ids[:, s + 1:e + 1].to(logits.device)                        # [B, c'] next tokens
             c = nxt.shape[1]
             lse = torch.logsumexp(logits[:, :c], dim=-1)
-            nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).numpy()
+            nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
             probs = sampling.teacher_probs(logits, config.temperature)             # [B, c, V]
             del logits
             for b in range(B):

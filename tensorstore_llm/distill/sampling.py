@@ -67,28 +67,26 @@ class SparseRows:
         return len(self.offsets) - 1
 
 
-def unique_counts(draws: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique ids per row of ``draws`` [P, N] with their counts, as CSR (offsets, ids, counts).
+def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique ids per row of ``draws`` [P, N] with their counts, on the draws' device.
 
-    Vectorised: rows are sorted, and a new (row, id) starts wherever the id changes.
+    Returns (per_row [P], rows [nnz], ids [nnz], counts [nnz]): a new (row, id) starts wherever
+    the sorted id changes.
     """
     P, N = draws.shape
     s, _ = torch.sort(draws, dim=-1)                                  # [P, N]
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]
-    flat_new = new.reshape(-1)
-    starts = torch.nonzero(flat_new).squeeze(1)                       # [nnz] flat index of each first draw
+    starts = torch.nonzero(new.reshape(-1)).squeeze(1)                # [nnz] flat index of each first draw
     ids = s.reshape(-1)[starts]
-    ends = torch.cat([starts[1:], torch.tensor([P * N])])
-    counts = ends - starts
-    per_row = new.sum(dim=1)
-    offsets = np.zeros(P + 1, dtype=np.int64)
-    np.cumsum(per_row.numpy(), out=offsets[1:])
-    return offsets, ids.numpy().astype(np.int32), counts.numpy()
+    ends = torch.cat([starts[1:], starts.new_tensor([P * N])])
+    return new.sum(dim=1), torch.div(starts, N, rounding_mode="floor"), ids, ends - starts
 
 
 def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self_normalise: bool = False) -> SparseRows:
     """RS-KD targets for positions with teacher probabilities ``probs`` [P, V] (fp32, rows sum to 1).
+
+    Runs on ``probs``' device (uniforms are moved there); only the sparse result is copied back.
 
     Args:
         probs: teacher distribution t per position.
@@ -104,24 +102,25 @@ def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self
         >>> int(rows.counts.sum())
         50
     """
-    N = uniforms.shape[1]
+    P, N = uniforms.shape
     if tau == 1.0:
         q = probs
     else:
         q = probs.clamp_min(0).pow(tau)
         q = q / q.sum(dim=-1, keepdim=True)
-    offsets, ids, counts = unique_counts(draw_ids(q, uniforms))
-    rows = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
-    ids_t = torch.from_numpy(ids.astype(np.int64))
-    t_sel = probs[rows, ids_t]
-    coverage = torch.zeros(probs.shape[0], dtype=torch.float64).index_add_(0, rows, t_sel.double()).float().numpy()
-    out = SparseRows(offsets, ids, counts.astype(np.uint8 if N < 256 else np.uint16), coverage=coverage)
+    per_row, rows, ids, counts = unique_counts(draw_ids(q, uniforms.to(probs.device)))
+    t_sel = probs[rows, ids]
+    coverage = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, t_sel.double())
+    offsets = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(per_row.cpu().numpy(), out=offsets[1:])
+    out = SparseRows(offsets, ids.cpu().numpy().astype(np.int32), counts.cpu().numpy().astype(np.uint8 if N < 256 else np.uint16),
+                     coverage=coverage.float().cpu().numpy())
     if tau != 1.0:
-        w = (torch.from_numpy(counts).double() / N) * (t_sel.double() / q[rows, ids_t].double())
+        w = (counts.double() / N) * (t_sel.double() / q[rows, ids].double())
         if self_normalise:
-            total = torch.zeros(probs.shape[0], dtype=torch.float64).index_add_(0, rows, w)
+            total = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, w)
             w = w / total[rows]
-        out.weights = w.float().numpy()
+        out.weights = w.float().cpu().numpy()
     return out
 
 
@@ -133,9 +132,9 @@ def top_k(probs: torch.Tensor, k: int) -> SparseRows:
     ids, order = torch.sort(ids, dim=-1)
     values = torch.gather(values, 1, order)
     offsets = np.arange(0, P * k + 1, k, dtype=np.int64)
-    return SparseRows(offsets, ids.reshape(-1).numpy().astype(np.int32),
-                      logprobs=torch.log(values.clamp_min(1e-30)).reshape(-1).numpy(),
-                      coverage=values.sum(dim=-1).numpy())
+    return SparseRows(offsets, ids.reshape(-1).cpu().numpy().astype(np.int32),
+                      logprobs=torch.log(values.clamp_min(1e-30)).reshape(-1).cpu().numpy(),
+                      coverage=values.sum(dim=-1).cpu().numpy())
 
 
 def full(probs: torch.Tensor) -> SparseRows:
@@ -143,8 +142,8 @@ def full(probs: torch.Tensor) -> SparseRows:
     P, V = probs.shape
     offsets = np.arange(0, P * V + 1, V, dtype=np.int64)
     ids = np.tile(np.arange(V, dtype=np.int32), P)
-    return SparseRows(offsets, ids, logprobs=torch.log(probs.clamp_min(1e-30)).reshape(-1).numpy(),
-                      coverage=probs.sum(dim=-1).numpy())
+    return SparseRows(offsets, ids, logprobs=torch.log(probs.clamp_min(1e-30)).reshape(-1).cpu().numpy(),
+                      coverage=probs.sum(dim=-1).cpu().numpy())
 
 
 def dense_targets(rows: SparseRows, vocab: int, draws: int | None = None) -> torch.Tensor:
