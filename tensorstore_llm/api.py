@@ -190,7 +190,7 @@ def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normali
 def _check_weights(refs: list[str], weights: list[float]) -> None:
     """One finite number per model (InvalidParameter, exit 7, otherwise)."""
     if len(refs) != len(weights):
-        raise InvalidParameter(f"weights: {len(refs)} models ({', '.join(map(str, refs))}) but {len(weights)} weights; "
+        raise InvalidParameter(f"weights: {len(refs)} models but {len(weights)} weights ({', '.join(map(str, refs))}); "
                                f"give one weight per model")
     for i, (ref, w) in enumerate(zip(refs, weights)):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):

@@ -246,7 +246,7 @@ def test_models_given_as_a_string_is_exit_7(cli, tagged, tmp_path):
 def test_weights_count_mismatch_is_exit_7(cli, tagged):
     # a parameter of the request, like a recipe's: RecipeError's code, as plan_map's own count check
     code, out, err = cli("--store", tagged, "weighted-sum", "ft1", "ft2", "--weights", "1,2,3")
-    _one_line_error(code, out, err, 7, "2 models (ft1, ft2) but 3 weights")
+    _one_line_error(code, out, err, 7, "2 models but 3 weights (ft1, ft2)")
     with pytest.raises(InvalidParameter):
         api.weighted_sum(Store(tagged), ["ft1"], [float("nan")])
 
