@@ -8,7 +8,9 @@ Rule ``concat-eos-chunk-v1`` (the only one so far):
 2. Each document is tokenised without special tokens (``add_special_tokens=False``), optionally
    preceded by BOS (``add_bos``), and always followed by one EOS token.
 3. The token streams are concatenated and cut into consecutive windows of ``seq_len`` tokens;
-   documents run across window boundaries; the final partial window is dropped.
+   documents run across window boundaries; the final partial window is dropped. The teacher
+   attends across document boundaries inside a window (plain causal attention, no per-document
+   mask), so a student should be trained the same way.
 
 For cross-tokenizer students each sequence also has a *text* and per-token character offsets
 into it: the text is the concatenation of the document pieces the sequence covers, where each
