@@ -10,7 +10,7 @@ from tensorstore_llm.distill.dataset import DistillDataset, collate_sparse
 from tensorstore_llm.distill.encoding import decode_table
 from tensorstore_llm.distill.losses import distill_loss
 from tensorstore_llm.distill.precompute import SamplingConfig, precompute
-from tensorstore_llm.distill.shards import file_sha256, open_dataset
+from tensorstore_llm.distill.shards import open_dataset
 from tensorstore_llm.errors import DatasetMismatch, IntegrityError
 from tensorstore_llm.hf.corpus import read_corpus
 from tensorstore_llm.hf.packing import Packing, PackingRule
