@@ -26,6 +26,7 @@ _COMMANDS = {
     "merge": ("merge_cmds", "merge_cmd"),
     "soup": ("merge_cmds", "soup_cmd"),
     "ops": ("run_cmds", "ops_cmd"),
+    "lora": ("lora_cmds", "lora_group"),
     "quickstart": ("quickstart_cmd", "quickstart_cmd"),
     "logits": ("distill_cmds", "logits_group"),
 }

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "open_store": "api", "import_checkpoint": "api", "export": "api", "convert": "api",
-    "weighted_sum": "api", "merge": "api", "run_plan": "api", "JobResult": "api",
+    "weighted_sum": "api", "merge": "api", "run_plan": "api", "JobResult": "api", "lora_merge": "api",
     "Store": "store", "Artifact": "store", "Manifest": "store",
     "Executor": "engine", "Plan": "engine", "TensorJob": "engine", "InputRef": "engine", "plan_map": "engine",
     "HFCheckpointSource": "io", "HFCheckpointSink": "io", "TensorMeta": "io",

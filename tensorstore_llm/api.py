@@ -294,3 +294,40 @@ def _calibrated_sensitivity(parsed, sources: dict, opened: dict, where: str, dry
     return {ref: layer_sensitivities(sources[parsed.base], sources[ref], opened[ref][2], texts, max_tokens=tokens,
                                      where=f"{where}: model {ref}")
             for ref in others}
+
+
+def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, name: str | None = None,
+               out_dir: str | None = None, max_shard_size="5G", **run_options) -> JobResult:
+    """Merge a PEFT LoRA / DoRA adapter into ``base``, streamed, as a new checkpoint artifact.
+
+    Every targeted weight becomes W + s·B·A (s = alpha/r, or alpha/√r for rsLoRA, times
+    ``scale``; DoRA: m·(W + s·B·A)/‖W + s·B·A‖), computed in fp32 and rounded once to the base's
+    dtype, which is PEFT's ``merge_and_unload()`` result; W is read by row blocks within
+    ``max_memory`` and each module's factors are read whole. ``modules_to_save`` tensors replace
+    the base's; the rest is copied. With ``out_dir`` the artifact is also exported there.
+
+    Args:
+        base: store ref, HF directory or hub repo.
+        adapter: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``;
+            a pickled ``adapter_model.bin`` is refused).
+    Returns:
+        JobResult of the merge (``artifact`` is the merged checkpoint).
+    Example:
+        >>> lora_merge(store, "base", "./my-adapter", name="merged", max_memory="1G")   # doctest: +SKIP
+    """
+    from .lora.plans import open_adapter, plan_lora_merge
+
+    adapter_obj, adapter_source = open_adapter(adapter)
+    source, lineage, files = resolve_input(store, base)
+    with source, adapter_source:
+        plan = plan_lora_merge(source, adapter_obj, adapter_source, scale=scale, where=f"lora merge {adapter}")
+        parents = [{**lineage, "role": "base"},
+                   {"role": "adapter", "external": {"type": "peft-adapter", "path": os.path.abspath(adapter)}}]
+        recipe = {"op": "lora_merge", "scale": scale, "adapter": adapter_obj.describe()}
+        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
+                          desc="lora merge", **run_options)
+    if out_dir and result.artifact is not None:
+        export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
+               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
+    return result

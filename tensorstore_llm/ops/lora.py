@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import op
+
 __all__ = [
     "lora_scaling", "lora_delta", "merge_rows", "dora_norm", "dora_merge_rows",
     "concat_factors", "product_svd", "Refactored", "refactor", "rank_budget", "ExtractedLora",
@@ -390,3 +392,47 @@ def goat_init(W: torch.Tensor, rank: int, n_experts: int, scaling: float = 1.0) 
         raise ValueError(f"need 1 <= rank * n_experts <= {k}, got rank {rank} x {n_experts} experts")
     starts = [e * k // n_experts for e in range(n_experts)]     # segments of >= k // n_experts >= rank
     return _svd_init(W, [(s, s + rank) for s in starts], scaling)
+
+
+# -- streamed merge ops: what `tsllm lora merge` runs per tensor, block by block -------------------
+
+@dataclass(frozen=True)
+class LoraMergeParams:
+    """A module's LoRA scale s (times any user scale) and the base weight's layout."""
+
+    scaling: float
+    transpose: bool = False        # base stored in x out (fan_in_fan_out Conv1D, embeddings)
+
+    def __post_init__(self):
+        if not math.isfinite(self.scaling):
+            raise ValueError(f"LoRA scaling must be a finite number, got {self.scaling!r}")
+
+
+@op("lora_merge", inputs=("w", "a", "b"), params=LoraMergeParams, temps=3)
+def lora_merge_op(ctx, params, w, a, b):
+    """Rows of W + s·B·A (or its transpose) in fp32; the executor rounds once to the output dtype.
+    W arrives by rows, A and B whole."""
+    return w + lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop))
+
+
+@op("dora_merge", inputs=("w", "a", "b", "magnitude"), params=LoraMergeParams, temps=4)
+def dora_merge_op(ctx, params, w, a, b, magnitude):
+    """Rows of DoRA's m·(W + s·B·A)/‖W + s·B·A‖ for an ``nn.Linear`` layout, whose norm is per
+    stored row (PEFT's convention), so row blocks are exact."""
+    delta = lora_delta(a, b, params.scaling, rows=(ctx.start, ctx.stop))
+    return dora_merge_rows(w, delta, magnitude[ctx.start:ctx.stop], dora_norm(w, delta), out_dtype=torch.float32)
+
+
+@op("dora_merge_transposed", inputs=("w", "a", "b", "magnitude"), params=LoraMergeParams, rowwise=False, temps=4)
+def dora_merge_transposed_op(ctx, params, w, a, b, magnitude):
+    """DoRA on a transposed layout (Conv1D, embeddings): its norm runs over stored columns, so the
+    whole tensor is computed at once."""
+    delta = lora_delta(a, b, params.scaling, transpose=True)
+    return dora_merge_rows(w, delta, magnitude, dora_norm(w, delta, transpose=True), transpose=True,
+                           out_dtype=torch.float32)
+
+
+@op("lora_bias_merge", inputs=("w", "bias"), params=LoraMergeParams, temps=2)
+def lora_bias_merge_op(ctx, params, w, bias):
+    """A bias plus s times its ``lora_bias`` (PEFT's ``lora_bias=True``), fp32, one rounding."""
+    return w + bias * params.scaling
