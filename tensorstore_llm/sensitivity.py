@@ -19,12 +19,13 @@ the weights and their gradients (8 bytes per parameter).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections import defaultdict
 
-from .errors import MissingDependency, RecipeError
+from .errors import InvalidParameter, MissingDependency, RecipeError, ShapeMismatch
 from .io.base import TensorSource
 from .ops.layers import layer_key
 
@@ -67,6 +68,9 @@ def layer_sensitivities(base: TensorSource, model: TensorSource, files: dict[str
     import torch
 
     model_nn, tokenizer = _load(model, files, device, where)
+    context = getattr(model_nn.config, "max_position_embeddings", None) or getattr(model_nn.config, "n_positions", None)
+    if context and max_tokens > context:
+        raise InvalidParameter(f"{where}: calibration_tokens {max_tokens} is over the model's context of {context} tokens")
     model_nn.zero_grad(set_to_none=True)
     batches = [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
     batches = [ids for ids in batches if ids.shape[1] >= 2]
@@ -83,6 +87,12 @@ def layer_sensitivities(base: TensorSource, model: TensorSource, files: dict[str
                 continue
             tau = parameter.detach() - base.read(name).to(device=device, dtype=torch.float32)
             raw[layer_key(name)] += float((tau * parameter.grad).abs().sum(dtype=torch.float64))
+    if not raw:
+        raise RecipeError(f"{where}: none of the model's parameters is also a tensor of the base model")
+    bad = [key for key, value in raw.items() if not math.isfinite(value)]
+    if bad:
+        raise RecipeError(f"{where}: the sensitivity of layer {bad[0]} is {raw[bad[0]]} (the calibration loss or "
+                          f"gradients are not finite); check the model's weights")
     mean = sum(raw.values()) / len(raw)
     return {key: (value / mean if mean > 0 else 1.0) for key, value in raw.items()}
 
@@ -92,6 +102,7 @@ def _load(source: TensorSource, files: dict[str, str], device: str, where: str):
     its tokenizer; both from the carried files (no download)."""
     try:
         import torch
+        import transformers
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise MissingDependency("computing sensitivities needs transformers: pip install 'tensorstore-llm[distill]'") from None
@@ -105,23 +116,46 @@ def _load(source: TensorSource, files: dict[str, str], device: str, where: str):
                     f.write(path)
             else:
                 shutil.copyfile(path, os.path.join(folder, name))
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise RecipeError(f"{where}: transformers cannot read its config.json ({_first_line(e)})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise RecipeError(f"{where}: no usable tokenizer among its files ({e})") from None
+            raise RecipeError(f"{where}: no usable tokenizer among its files ({_first_line(e)})") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    config.torch_dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    # transformers >= 4.56 names it dtype and warns on torch_dtype; older releases know torch_dtype only
+    key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    setattr(config, key, torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(config, **{key: torch.float32})
+    except (ValueError, KeyError) as e:
+        raise RecipeError(f"{where}: its config.json does not describe a causal language model ({_first_line(e)})") from None
     state = model.state_dict()
     weights = {}
     for name in state:
         if name in source.keys():
             weights[name] = source.read(name).to(torch.float32)
+            if tuple(weights[name].shape) != tuple(state[name].shape):
+                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {tuple(weights[name].shape)} but its config.json "
+                                    f"builds {tuple(state[name].shape)}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [m for m in missing if m not in tied and not m.endswith("rotary_emb.inv_freq")]
     if missing:
         raise RecipeError(f"{where}: the checkpoint lacks {len(missing)} tensors its config needs, e.g. {missing[0]!r}")
     return model.to(device).train(False), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

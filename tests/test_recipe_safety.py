@@ -304,3 +304,32 @@ def test_kernel_params_refuse_nan_from_the_python_api(tiny_family, op, roles, pa
     finally:
         for s in sources.values():
             s.close()
+
+
+def _sens_family(tiny_family, tmp_path):
+    from test_layer_methods import CORPUS, _with_tokenizer
+
+    dirs = {k: _with_tokenizer(tiny_family[k], tmp_path / k) for k in ("base", "ft1", "ft2")}
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS) + "\n")
+    return dirs
+
+
+def test_sens_merging_calibration_limits_and_non_finite_scores(cli, tiny_family, tmp_path):
+    """calibration_tokens over the model's context, and a model whose loss is NaN, are recipe errors."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    dirs = _sens_family(tiny_family, tmp_path)
+    recipe = tmp_path / "sens.yaml"
+    text = (f"merge_method: sens_merging\nbase_model: {dirs['base']}\nmodels: [{dirs['ft1']}, {dirs['ft2']}]\n"
+            f"parameters: {{calibration: {tmp_path / 'corpus.txt'}, calibration_tokens: %d}}\n")
+    recipe.write_text(text % 100_000)
+    store = tmp_path / "store"
+    _one_line_error(*cli("--store", store, "merge", recipe), 7, "calibration_tokens 100000 is over the model's context of 2048")
+    (weights_file,) = [f for f in os.listdir(dirs["ft1"]) if f.endswith(".safetensors")]
+    path = os.path.join(dirs["ft1"], weights_file)
+    weights = load_file(path)
+    weights["model.norm.weight"] = weights["model.norm.weight"] * float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    recipe.write_text(text % 64)
+    _one_line_error(*cli("--store", store, "merge", recipe), 7, "is nan", "not finite")
