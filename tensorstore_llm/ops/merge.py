@@ -203,8 +203,9 @@ def _rank_map(ctx, params, base, models):
 def _rank_reduce(params, partials, ctx):
     """Magnitude ranks 0..n-1 over the whole 1-D tensor (stable: ties rank by position), as fp32.
 
-    Holds the tensor's magnitudes and ranks: 12 bytes per entry per model, for a moment 8 more
-    (LLM 1-D tensors are norms and biases of a few thousand to a few hundred thousand entries).
+    Memory: the tile magnitudes and their concatenation (4 + 4 bytes per entry), the sort order
+    and positions (8 + 8, for a moment) and the fp32 ranks kept for the kernel (4 per entry per
+    model). LLM 1-D tensors are norms and biases of a few thousand to a few hundred thousand entries.
     """
     if len(ctx.shape) != 1 or not partials or not partials[0]:
         return {}
