@@ -18,6 +18,7 @@ the weights and their gradients (8 bytes per parameter).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,13 +31,26 @@ from .io.base import TensorSource
 from .ops.layers import layer_key
 
 
+MAX_LINE_CHARS = 1 << 20      # one calibration text (it is truncated to calibration_tokens anyway)
+MAX_CORPUS_CHARS = 256 << 20  # stop reading a corpus here, even if fewer than max_samples texts were found
+
+
 def read_corpus(path: str, max_samples: int) -> list[str]:
     """Calibration texts: the ``text`` field of each line of a ``.jsonl`` file, else each
-    non-empty line of a text file; at most ``max_samples``."""
+    non-empty line of a text file; at most ``max_samples``, lines of at most MAX_LINE_CHARS,
+    reading at most MAX_CORPUS_CHARS (a device such as /dev/zero cannot exhaust memory)."""
     texts = []
+    read = 0
     try:
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+            for number in itertools.count(1):
+                line = f.readline(MAX_LINE_CHARS + 1)
+                if not line or read > MAX_CORPUS_CHARS:
+                    break
+                read += len(line)
+                if len(line) > MAX_LINE_CHARS:
+                    raise RecipeError(f"{path}:{number}: a line longer than {MAX_LINE_CHARS} characters; calibration "
+                                      f"texts are truncated to calibration_tokens anyway, so split or shorten it")
                 line = line.strip()
                 if not line:
                     continue

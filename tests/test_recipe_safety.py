@@ -333,3 +333,13 @@ def test_sens_merging_calibration_limits_and_non_finite_scores(cli, tiny_family,
     save_file(weights, path, metadata={"format": "pt"})
     recipe.write_text(text % 64)
     _one_line_error(*cli("--store", store, "merge", recipe), 7, "is nan", "not finite")
+
+
+def test_calibration_corpus_reads_are_bounded(cli, tagged, tmp_path):
+    """A corpus that is a device (/dev/zero: no newline, ever) or has a huge line is refused, not slurped."""
+    for corpus in ("/dev/zero", tmp_path / "long.txt"):
+        if corpus != "/dev/zero":
+            corpus.write_text("short line\n" + "x" * (2 << 20) + "\n")
+        text = (f"merge_method: sens_merging\nbase_model: base\nmodels: [ft1, ft2]\n"
+                f"parameters: {{calibration: {corpus}, calibration_samples: 8}}\n")
+        _one_line_error(*_merge(cli, tagged, tmp_path, text), 7, "a line longer than 1048576 characters")
