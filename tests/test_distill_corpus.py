@@ -24,6 +24,15 @@ def tok():
 
     return AutoTokenizer.from_pretrained(smollm2_checkpoint())
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def test_formats_read_the_same_documents(tmp_path, tok):
     docs = ["First document.\nIt has two lines.", "Second one, with ünïcode.", "Third."]

@@ -14,6 +14,15 @@ from tensorstore_llm.errors import DatasetMismatch, IntegrityError, OutputExists
 
 V, L, N = 300, 8, 20
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def make_dataset(path, sequences=10, per_shard=2, seed=0):
     """A small RS-KD dataset from random teacher distributions, written through ShardWriter."""

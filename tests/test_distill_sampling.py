@@ -10,6 +10,15 @@ from tensorstore_llm.distill.encoding import SequenceTargets, decode_ids, decode
 
 V, N, M = 20, 50, 4000   # vocabulary, draws per position, positions (independent RS-KD targets)
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def teacher() -> torch.Tensor:
     """A fixed head-heavy distribution with a long tail (Zipf-like), fp32, sums to 1."""
