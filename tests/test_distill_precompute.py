@@ -141,6 +141,10 @@ def test_top_k_and_partial_run_with_other_settings(teacher, tmp_path):
         f.write("another run")
     with pytest.raises(DatasetMismatch, match="partial run"):
         precompute(teacher, CORPUS, str(tmp_path / "x"), rule=RULE, max_sequences=1)
+    with pytest.raises(DatasetMismatch, match="max_sequences must be at least 1"):
+        precompute(teacher, CORPUS, str(tmp_path / "y"), rule=RULE, max_sequences=0)
+    with pytest.raises(DatasetMismatch, match="unknown method"):
+        precompute(teacher, CORPUS, str(tmp_path / "y"), config=SamplingConfig(method="top-p"))
 
 
 KILL_SCRIPT = """

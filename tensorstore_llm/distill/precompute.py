@@ -170,6 +170,10 @@ def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str | Non
         ...            rule=PackingRule(seq_len=256), max_sequences=8)   # doctest: +SKIP
     """
     config.validate()
+    for label, value in (("batch_size", batch_size), ("shard_sequences", shard_sequences),
+                         ("position_chunk", position_chunk), ("max_sequences", 1 if max_sequences is None else max_sequences)):
+        if int(value) < 1:
+            raise DatasetMismatch(f"{label} must be at least 1, got {value}")
     lm = teacher if isinstance(teacher, CausalLM) else load_causal_lm(teacher)
     check_vocab(lm.model, lm.tokenizer)
     if not isinstance(corpus, Corpus):
