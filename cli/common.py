@@ -62,9 +62,6 @@ def print_estimate(estimate, limit: int = 20) -> None:
         click.echo(f"... {len(jobs) - limit} more tensors (largest memory first)")
     click.echo(f"tensors: {len(jobs)}  read: {format_size(estimate.read_bytes)}  write: {format_size(estimate.write_bytes)}  "
                f"peak tensor memory: {format_size(estimate.peak_bytes)} (budget {format_size(estimate.budget)})")
-    over = estimate.over_budget
-    if over:
-        click.echo(f"warning: {len(over)} tensor(s) cannot be split and need more than the budget, e.g. {over[0].job.output.name}")
 
 
 def report(result, verb: str, quiet: bool) -> None:

@@ -1,8 +1,13 @@
-"""What verified reads cost: the same commands, on the same store, by this tree and by the tree of
-a revision from before reads were verified (``--before``), interleaved run by run in one process
-so that machine load hits both alike.
+"""What verified reads cost: the same commands, on the same store, interleaved run by run so that
+machine load hits both sides alike.
 
-Run:  python tests/benchmarks/bench_integrity.py --workdir /tmp/tsllm-bench --size 1gb --before 7d54e85
+``--before REV``: this tree against the tree of a revision from before reads were verified (the
+whole difference between the two trees). Without it: this tree against this tree with the
+checks switched off in the benchmark's own child process (``Store.open`` handing out sources
+without checksums), which isolates the cost of checking.
+
+Run:  python tests/benchmarks/bench_integrity.py --workdir /tmp/tsllm-bench --size 1gb
+      python tests/benchmarks/bench_integrity.py --workdir /tmp/tsllm-bench --size 1gb --before 7d54e85
 Prints a markdown table (medians, peak RSS, after/before ratio); results are in docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -31,6 +36,21 @@ dtype: bfloat16
 """
 
 
+# the CLI with every artifact opened without its checksums (the benchmark's baseline only)
+UNCHECKED = """
+import sys
+from tensorstore_llm.io.zarr_tensors import ZarrTensorSource
+from tensorstore_llm.store.store import Store
+def open_unchecked(self, ref):
+    artifact = self.get(ref)
+    return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id)
+Store.open = open_unchecked
+from tensorstore_llm_cli import run
+sys.argv = ["tsllm", *sys.argv[1:]]
+run()
+"""
+
+
 def tree_of(revision: str, workdir: str) -> str:
     """The project's files at ``revision`` under workdir, importable with PYTHONPATH."""
     target = os.path.join(workdir, f"tree-{revision}")
@@ -46,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--size", default="1gb")
-    ap.add_argument("--before", required=True, help="git revision without verified reads")
+    ap.add_argument("--before", help="git revision without verified reads (default: this tree, checks off)")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -61,7 +81,8 @@ def main() -> None:
     with open(recipe, "w") as f:
         f.write(TIES)
     envs = {"after": dict(os.environ, PYTHONPATH=REPO),
-            "before": dict(os.environ, PYTHONPATH=tree_of(args.before, args.workdir))}
+            "before": dict(os.environ, PYTHONPATH=tree_of(args.before, args.workdir) if args.before else REPO)}
+    unchecked = [] if args.before else [sys.executable, "-c", UNCHECKED]
 
     def clear_staging():
         staging = os.path.join(store, "staging")
@@ -80,7 +101,10 @@ def main() -> None:
         for _ in range(args.repeat):
             for side in ("before", "after"):
                 clear_staging()
-                results[side].append(timed(cmd(), env=envs[side]))
+                command = cmd()
+                if side == "before" and unchecked:
+                    command = unchecked + command[len(TSLLM):]
+                results[side].append(timed(command, env=envs[side]))
                 subprocess.run(TSLLM + ["-q", "--store", store, "gc"], check=True, capture_output=True)
                 _drop_unnamed(store)
         med = {s: statistics.median(r[0] for r in results[s]) for s in results}
