@@ -32,20 +32,40 @@ def size_option(ctx, param, value):
     return value
 
 
-def run_options(fn):
-    """--device / --max-memory / --seed / --compression / --dry-run for streamed commands."""
-    options = [
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--max-memory", default="2G", show_default=True, metavar="SIZE", callback=size_option,
-                     help="Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split into row blocks."),
-        click.option("--seed", default=0, show_default=True, help="Run seed for ops that draw random numbers."),
+def _options(*, device: bool, seed: bool):
+    options = []
+    if device:
+        options.append(click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."))
+    options.append(click.option("--max-memory", default="2G", show_default=True, metavar="SIZE", callback=size_option,
+                                help="Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split into row blocks."))
+    if seed:
+        options.append(click.option("--seed", default=0, show_default=True, help="Run seed for ops that draw random numbers."))
+    options += [
         click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True,
                      help="Chunk compression of the new artifact (float weights barely compress; see docs/formats.md)."),
         click.option("--dry-run", is_flag=True, help="Print the plan, its I/O and memory need; do nothing."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def run_options(fn):
+    """--device / --max-memory / --seed / --compression / --dry-run for streamed commands that compute."""
+    return _options(device=True, seed=True)(fn)
+
+
+def compute_options(fn):
+    """run_options without --seed: for streamed commands that draw no random numbers."""
+    return _options(device=True, seed=False)(fn)
+
+
+def copy_options(fn):
+    """--max-memory / --compression / --dry-run: for commands that only move stored values (import)."""
+    return _options(device=False, seed=False)(fn)
 
 
 def print_estimate(estimate, limit: int = 20) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import print_estimate, progress_flag, report, run_options, store_of
+from .common import compute_options, print_estimate, progress_flag, report, store_of
 
 
 @click.group("lora")
@@ -23,9 +23,9 @@ def lora_group():
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the export with -o.")
-@run_options
+@compute_options
 @click.pass_context
-def merge_cmd(ctx, base, adapter, scale, name, out_dir, max_shard_size, device, max_memory, seed, compression, dry_run):
+def merge_cmd(ctx, base, adapter, scale, name, out_dir, max_shard_size, device, max_memory, compression, dry_run):
     """Merge ADAPTER (a PEFT adapter directory) into BASE (artifact, HF directory or hub repo).
 
     Targeted weights become W + s*B*A with s = lora_alpha/r (alpha/sqrt(r) with use_rslora),
@@ -37,7 +37,7 @@ def merge_cmd(ctx, base, adapter, scale, name, out_dir, max_shard_size, device, 
     from tensorstore_llm.api import lora_merge
 
     result = lora_merge(store_of(ctx), base, adapter, scale=scale, name=name, out_dir=out_dir,
-                        max_shard_size=max_shard_size, device=device, max_memory=max_memory, seed=seed,
+                        max_shard_size=max_shard_size, device=device, max_memory=max_memory,
                         compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
     if dry_run:
         return print_estimate(result.estimate)

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .common import print_estimate, progress_flag, report, run_options, store_of
+from .common import copy_options, print_estimate, progress_flag, report, store_of
 
 
 @click.command("import")
@@ -13,9 +13,9 @@ from .common import print_estimate, progress_flag, report, run_options, store_of
 @click.option("--name", help="Tag to point at the new artifact (moved if it exists).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a hub repo.")
 @click.option("--dtype", help="Cast float tensors while importing (bf16, fp16, fp32).")
-@run_options
+@copy_options
 @click.pass_context
-def import_cmd(ctx, src, name, revision, dtype, device, max_memory, seed, compression, dry_run):
+def import_cmd(ctx, src, name, revision, dtype, max_memory, compression, dry_run):
     """Import SRC as a checkpoint artifact.
 
     SRC is a Hugging Face checkpoint directory (sharded safetensors + index, config and tokenizer
@@ -26,7 +26,7 @@ def import_cmd(ctx, src, name, revision, dtype, device, max_memory, seed, compre
     from tensorstore_llm.api import import_checkpoint
 
     result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype, device="cpu",
-                               max_memory=max_memory, seed=seed, compression=compression,
+                               max_memory=max_memory, compression=compression,
                                progress=progress_flag(ctx), dry_run=dry_run)
     if dry_run:
         return print_estimate(result.estimate)
