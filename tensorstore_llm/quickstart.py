@@ -61,13 +61,14 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   weighted sum 0.5*ft1 + 0.5*ft2 -> {soup.artifact.short_id} (largest tensor in {blocks} blocks)")
     ties = api.merge(store, TIES_RECIPE, name="qs-ties", where="quickstart TIES recipe", **run)
     echo(f"   TIES merge (mergekit recipe)   -> {ties.artifact.short_id} (exact top-k thresholds, streamed)")
+    lora = _lora_round_trip(store, models, workdir, run, echo)
     out = os.path.join(workdir, "soup-hf")
     shutil.rmtree(out, ignore_errors=True)
     echo(f"4. exporting the soup as a Hugging Face directory to {out}")
     api.export(store, "qs-soup", out, max_shard_size="4M" if preset == "tiny" else "2G", progress=progress)
     echo(f"   {', '.join(sorted(os.listdir(out)))}")
     echo("5. verifying checksums of every artifact and checking the export against a direct formula")
-    for tag in ("qs-base", "qs-ft1", "qs-ft2", "qs-base-fp16", "qs-soup", "qs-ties"):
+    for tag in ("qs-base", "qs-ft1", "qs-ft2", "qs-base-fp16", "qs-soup", "qs-ties", "qs-lora-merged"):
         store.verify(tag)
     max_error = _check_soup(models, out)
     echo(f"   all checksums match; exported soup == bf16(0.5*ft1 + 0.5*ft2 in fp32): max abs diff {max_error}")
@@ -77,7 +78,36 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   tsllm --store {store.root} show qs-ties")
     echo(f"   tsllm --store {store.root} weighted-sum qs-base qs-ft1 --weights 0.3,0.7 --max-memory 1M --dry-run")
     return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "ties": ties.artifact.id,
-            "export": out, "max_abs_error": max_error}
+            "export": out, "max_abs_error": max_error, "lora": lora}
+
+
+def _lora_round_trip(store: Store, models: str, workdir: str, run: dict, echo) -> dict:
+    """Extract a rank-8 LoRA of ft1 - base (PEFT format), merge it back into the base, streamed,
+    and check one merged tensor against W + s·B·A computed here from the adapter file."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .lora.api import extract_adapter_dir
+
+    adapter_dir = os.path.join(workdir, "ft1-lora")
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    report = extract_adapter_dir(os.path.join(models, "base"), os.path.join(models, "ft1"), adapter_dir, rank=8)
+    captured = report["totals"]["captured"]
+    echo(f"   LoRA rank 8 extracted from ft1 - base  -> {adapter_dir} (captures {captured:.1%} of the diff's energy)")
+    merged = api.lora_merge(store, "qs-base", adapter_dir, name="qs-lora-merged", **run)
+    name = "model.layers.0.self_attn.q_proj"
+    factors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    config = __import__("json").load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    a = factors[f"base_model.model.{name}.lora_A.weight"].float()
+    b = factors[f"base_model.model.{name}.lora_B.weight"].float()
+    with HFCheckpointSource(os.path.join(models, "base")) as base, store.open("qs-lora-merged") as out:
+        w = base.read(name + ".weight")
+        expected = (w.float() + (b @ a) * (config["lora_alpha"] / a.shape[0])).to(w.dtype)
+        error = (out.read(name + ".weight").float() - expected.float()).abs().max().item()
+    echo(f"   lora merge base + adapter (streamed)  -> {merged.artifact.short_id} (q_proj vs W + s*B*A: max abs diff {error})")
+    if error != 0.0:
+        raise RuntimeError(f"quickstart: the streamed LoRA merge differs from W + s*B*A by {error}")
+    return {"adapter": adapter_dir, "merged": merged.artifact.id, "captured": captured}
 
 
 def _check_soup(models: str, out: str) -> float:
