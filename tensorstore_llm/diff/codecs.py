@@ -100,7 +100,7 @@ class ExactDelta(_Codec):
     """
 
     name: ClassVar[str] = "exact"
-    level: int = 1
+    level: int | None = None      # None: zstd as a pure Huffman literal coder (see exact.encode_delta)
 
     def encode(self, base: torch.Tensor, target: torch.Tensor, tensor: str = "", start: int = 0) -> bytes:
         """Bytes that rebuild ``target`` bit for bit from ``base``."""

@@ -3,6 +3,9 @@ throughput per core, and lossy codecs with weight error and model KL.
 
     python tests/benchmarks/bench_diff_codecs.py [--repeat 5] [--skip-lossy] [--skip-fp32] [--json out.json]
 
+bf16: the 30-step fine-tune (seq 128, batch 8). fp16 / fp32: a shorter real fine-tune (``--fp-steps``
+steps, seq 64, batch 4) trained in fp32 and cast, against the base cast to the same dtype.
+
 Builds (and caches) the fine-tune with tensorstore_llm.testing.finetune.smollm2_finetune. Every
 throughput figure is single-threaded (one core) and the median of ``--repeat`` runs; on a shared
 machine the spread is printed too.
@@ -105,9 +108,10 @@ def representations(base: dict, ft: dict, bits: int, eshift: int, emask: int, fm
         add("ULP diff (zigzag): zstd-3", zstd(ulp.tobytes(), 3))
         add("ULP diff (zigzag): byte-grouped zstd-3", sum(zstd(p, 3) for p in byte_planes(ulp)))
         add("ULP diff (zigzag): blosc-zstd-5 bit shuffle", blosc(ulp, Blosc.BITSHUFFLE))
-        for level in (1, 3, 9, 19):
-            add(f"ULP diff, sorted by base exponent, zstd-{level} (codec `exact`, level={level})",
-                len(exact.encode_delta(b, f, fmt, level=level)))
+        for level in (None, 1, 3, 9):
+            what = "zstd literals only, no match search (codec `exact`, default)" if level is None else \
+                f"zstd-{level} (codec `exact`, level={level})"
+            add(f"ULP diff, sorted by base exponent, {what}", len(exact.encode_delta(b, f, fmt, level=level)))
         sym, low, esc = exact._encode_np(b, f, bits, eshift, emask, 0)
         unsorted = np.minimum(exact._zigzag_np(b, f, bits), 255).astype(np.uint8)
         add("ULP diff, byte symbols + escapes, element order, zstd-1 (no sort)",
@@ -123,22 +127,25 @@ def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool) -> 
     raw = sum(ft[k].numel() * ft[k].element_size() for k in names)
     blobs = {k: exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba) for k in names}   # warm-up / JIT
     exact.decode_delta(base[names[0]], blobs[names[0]], use_numba=use_numba)
-    enc, dec = [], []
+    enc, dec, enc_cpu, dec_cpu = [], [], [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         for k in names:
             exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba)
-        t1 = time.perf_counter()
+        c1, t1 = time.thread_time(), time.perf_counter()
         for k in names:
             exact.decode_delta(base[k], blobs[k], use_numba=use_numba)
-        t2 = time.perf_counter()
+        c2, t2 = time.thread_time(), time.perf_counter()
         enc.append(raw / (t1 - t0) / GB)
         dec.append(raw / (t2 - t1) / GB)
+        enc_cpu.append(raw / (c1 - c0) / GB)
+        dec_cpu.append(raw / (c2 - c1) / GB)
     for k in names:   # and it is exact
         out = exact.decode_delta(base[k], blobs[k], use_numba=use_numba)
         assert torch.equal(out.view(torch.int16 if out.element_size() == 2 else torch.int32),
                            ft[k].view(torch.int16 if out.element_size() == 2 else torch.int32)), k
     return {"encode_gbps": statistics.median(enc), "decode_gbps": statistics.median(dec),
+            "encode_cpu_gbps": statistics.median(enc_cpu), "decode_cpu_gbps": statistics.median(dec_cpu),
             "encode_range": [min(enc), max(enc)], "decode_range": [min(dec), max(dec)],
             "bytes": sum(len(v) for v in blobs.values()), "raw": raw}
 
@@ -183,9 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-lossy", action="store_true")
     ap.add_argument("--skip-fp32", action="store_true", help="skip fp16 / fp32 (the fp32 fine-tune trains once)")
     ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--fp-steps", type=int, default=5,
+                    help="AdamW steps of the fp16 / fp32 fine-tune (a shorter run: seq 64, batch 4)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)   # per-core figures
 
     from tensorstore_llm.testing.finetune import heldout_text, smollm2_finetune, token_batches
     from tensorstore_llm.testing.real_models import smollm2_checkpoint
@@ -195,7 +203,9 @@ def main(argv=None) -> int:
     if not args.skip_fp32:
         dtypes += [("float16", 16, 10, 0x1F), ("float32", 32, 23, 0xFF)]
     for fmt, bits, eshift, emask in dtypes:
-        base, ft = load_state(smollm2_checkpoint(fmt)), load_state(smollm2_finetune(dtype=fmt))
+        ft_dir = smollm2_finetune(dtype=fmt) if fmt == "bfloat16" else \
+            smollm2_finetune(steps=args.fp_steps, seq_len=64, batch=4, dtype=fmt)
+        base, ft = load_state(smollm2_checkpoint(fmt)), load_state(ft_dir)
         raw = sum(v.numel() * v.element_size() for v in ft.values())
         stats = ulp_stats(base, ft, bits, eshift, emask)
         print(f"[{fmt}] {stats}", flush=True)
@@ -203,11 +213,15 @@ def main(argv=None) -> int:
         alone = min(n for name, n in reps if name.startswith("fine-tune alone"))
         for name, n in reps:
             print(f"  {name:80s} {n / 1e6:8.2f} MB  {raw / n:5.2f}x raw  {alone / n:5.2f}x vs best alone", flush=True)
+        torch.set_num_threads(1)   # per-core figures
         tp = {"numba": throughput(base, ft, fmt, args.repeat, True)} if exact._numba is not None else {}
         tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False)
+        torch.set_num_threads(os.cpu_count() or 1)
         for path, t in tp.items():
-            print(f"  throughput ({path}, 1 thread): encode {t['encode_gbps']:.3f} GB/s {t['encode_range']}, "
-                  f"decode {t['decode_gbps']:.3f} GB/s {t['decode_range']}", flush=True)
+            print(f"  throughput ({path}, 1 thread): wall-clock encode {t['encode_gbps']:.3f} GB/s "
+                  f"(range {t['encode_range'][0]:.3f}-{t['encode_range'][1]:.3f}), decode {t['decode_gbps']:.3f} GB/s "
+                  f"(range {t['decode_range'][0]:.3f}-{t['decode_range'][1]:.3f}); per CPU-second of the thread: "
+                  f"encode {t['encode_cpu_gbps']:.3f}, decode {t['decode_cpu_gbps']:.3f} GB/s", flush=True)
         out[fmt] = {"raw": raw, "stats": stats, "representations": reps, "throughput": tp}
     if not args.skip_lossy:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,11 +231,9 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(ft_dir)
         model = AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32).eval()
         batches = token_batches(tok, heldout_text(), 256, 4, args.eval_batches, seed=1)
-        torch.set_num_threads(os.cpu_count() or 1)   # model evaluation only
         base_kl = delta_kl(model, ft, base, batches)
         print(f"[lossy] base itself vs fine-tune: KL {base_kl['kl']:.3e} ppl {100 * base_kl['ppl_change']:+.2f}% "
               f"(fine-tune ppl {base_kl['ppl_reference']:.3f})", flush=True)
-        torch.set_num_threads(1)
         out["lossy"] = {"base_vs_ft": base_kl, "tokens": base_kl["tokens"],
                         "rows": lossy_table(base, ft, model, batches, LOSSY)}
     if args.json:
