@@ -1,15 +1,14 @@
 """Streamed analyses that decide a merge plan: Mediator's per-layer sign-conflict table.
 
-Reads row blocks of the base and each model (memory bounded by ``block_bytes`` per input), so a
-70B model is analysed without being loaded.
+The counting runs as reduction jobs of the engine (``ops.stats``), within the memory budget and on
+the chosen device, so a 70B model is analysed without being loaded.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dtypes import by_name
 from .io.base import TensorSource
-from .ops.layers import conflict_counts, gaussian_threshold, layer_key
+from .ops.layers import gaussian_threshold, layer_key
 
 
 @dataclass
@@ -33,22 +32,33 @@ class ConflictTable:
         return {"mu": self.mu, "sigma": self.sigma, "threshold": self.threshold, "layers": self.rows()}
 
 
-def conflict_table(base: TensorSource, models: list[TensorSource], names: list[str], k_sigma: float,
-                   block_bytes: int = 64 * 1024 * 1024) -> ConflictTable:
-    """Fraction of parameters whose task vectors disagree in sign, per layer, and the Gaussian cut."""
-    counts: dict[str, list[int]] = {}
+def conflict_table(base: TensorSource, models: list[TensorSource], names: list[str], k_sigma: float, *,
+                   max_memory="2G", device="cpu", progress: bool | None = False) -> ConflictTable:
+    """Fraction of parameters whose task vectors disagree in sign, per layer, and the Gaussian cut.
+
+    Counted by reduction jobs (op ``sign_conflicts``, one per tensor), so the pass over the models
+    holds at most ``max_memory`` of tensor data and runs on ``device``.
+    """
+    from .engine.executor import Executor
+    from .engine.plan import InputRef, Plan, TensorJob
+
+    sources = {"base": base, **{f"model{i}": m for i, m in enumerate(models)}}
+    jobs = []
     for name in names:
         meta = base.meta(name)
         if not meta.numel:
             continue
-        step = max(1, block_bytes // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
-        for start in range(0, meta.rows, step):
-            stop = min(meta.rows, start + step)
-            b = base.read_rows(name, start, stop).float()
-            conflicts, total = conflict_counts(b, [m.read_rows(name, start, stop).float() for m in models])
-            entry = counts.setdefault(layer_key(name), [0, 0])
-            entry[0] += conflicts
-            entry[1] += total
+        inputs = (("base", InputRef("base", name)), ("models", tuple(InputRef(f"model{i}", name) for i in range(len(models)))))
+        jobs.append(TensorJob(meta, "sign_conflicts", inputs, reduce_only=True))
+    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, progress=progress,
+                        desc="mediator conflicts")
+    executor.run()
+    counts: dict[str, list[int]] = {}
+    for job in jobs:
+        record = executor.records[job.output.name]
+        entry = counts.setdefault(layer_key(job.output.name), [0, 0])
+        entry[0] += record["conflicts"]
+        entry[1] += record["total"]
     ratios = {key: c / t for key, (c, t) in counts.items() if t}
     mu, sigma, threshold = gaussian_threshold(list(ratios.values()), k_sigma)
     return ConflictTable(ratios, mu, sigma, threshold)

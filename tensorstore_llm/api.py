@@ -255,7 +255,8 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
             others = [m.ref for m in parsed.models if m.ref != parsed.base]
             plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
             table = conflict_table(sources[parsed.base], [sources[r] for r in others], list(sources[parsed.base].keys()),
-                                   float(parsed.parameters.get("sigma", 1.0)))
+                                   float(parsed.parameters.get("sigma", 1.0)), max_memory=run_options.get("max_memory", "2G"),
+                                   device=run_options.get("device", "auto"), progress=run_options.get("progress"))
         scores = _calibrated_sensitivity(parsed, sources, opened, where, run_options.get("dry_run", False))
         plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None, arithmetic=arithmetic,
                           sensitivity=scores)

@@ -145,3 +145,23 @@ def test_reduction_jobs_identical_at_any_block_size_and_resumed(store, tmp_path)
     again = Executor(Plan([job], {"s": src}), None, max_memory="300K", progress=False, records_path=journal)
     again.run()
     assert again.skipped == ["x-stats"] and again.computed == [] and again.records == first.records == {"x-stats": records[0]}
+
+
+def test_mediator_conflict_table_runs_as_reduction_jobs(store, small_family):
+    """The per-layer sign-conflict ratios equal a direct count, whatever the budget."""
+    from tensorstore_llm.analysis import conflict_table
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.ops.layers import layer_key
+
+    with HFCheckpointSource(small_family["base"]) as b, HFCheckpointSource(small_family["ft1"]) as f1, \
+            HFCheckpointSource(small_family["ft2"]) as f2:
+        names = b.keys()
+        tables = [conflict_table(b, [f1, f2], names, 1.0, max_memory=budget) for budget in ("256M", "64K")]
+        direct = {}
+        for name in names:
+            base = b.read(name).float()
+            s1, s2 = torch.sign(f1.read(name).float() - base), torch.sign(f2.read(name).float() - base)
+            c, t = direct.get(layer_key(name), (0, 0))
+            direct[layer_key(name)] = (c + int(((s1 * s2) < 0).sum()), t + base.numel())
+    assert tables[0].ratios == tables[1].ratios == {k: c / t for k, (c, t) in direct.items()}
+    assert tables[0].threshold == tables[1].threshold
