@@ -84,7 +84,6 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
 def _lora_round_trip(store: Store, models: str, workdir: str, run: dict, echo) -> dict:
     """Extract a rank-8 LoRA of ft1 - base (PEFT format), merge it back into the base, streamed,
     and check one merged tensor against W + s·B·A computed here from the adapter file."""
-    import torch
     from safetensors.torch import load_file
 
     from .lora.api import extract_adapter_dir

@@ -1,7 +1,4 @@
 """Model structure as data: roles, layers, head axes and query-head groups from config.json."""
-import json
-import os
-
 import pytest
 
 from tensorstore_llm.arch import Architecture, TensorRole

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conformance import SinkConformance
-from tensorstore_llm import api
 from tensorstore_llm.errors import IntegrityError, InvalidTensorName, RefError
 from tensorstore_llm.io.base import ChunkDigests
 from tensorstore_llm.store import Store
@@ -224,7 +223,6 @@ def test_gc_does_not_follow_symlinked_staging(store, tmp_path):
 
 @pytest.mark.parametrize("name,why", [("\ud800", "lone surrogate"), ("zarr.json", "reserved")])
 def test_bad_tensor_names_are_clear_errors(tmp_path, cli, name, why):
-    from tensorstore_llm.io.safetensors_format import build_header  # noqa: F401  (format helper exists)
     header = {name: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     raw = json.dumps(header).encode()             # json escapes the surrogate as \ud800
     path = tmp_path / "m.safetensors"
