@@ -155,6 +155,44 @@ if _numba is not None:
         return sym, low, esc[:ne]
 
     @_numba.njit(cache=True, nogil=True)
+    def _zigzag16_k0(base, target, high):
+        """bf16 / fp16 symbols min(zigzag(ULP difference), 255) in element order; vectorisable."""
+        for i in range(base.size):
+            b = np.int32(base[i])
+            f = np.int32(target[i])
+            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+            mf = f ^ (((f >> 15) * 0x7FFF) | 0x8000)
+            d = (((mf - mb) & 0xFFFF) ^ 0x8000) - 0x8000
+            z = (d << 1) ^ (d >> 31)
+            high[i] = min(z, 255)
+
+    @_numba.njit(cache=True, nogil=True)
+    def _encode16_k0(base, target, eshift, emask):
+        """Two passes: symbols in element order (SIMD), then scattered into exponent order."""
+        n = base.size
+        high = np.empty(n, np.uint8)
+        _zigzag16_k0(base, target, high)
+        pos = _offsets(base, eshift, emask)
+        sym = np.empty(n, np.uint8)
+        esc = np.empty(n, np.int64)
+        ne = 0
+        for i in range(n):
+            e = (np.int64(base[i]) >> eshift) & emask
+            p = pos[e]
+            pos[e] = p + 1
+            h = high[i]
+            sym[p] = h
+            if h == 255:                                      # rare: keep the full value
+                b = np.int64(base[i])
+                f = np.int64(target[i])
+                mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+                mf = f ^ (((f >> 15) * 0x7FFF) | 0x8000)
+                d = (((mf - mb) & 0xFFFF) ^ 0x8000) - 0x8000
+                esc[ne] = (d << 1) ^ (d >> 63)
+                ne += 1
+        return sym, np.empty(0, np.uint8), esc[:ne]
+
+    @_numba.njit(cache=True, nogil=True)
     def _unpermute_nb(base, sym, low, kb, eshift, emask, n_esc):
         """Symbols and low byte planes back in element order; positions of the escapes."""
         n = base.size
@@ -293,7 +331,10 @@ def encode_delta(base, target, fmt: str = "bfloat16", level: int | None = None, 
     step = max(1, b.size // 4096)
     k = _choose_k(_zigzag_np(b[::step], t[::step], bits))
     if use_numba and _numba is not None:
-        sym, low, esc = _encode_nb(b, t, bits, eshift, emask, k)
+        if bits == 16 and k == 0:
+            sym, low, esc = _encode16_k0(b, t, eshift, emask)
+        else:
+            sym, low, esc = _encode_nb(b, t, bits, eshift, emask, k)
         esc = esc.astype(_WORD[bits])
     else:
         sym, low, esc = _encode_np(b, t, bits, eshift, emask, k)
