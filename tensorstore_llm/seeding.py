@@ -12,7 +12,6 @@ DARE merge. Normal draws (synthetic checkpoints) use a seeded ``torch.Generator`
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import torch
@@ -48,13 +47,15 @@ def rng_group_rows(shape: tuple[int, ...], target_elements: int = RNG_GROUP_ELEM
     return max(1, target_elements // max(row, 1))
 
 
-def uniform_rows(run_seed: int, op: str, tensor: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+def uniform_rows(run_seed: int, op: str, tensor: str, shape: tuple[int, ...], start: int, stop: int,
+                 pool=None) -> torch.Tensor:
     """Uniform [0, 1) float32 values for rows ``start:stop`` of a tensor of ``shape``.
 
     Values are drawn per canonical group of rows (see ``rng_group_rows``) and sliced, so any
-    blocking of the rows sees exactly the same numbers.
+    blocking of the rows sees exactly the same numbers. ``pool`` (an executor's thread pool, if
+    given) draws many groups at once, each by its own generator: the values are the same.
     """
-    return random_rows(run_seed, op, tensor, shape, start, stop, _uniform)
+    return random_rows(run_seed, op, tensor, shape, start, stop, _uniform, pool)
 
 
 def normal_rows(run_seed: int, op: str, tensor: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ def _normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator(device=GENERATOR_DEVICE).manual_seed(seed))
 
 
-def random_rows(run_seed, op, tensor, shape, start, stop, draw) -> torch.Tensor:
+def random_rows(run_seed, op, tensor, shape, start, stop, draw, pool=None) -> torch.Tensor:
     """Rows ``start:stop`` of a tensor-sized draw of ``draw(shape, seed)``, made per row group."""
     shape = tuple(shape)
     if len(shape) == 0:
@@ -94,21 +95,9 @@ def random_rows(run_seed, op, tensor, shape, start, stop, draw) -> torch.Tensor:
         first = max(start, g * group) - start
         values = rows_of(g)
         out[first:first + values.shape[0]] = values
-    if len(groups) >= 4:   # many groups at once (a GPU tile): drawn in parallel, each by its own generator
-        list(_draw_pool().map(fill, groups))
+    if pool is not None and len(groups) >= 4:   # many groups at once (a GPU tile): in parallel
+        list(pool.map(fill, groups))
     else:
         for g in groups:
             fill(g)
     return out
-
-
-_POOL = None
-
-
-def _draw_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="tsllm-draw")
-    return _POOL

@@ -139,6 +139,9 @@ class Executor:
         self._outputs = BlockBuffers(OUT_BLOCKS_HELD, pinned=self.device.type == "cuda")
         self._uploader = Uploader(self.device) if self.device.type == "cuda" else None
         self._pool: ThreadPoolExecutor | None = None
+        # random groups of a large (GPU) tile are drawn in parallel on threads of this executor's own
+        self._draw_pool = (ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="tsllm-draw")
+                           if self.device.type == "cuda" else None)
         # CPU kernels run on row tiles in parallel, each tile on one core, results placed and
         # folded in tile order (so results do not depend on the worker count)
         self.tile_workers = tile_workers or (default_tile_workers() if self.device.type == "cpu" else 1)
@@ -312,6 +315,9 @@ class Executor:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+            if self._draw_pool is not None:
+                self._draw_pool.shutdown()
+                self._draw_pool = None
         pipeline.raise_error()
         return {m.name: results[m.name] for j in self.plan.jobs for m in j.outputs()}
 
@@ -490,7 +496,8 @@ class Executor:
         return {job.output.name: produced}
 
     def _context(self, job: TensorJob, start: int, stop: int) -> OpContext:
-        return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats)
+        return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats,
+                         self._draw_pool)
 
     def _cast(self, spec, job: TensorJob, tensors: dict) -> dict:
         if not spec.compute:

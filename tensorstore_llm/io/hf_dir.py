@@ -300,6 +300,7 @@ class HFCheckpointSink(StagedSink):
                 os.close(fd)
             self._fds.clear()
             self.journal.close()
+            self.stop_hashing()
             for name in (JOURNAL_NAME, "layout.json"):
                 os.remove(os.path.join(self.staging_dir, name))
             if len(set(self._weight_map.values())) > 1:

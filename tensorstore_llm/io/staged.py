@@ -17,7 +17,6 @@ from .journal import Journal
 
 JOURNAL_NAME = "journal.jsonl"
 PARALLEL_HASH_BYTES = 1 << 20
-_HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsllm-hash")
 
 
 class StagedSink:
@@ -34,6 +33,7 @@ class StagedSink:
         self._verified: dict[str, str] | None = None   # journaled by an earlier run, re-checked
         self._finished: dict[str, str] = {}             # finished by this sink
         self._chunks: dict[str, ChunkDigests | None] = {}
+        self._hash_pool: ThreadPoolExecutor | None = None   # hashes a block while it is written
 
     def prepare(self, metas: Iterable[TensorMeta]) -> None:
         """Declare every tensor that will be written (shapes and dtypes) before the first block."""
@@ -84,7 +84,9 @@ class StagedSink:
         raw = raw_bytes(block)
         rows = block.shape[0] if block.dim() else 1
         # hashing and writing both release the GIL: run them side by side
-        hashed = _HASH_POOL.submit(hasher.update, start, raw, rows) if len(raw) >= PARALLEL_HASH_BYTES else None
+        if len(raw) >= PARALLEL_HASH_BYTES and self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsllm-hash")
+        hashed = self._hash_pool.submit(hasher.update, start, raw, rows) if len(raw) >= PARALLEL_HASH_BYTES else None
         try:
             with storage_errors(self.where):
                 self._write_block(meta, start, block, raw)
@@ -109,6 +111,13 @@ class StagedSink:
     def close(self) -> None:
         """Stop writing but keep the staging directory, so the same job can resume later."""
         self.journal.close()
+        self.stop_hashing()
+
+    def stop_hashing(self) -> None:
+        """Let the hashing thread go (a later block starts a new one)."""
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown()
+            self._hash_pool = None
 
     def abort(self) -> None:
         """Throw away everything staged; the destination is left as it was."""

@@ -128,6 +128,7 @@ class ZarrTensorSink(StagedSink):
     def seal(self) -> None:
         """Close the journal and wait for the background syncs before the manifest is written."""
         self.journal.close()
+        self.stop_hashing()
         journal_path = os.path.join(self.staging_dir, JOURNAL_NAME)
         if os.path.exists(journal_path):
             os.remove(journal_path)

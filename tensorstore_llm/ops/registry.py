@@ -172,6 +172,7 @@ class OpContext:
     seed: int
     device: Any = "cpu"
     stats: Any = None
+    pool: Any = None    # the executor's thread pool for parallel random draws (results do not depend on it)
 
     def uniform(self, stream: str = ""):
         """Uniform [0, 1) float32 values for this block, identical under any blocking or device.
@@ -181,4 +182,4 @@ class OpContext:
         from ..seeding import uniform_rows
 
         op = f"{self.op}/{stream}" if stream else self.op
-        return uniform_rows(self.seed, op, self.output, self.shape, self.start, self.stop).to(self.device)
+        return uniform_rows(self.seed, op, self.output, self.shape, self.start, self.stop, self.pool).to(self.device)
