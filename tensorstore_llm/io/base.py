@@ -48,28 +48,79 @@ class TensorMeta:
 
 @runtime_checkable
 class TensorSource(Protocol):
-    """Read access to a set of named tensors; a context manager that closes its files."""
+    """Read access to a set of named tensors; a context manager that closes its files.
+
+    Example:
+        >>> with store.open("base") as src:                     # doctest: +SKIP
+        ...     meta = src.meta("model.embed_tokens.weight")     # TensorMeta(name, shape, dtype)
+        ...     rows = src.read_rows(meta.name, 0, 1024)         # reads only those rows
+    """
 
     identity: str  # a string that changes whenever the content may have changed
 
-    def keys(self) -> list[str]: ...
-    def meta(self, name: str) -> TensorMeta: ...
-    def read(self, name: str): ...
-    def read_rows(self, name: str, start: int, stop: int): ...
-    def close(self) -> None: ...
+    def keys(self) -> list[str]:
+        """Names of every tensor, in the source's order."""
+        ...
+
+    def meta(self, name: str) -> TensorMeta:
+        """Shape and dtype of tensor ``name`` without reading it; TensorNotFound if absent."""
+        ...
+
+    def read(self, name: str):
+        """The whole tensor ``name`` as a CPU tensor of its stored dtype (checked, where the
+        format has checksums)."""
+        ...
+
+    def read_rows(self, name: str, start: int, stop: int):
+        """Rows ``start:stop`` of tensor ``name`` (first axis), reading as little else as the
+        format allows; the whole value for a scalar."""
+        ...
+
+    def close(self) -> None:
+        """Release open files; the source is not used afterwards."""
+        ...
 
 
 @runtime_checkable
 class TensorSink(Protocol):
-    """Write access: ``prepare`` once, then each tensor's row blocks in order, then ``commit``."""
+    """Write access: ``prepare`` once, then each tensor's row blocks in order, then ``commit``.
 
-    def prepare(self, metas: Iterable[TensorMeta]) -> None: ...
-    def preferred_rows(self, meta: TensorMeta) -> int: ...
-    def completed(self) -> dict[str, str]: ...
-    def write_rows(self, name: str, start: int, block) -> None: ...
-    def finish(self, name: str) -> str: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
+    Example:
+        >>> sink = store.create("job-1")                         # doctest: +SKIP
+        >>> sink.prepare([TensorMeta("w", (4, 4), "float32")])
+        >>> if "w" not in sink.completed():                      # resuming skips finished tensors
+        ...     sink.write_rows("w", 0, torch.zeros(4, 4)); sink.finish("w")
+        >>> artifact = sink.commit(kind="checkpoint")
+    """
+
+    def prepare(self, metas: Iterable[TensorMeta]) -> None:
+        """Declare every tensor that will be written, before the first block."""
+        ...
+
+    def preferred_rows(self, meta: TensorMeta) -> int:
+        """Row granularity that writes whole storage chunks: blocks should be multiples of it."""
+        ...
+
+    def completed(self) -> dict[str, str]:
+        """Tensors already finished (by an interrupted earlier run too), name -> checksum; each
+        was read back and re-checked."""
+        ...
+
+    def write_rows(self, name: str, start: int, block) -> None:
+        """Write rows ``start:start+len(block)`` of ``name``; blocks of a tensor come in order."""
+        ...
+
+    def finish(self, name: str) -> str:
+        """Close tensor ``name`` after its last block; returns its checksum (journaled for resume)."""
+        ...
+
+    def close(self) -> None:
+        """Stop writing but keep what is staged, so the same job can resume."""
+        ...
+
+    def abort(self) -> None:
+        """Discard everything staged; the destination is left as it was."""
+        ...
 
 
 class SourceBase:
