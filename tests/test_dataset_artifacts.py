@@ -111,3 +111,19 @@ def test_tensor_reads_of_a_dataset_are_refused(store):
     with pytest.raises(Exception):
         store.open(art.id).read("x")
     assert job_key("logits", 1) == job_key("logits", 1)
+
+
+def test_kind_info_is_typed_and_versioned(store):
+    from tensorstore_llm.errors import FormatError
+
+    writer = store.create_dataset("job-l")
+    writer.write_shard("a.parquet", _table(0))
+    with pytest.raises(FormatError, match="logits info lacks 'fingerprint'"):
+        writer.commit(kind="logits", info={"kind": "rs-kd"})
+    info = {"fingerprint": "f" * 64, "kind": "rs-kd", "tokenizer": "t", "packing": {}, "sampling": {},
+            "vocab": 49152, "seq_len": 128}
+    with pytest.raises(FormatError, match="'vocab' is str, expected int"):
+        writer.commit(kind="logits", info={**info, "vocab": "49152"})
+    art = writer.commit(kind="logits", info=info)
+    assert art.manifest.info_schema == "logits/1" and store.get(art.id).manifest.info == info
+    assert _write(store, "job-free").manifest.info_schema is None          # datasets: free-form info

@@ -67,6 +67,7 @@ class Manifest:
     id: str = ""
     shards: dict = field(default_factory=dict)                # dataset shard name -> ShardRecord
     info: dict = field(default_factory=dict)                  # kind-specific facts (fingerprints, bindings)
+    info_schema: str | None = None                            # e.g. "logits/1" (store/info.py)
     format: str = FORMAT
 
     def metas(self) -> dict[str, TensorMeta]:
@@ -106,6 +107,8 @@ class Manifest:
             body["shards"] = {n: [r.checksum, r.bytes, r.rows] for n, r in self.shards.items()}
         if self.info:
             body["info"] = self.info
+        if self.info_schema:
+            body["info_schema"] = self.info_schema
         return body
 
     def to_json(self) -> bytes:
@@ -128,7 +131,7 @@ class Manifest:
                        recipe=body.get("recipe"), run=dict(body.get("run") or {}),
                        created_at=body.get("created_at", ""), tool=dict(body.get("tool") or {}), id=body["id"],
                        shards={n: ShardRecord.from_json(r) for n, r in (body.get("shards") or {}).items()},
-                       info=dict(body.get("info") or {}), format=body["format"])
+                       info=dict(body.get("info") or {}), info_schema=body.get("info_schema"), format=body["format"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{where}: manifest is unreadable ({e})") from None
 

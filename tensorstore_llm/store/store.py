@@ -30,6 +30,7 @@ from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, wri
 from ..io.zarr_tensors import chunk_shape
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .datasets import DatasetPayload, DatasetSource
+from .info import check_info
 from .manifest import KINDS, Manifest, now_utc, record_from
 
 STORE_FORMAT = "tsllm-store/1"
@@ -470,6 +471,7 @@ class ArtifactWriter:
         """
         if kind not in KINDS:
             raise FormatError(f"{self.where}: unknown artifact kind {kind!r}; expected one of {', '.join(KINDS)}")
+        schema = check_info(kind, dict(info or {}), self.where)
         tensors, shards = {}, {}
         if isinstance(self.payload, DatasetPayload):
             shards = self.payload.records()
@@ -496,7 +498,7 @@ class ArtifactWriter:
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
                             tool={"name": "tensorstore_llm", "version": __version__},
-                            shards=shards, info=dict(info or {}))
+                            shards=shards, info=dict(info or {}), info_schema=schema)
         try:
             return self.store._publish(self.staging_dir, manifest)
         finally:
