@@ -16,7 +16,7 @@ from typing import Callable
 from . import api
 from .io.hf_dir import HFCheckpointSource
 from .store import Store
-from .synth import write_model_family
+from .testing.synth import write_model_family
 
 
 TIES_RECIPE = """

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from tensorstore_llm.store import Store
-from tensorstore_llm.synth import write_model_family
+from tensorstore_llm.testing.synth import write_model_family
 
 
 @pytest.fixture(scope="session")

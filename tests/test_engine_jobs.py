@@ -3,7 +3,7 @@ reduction jobs. Each against a direct torch formula, at several block sizes, and
 import pytest
 import torch
 
-from conformance import SinkConformance
+from tensorstore_llm.testing.conformance import SinkConformance
 from tensorstore_llm.engine.executor import Executor
 from tensorstore_llm.engine.plan import WHOLE, InputRef, Plan, TensorJob
 from tensorstore_llm.errors import OpError, RecipeError

@@ -3,7 +3,7 @@ import os
 
 from safetensors.torch import save_file
 
-from conformance import SinkConformance, SourceConformance
+from tensorstore_llm.testing.conformance import SinkConformance, SourceConformance
 from tensorstore_llm.io.hf_dir import HFCheckpointSink, HFCheckpointSource
 from tensorstore_llm.store import Store
 

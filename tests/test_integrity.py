@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conformance import SinkConformance
+from tensorstore_llm.testing.conformance import SinkConformance
 from tensorstore_llm.errors import IntegrityError, InvalidTensorName, RefError
 from tensorstore_llm.io.base import ChunkDigests
 from tensorstore_llm.store import Store

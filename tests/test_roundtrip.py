@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conformance import same_bits, sample_tensors
+from tensorstore_llm.testing.conformance import same_bits, sample_tensors
 from tensorstore_llm import api
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conformance import SinkConformance, same_bits, sample_tensors
+from tensorstore_llm.testing.conformance import SinkConformance, same_bits, sample_tensors
 from tensorstore_llm import api
 from tensorstore_llm.errors import ArtifactNotFound, IntegrityError, RefError, StorageError
 

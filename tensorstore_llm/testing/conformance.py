@@ -1,4 +1,5 @@
-"""Conformance base classes: every TensorSource and TensorSink implementation subclasses these.
+"""Conformance base classes: every TensorSource, TensorSink and op implementation subclasses these
+(plugin authors too: they ship inside the package, as zarr.testing does; they need pytest).
 
 A subclass only says how to build its source (from a dict of tensors) or its sink and how to
 read back what a sink wrote; the behaviour every format must share is tested here once.

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .dtypes import by_name
-from .io.base import TensorMeta
-from .io.hf_dir import HFCheckpointSink
-from .seeding import normal_rows
+from ..dtypes import by_name
+from ..io.base import TensorMeta
+from ..io.hf_dir import HFCheckpointSink
+from ..seeding import normal_rows
 
 BLOCK_ELEMENTS = 8 * 1024 * 1024
 

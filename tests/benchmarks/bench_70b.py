@@ -26,7 +26,7 @@ def main() -> None:
     root = os.path.join(args.workdir, f"models-70b-{args.layers}layer")
     if not os.path.exists(os.path.join(root, ".complete")):
         fresh(root)
-        code = ("import sys; from tensorstore_llm.synth import write_model_family; "
+        code = ("import sys; from tensorstore_llm.testing.synth import write_model_family; "
                 "write_model_family(sys.argv[1], '70b-1layer', seed=0, finetunes=2, layers=int(sys.argv[2]))")
         subprocess.run([sys.executable, "-c", code, root, str(args.layers)], check=True)
         open(os.path.join(root, ".complete"), "w").close()

@@ -43,7 +43,7 @@ def model_family(workdir: str, preset: str, finetunes: int = 2) -> list[str]:
     marker = os.path.join(root, ".complete")
     if not os.path.exists(marker):
         shutil.rmtree(root, ignore_errors=True)
-        code = ("import sys; from tensorstore_llm.synth import write_model_family; "
+        code = ("import sys; from tensorstore_llm.testing.synth import write_model_family; "
                 "write_model_family(sys.argv[1], sys.argv[2], seed=0, finetunes=int(sys.argv[3]))")
         subprocess.run([sys.executable, "-c", code, root, preset, str(finetunes)], check=True)
         open(marker, "w").close()
