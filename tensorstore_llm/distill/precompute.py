@@ -109,7 +109,7 @@ def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: lis
         position_chunk: positions per LM-head application.
     Returns:
         (rows per sequence, nll per sequence) where nll[j] = -log p(x_j | x_<j) at T = 1 and
-        nll[0] = NaN.
+        nll[0] = NaN (all NaN unless ``config.alignment``).
     """
     V = lm.real_vocab
     B, L = input_ids.shape
@@ -120,10 +120,11 @@ def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: lis
         for s in range(0, L, position_chunk):
             e = min(L, s + position_chunk)
             logits = head_logits(lm.model, hidden[:, s:e], V)                      # [B, c, V] fp32, on the device
-            nxt = input_ids[:, s + 1:e + 1].to(logits.device)                        # [B, c'] next tokens
-            c = nxt.shape[1]
-            lse = torch.logsumexp(logits[:, :c], dim=-1)
-            nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
+            if config.alignment:                                                      # teacher NLL at T = 1
+                nxt = input_ids[:, s + 1:e + 1].to(logits.device)                    # [B, c'] next tokens
+                c = nxt.shape[1]
+                lse = torch.logsumexp(logits[:, :c], dim=-1)
+                nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
             probs = sampling.teacher_probs(logits, config.temperature)             # [B, c, V]
             del logits
             for b in range(B):

