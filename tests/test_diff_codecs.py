@@ -12,7 +12,7 @@ import torch
 from tensorstore_llm.diff import exact
 from tensorstore_llm.diff.codecs import codec_from_dict, get_codec, list_codecs, unpack_parts
 from tensorstore_llm.diff.lossy import low_rank, randomized_svd
-from tensorstore_llm.diff.quality import codec_report, delta_kl
+from tensorstore_llm.diff.quality import codec_report, delta_kl, reference_log_probs
 from tensorstore_llm.errors import CodecError
 
 DTYPES = [(torch.bfloat16, torch.int16, "bfloat16"), (torch.float16, torch.int16, "float16"),
@@ -365,3 +365,5 @@ def test_delta_kl_matches_direct_computation():
     assert got["ppl_candidate"] == pytest.approx(math.exp(nll_q / count), rel=1e-5)
     assert got["ppl_reference"] == pytest.approx(math.exp(nll_p / count), rel=1e-5)
     assert delta_kl(model, ft, ft, batches)["kl"] == 0.0
+    reused = delta_kl(model, ft, recon, batches, reference_lp=reference_log_probs(model, ft, batches))
+    assert reused == got

@@ -41,7 +41,14 @@ def _log_probs(model, batches) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def delta_kl(model, reference: dict, candidate: dict, batches) -> dict:
+def reference_log_probs(model, reference: dict, batches) -> list[torch.Tensor]:
+    """The reference's next-token log-probabilities on ``batches``, to reuse across candidates."""
+    load_weights(model, reference)
+    return _log_probs(model, batches)
+
+
+@torch.no_grad()
+def delta_kl(model, reference: dict, candidate: dict, batches, reference_lp: list | None = None) -> dict:
     """Mean per-token KL(p_reference || p_candidate) and both perplexities on ``batches``.
 
     Args:
@@ -52,6 +59,8 @@ def delta_kl(model, reference: dict, candidate: dict, batches) -> dict:
         candidate: name -> tensor, e.g. the base plus a decoded lossy delta.
         batches: LongTensor token batches [batch, seq]; next-token predictions of positions
             0..seq-2 are compared, perplexity is on the tokens 1..seq-1.
+        reference_lp: :func:`reference_log_probs` of the same reference and batches, when
+            several candidates are compared (``reference`` is then not loaded).
     Returns:
         {"kl": mean KL in nats per token, "kl_max": largest per-token KL, "tokens": count,
          "ppl_reference", "ppl_candidate", "ppl_change": relative change of perplexity}.
@@ -61,8 +70,7 @@ def delta_kl(model, reference: dict, candidate: dict, batches) -> dict:
         >>> r["kl"] >= 0
         True
     """
-    load_weights(model, reference)
-    ref = _log_probs(model, batches)
+    ref = reference_lp if reference_lp is not None else reference_log_probs(model, reference, batches)
     load_weights(model, candidate)
     cand = _log_probs(model, batches)
     kl_sum, kl_max, tokens, nll_ref, nll_cand = 0.0, 0.0, 0, 0.0, 0.0
