@@ -156,8 +156,8 @@ def test_breadcrumbs_negative_gamma_is_refused(cli, tagged, tmp_path):
     ("della", "epsilon: 0.6", "epsilon must be a number in [0, 0.5), got 0.6"),
     ("della", "epsilon: -0.1", "epsilon must be a number in [0, 0.5), got -0.1"),
     ("ties", "lambda: [1, .inf]", "NaN and infinities"),
-    ("ties", "normalize: 'yes'", "normalize must be a true or false"),
-    ("ties", "rescale_method: l2", "rescale_method must be a inverse or l1"),
+    ("ties", "normalize: 'yes'", "normalize must be true or false"),
+    ("ties", "rescale_method: l2", "rescale_method must be inverse or l1"),
     ("breadcrumbs", "gamma: 1.01", "gamma must be a number in [0, 1]"),
 ])
 def test_every_task_arithmetic_parameter_has_its_domain(cli, tagged, tmp_path, method, setting, message):
@@ -171,9 +171,9 @@ def test_slerp_t_and_sens_merging_settings_have_domains(cli, tagged, tmp_path):
     _one_line_error(*_merge(cli, tagged, tmp_path, slerp % "-0.1"), 7, "t must be a number in [0, 1], got -0.1")
     sens = "merge_method: sens_merging\nbase_model: base\nmodels: [ft1, ft2]\nparameters: {calibration: c.txt, %s}\n"
     _one_line_error(*_merge(cli, tagged, tmp_path, sens % "calibration_samples: 0"), 7,
-                    "calibration_samples must be a integer >= 1, got 0")
+                    "calibration_samples must be an integer >= 1, got 0")
     _one_line_error(*_merge(cli, tagged, tmp_path, sens % "calibration_tokens: 2.5"), 7,
-                    "calibration_tokens must be a integer >= 2, got 2.5")
+                    "calibration_tokens must be an integer >= 2, got 2.5")
     _one_line_error(*_merge(cli, tagged, tmp_path, sens % "temperature: -1"), 7,
                     "temperature must be a finite number > 0, got -1")
 

@@ -288,18 +288,18 @@ def _is_number(v: Any) -> bool:
 
 def _interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Domain:
     brackets = ("(" if low_open else "[", ")" if high_open else "]")
-    text = (f"finite number {'>' if low_open else '>='} {low:g}" if high == math.inf
-            else f"number in {brackets[0]}{low:g}, {high:g}{brackets[1]}")
+    text = (f"a finite number {'>' if low_open else '>='} {low:g}" if high == math.inf
+            else f"a number in {brackets[0]}{low:g}, {high:g}{brackets[1]}")
     return Domain(text, lambda v: _is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high))
 
 
 def _integer(low: int) -> Domain:
-    return Domain(f"integer >= {low}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+    return Domain(f"an integer >= {low}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
 
 
-REAL = Domain("finite number", _is_number)
+REAL = Domain("a finite number", _is_number)
 BOOL = Domain("true or false", lambda v: isinstance(v, bool))
-PATH = Domain("path of a file", lambda v: isinstance(v, str) and v != "")
+PATH = Domain("the path of a file", lambda v: isinstance(v, str) and v != "")
 MODEL_REF = Domain("one of the recipe's models", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool))
 
 PARAMETER_DOMAINS: dict[str, Domain] = {
@@ -351,7 +351,7 @@ def _check_parameters(recipe: MergeRecipe, where: str) -> None:
                 leaves = list(_leaves(setting, f"{where}: {scope}.{key}"))
             for value in leaves:
                 if not domain.check(value):
-                    raise InvalidParameter(f"{where}: {scope}.{key} must be a {domain.text}, got {_short(value)}")
+                    raise InvalidParameter(f"{where}: {scope}.{key} must be {domain.text}, got {_short(value)}")
     expert = recipe.parameters.get("expert")
     others = [m.ref for m in recipe.models if m.ref != recipe.base]
     if recipe.method == "mediator" and expert is not None and str(expert) not in others:
