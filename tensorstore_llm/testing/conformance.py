@@ -147,3 +147,167 @@ class SinkConformance:
         again.finish("b")
         with self.finish_and_open(again) as src:
             assert torch.equal(src.read("a"), tensors["a"]) and torch.equal(src.read("b"), tensors["b"])
+
+
+class OpConformance:
+    """Subclass for every op: give its name, its inputs and a direct formula; the base checks the
+    op through the engine the way users run it.
+
+    Set ``op`` and ``params`` (a dict, validated like a recipe's), and implement
+    ``make_inputs(gen) -> {role: tensor or [tensors]}`` (one tensor's inputs) and
+    ``golden(inputs, params) -> tensor`` (a direct torch formula; None for a random op, whose
+    draws are checked by the determinism tests). ``whole`` names roles read whole
+    (WHOLE relation), ``extra_outputs(name, inputs) -> [TensorMeta]`` declares further outputs
+    (then ``golden`` returns a dict). ``atol`` is 0 where the op is exact.
+
+    Checked: the golden formula; bit-identical results at a budget that holds whole tensors and
+    one that splits them into row blocks; with the jobs in shuffled order; after a resume; and,
+    on a GPU, CUDA against the CPU (bit for bit where ``cuda_exact``).
+    """
+
+    op: str = ""
+    params: dict = {}
+    whole: tuple[str, ...] = ()
+    dtype = "float32"
+    small_budget = "48K"
+    atol = 0.0
+    cuda_exact = True
+    blocking_exact = True   # False for ops whose matrix products BLAS may sum in another order per block shape
+    names = ("t0", "t1", "t2")
+
+    def make_inputs(self, gen):
+        raise NotImplementedError
+
+    def golden(self, inputs, params):
+        raise NotImplementedError
+
+    def extra_outputs(self, name, inputs) -> list:
+        return []
+
+    # -- machinery --------------------------------------------------------------------------------
+    def _store(self, tmp_path):
+        from tensorstore_llm.store import Store
+
+        gen = torch.Generator().manual_seed(7)
+        per_name = {n: self.make_inputs(gen) for n in self.names}
+        store = Store(str(tmp_path / "op-store"))
+        tensors = {}
+        for name, inputs in per_name.items():
+            for role, value in inputs.items():
+                for i, t in enumerate(value if isinstance(value, list) else [value]):
+                    tensors.setdefault(f"{role}{i}", {})[name] = t
+        sources = {}
+        for key, group in tensors.items():
+            writer = store.create(f"job-in-{key}")
+            self.write_all_sink(writer, group)
+            sources[key] = store.open(writer.commit(kind="checkpoint").id)
+        return store, per_name, sources
+
+    @staticmethod
+    def write_all_sink(sink, tensors):
+        SinkConformance.write_all(None, sink, tensors)
+
+    def _plan(self, per_name, sources, order):
+        from tensorstore_llm.engine.plan import ROWS, WHOLE, InputRef, Plan, TensorJob
+        from tensorstore_llm.ops.registry import get_op
+
+        spec = get_op(self.op)
+        params = spec.make_params(self.params, f"{type(self).__name__}")
+        jobs = []
+        for name in order:
+            inputs = per_name[name]
+            roles = []
+            for role in spec.roles:
+                relation = WHOLE if role.name in self.whole else ROWS
+                value = inputs[role.name]
+                if isinstance(value, list):
+                    roles.append((role.name, tuple(InputRef(f"{role.name}{i}", name, relation) for i in range(len(value)))))
+                else:
+                    roles.append((role.name, InputRef(f"{role.name}0", name, relation)))
+            first = next(iter(inputs.values()))
+            first = first[0] if isinstance(first, list) else first
+            out = TensorMeta(name, tuple(first.shape), self.dtype)
+            jobs.append(TensorJob(out, self.op, tuple(roles), params,
+                                  extra_outputs=tuple(self.extra_outputs(name, inputs))))
+        return Plan(jobs, sources), params
+
+    def _run(self, tmp_path, store, per_name, sources, *, budget, order=None, key="job-out", device="cpu",
+             stop_after=None):
+        from tensorstore_llm.engine.executor import Executor
+
+        plan, _ = self._plan(per_name, sources, order or self.names)
+        sink = store.create(key)
+        if stop_after is not None:   # an interrupted run: only some jobs finish, the staging stays
+            partial, _ = self._plan(per_name, sources, order[:stop_after])
+            partial_sink = sink
+            Executor(partial, partial_sink, max_memory=budget, progress=False, device=device).run()
+            partial_sink.close()
+            sink = store.create(key)
+        executor = Executor(plan, sink, max_memory=budget, progress=False, device=device)
+        executor.run()
+        artifact = sink.commit(kind="checkpoint")
+        with store.open(artifact.id) as out:
+            return {n: out.read(n) for n in out.keys()}, executor
+
+    def _expected(self, per_name):
+        out = {}
+        for name, inputs in per_name.items():
+            value = self.golden(inputs, self.params)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                out.update(value)
+            else:
+                out[name] = value
+        return out
+
+    # -- the checks -------------------------------------------------------------------------------
+    def test_golden_formula(self, tmp_path):
+        store, per_name, sources = self._store(tmp_path)
+        got, _ = self._run(tmp_path, store, per_name, sources, budget="256M")
+        for name, value in self._expected(per_name).items():
+            expected = value.to(got[name].dtype)
+            if self.atol:
+                assert torch.allclose(got[name].float(), expected.float(), atol=self.atol, rtol=0), name
+            else:
+                assert same_bits(got[name], expected), name
+
+    def test_block_size_and_job_order_do_not_change_bits(self, tmp_path):
+        store, per_name, sources = self._store(tmp_path)
+        whole, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-a")
+        split, executor = self._run(tmp_path, store, per_name, sources, budget=self.small_budget,
+                                    order=list(reversed(self.names)), key="job-b")
+        from tensorstore_llm.ops.registry import get_op
+        if get_op(self.op).rowwise:
+            assert max(j.blocks for j in executor.estimate().jobs) > 1, "the small budget should split a tensor"
+        assert set(whole) == set(split)
+        for n in whole:
+            if self.blocking_exact:
+                assert same_bits(whole[n], split[n]), n
+            else:
+                assert torch.allclose(whole[n].float(), split[n].float(), rtol=1e-5, atol=1e-5), n
+
+    def test_resume_is_bit_identical(self, tmp_path):
+        store, per_name, sources = self._store(tmp_path)
+        straight, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-a")
+        order = list(self.names)
+        resumed, executor = self._run(tmp_path, store, per_name, sources, budget=self.small_budget, order=order,
+                                      key="job-r", stop_after=1)
+        assert order[0] in executor.skipped
+        for n in straight:
+            if self.blocking_exact:
+                assert same_bits(straight[n], resumed[n]), n
+            else:
+                assert torch.allclose(straight[n].float(), resumed[n].float(), rtol=1e-5, atol=1e-5), n
+
+    def test_cuda_parity(self, tmp_path):
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device on this machine")
+        store, per_name, sources = self._store(tmp_path)
+        cpu, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-cpu")
+        gpu, _ = self._run(tmp_path, store, per_name, sources, budget=self.small_budget, key="job-gpu", device="cuda")
+        for name in cpu:
+            if self.cuda_exact:
+                assert same_bits(cpu[name], gpu[name]), name
+            else:
+                assert torch.allclose(cpu[name].float(), gpu[name].float(), atol=1e-5, rtol=1e-5), name
