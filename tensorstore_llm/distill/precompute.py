@@ -70,14 +70,19 @@ class SamplingConfig:
         return self.method
 
 
-def dataset_info(lm: CausalLM, corpus: Corpus, packing: Packing, config: SamplingConfig) -> dict:
-    """The dataset's fingerprint fields and the ``fingerprint`` digest over them."""
+def dataset_info(lm: CausalLM, corpus: Corpus, packing: Packing, config: SamplingConfig,
+                 num_sequences: int | None = None) -> dict:
+    """The dataset's fingerprint fields and the ``fingerprint`` digest over them.
+
+    ``num_sequences`` is the slice precomputed (the first so many packed sequences; all by default).
+    """
     info = {
         "format": FORMAT, "codec": CODEC, "kind": config.kind,
         "teacher": lm.fingerprint, "teacher_source": lm.source,
         "tokenizer": packing.tokenizer_fingerprint, "chat_template": corpus.chat_template_sha,
         "corpus": corpus.fingerprint, "packing": packing.rule.to_dict(), "packing_fingerprint": packing.fingerprint(),
-        "vocab": lm.real_vocab, "seq_len": packing.rule.seq_len, "num_sequences": len(packing),
+        "vocab": lm.real_vocab, "seq_len": packing.rule.seq_len,
+        "num_sequences": len(packing) if num_sequences is None else int(num_sequences),
         "sampling": asdict(config),
     }
     info["fingerprint"] = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
@@ -180,11 +185,8 @@ def precompute(teacher: CausalLM | str, corpus: Corpus | str, out_dir: str | Non
     if not isinstance(corpus, Corpus):
         corpus = read_corpus(corpus, tokenizer=lm.tokenizer)
     packing = Packing(corpus.documents, lm.tokenizer, rule, corpus.fingerprint)
-    info = dataset_info(lm, corpus, packing, config)
     total = len(packing) if max_sequences is None else min(len(packing), int(max_sequences))
-    info["num_sequences"] = total
-    info["fingerprint"] = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "fingerprint"},
-                                                    sort_keys=True).encode()).hexdigest()
+    info = dataset_info(lm, corpus, packing, config, total)
     if store is not None:
         from ..store import job_key
 
