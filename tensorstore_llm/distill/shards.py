@@ -1,8 +1,7 @@
 """Writing and reading a dataset of Parquet shards: staged, journalled, checksummed, verified.
 
-This is the small interface the store's dataset payload will provide (``store.create_dataset``
-/ ``store.open_dataset``); until it exists, :class:`ShardWriter` writes into a directory of its
-own, with the same verbs, so that precompute can be re-pointed at the store unchanged:
+Precompute writes through the store's dataset writer (``store.create_dataset``) by default; for
+a plain directory (``--out DIR``) :class:`ShardWriter` offers the same verbs:
 
 - ``writer.completed_shards() -> {name: sha256}``: shards already written and verified (resume);
 - ``writer.write_shard(name, table) -> sha256``: write, fsync, read back and compare, journal;
@@ -10,7 +9,8 @@ own, with the same verbs, so that precompute can be re-pointed at the store unch
   ``dataset.json`` last and rename the staging directory into place (atomic publish).
 
 ``open_dataset(path).read_shard(name)`` checks the shard's sha256 against ``dataset.json`` before
-reading it, so a corrupt or truncated shard raises IntegrityError instead of reading as zeros.
+parsing those bytes, so a corrupt or truncated shard raises IntegrityError instead of reading as
+zeros; ``open_dataset(ref, store)`` answers the same verbs for a store artifact.
 """
 from __future__ import annotations
 
