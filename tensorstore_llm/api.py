@@ -112,6 +112,8 @@ def import_checkpoint(src: str, store: Store, *, name: str | None = None, revisi
     """
     source, lineage, files = resolve_input(None, src, revision)
     with source:
+        if dtype:
+            _check_float_target(source, dtype, f"import {src}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=src)
         return run_plan(store, plan, kind="checkpoint", source=lineage["external"],
                         recipe={"op": "import", "dtype": dtype}, files=_with_dtype(files, dtype),
@@ -129,6 +131,8 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
     """
     artifact = store.get(ref)
     with store.open(ref) as source:
+        if dtype:
+            _check_float_target(source, dtype, f"export {ref}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=f"artifact {artifact.short_id}")
         executor = Executor(plan, None, device=device, max_memory=max_memory, progress=progress, desc=f"export {artifact.short_id}")
         if dry_run:

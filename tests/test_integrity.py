@@ -28,7 +28,7 @@ def _flip(path, offset=100):
 
 def _commit(store, tensors, key="job-x", compression="none"):
     writer = store.create(key, compression)
-    SinkConformance.write_all(None, writer, tensors)
+    SinkConformance.write_all(None, writer, tensors, rows_per_block=1 << 20)   # whole tensors: chunk-aligned writes
     return writer.commit(kind="checkpoint")
 
 
@@ -262,3 +262,13 @@ def test_tsllm_gc_removes_a_killed_exports_partial(tmp_path, small_family):
     done = run_tsllm("--store", root, "gc")
     assert done.returncode == 0 and partials[0] in done.stdout, done.stdout + done.stderr
     assert not os.path.lexists(partials[0]) and not out.exists()
+
+
+def test_import_and_export_refuse_int8_casts_of_float_weights(tmp_path, small_family, cli):
+    s = str(tmp_path / "store")
+    code, _, err = cli("--store", s, "import", small_family["base"], "--dtype", "int8")
+    assert code == 6 and "not a float dtype" in err
+    assert Store(s).list() == []
+    assert cli("-q", "--store", s, "import", small_family["base"], "--name", "base")[0] == 0
+    code, _, err = cli("--store", s, "export", "base", str(tmp_path / "out"), "--dtype", "int8")
+    assert code == 6 and "not a float dtype" in err and not (tmp_path / "out").exists()
