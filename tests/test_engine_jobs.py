@@ -51,7 +51,7 @@ register_op(OpSpec("test_row_stats", lambda ctx, params, x: x, (Role("x"),),
 
 def _artifact(store, tensors, key):
     writer = store.create(key)
-    SinkConformance.write_all(None, writer, tensors)
+    SinkConformance.write_all(None, writer, tensors, rows_per_block=1 << 20)
     return store.open(writer.commit(kind="checkpoint").id)
 
 

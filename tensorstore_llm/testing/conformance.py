@@ -205,7 +205,7 @@ class OpConformance:
 
     @staticmethod
     def write_all_sink(sink, tensors):
-        SinkConformance.write_all(None, sink, tensors)
+        SinkConformance.write_all(None, sink, tensors, rows_per_block=1 << 20)
 
     def _plan(self, per_name, sources, order):
         from tensorstore_llm.engine.plan import ROWS, WHOLE, InputRef, Plan, TensorJob
