@@ -43,7 +43,7 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
       dtype: bfloat16
     """
     from tensorstore_llm.api import export, merge
-    from tensorstore_llm.engine.recipe import read_recipe_file
+    from tensorstore_llm.merge.recipe import read_recipe_file
 
     text = read_recipe_file(recipe)
     store = store_of(ctx)

@@ -243,7 +243,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     Example:
         >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
     """
-    from .engine.recipe import load_recipe, plan_merge
+    from .merge.recipe import load_recipe, plan_merge
 
     parsed = load_recipe(recipe, where)
     refs = list(dict.fromkeys(([parsed.base] if parsed.base else []) + [m.ref for m in parsed.models]))
@@ -254,7 +254,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         sources = {ref: o[0] for ref, o in opened.items()}
         table = None
         if parsed.method == "mediator":
-            from .analysis import conflict_table
+            from .merge.mediator import conflict_table
 
             others = [m.ref for m in parsed.models if m.ref != parsed.base]
             plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
@@ -289,7 +289,7 @@ def _calibrated_sensitivity(parsed, sources: dict, opened: dict, where: str, dry
     params = parsed.parameters
     if parsed.method != "sens_merging" or "calibration" not in params or "sensitivity" in params:
         return None
-    from .sensitivity import layer_sensitivities, read_corpus
+    from .merge.sensitivity import layer_sensitivities, read_corpus
 
     others = [m.ref for m in parsed.models if m.ref != parsed.base]
     if dry_run:

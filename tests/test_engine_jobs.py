@@ -149,7 +149,7 @@ def test_reduction_jobs_identical_at_any_block_size_and_resumed(store, tmp_path)
 
 def test_mediator_conflict_table_runs_as_reduction_jobs(store, small_family):
     """The per-layer sign-conflict ratios equal a direct count, whatever the budget."""
-    from tensorstore_llm.analysis import conflict_table
+    from tensorstore_llm.merge.mediator import conflict_table
     from tensorstore_llm.io.hf_dir import HFCheckpointSource
     from tensorstore_llm.ops.layers import layer_key
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstore_llm.engine.plan import Plan
-from tensorstore_llm.engine.recipe import (KNOWN_PARAMS, MAX_RECIPE_BYTES, METHODS, MergeRecipe, load_recipe,
+from tensorstore_llm.merge.recipe import (KNOWN_PARAMS, MAX_RECIPE_BYTES, METHODS, MergeRecipe, load_recipe,
                                            plan_merge)
 from tensorstore_llm.errors import RecipeError
 from tensorstore_llm.io.hf_dir import HFCheckpointSource

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tensorstore_llm import api
-from tensorstore_llm.engine.recipe import evaluate, layer_position, load_recipe
+from tensorstore_llm.merge.recipe import evaluate, layer_position, load_recipe
 from tensorstore_llm.errors import RecipeError, ShapeMismatch, TensorNotFound
 
 

@@ -1,1 +1,4 @@
-"""Merge methods and recipes: each builds plans for the engine, never streams by itself."""
+"""Merging: mergekit recipes (``recipe``), the layer-level methods of the seeds (``mediator``:
+per-layer sign-conflict analysis as reduction jobs; ``sensitivity``: Sens-Merging's calibration
+scores). Each builds plans or statistics for the engine and never streams by itself.
+"""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .io.base import TensorSource
-from .ops.layers import gaussian_threshold, layer_key
+from ..io.base import TensorSource
+from ..ops.layers import gaussian_threshold, layer_key
 
 
 @dataclass
@@ -39,8 +39,8 @@ def conflict_table(base: TensorSource, models: list[TensorSource], names: list[s
     Counted by reduction jobs (op ``sign_conflicts``, one per tensor), so the pass over the models
     holds at most ``max_memory`` of tensor data and runs on ``device``.
     """
-    from .engine.executor import Executor
-    from .engine.plan import InputRef, Plan, TensorJob
+    from ..engine.executor import Executor
+    from ..engine.plan import InputRef, Plan, TensorJob
 
     sources = {"base": base, **{f"model{i}": m for i, m in enumerate(models)}}
     jobs = []

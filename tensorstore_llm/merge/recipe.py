@@ -33,7 +33,7 @@ from ..io.base import TensorMeta, TensorSource
 from ..ops.layers import layer_key, sensitivity_weights
 from ..ops.merge import PRESETS
 from ..ops.registry import get_op
-from .plan import InputRef, Plan, TensorJob, check_agreement
+from ..engine.plan import InputRef, Plan, TensorJob, check_agreement
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}

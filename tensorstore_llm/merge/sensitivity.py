@@ -26,9 +26,9 @@ import shutil
 import tempfile
 from collections import defaultdict
 
-from .errors import InvalidParameter, MissingDependency, RecipeError, ShapeMismatch
-from .io.base import TensorSource
-from .ops.layers import layer_key
+from ..errors import InvalidParameter, MissingDependency, RecipeError, ShapeMismatch
+from ..io.base import TensorSource
+from ..ops.layers import layer_key
 
 
 MAX_LINE_CHARS = 1 << 20      # one calibration text (it is truncated to calibration_tokens anyway)
