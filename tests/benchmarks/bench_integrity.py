@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--size", default="1gb")
     ap.add_argument("--before", help="git revision without verified reads (default: this tree, checks off)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", default="", help="run only the jobs whose name contains this text (e.g. export)")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     base, ft1, ft2 = model_family(args.workdir, args.size)
@@ -97,6 +98,8 @@ def main() -> None:
     }
     rows = []
     for what, cmd in jobs.items():
+        if args.only not in what:
+            continue
         results = {"before": [], "after": []}
         for _ in range(args.repeat):
             for side in ("before", "after"):
