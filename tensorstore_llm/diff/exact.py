@@ -14,13 +14,15 @@ The scheme (measured on a real SmolLM2 fine-tune in docs/benchmarks_diff_codecs.
 4. Symbols and byte planes are laid out **sorted by the base weight's exponent** (a stable
    counting sort, so the permutation follows from the base and nothing extra is stored). AdamW
    moves weights by about the same amount whatever their size, so the delta in ULPs of a weight
-   depends strongly on its exponent: order-0 entropy 3.55 bits / weight, 2.79 bits conditioned on
-   the exponent. zstd compresses literals with a fresh Huffman table per 128 KiB block, so after
-   sorting each block sees (mostly) a single exponent and its own distribution: a conditional
-   entropy coder from a stock codec.
+   depends strongly on its exponent (real SmolLM2 fine-tune: order-0 entropy 3.86 bits / weight,
+   3.16 bits conditioned on the exponent). zstd, with its match finder off, codes literals with a
+   fresh Huffman table per 128 KiB block, so after sorting each block sees (mostly) one exponent
+   and its own distribution: a conditional entropy coder from a stock codec (4.76x smaller than
+   raw bf16 there, 94% of the conditional order-0 bound).
 
-Kernels are compiled with numba when it is installed (one fused pass each way); otherwise the same
-format is produced by NumPy (stable argsort), slower but byte-identical.
+Kernels are compiled with numba when it is installed (two passes each way: a vectorised symbol
+pass and the exponent-order scatter / gather); otherwise NumPy (stable argsort) produces the same
+bytes, 10x slower. Blocks of rows are coded independently, so a tensor streams block by block.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ FORMATS = {
 _BY_CODE = {v[0]: k for k, v in FORMATS.items()}
 _WORD = {16: np.uint16, 32: np.uint32}
 
-try:   # optional accelerator: same bytes, one compiled pass
+try:   # optional accelerator: same bytes, compiled passes
     import numba as _numba
 except ImportError:   # pragma: no cover - exercised where numba is absent
     _numba = None

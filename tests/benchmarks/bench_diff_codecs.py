@@ -1,7 +1,7 @@
 """Delta codecs on a real SmolLM2-135M full fine-tune (issue 11): exact representations, exact-codec
 throughput per core, and lossy codecs with weight error and model KL.
 
-    python tests/benchmarks/bench_diff_codecs.py [--repeat 5] [--skip-lossy | --skip-exact] [--skip-fp32] [--json out.json]
+    python tests/benchmarks/bench_diff_codecs.py [--repeat 5] [--skip-lossy | --skip-exact] [--dtypes bfloat16,float16,float32] [--json out.json]
 
 bf16: the 30-step fine-tune (seq 128, batch 8). fp16 / fp32: a shorter real fine-tune (``--fp-steps``
 steps, seq 64, batch 4) trained in fp32 and cast, against the base cast to the same dtype.
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-lossy", action="store_true")
     ap.add_argument("--skip-exact", action="store_true", help="only the lossy codecs")
-    ap.add_argument("--skip-fp32", action="store_true", help="skip fp16 / fp32 (the fp32 fine-tune trains once)")
+    ap.add_argument("--dtypes", default="bfloat16,float16,float32",
+                    help="exact-delta formats to measure (the fp32 fine-tune trains once, then is cached)")
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--fp-steps", type=int, default=5,
                     help="AdamW steps of the fp16 / fp32 fine-tune (a shorter run: seq 64, batch 4)")
@@ -197,9 +198,8 @@ def main(argv=None) -> int:
     from tensorstore_llm.testing.real_models import smollm2_checkpoint
 
     out = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "numba": exact._numba is not None}
-    dtypes = [] if args.skip_exact else [("bfloat16", 16, 7, 0xFF)]
-    if not args.skip_fp32 and not args.skip_exact:
-        dtypes += [("float16", 16, 10, 0x1F), ("float32", 32, 23, 0xFF)]
+    formats = {"bfloat16": (16, 7, 0xFF), "float16": (16, 10, 0x1F), "float32": (32, 23, 0xFF)}
+    dtypes = [] if args.skip_exact else [(f, *formats[f]) for f in args.dtypes.split(",")]
     for fmt, bits, eshift, emask in dtypes:
         ft_dir = smollm2_finetune(dtype=fmt) if fmt == "bfloat16" else \
             smollm2_finetune(steps=args.fp_steps, seq_len=64, batch=4, dtype=fmt)
