@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-lossy", action="store_true")
     ap.add_argument("--skip-exact", action="store_true", help="only the lossy codecs")
+    ap.add_argument("--throughput-only", action="store_true", help="exact codec: skip the representation table")
     ap.add_argument("--dtypes", default="bfloat16,float16,float32",
                     help="exact-delta formats to measure (the fp32 fine-tune trains once, then is cached)")
     ap.add_argument("--eval-batches", type=int, default=4)
@@ -207,8 +208,8 @@ def main(argv=None) -> int:
         raw = sum(v.numel() * v.element_size() for v in ft.values())
         stats = ulp_stats(base, ft, bits, eshift, emask)
         print(f"[{fmt}] {stats}", flush=True)
-        reps = representations(base, ft, bits, eshift, emask, fmt)
-        alone = min(n for name, n in reps if name.startswith("fine-tune alone"))
+        reps = [] if args.throughput_only else representations(base, ft, bits, eshift, emask, fmt)
+        alone = min((n for name, n in reps if name.startswith("fine-tune alone")), default=0)
         for name, n in reps:
             print(f"  {name:80s} {n / 1e6:8.2f} MB  {raw / n:5.2f}x raw  {alone / n:5.2f}x vs best alone", flush=True)
         torch.set_num_threads(1)   # per-core figures
