@@ -104,12 +104,12 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         >>> os.path.isfile(os.path.join(path, "model.safetensors"))   # doctest: +SKIP
         True
     """
-    target = _finetune_dir(steps, lr, dtype)
+    target = _finetune_dir(steps, lr, dtype, seq_len, batch)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
     import torch
 
-    fp32_dir = _finetune_dir(steps, lr, "float32")
+    fp32_dir = _finetune_dir(steps, lr, "float32", seq_len, batch)
     if os.path.isfile(os.path.join(fp32_dir, "model.safetensors")):   # cast the cached fp32 fine-tune
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,8 +125,9 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
     return target
 
 
-def _finetune_dir(steps: int, lr: float, dtype: str) -> str:
-    return os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}-{dtype}")
+def _finetune_dir(steps: int, lr: float, dtype: str, seq_len: int = 128, batch: int = 8) -> str:
+    shape = "" if (seq_len, batch) == (128, 8) else f"-seq{seq_len}x{batch}"
+    return os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}{shape}-{dtype}")
 
 
 def _save(model, tokenizer, target: str) -> None:
