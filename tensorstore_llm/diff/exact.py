@@ -1,6 +1,6 @@
 """Exact delta coding of a fine-tuned block against its base block: bit for bit, any bit pattern.
 
-The scheme (measured on a real SmolLM2 fine-tune in docs/benchmarks_diff_codecs.md):
+The scheme (measured on a real SmolLM2 fine-tune in docs/benchmarks.md, "Delta codecs"):
 
 1. Map every bit pattern to an unsigned integer that is monotonic in the float's value
    (positive: set the sign bit; negative: invert all bits). NaN, inf, -0.0 and subnormals are
