@@ -61,7 +61,7 @@ def cli(ctx, store_root, quiet):
       tsllm weighted-sum ft1 ft2 --weights 0.5,0.5 --name soup
       tsllm merge ties.yaml --name merged --max-memory 4G   # mergekit recipes
       tsllm lora merge base ./my-adapter --name merged      # PEFT LoRA / DoRA, streamed
-      tsllm logits precompute --teacher base --data corpus.jsonl --name kd   # RS-KD cache
+      tsllm logits precompute --teacher ./SmolLM2-135M --data corpus.jsonl --name kd   # RS-KD
       tsllm export soup ./soup-hf --max-shard-size 5G
       tsllm ls; tsllm show soup; tsllm log soup; tsllm verify soup
 
