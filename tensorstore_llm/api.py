@@ -92,9 +92,14 @@ def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, re
 
 
 def _stream(executor: Executor, sink) -> None:
-    """Run ``executor`` into ``sink``: an interruption keeps the staging (to resume), any other failure removes it."""
+    """Run ``executor`` into ``sink`` (see ``_keep_or_discard``)."""
+    _keep_or_discard(sink, executor.run)
+
+
+def _keep_or_discard(sink, step):
+    """``step()``: an interruption keeps the sink's staging (to resume), any other failure removes it."""
     try:
-        executor.run()
+        return step()
     except KeyboardInterrupt:
         sink.close()
         raise
@@ -143,14 +148,7 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
                                 files=_with_dtype(store.carried_files(ref), dtype), store_root=store.root)
         executor.sink = sink
         _stream(executor, sink)
-        try:
-            path = sink.commit()
-        except KeyboardInterrupt:
-            sink.close()
-            raise
-        except BaseException:
-            sink.abort()
-            raise
+        path = _keep_or_discard(sink, sink.commit)
     return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
 
 

@@ -42,8 +42,9 @@ def tiny_student(vocab: int, *, hidden: int = 128, layers: int = 2, seed: int = 
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=True,
                          bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None))
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).float().train()
+    with torch.random.fork_rng():   # seeded initialisation, the caller's RNG state left as it was
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).float().train()
 
 
 def held_out_kl(student, input_ids: torch.Tensor, teacher_logp: torch.Tensor) -> float:

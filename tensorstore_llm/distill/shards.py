@@ -22,29 +22,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..io.fsutil import file_sha256, fsync_path
 from ..errors import DatasetMismatch, FormatError, IntegrityError, OutputExists
 
 MANIFEST = "dataset.json"
 JOURNAL = "journal.jsonl"
 JOB_KEY = "job_key"
 ZSTD_LEVEL = 19   # 1.80 vs 1.87 B/pair at level 9 on SmolLM2 targets; shards are small, writing stays cheap
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -134,9 +118,9 @@ class ShardWriter:
         for name in (JOURNAL, JOB_KEY):
             if os.path.exists(os.path.join(self.staging, name)):
                 os.remove(os.path.join(self.staging, name))
-        _fsync_dir(self.staging)
+        fsync_path(self.staging)
         os.rename(self.staging, self.out_dir)
-        _fsync_dir(os.path.dirname(self.out_dir))
+        fsync_path(os.path.dirname(self.out_dir))
         return self.out_dir
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DatasetMismatch, FormatError, TsllmError
+from ..io.fsutil import file_sha256
 
 
 @dataclass
@@ -34,14 +35,6 @@ class CausalLM:
         return len(self.tokenizer)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_fingerprint(directory: str) -> str:
     """sha256 over config.json's bytes and the sha256 of each ``*.safetensors`` / ``*.bin`` file.
 
@@ -51,7 +44,7 @@ def checkpoint_fingerprint(directory: str) -> str:
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name == "config.json" or name.endswith((".safetensors", ".bin")):
-            digest.update(name.encode() + b"\x00" + _file_sha256(path).encode())
+            digest.update(name.encode() + b"\x00" + file_sha256(path).encode())
     return digest.hexdigest()
 
 

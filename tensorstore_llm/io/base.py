@@ -123,7 +123,20 @@ class TensorSink(Protocol):
         ...
 
 
-class SourceBase:
+class Closing:
+    """A context manager that calls ``close()`` on exit (sources of tensors and of datasets)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SourceBase(Closing):
     """Shared behaviour of sources: context management and whole-tensor reads via rows."""
 
     identity = ""
@@ -136,15 +149,6 @@ class SourceBase:
 
     def metas(self) -> list[TensorMeta]:
         return [self.meta(k) for k in self.keys()]
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,17 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def file_sha256(path: str) -> str:
+    """sha256 hex digest of a file's bytes, read 4 MiB at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fsync_tree(root: str) -> None:
     """fsync every file and directory under ``root`` (data before the rename that publishes it)."""
     for dirpath, _dirnames, filenames in os.walk(root):

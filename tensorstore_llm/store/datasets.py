@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..errors import FormatError, IntegrityError
+from ..io.base import Closing
 from ..io.fsutil import fsync_path, storage_errors
 from ..io.journal import Journal
 
@@ -144,7 +145,7 @@ def _rows_of(data: bytes) -> int:
         return 0
 
 
-class DatasetSource:
+class DatasetSource(Closing):
     """Verified reads of a committed dataset artifact's shards.
 
     Example:
@@ -202,12 +203,3 @@ class DatasetSource:
             if "sha256:" + hashlib.sha256(data).hexdigest() != self._shards[name].checksum:
                 problems.append(f"shard {name!r}: sha256 does not match the manifest")
         return problems
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

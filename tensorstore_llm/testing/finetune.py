@@ -11,10 +11,8 @@ result to bf16 and saves it next to :func:`~tensorstore_llm.testing.real_models.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
-from .real_models import cache_root, load_smollm2_fp32
+from .real_models import cache_root, load_smollm2_fp32, save_cached
 
 # Modules whose docstrings form the training text, and others whose docstrings are held out.
 TRAIN_MODULES = ("collections", "functools", "itertools", "json", "re", "string", "textwrap",
@@ -75,16 +73,17 @@ def finetune(model, batches, lr: float = 1e-4, weight_decay: float = 0.0, seed: 
     """
     import torch
 
-    torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    with torch.random.fork_rng():   # seeded for any dropout, without touching the caller's RNG state
+        torch.manual_seed(seed)
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -120,8 +119,8 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
         finetune(model, batches, lr=lr)
         if dtype != "float32":
-            _save(model, tokenizer, fp32_dir)
-    _save(model.to(getattr(torch, dtype)), tokenizer, target)
+            save_cached(model, tokenizer, fp32_dir)
+    save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
     return target
 
 
@@ -130,17 +129,3 @@ def _finetune_dir(steps: int, lr: float, dtype: str, seq_len: int = 128, batch: 
     return os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}{shape}-{dtype}")
 
 
-def _save(model, tokenizer, target: str) -> None:
-    """Save atomically: stage in the cache root, rename into place (a concurrent winner is kept)."""
-    os.makedirs(cache_root(), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".smollm2-ft-", dir=cache_root())
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:   # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

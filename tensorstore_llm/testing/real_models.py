@@ -70,7 +70,13 @@ def smollm2_checkpoint(dtype: str = "bfloat16") -> str:
     import torch
 
     model, tokenizer = load_smollm2_fp32()
-    model = model.to(getattr(torch, dtype))
+    save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
+    return target
+
+
+def save_cached(model, tokenizer, target: str) -> None:
+    """Save a model and its tokenizer to ``target`` atomically: staged in the cache root, renamed
+    into place (if another process got there first, its copy is kept)."""
     os.makedirs(cache_root(), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_root())
     try:
@@ -83,4 +89,3 @@ def smollm2_checkpoint(dtype: str = "bfloat16") -> str:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
