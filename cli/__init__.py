@@ -29,6 +29,11 @@ _COMMANDS = {
     "lora": ("lora_cmds", "lora_group"),
     "quickstart": ("quickstart_cmd", "quickstart_cmd"),
     "logits": ("distill_cmds", "logits_group"),
+    "prune": ("prune_cmds", "prune_cmd"),
+    "loram": ("prune_cmds", "loram_group"),
+    "plan": ("prune_cmds", "plan_cmd"),
+    "diff": ("diff_cmds", "diff_cmd"),
+    "apply": ("diff_cmds", "apply_cmd"),
 }
 
 

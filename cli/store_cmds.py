@@ -13,9 +13,13 @@ from .common import copy_options, print_estimate, progress_flag, report, store_o
 @click.option("--name", help="Tag to point at the new artifact (moved if it exists).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a hub repo.")
 @click.option("--dtype", help="Cast float tensors while importing (bf16, fp16, fp32).")
+@click.option("--delta-of", "delta_of", metavar="PARENT",
+              help="Store SRC as an exact delta of store artifact PARENT (a fine-tune of it, or the next training checkpoint).")
+@click.option("--max-chain", default=4, show_default=True,
+              help="With --delta-of: store a full snapshot instead once the chain of deltas would be deeper than this.")
 @copy_options
 @click.pass_context
-def import_cmd(ctx, src, name, revision, dtype, max_memory, compression, dry_run):
+def import_cmd(ctx, src, name, revision, dtype, delta_of, max_chain, max_memory, compression, dry_run):
     """Import SRC as a checkpoint artifact.
 
     SRC is a Hugging Face checkpoint directory (sharded safetensors + index, config and tokenizer
@@ -25,6 +29,8 @@ def import_cmd(ctx, src, name, revision, dtype, max_memory, compression, dry_run
     """
     from tensorstore_llm.api import import_checkpoint
 
+    if delta_of and not _import_as_delta(ctx, src, delta_of, name, revision, dtype, max_chain, max_memory, dry_run):
+        return
     result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype, device="cpu",
                                max_memory=max_memory, compression=compression,
                                progress=progress_flag(ctx), dry_run=dry_run)
@@ -33,6 +39,31 @@ def import_cmd(ctx, src, name, revision, dtype, max_memory, compression, dry_run
     report(result, f"imported {src} as", ctx.obj["quiet"])
     if name and not ctx.obj["quiet"]:
         click.echo(f"tagged {name}")
+
+
+def _import_as_delta(ctx, src, parent, name, revision, dtype, max_chain, max_memory, dry_run) -> bool:
+    """Store SRC as a delta of PARENT; True when the depth rule asks for a full snapshot instead."""
+    from tensorstore_llm.diff.store import needs_snapshot
+    from tensorstore_llm.errors import InvalidParameter
+
+    from .diff_cmds import _describe, store_as_delta
+
+    if dtype:
+        raise InvalidParameter("--dtype cannot be combined with --delta-of: a delta keeps the fine-tune's own dtype")
+    store = store_of(ctx)
+    if needs_snapshot(store, parent, max_chain):
+        if not ctx.obj["quiet"]:
+            click.echo(f"{parent} is {max_chain} delta links deep (--max-chain {max_chain}): storing a full snapshot")
+        return True
+    if dry_run:
+        click.echo(f"would store {src} as an exact delta of {store.get(parent).short_id}")
+        return False
+    artifact = store_as_delta(ctx, src, parent, kind="checkpoint", name=name, max_memory=max_memory, revision=revision)
+    if ctx.obj["quiet"]:
+        click.echo(artifact.id)
+    else:
+        click.echo(f"imported {src} as a delta of {parent}: {_describe(artifact)}" + (f"\ntagged {name}" if name else ""))
+    return False
 
 
 @click.command("export")
@@ -65,6 +96,7 @@ def export_cmd(ctx, ref, out_dir, max_shard_size, dtype, max_memory, dry_run):
 @click.pass_context
 def ls_cmd(ctx, kind, as_json):
     """List the committed artifacts of the store (work in progress is never listed)."""
+    from tensorstore_llm.store.dedup import stored_bytes
     from tensorstore_llm.units import format_size
 
     store = store_of(ctx)
@@ -75,16 +107,22 @@ def ls_cmd(ctx, kind, as_json):
         click.echo(f"warning: skipped damaged entry artifacts/{entry}: {reason}", err=True)
     if as_json:
         rows = [{"id": a.id, "kind": a.kind, "tags": [t for t, i in tags.items() if i == a.id],
-                 "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "created_at": a.manifest.created_at}
+                 "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "stored_bytes": stored_bytes(a)[0],
+                 "created_at": a.manifest.created_at}
                 for a in artifacts]
         return click.echo(json.dumps(rows, indent=1))
     if not artifacts:
         return click.echo(f"no artifacts in {store.root}")
-    click.echo(f"{'ID':12}  {'KIND':11} {'TENSORS':>7} {'SIZE':>10}  {'CREATED':25} TAGS")
+    click.echo(f"{'ID':12}  {'KIND':11} {'TENSORS':>7} {'SIZE':>10} {'STORED':>10}  {'CREATED':25} TAGS")
+    total = 0
     for a in artifacts:
         names = ",".join(t for t, i in tags.items() if i == a.id)
-        click.echo(f"{a.short_id:12}  {a.kind:11} {len(a.manifest.tensors):>7} {format_size(a.manifest.nbytes):>10}  "
-                   f"{a.manifest.created_at:25} {names}")
+        own = stored_bytes(a)[0]
+        total += own
+        click.echo(f"{a.short_id:12}  {a.kind:11} {len(a.manifest.tensors):>7} {format_size(a.manifest.nbytes):>10} "
+                   f"{format_size(own):>10}  {a.manifest.created_at:25} {names}")
+    click.echo(f"SIZE: logical tensor bytes; STORED: bytes on disk (deltas, shared tensors counted once); "
+               f"total stored {format_size(total)}")
 
 
 @click.command("show")
@@ -94,6 +132,7 @@ def ls_cmd(ctx, kind, as_json):
 @click.pass_context
 def show_cmd(ctx, ref, show_all, as_json):
     """Show artifact REF: kind, lineage, files, and its tensors with shapes, dtypes and sizes."""
+    from tensorstore_llm.store.dedup import stored_bytes
     from tensorstore_llm.units import format_size
 
     store = store_of(ctx)
@@ -106,6 +145,13 @@ def show_cmd(ctx, ref, show_all, as_json):
     click.echo(f"tags      {', '.join(store.tags_of(artifact.id)) or '-'}")
     click.echo(f"created   {m.created_at} by {m.tool.get('name', '?')} {m.tool.get('version', '')}")
     click.echo(f"size      {format_size(m.nbytes)} in {len(m.tensors)} tensors")
+    own, shared = stored_bytes(artifact)
+    click.echo(f"stored    {format_size(own)} on disk" + (f" ({format_size(shared)} in tensors shared with other artifacts)"
+                                                           if shared else ""))
+    if isinstance(m.info.get("delta"), dict):
+        delta = m.info["delta"]
+        click.echo(f"delta     of {m.info.get('base', {}).get('id', '?')[:12]}, codec {delta['codec'].get('name')}, "
+                   f"chain depth {delta['depth']}")
     if m.source:
         click.echo(f"source    {_describe_external(m.source)}")
     if m.recipe:
@@ -114,6 +160,8 @@ def show_cmd(ctx, ref, show_all, as_json):
         click.echo(f"parent    {parent.get('role', '?')}: {_describe_parent(parent)}")
     if m.files:
         click.echo(f"files     {', '.join(m.files)}")
+    if m.kind == "lora":
+        _show_adapter(m.info)
     dtypes = {}
     for r in m.tensors.values():
         dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1
@@ -125,6 +173,16 @@ def show_cmd(ctx, ref, show_all, as_json):
         click.echo(f"{meta.name[:60]:60} {'x'.join(map(str, meta.shape)) or 'scalar':>18} {meta.dtype:9} {format_size(meta.nbytes):>10}")
     if len(shown) < len(metas):
         click.echo(f"... {len(metas) - len(shown)} more (use --all)")
+
+
+def _show_adapter(info: dict) -> None:
+    """An adapter's base, rank per module and parameter count (``tsllm show`` of a lora artifact)."""
+    from tensorstore_llm.lora.artifacts import adapter_summary, describe_base
+
+    click.echo(f"adapter   {adapter_summary(info)}")
+    click.echo(f"base      {describe_base(info.get('base') or {})}")
+    for module, r in sorted((info.get("ranks") or {}).items()):
+        click.echo(f"  r={r:<5} {module}")
 
 
 def _describe_external(ext: dict) -> str:
@@ -140,11 +198,21 @@ def _describe_parent(parent: dict) -> str:
 
 
 @click.command("log")
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--family", metavar="BASE",
+              help="Instead: the family of base release BASE: the deltas stored on it and the transfers onto later releases, as a tree.")
 @click.pass_context
-def log_cmd(ctx, ref):
+def log_cmd(ctx, ref, family):
     """Print the lineage graph of REF: what it was made from, recursively."""
     store = store_of(ctx)
+    if family:
+        from tensorstore_llm.diff.family import family_lines
+
+        for line in family_lines(store, family):
+            click.echo(line)
+        return
+    if not ref:
+        raise click.UsageError("give REF (or --family BASE)")
     tags = store.tags()
 
     def show(node, prefix, last):
@@ -156,6 +224,12 @@ def log_cmd(ctx, ref):
         a = node.artifact
         names = ",".join(t for t, i in tags.items() if i == a.id)
         what = (a.manifest.recipe or {}).get("op", a.kind)
+        if a.kind == "lora":
+            from tensorstore_llm.lora.artifacts import adapter_summary
+
+            what += f" ({adapter_summary(a.manifest.info)})"
+        if (a.manifest.recipe or {}).get("transfer"):
+            what += " (adapter transferred from another base)"
         origin = f"  <- {_describe_external(a.manifest.source)}" if a.manifest.source else ""
         click.echo(f"{prefix}{branch}{label}{a.short_id} {a.kind} {what}{f' [{names}]' if names else ''} {a.manifest.created_at}{origin}")
         child_prefix = prefix + ("" if node.role is None else ("    " if last else "│   "))

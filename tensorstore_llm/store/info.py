@@ -49,7 +49,8 @@ _BINDING = {"base": dict}
 SCHEMAS: dict[str, InfoSchema] = {s.kind: s for s in (
     InfoSchema("logits", 1, {"fingerprint": str, "kind": str, "tokenizer": str, "packing": dict, "sampling": dict,
                              "vocab": int, "seq_len": int}),
-    InfoSchema("diff", 1, {**_BINDING, "codec": str}),
+    # diff/2: the blocks of the delta-stored tensors and the parent's chain depth (diff/store.py)
+    InfoSchema("diff", 2, {**_BINDING, "codec": str, "delta": dict}),
     InfoSchema("lora", 1, {**_BINDING, "ranks": dict, "alpha": (int, float)}),
     InfoSchema("pruning_plan", 1, {**_BINDING, "method": str}),
 )}

@@ -30,6 +30,7 @@ from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, wri
 from ..io.zarr_tensors import chunk_shape
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .datasets import DatasetPayload, DatasetSource
+from .dedup import dedup_staged, gc_objects
 from .info import check_info
 from .manifest import KINDS, Manifest, now_utc, record_from
 
@@ -112,6 +113,12 @@ class Store:
         return ArtifactWriter(self, self._dir("staging", job_key),
                               lambda staging, where: ZarrTensorSink(staging, where, compression))
 
+    def create_with(self, job_key: str, make_payload) -> ArtifactWriter:
+        """A writer staging a new artifact around ``make_payload(staging_dir, where)`` (e.g. the
+        delta payload of diff/store.py); the same ``job_key`` resumes an interrupted write."""
+        self._ensure()
+        return ArtifactWriter(self, self._dir("staging", job_key), make_payload)
+
     def create_dataset(self, job_key: str) -> ArtifactWriter:
         """A writer staging a new dataset artifact (Parquet shards); the same ``job_key`` resumes.
 
@@ -187,6 +194,10 @@ class Store:
         """A TensorSource over the tensors of the artifact ``ref``; every read it serves is
         checked against the manifest's checksums (see ZarrTensorSource)."""
         artifact = self.get(ref)
+        if "delta" in artifact.manifest.info:   # stored as deltas of a parent: rebuilt block by block
+            from ..diff.reader import open_delta
+
+            return open_delta(self, artifact)
         return ZarrTensorSource(artifact.path, artifact.manifest.metas(), "artifact:" + artifact.id,
                                 chunks=artifact.manifest.chunk_digests(), checksums=artifact.manifest.checksums())
 
@@ -363,8 +374,9 @@ class Store:
         return [n for n, r in self.get(ref).manifest.tensors.items() if r.chunks is None]
 
     def gc(self, dry_run: bool = False) -> list[str]:
-        """Remove staging directories no running job holds, and the partial directories that
-        killed exports from this store left next to their outputs. Returns the removed paths."""
+        """Remove staging directories no running job holds, the partial directories that
+        killed exports from this store left next to their outputs, and dedup objects no
+        artifact links any more (store/dedup.py). Returns the removed paths."""
         from ..io.export_partials import remove_export_partials
 
         removed = []
@@ -387,7 +399,7 @@ class Store:
                 removed.append(path)
             finally:
                 os.close(lock)
-        return removed + remove_export_partials(self.root, dry_run=dry_run)
+        return removed + remove_export_partials(self.root, dry_run=dry_run) + gc_objects(self.root, dry_run=dry_run)
 
 
 def _try_lock(path: str) -> int | None:
@@ -494,6 +506,8 @@ class ArtifactWriter:
                     f.write(data)
                 carried[name] = checksum_bytes(data)
             self.payload.seal()
+            if tensors:   # identical tensors stored once across the store (store/dedup.py)
+                dedup_staged(self.store.root, self.staging_dir, {n: r.checksum for n, r in tensors.items()})
             fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),

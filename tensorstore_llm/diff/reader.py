@@ -1,0 +1,192 @@
+"""Reading a delta-stored artifact: whole tensors, rebuilt block by block from the parent.
+
+``Store.open`` hands out a :class:`DeltaTensorSource` for every artifact whose manifest has a
+delta section, so export, merge, show, verify and the engine see ordinary tensors. Before any
+read, the parent named in the manifest is checked against the binding: its artifact id and the
+checksum of every tensor a delta was taken against. A parent that is missing or differs is an
+IntegrityError (BaseMismatch-free: a delta never meets a base other than its own). Each rebuilt
+block is compared with the per-block checksum recorded when the delta was stored, so a corrupted
+parent chunk, a damaged coded block or a codec fault fails the read that meets it.
+
+Memory: a read of ``R`` rows holds, per block being rebuilt, the parent's block, the coded
+bytes and the rebuilt rows: about three blocks of ``BLOCK_BYTES`` per worker beyond what the
+caller asked for; a chain of depth ``d`` holds that once per link.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..dtypes import raw_bytes
+from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, TensorNotFound
+from ..io.base import SourceBase, TensorMeta
+from .store import DeltaSection, block_path, decode_block
+
+DECODE_WORKERS = 2
+
+
+def open_delta(store, artifact) -> DeltaTensorSource:
+    """A TensorSource over delta-stored ``artifact``; IntegrityError when its parent is missing or
+    is not the exact parent it was stored against."""
+    where = f"artifact {artifact.short_id} ({artifact.path})"
+    section = DeltaSection.from_info(artifact.manifest.info, where)
+    try:
+        parent = store.get(section.base_id)
+    except ArtifactNotFound:
+        raise IntegrityError(f"{where}: stored as a delta of artifact {section.base_id[:12]}, which this store "
+                             f"no longer holds; its tensors cannot be rebuilt") from None
+    check_binding(section, parent, where)
+    return DeltaTensorSource(artifact, section, store.open(parent.id))
+
+
+def check_binding(section: DeltaSection, parent, where: str) -> None:
+    """IntegrityError unless ``parent`` has every tensor the deltas were taken against, with the
+    recorded checksum."""
+    tensors = parent.manifest.tensors
+    for name, checksum in section.base_checksums.items():
+        record = tensors.get(name)
+        if record is None or record.checksum != checksum:
+            found = record.checksum[:23] + "..." if record else "no such tensor"
+            raise IntegrityError(f"{where}: parent {parent.short_id} tensor {name!r} is not the one the delta was "
+                                 f"stored against (recorded {checksum[:23]}..., parent has {found})")
+
+
+class DeltaTensorSource(SourceBase):
+    """Tensors of a delta-stored artifact: each block rebuilt from the parent's rows and verified.
+
+    Reads that span several blocks rebuild them on ``DECODE_WORKERS`` threads (the codecs release
+    the GIL). The last rebuilt block is kept, so row-by-row reads decode each block once.
+    """
+
+    def __init__(self, artifact, section: DeltaSection, parent_source):
+        self.artifact = artifact
+        self.path = artifact.path
+        self.identity = "artifact:" + artifact.id
+        self.label = f"artifact {artifact.short_id} ({artifact.path})"
+        self.section = section
+        self.parent = parent_source
+        self._metas = artifact.manifest.metas()
+        self._chunks = artifact.manifest.chunk_digests()
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache: tuple | None = None
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        return list(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        if name not in self._metas:
+            raise TensorNotFound(f"{self.label}: has no tensor {name!r}")
+        return self._metas[name]
+
+    def preferred_rows(self, name: str) -> int:
+        """Rows per stored block: aligned reads rebuild no block twice."""
+        return self._entry(name).rows
+
+    def _entry(self, name: str):
+        entry = self.section.tensors.get(name)
+        if entry is None:
+            raise FormatError(f"{self.label}: tensor {name!r} is in the manifest but not in its delta section")
+        return entry
+
+    def read_rows(self, name: str, start: int, stop: int):
+        """Rows ``start:stop`` of ``name`` (the whole value for a scalar), rebuilding only the
+        blocks they lie in, each checked against its recorded checksum."""
+        meta = self.meta(name)
+        if meta.shape and not 0 <= start <= stop <= meta.shape[0]:
+            raise IndexError(f"{self.label}: rows {start}:{stop} outside tensor {name!r} of shape {meta.shape}")
+        if not meta.shape:
+            return self._block(meta, 0).reshape(())
+        if start == stop or not meta.numel:
+            return torch.empty((stop - start, *meta.shape[1:]), dtype=_torch_dtype(meta))
+        rows = self._entry(name).rows
+        first, last = start // rows, -(-stop // rows)
+        if last - first > 1:
+            parts = self._blocks(meta, range(first, last))
+            values = torch.cat(parts)
+            lo = first * rows
+        else:
+            values, lo = self._block(meta, first), first * rows
+        return values[start - lo:stop - lo]
+
+    def _blocks(self, meta: TensorMeta, indices) -> list:
+        """Several blocks: parent rows read here in order, rebuilt on the worker threads."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
+        futures, out = [], []
+        for index in indices:
+            data, base = self._inputs(meta, index)
+            futures.append(self._pool.submit(self._rebuild, meta, index, data, base))
+            if len(futures) > DECODE_WORKERS:
+                out.append(futures.pop(0).result())
+        return out + [f.result() for f in futures]
+
+    def _block(self, meta: TensorMeta, index: int):
+        with self._lock:
+            if self._cache is not None and self._cache[0] == (meta.name, index):
+                return self._cache[1]
+        values = self._rebuild(meta, index, *self._inputs(meta, index))
+        with self._lock:
+            self._cache = ((meta.name, index), values)
+        return values
+
+    def _bounds(self, meta: TensorMeta, index: int) -> tuple[int, int]:
+        rows = self._entry(meta.name).rows
+        return index * rows, min(meta.rows, (index + 1) * rows)
+
+    def _inputs(self, meta: TensorMeta, index: int):
+        """(coded bytes, parent rows or None) of block ``index``."""
+        entry = self._entry(meta.name)
+        if index >= len(entry.blocks):
+            raise IntegrityError(f"{self.label}: tensor {meta.name!r} has {len(entry.blocks)} stored blocks, "
+                                 f"block {index} was asked for")
+        path = block_path(self.path, meta.name, index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.label}: block {index} of tensor {meta.name!r} ({path}) is missing") from None
+        if len(data) != entry.blocks[index][1]:
+            raise IntegrityError(f"{self.label}: block {index} of tensor {meta.name!r} ({path}) has {len(data)} "
+                                 f"bytes, recorded {entry.blocks[index][1]}")
+        base = None
+        if entry.mode == "delta":
+            a, b = self._bounds(meta, index)
+            base = self.parent.read_rows(meta.name, a, b) if meta.shape else self.parent.read(meta.name)
+        return data, base
+
+    def _rebuild(self, meta: TensorMeta, index: int, data: bytes, base):
+        a, b = self._bounds(meta, index)
+        entry = self._entry(meta.name)
+        try:
+            values = decode_block(self.section.codec, entry, meta, a, b, data, base)
+        except (CodecError, ValueError, RuntimeError) as e:
+            raise IntegrityError(f"{self.label}: block {index} of tensor {meta.name!r} cannot be decoded "
+                                 f"({e.__class__.__name__}: {e})") from None
+        digests = self._chunks.get(meta.name)
+        if digests is None or digests.rows != entry.rows:
+            raise FormatError(f"{self.label}: tensor {meta.name!r} has no block checksums matching its delta blocks")
+        digests.check(meta, index, raw_bytes(values), self.label + " (rebuilt from its parent)")
+        return values
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._cache = None
+        self.parent.close()
+
+
+def _torch_dtype(meta: TensorMeta):
+    from ..dtypes import by_name
+
+    return by_name(meta.dtype).torch
+
+
+def stored_payload_bytes(artifact) -> int:
+    """Bytes of the coded blocks a delta-stored artifact holds (its own, not its parent's)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
+               os.walk(os.path.join(artifact.path, "deltas")) for f in files)
