@@ -3,42 +3,271 @@ from __future__ import annotations
 
 import click
 
-from .common import compute_options, print_estimate, progress_flag, report, store_of
+from .common import compute_options, print_estimate, progress_flag, report, run_options, size_option, store_of
 
 
 @click.group("lora")
 def lora_group():
-    """LoRA / DoRA adapters in the PEFT format: merge them into a base model, streamed.
+    """LoRA / DoRA / prefix-tuning adapters: store them bound to their base, merge, combine,
+    extract, resize, drop layers, and initialise new ones from a base's SVD.
 
     \b
-      tsllm lora merge base ./my-adapter --name merged --max-memory 1G
-      tsllm lora merge ./Llama-3-8B ./my-adapter -o ./merged-hf
+      tsllm lora import ./my-adapter --base base --name mine
+      tsllm lora merge base mine --name merged --max-memory 1G
+      tsllm lora extract ft --base base --rank 64 --name ft-lora
+      tsllm lora combine math code --weights 0.5,0.5 --rank 32 --name both
+      tsllm lora resize mine --rank 8 --name mine-r8
+      tsllm lora export mine ./mine-peft
     """
+
+
+def _weights(value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"--weights must be comma-separated numbers, got {value!r}") from None
+
+
+def _print_modules(modules: dict, keys: tuple[str, ...], quiet: bool, limit: int = 12) -> None:
+    if quiet or not modules:
+        return
+    click.echo(f"{'module':56} " + " ".join(f"{k:>14}" for k in keys))
+    for i, (name, row) in enumerate(modules.items()):
+        if i == limit:
+            click.echo(f"... {len(modules) - limit} more modules")
+            break
+        cells = []
+        for k in keys:
+            v = row.get(k)
+            cells.append(f"{v:>14.6g}" if isinstance(v, float) else f"{str(v if v is not None else '-'):>14}")
+        click.echo(f"{name[:56]:56} " + " ".join(cells))
+
+
+def _done(ctx, result, verb: str) -> None:
+    quiet = ctx.obj["quiet"]
+    for a in result.artifacts:
+        click.echo(a.id if quiet else f"{verb}: {a.short_id} ({a.kind})")
+    if result.output and not quiet:
+        click.echo(f"exported to {result.output}")
+
+
+@lora_group.command("import")
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", required=True, help="The model the adapter belongs to (artifact, HF directory or hub repo).")
+@click.option("--name", help="Tag for the adapter artifact.")
+@click.pass_context
+def import_cmd(ctx, adapter_dir, base, name):
+    """Store the PEFT adapter in ADAPTER_DIR (LoRA, DoRA or prefix tuning) as a `lora` artifact
+    bound to BASE: the checksums of the base weights it changes are recorded, so it is never
+    merged into another base silently. adapter_model.bin (pickle) is refused."""
+    from tensorstore_llm.lora.jobs import import_adapter
+
+    result = import_adapter(store_of(ctx), adapter_dir, base, name=name)
+    _done(ctx, result, f"imported {adapter_dir} as")
+
+
+@lora_group.command("export")
+@click.argument("ref")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.pass_context
+def export_cmd(ctx, ref, out_dir):
+    """Write adapter artifact REF as a PEFT directory (adapter_config.json +
+    adapter_model.safetensors) that PeftModel.from_pretrained loads."""
+    from tensorstore_llm.lora.artifacts import export_adapter
+
+    path = export_adapter(store_of(ctx), ref, out_dir)
+    if not ctx.obj["quiet"]:
+        click.echo(f"exported {ref} to {path}")
 
 
 @lora_group.command("merge")
 @click.argument("base")
-@click.argument("adapter", type=click.Path(exists=True))
+@click.argument("adapter")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Extra factor on every update (1 = PEFT's merge).")
+@click.option("--transfer", is_flag=True, help="Allow merging an adapter artifact into a base other than its own (reported).")
+@click.option("--base-quant", type=click.Choice(["nf4"]), help="QLoRA: merge into dequant(NF4(W)), the weights the adapter was trained against.")
+@click.option("--requantize", type=click.Choice(["nf4"]), help="With --base-quant: report the error of requantising the merged weights to NF4.")
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the export with -o.")
 @compute_options
 @click.pass_context
-def merge_cmd(ctx, base, adapter, scale, name, out_dir, max_shard_size, device, max_memory, compression, dry_run):
-    """Merge ADAPTER (a PEFT adapter directory) into BASE (artifact, HF directory or hub repo).
+def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name, out_dir, max_shard_size, device,
+              max_memory, compression, dry_run):
+    """Merge ADAPTER (a lora artifact or PEFT directory) into BASE (artifact, HF directory or hub repo).
 
     Targeted weights become W + s*B*A with s = lora_alpha/r (alpha/sqrt(r) with use_rslora),
     rank_pattern / alpha_pattern honoured; DoRA adapters give m*(W + s*B*A)/||W + s*B*A||.
     Computed in fp32 and rounded once to the base's dtype: PEFT's merge_and_unload() result.
     W streams in row blocks within --max-memory; the result is a new checkpoint artifact.
-    Prefix-tuning adapters cannot be merged (they are not weight updates).
+    An adapter artifact bound to another base is refused unless --transfer. Prefix-tuning
+    adapters cannot be merged (they are not weight updates).
     """
-    from tensorstore_llm.api import lora_merge
+    if base_quant:
+        return _merge_nf4(ctx, base, adapter, scale, requantize, out_dir)
+    if requantize:
+        raise click.UsageError("--requantize needs --base-quant nf4")
+    from tensorstore_llm.lora.jobs import lora_merge
 
-    result = lora_merge(store_of(ctx), base, adapter, scale=scale, name=name, out_dir=out_dir,
+    result = lora_merge(store_of(ctx), base, adapter, scale=scale, transfer=transfer, name=name, out_dir=out_dir,
                         max_shard_size=max_shard_size, device=device, max_memory=max_memory,
                         compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
     if dry_run:
         return print_estimate(result.estimate)
+    moved = (result.analysis or {}).get("transfer")
+    if moved and not ctx.obj["quiet"]:
+        click.echo(f"transfer: {adapter} was made for another base; {len(moved['mismatched'])} of its base tensors "
+                   f"differ in {base} (e.g. {moved['mismatched'][0]}); recorded in the lineage", err=True)
     report(result, f"merged {adapter} into {base}", ctx.obj["quiet"])
+
+
+def _merge_nf4(ctx, base, adapter, scale, requantize, out_dir):
+    import os
+
+    if not out_dir or not os.path.isdir(base) or not os.path.isdir(adapter):
+        raise click.UsageError("--base-quant nf4 merges a Hugging Face directory BASE with a PEFT directory "
+                               "ADAPTER into -o DIR (one base shard in memory at a time)")
+    from tensorstore_llm.lora.api import merge_adapter
+
+    rep = merge_adapter(base, adapter, out_dir, scale=scale, base_quant="nf4", requantize=requantize)
+    _print_modules(rep["modules"], ("rank", "q_over_delta") + (("requant_error",) if requantize else ()),
+                   ctx.obj["quiet"], limit=1000)
+    if not ctx.obj["quiet"]:
+        click.echo(f"merged {adapter} into dequant(NF4({base})): {out_dir}")
+
+
+@lora_group.command("extract")
+@click.argument("ft")
+@click.option("--base", required=True, help="The model FT was fine-tuned from.")
+@click.option("--rank", type=int, help="Rank of every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ||W_ft - W_base||^2.")
+@click.option("--max-rank", default=128, show_default=True, help="Largest rank --energy may choose.")
+@click.option("--targets", help="Comma-separated module names or suffixes (default: every 2-D weight but embeddings and lm_head).")
+@click.option("--name", help="Tag for the adapter artifact.")
+@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter to this PEFT directory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
+@click.pass_context
+def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed):
+    """A LoRA adapter approximating the full fine-tune FT (W_ft - W_base per target module),
+    streamed one module at a time: randomised SVD with 2 power iterations. Reports the
+    captured energy per module and in total."""
+    from tensorstore_llm.lora.jobs import extract
+
+    result = extract(store_of(ctx), ft, base, rank=rank, energy=energy, max_rank=max_rank,
+                     targets=targets.split(",") if targets else None, name=name, out_dir=out_dir, seed=seed,
+                     device=device, max_memory=max_memory, progress=progress_flag(ctx))
+    _print_modules(result.report["modules"], ("rank", "captured"), ctx.obj["quiet"])
+    if not ctx.obj["quiet"]:
+        click.echo(f"captured energy: {result.report['totals']['captured']:.4f} over "
+                   f"{result.report['totals']['modules']} modules, {result.report['totals']['num_params']} parameters")
+    _done(ctx, result, "extracted")
+
+
+@lora_group.command("resize")
+@click.argument("adapter")
+@click.option("--rank", type=int, help="New rank (modules already smaller keep theirs).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ||s B A||^2.")
+@click.option("--rank-pattern", type=click.Choice(["auto"]), help="auto: per-module ranks under the budget of --rank everywhere.")
+@click.option("--budget", type=int, help="With --rank-pattern auto: total LoRA parameters allowed (default: rank --rank everywhere).")
+@click.option("--base", help="For a PEFT directory ADAPTER: the model it belongs to.")
+@click.option("--name", help="Tag for the resized adapter.")
+@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export it to this PEFT directory.")
+@click.pass_context
+def resize_cmd(ctx, adapter, rank, energy, rank_pattern, budget, base, name, out_dir):
+    """Truncate ADAPTER to a smaller rank by the SVD of s*B*A, computed through QR of the
+    factors (no out x in matrix); reports each module's relative error (Eckart-Young)."""
+    from tensorstore_llm.lora.jobs import resize
+
+    if budget is not None and rank_pattern != "auto":
+        raise click.UsageError("--budget needs --rank-pattern auto")
+    result = resize(store_of(ctx), adapter, rank=rank, energy=energy, auto_budget=rank_pattern == "auto",
+                    budget=budget, base=base, name=name, out_dir=out_dir)
+    _print_modules(result.report["modules"], ("old_rank", "rank", "relative_error"), ctx.obj["quiet"])
+    _done(ctx, result, "resized")
+
+
+@lora_group.command("drop")
+@click.argument("adapter")
+@click.option("--layers", help="k: drop the lowest k layers; or comma-separated module names / suffixes.")
+@click.option("--base", help="For a PEFT directory ADAPTER: the model it belongs to.")
+@click.option("--name", help="Tag for the new adapter.")
+@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export it to this PEFT directory.")
+@click.pass_context
+def drop_cmd(ctx, adapter, layers, base, name, out_dir):
+    """AdapterDrop: ADAPTER without the LoRA of its lowest k layers (or of the named modules);
+    reports the parameters removed."""
+    from tensorstore_llm.lora.jobs import drop
+
+    if not layers:
+        raise click.UsageError("give --layers k or --layers name1,name2")
+    lowest, names = (int(layers), []) if layers.isdigit() else (None, layers.split(","))
+    result = drop(store_of(ctx), adapter, lowest=lowest, modules=names, base=base, name=name, out_dir=out_dir)
+    if not ctx.obj["quiet"]:
+        t = result.report["totals"]
+        click.echo(f"removed {t['modules_removed']} modules, {t['params_removed']} parameters; {t['params_left']} left")
+    _done(ctx, result, "dropped")
+
+
+@lora_group.command("combine")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--weights", required=True, help="One weight per adapter, comma-separated.")
+@click.option("--method", type=click.Choice(["linear", "ties", "dare_linear"]), default="linear", show_default=True)
+@click.option("--density", default=1.0, show_default=True, help="ties / dare_linear: fraction of each delta kept.")
+@click.option("--rank", type=int, help="Re-factor the combination as an adapter of this rank.")
+@click.option("--energy", type=float, help="linear: re-factor keeping this fraction of each module's energy.")
+@click.option("--merge-into", help="Merge the combination into this base instead (a checkpoint artifact).")
+@click.option("--base", help="For PEFT directory ADAPTERS: the model they belong to.")
+@click.option("--name", help="Tag for the result.")
+@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the result to this directory.")
+@run_options
+@click.pass_context
+def combine_cmd(ctx, adapters, weights, method, density, rank, energy, merge_into, base, name, out_dir, device,
+                max_memory, seed, compression, dry_run):
+    """Combine ADAPTERS of one base on their full deltas B*A (never A and B separately).
+
+    linear without --rank is exact (the scaled factors concatenated, rank sum r_i); with --rank
+    or --energy it is re-factored through QR of the stacked factors, with the error per module.
+    ties / dare_linear follow PEFT's rules on the full deltas; merged into --merge-into, or
+    re-factored to --rank by randomised SVD.
+    """
+    from tensorstore_llm.lora.combine import combine
+
+    if dry_run:
+        raise click.UsageError("--dry-run is not supported by lora combine")
+    result = combine(store_of(ctx), list(adapters), _weights(weights), method=method, density=density, rank=rank,
+                     energy=energy, merge_into=merge_into, base=base, name=name, out_dir=out_dir, device=device,
+                     max_memory=max_memory, seed=seed, compression=compression, progress=progress_flag(ctx))
+    if hasattr(result, "estimate"):
+        return report(result, f"combined {len(adapters)} adapters into {merge_into}", ctx.obj["quiet"])
+    _print_modules(result.report["modules"], ("rank", "relative_error"), ctx.obj["quiet"])
+    _done(ctx, result, "combined")
+
+
+@lora_group.command("init")
+@click.argument("base")
+@click.option("--method", type=click.Choice(["pissa", "goat"]), default="pissa", show_default=True)
+@click.option("--rank", type=int, required=True, help="Rank of the adapter (of each GOAT expert).")
+@click.option("--experts", default=1, show_default=True, help="goat: number of experts (SVD segments).")
+@click.option("--alpha", type=float, help="lora_alpha (default: the rank, s = 1).")
+@click.option("--targets", help="Comma-separated module names or suffixes (default: every 2-D weight but embeddings and lm_head).")
+@click.option("--name", help="Tag for the adapter; the residual base is tagged NAME-residual.")
+@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter(s) to this PEFT directory.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
+@click.pass_context
+def init_cmd(ctx, base, method, rank, experts, alpha, targets, name, out_dir, device, max_memory):
+    """SVD initialisation for training: PiSSA (top-r singular triplets) or GOAT (one SVD segment
+    per expert) adapters, plus the residual base W0 - s*B*A (fp32 targets) as a checkpoint
+    artifact: residual + adapter(s) reproduce BASE to fp32 rounding."""
+    from tensorstore_llm.lora.jobs import svd_init
+
+    result = svd_init(store_of(ctx), base, rank=rank, method=method, experts=experts, alpha=alpha,
+                      targets=targets.split(",") if targets else None, name=name, out_dir=out_dir, device=device,
+                      max_memory=max_memory, progress=progress_flag(ctx))
+    quiet = ctx.obj["quiet"]
+    residual, adapters = result.artifacts[0], result.artifacts[1:]
+    click.echo(residual.id if quiet else f"residual base: {residual.short_id}")
+    for a in adapters:
+        click.echo(a.id if quiet else f"adapter: {a.short_id}")

@@ -93,14 +93,15 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], *, rank:
 
 
 def resize_adapter(adapter: LoraAdapter, *, rank: int | None = None, energy: float | None = None,
-                   auto_budget: bool = False) -> tuple[LoraAdapter, Report]:
+                   auto_budget: bool = False, budget: int | None = None) -> tuple[LoraAdapter, Report]:
     """Truncate an adapter to a smaller rank (DyLoRA-style) by the SVD of s B A via QR of the factors.
 
     Args:
         rank: the new rank of every module (modules already smaller keep theirs), or
         energy: per module, the smallest rank keeping this fraction of ||s B A||_F^2, or
         auto_budget: with ``rank``, pick per-module ranks (``--rank-pattern auto``) that keep the
-            most energy under the parameter budget of rank ``rank`` everywhere.
+            most energy under the parameter budget of rank ``rank`` everywhere (or ``budget``
+            parameters when given).
     Returns:
         (resized adapter, report with rank, tail energy and relative error per module).
     """
@@ -110,9 +111,10 @@ def resize_adapter(adapter: LoraAdapter, *, rank: int | None = None, energy: flo
         svds[k] = K.product_svd(m.A, m.B.float() * m.scaling)         # once per module
         spectra[k] = (svds[k][1], m.A.shape[1] + m.B.shape[0])
     if auto_budget:
-        if rank is None:
-            raise RecipeError("--rank-pattern auto needs --rank (the budget is rank r in every module)")
-        budget = sum(min(rank, s.numel()) * cost for s, cost in spectra.values())
+        if rank is None and budget is None:
+            raise RecipeError("--rank-pattern auto needs --rank (the budget is rank r in every module) or --budget")
+        if budget is None:
+            budget = sum(min(rank, s.numel()) * cost for s, cost in spectra.values())
         ranks = K.rank_budget(spectra, budget)
     elif rank is not None:
         ranks = {k: min(rank, m.r) for k, m in adapter.modules.items()}

@@ -115,7 +115,7 @@ def _dense(tensors: dict[str, torch.Tensor], qcfg: dict | None, where: str) -> d
 
 
 def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float = 1.0, base_quant: str | None = None,
-                  peft_compat: bool = False, overwrite: bool = False) -> dict:
+                  peft_compat: bool = False, overwrite: bool = False, requantize: str | None = None) -> dict:
     """Merge the PEFT adapter in ``adapter_dir`` into the checkpoint in ``base_dir``; write ``out_dir``.
 
     In-memory path (one base shard at a time), until the streamed engine job lands. The merge is
@@ -129,6 +129,9 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
         adapter_dir: PEFT LoRA / DoRA adapter directory.
         out_dir: new directory (OutputExists unless ``overwrite``).
         scale: factor on every LoRA update.
+        requantize: "nf4": write every merged weight NF4-round-tripped, dequant(NF4(W')), the
+            values a 4-bit model holds, and report ``requant_error`` = ||W' - dequant(NF4(W'))|| /
+            ||delta|| per module (the error requantising adds, next to the adapter's update).
         base_quant: "nf4" for a QLoRA adapter: merge into dequant(NF4(W)), the weights it was
             trained against, and report ||q|| / ||delta|| per module (q = W - dequant(NF4(W))).
     Returns:
@@ -144,6 +147,8 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
 
     if base_quant not in (None, "nf4"):
         raise RecipeError(f"base_quant must be None or 'nf4', got {base_quant!r}")
+    if requantize not in (None, "nf4"):
+        raise RecipeError(f"requantize must be None or 'nf4', got {requantize!r}")
     if os.path.exists(out_dir) and not overwrite:
         raise OutputExists(f"{out_dir} already exists")
     adapter = read_adapter(adapter_dir)
@@ -180,6 +185,11 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
                         info["q_over_delta"] = N.quantization_error_ratio(
                             w16, m.scaling * scale * (m.B.float() @ m.A.float()))
                     tensors[name] = merge_module(w, m, scale=scale, peft_compat=peft_compat, out_dtype=tensors[name].dtype)
+                    if requantize == "nf4":
+                        merged = tensors[name]
+                        tensors[name] = N.nf4_roundtrip(merged)
+                        delta = m.scaling * scale * (m.B.float() @ m.A.float())
+                        info["requant_error"] = float((merged.float() - tensors[name].float()).norm() / delta.norm())
                     report["modules"][m.module] = info
                     report["changed"].append(name)
                 elif name in adapter.saved_modules:

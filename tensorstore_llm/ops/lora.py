@@ -283,7 +283,8 @@ def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = 10, power_it
     """
     m, n = M.shape
     k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, generator=generator, dtype=M.dtype)
+    # drawn on the generator's (CPU) device so a GPU run sees the same projection
+    omega = torch.randn(n, k, generator=generator, dtype=M.dtype).to(M.device)
     Q, _ = torch.linalg.qr(M @ omega)                    # m x k
     for _ in range(power_iters):
         Z, _ = torch.linalg.qr(M.T @ Q)                   # n x k
@@ -436,3 +437,7 @@ def dora_merge_transposed_op(ctx, params, w, a, b, magnitude):
 def lora_bias_merge_op(ctx, params, w, bias):
     """A bias plus s times its ``lora_bias`` (PEFT's ``lora_bias=True``), fp32, one rounding."""
     return w + bias * params.scaling
+
+
+# the whole-tensor ops streamed per module (extract, combine, SVD init) register with this module
+from . import lora_streamed  # noqa: E402,F401

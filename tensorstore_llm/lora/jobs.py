@@ -1,0 +1,289 @@
+"""The store-level LoRA verbs behind ``tsllm lora``: import / export, merge, extract, resize,
+drop, combine and SVD initialisation, each producing artifacts bound to their base.
+
+Model references (BASE, FT) are store refs, Hugging Face directories or hub repos; ADAPTER
+references are ``lora`` artifacts or PEFT directories. An adapter artifact is applied only to
+its own base (checksums of the weights it changes, see :mod:`.artifacts`) unless ``transfer``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import BaseMismatch, InvalidParameter, RecipeError
+from ..store.store import Artifact, Store
+from .artifacts import (DictSource, adapter_info, binding, check_binding, commit_adapter, export_adapter,
+                        is_adapter_artifact, read_adapter_artifact, refuse_other_base)
+from .peft_format import LoraAdapter, PrefixAdapter, read_adapter
+
+PREFIX_REFUSED = ("a prefix-tuning adapter adds key/value prefixes to attention and cannot be merged into "
+                  "weights; load it with PEFT at inference instead")
+
+
+@dataclass
+class LoraResult:
+    """What a LoRA verb made: artifacts (adapters and/or a checkpoint), an export path, a report."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    output: str | None = None
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class OpenedAdapter:
+    """An adapter with where it came from: its tensors as a source, its lineage entry and, for
+    an artifact, the base it is bound to."""
+
+    adapter: LoraAdapter | PrefixAdapter
+    source: object
+    lineage: dict
+    bound: dict | None
+    ref: str
+
+
+def open_adapter_ref(store: Store, ref: str) -> OpenedAdapter:
+    """Open an adapter artifact or PEFT directory (a pickled ``.bin`` adapter is refused)."""
+    if is_adapter_artifact(store, ref):
+        adapter, artifact = read_adapter_artifact(store, ref)
+        return OpenedAdapter(adapter, store.open(ref), {"id": artifact.id}, artifact.manifest.info.get("base"), ref)
+    adapter = read_adapter(ref)
+    return OpenedAdapter(adapter, DictSource(adapter.state_dict(), ref),
+                         {"external": {"type": "peft-adapter", "path": os.path.abspath(ref)}}, None, ref)
+
+
+def _lora_only(opened: OpenedAdapter, what: str) -> LoraAdapter:
+    if isinstance(opened.adapter, PrefixAdapter):
+        raise RecipeError(f"{opened.ref}: {what}: {PREFIX_REFUSED}")
+    return opened.adapter
+
+
+def _validate(adapter, source, files: dict, where: str) -> None:
+    if isinstance(adapter, PrefixAdapter):
+        import json
+
+        if "config.json" in files:
+            with open(files["config.json"], encoding="utf-8") as f:
+                adapter.validate_base(json.load(f))
+        return
+    adapter.validate_base({m.name: m.shape for m in source.metas()}, where=where)
+
+
+def import_adapter(store: Store, adapter_dir: str, base: str, *, name: str | None = None) -> LoraResult:
+    """Store the PEFT adapter in ``adapter_dir`` (LoRA, DoRA or prefix tuning) as a ``lora``
+    artifact bound to ``base``: its id when ``base`` is an artifact, and the checksums of every
+    base weight the adapter changes. The adapter must fit the base (TensorNotFound /
+    ShapeMismatch otherwise); ``.bin`` pickles are refused. Nothing is written on error.
+
+    Example: ``import_adapter(store, "./math-lora", "base", name="math")``.
+    """
+    from ..api import resolve_input
+
+    adapter = read_adapter(adapter_dir)
+    source, lineage, files = resolve_input(store, base)
+    with source:
+        _validate(adapter, source, files, where=base)
+        bound = binding(store, source, lineage, adapter)
+    artifact = commit_adapter(store, adapter, info=adapter_info(adapter, bound),
+                              parents=[{**lineage, "role": "base"}],
+                              source={"type": "peft-adapter", "path": os.path.abspath(adapter_dir)},
+                              recipe={"op": "lora_import"}, name=name)
+    return LoraResult([artifact], report={"describe": adapter.describe()})
+
+
+def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, transfer: bool = False,
+               name: str | None = None, out_dir: str | None = None, max_shard_size="5G", **run_options):
+    """Merge a LoRA / DoRA adapter (artifact or PEFT directory) into ``base``, streamed.
+
+    W + s·B·A (DoRA: m·(W + s·B·A)/‖W + s·B·A‖) in fp32, one rounding: PEFT's
+    ``merge_and_unload()``. An adapter artifact bound to another base is refused (BaseMismatch)
+    before anything is computed unless ``transfer``; a transfer is recorded in the merged
+    artifact's recipe and returned in ``analysis["transfer"]``.
+
+    Returns: the api ``JobResult`` (``artifact``: the merged checkpoint).
+    """
+    from ..api import JobResult, export, resolve_input, run_plan
+    from .plans import plan_lora_merge
+
+    opened = open_adapter_ref(store, adapter)
+    lora = _lora_only(opened, "lora merge")
+    source, lineage, files = resolve_input(store, base)
+    with source, opened.source:
+        transferred = None
+        if opened.bound is not None:
+            mismatched = check_binding(store, opened.bound, source, lineage, where=f"lora merge {adapter}")
+            transferred = refuse_other_base(mismatched, opened.bound, base, where=f"lora merge {adapter}",
+                                            transfer=transfer)
+        plan = plan_lora_merge(source, lora, opened.source, scale=scale, where=f"lora merge {adapter}")
+        parents = [{**lineage, "role": "base"}, {**opened.lineage, "role": "adapter"}]
+        recipe = {"op": "lora_merge", "scale": scale, "adapter": lora.describe()}
+        if transferred:
+            recipe["transfer"] = transferred
+        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
+                          desc="lora merge", **run_options)
+    if out_dir and result.artifact is not None:
+        export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
+               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
+    result.analysis = {"transfer": transferred}
+    return result
+
+
+def _finish(store: Store, adapter: LoraAdapter, bound: dict, *, parents, recipe, name, out_dir, report) -> LoraResult:
+    """Commit ``adapter`` bound to ``bound`` and export it to ``out_dir`` if asked."""
+    keep = {n for n in _names(adapter)}
+    bound = {**bound, "checksums": {k: v for k, v in (bound.get("checksums") or {}).items() if k in keep}}
+    artifact = commit_adapter(store, adapter, info=adapter_info(adapter, bound), parents=parents, recipe=recipe,
+                              name=name)
+    out = export_adapter(store, artifact.id, out_dir) if out_dir else None
+    return LoraResult([artifact], out, report)
+
+
+def _names(adapter: LoraAdapter) -> list[str]:
+    from .artifacts import weight_names
+
+    return weight_names(adapter)
+
+
+def _bound_of(store: Store, opened: OpenedAdapter, base: str | None) -> dict:
+    """The binding an adapter derived from ``opened`` keeps (a directory adapter needs ``base``)."""
+    if opened.bound is not None:
+        return opened.bound
+    if base is None:
+        raise InvalidParameter(f"{opened.ref} is a directory, not an adapter artifact: give --base, the model it "
+                               "belongs to, so the result can be bound to it")
+    from ..api import resolve_input
+
+    source, lineage, files = resolve_input(store, base)
+    with source:
+        _validate(opened.adapter, source, files, where=base)
+        return binding(store, source, lineage, opened.adapter)
+
+
+def resize(store: Store, adapter: str, *, rank: int | None = None, energy: float | None = None,
+           auto_budget: bool = False, budget: int | None = None, base: str | None = None,
+           name: str | None = None, out_dir: str | None = None) -> LoraResult:
+    """DyLoRA-style resize of an adapter: the SVD of s·B·A through QR of the factors (no out x in
+    matrix), truncated to ``rank`` / ``energy``, or per-module ranks under the parameter budget
+    of rank ``rank`` everywhere (``auto_budget``). The report has each module's Eckart-Young
+    relative error.
+
+    Example: ``resize(store, "math-lora", rank=16, name="math-r16")``.
+    """
+    from .adapters import resize_adapter
+
+    _check_rank_energy(rank, energy, "lora resize", required=budget is None)
+    if budget is not None and budget < 1:
+        raise InvalidParameter(f"lora resize: --budget must be a positive parameter count, got {budget}")
+    opened = open_adapter_ref(store, adapter)
+    lora = _lora_only(opened, "lora resize")
+    if rank is not None:
+        for k, m in lora.modules.items():
+            if rank > min(m.A.shape[1], m.B.shape[0]):
+                raise InvalidParameter(f"lora resize: rank {rank} for {k!r} is above min(out, in) = "
+                                       f"{min(m.A.shape[1], m.B.shape[0])}")
+    bound = _bound_of(store, opened, base)
+    opened.source.close()
+    try:
+        new, report = resize_adapter(lora, rank=rank, energy=energy, auto_budget=auto_budget, budget=budget)
+    except ValueError as e:   # a budget below rank 1 everywhere
+        raise InvalidParameter(f"lora resize: {e}") from None
+    return _finish(store, new, bound, parents=[{**opened.lineage, "role": "adapter"}],
+                   recipe={"op": "lora_resize", "rank": rank, "energy": energy, "budget": budget,
+                           "rank_pattern": "auto" if auto_budget else None},
+                   name=name, out_dir=out_dir, report={"modules": report.modules, "totals": report.totals})
+
+
+def drop(store: Store, adapter: str, *, lowest: int | None = None, modules: list[str] = (), base: str | None = None,
+         name: str | None = None, out_dir: str | None = None) -> LoraResult:
+    """AdapterDrop: the adapter without the LoRA of its lowest ``lowest`` layers and / or the named
+    modules; the report gives the parameters removed."""
+    from .adapters import drop_layers
+
+    if lowest is not None and lowest < 0:
+        raise InvalidParameter(f"lora drop: --layers must be >= 0, got {lowest}")
+    opened = open_adapter_ref(store, adapter)
+    lora = _lora_only(opened, "lora drop")
+    bound = _bound_of(store, opened, base)
+    opened.source.close()
+    new, report = drop_layers(lora, lowest=lowest, modules=list(modules))
+    return _finish(store, new, bound, parents=[{**opened.lineage, "role": "adapter"}],
+                   recipe={"op": "lora_drop", "lowest": lowest, "modules": sorted(modules)},
+                   name=name, out_dir=out_dir, report={"modules": report.modules, "totals": report.totals})
+
+
+def _check_rank_energy(rank, energy, where: str, required: bool = True) -> None:
+    if rank is not None and energy is not None:
+        raise InvalidParameter(f"{where}: give --rank or --energy, not both")
+    if required and rank is None and energy is None:
+        raise InvalidParameter(f"{where}: give --rank or --energy")
+    if rank is not None and rank < 1:
+        raise InvalidParameter(f"{where}: --rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidParameter(f"{where}: --energy must be in (0, 1], got {energy}")
+
+
+def extract(store: Store, ft: str, base: str, *, rank: int | None = None, energy: float | None = None,
+            max_rank: int = 128, targets: list[str] | None = None, name: str | None = None,
+            out_dir: str | None = None, seed: int = 0, **executor_options) -> LoraResult:
+    """A LoRA adapter of the fine-tune ``ft`` against ``base``, streamed per target module
+    (:func:`.streamed.extract`), committed bound to ``base``.
+
+    Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
+    """
+    from ..api import resolve_input
+    from .streamed import extract as run_extract
+
+    _check_rank_energy(rank, energy, "lora extract")
+    base_src, base_lineage, _ = resolve_input(store, base)
+    ft_src, ft_lineage, _ = resolve_input(store, ft)
+    with base_src, ft_src:
+        ex = run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
+                         seed=seed, **executor_options)
+        bound = binding(store, base_src, base_lineage, ex.adapter)
+    return _finish(store, ex.adapter, bound, parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "finetuned"}],
+                   recipe={"op": "lora_extract", "rank": rank, "energy": energy, "max_rank": max_rank if energy else None,
+                           "seed": seed, "power_iters": 2}, name=name, out_dir=out_dir,
+                   report={"modules": ex.modules, "totals": ex.totals})
+
+
+def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", experts: int = 1,
+             alpha: float | None = None, targets: list[str] | None = None, name: str | None = None,
+             out_dir: str | None = None, **executor_options) -> LoraResult:
+    """PiSSA / GOAT initialisation: a residual-base checkpoint artifact (targets W0 - s·B·A in
+    fp32) and the adapter(s) bound to it, so residual + adapter == W0 to fp32 rounding.
+
+    Returns: artifacts = [residual base, adapter (or one per GOAT expert)].
+    """
+    from ..api import resolve_input, run_plan
+    from .streamed import residual_plan, stacked_factors
+    from .streamed import svd_init as run_init
+
+    if method not in ("pissa", "goat"):
+        raise InvalidParameter(f"lora init: --method must be pissa or goat, got {method!r}")
+    if rank < 1:
+        raise InvalidParameter(f"lora init: --rank must be >= 1, got {rank}")
+    source, lineage, files = resolve_input(store, base)
+    with source:
+        adapters = run_init(source, rank=rank, method=method, experts=experts, alpha=alpha, targets=targets,
+                            **executor_options)
+        plan = residual_plan(source, adapters, DictSource(stacked_factors(adapters)))
+        recipe = {"op": "lora_init", "method": method, "rank": rank, "experts": len(adapters), "alpha": alpha}
+        residual = run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "base"}], recipe=recipe,
+                            files=files, name=f"{name}-residual" if name else None, desc=f"lora init {method}",
+                            **executor_options).artifact
+    out = LoraResult([residual], report={"experts": len(adapters), "rank": rank})
+    with store.open(residual.id) as res_src:
+        for e, ad in enumerate(adapters):
+            bound = binding(store, res_src, {"id": residual.id}, ad)
+            tag = (name if len(adapters) == 1 else f"{name}-expert{e}") if name else None
+            art = commit_adapter(store, ad, info=adapter_info(ad, bound), parents=[{"id": residual.id, "role": "base"}],
+                                 recipe={**recipe, "expert": e}, name=tag)
+            out.artifacts.append(art)
+            if out_dir:
+                export_adapter(store, art.id, out_dir if len(adapters) == 1 else os.path.join(out_dir, f"expert-{e}"))
+    out.output = out_dir
+    return out
+
+
+__all__ = ["import_adapter", "lora_merge", "resize", "drop", "extract", "svd_init", "open_adapter_ref",
+           "LoraResult", "BaseMismatch"]
