@@ -130,17 +130,19 @@ def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: lis
                 c = nxt.shape[1]
                 lse = torch.logsumexp(logits[:, :c], dim=-1)
                 nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
-            probs = sampling.teacher_probs(logits, config.temperature)             # [B, c, V]
-            del logits
-            for b in range(B):
-                if config.method == "rs-kd":
-                    u = sampling.sequence_uniforms(config.seed, sequence_indices[b], L, config.draws, s, e)
-                    parts[b].append(sampling.rs_kd(probs[b], u, tau=config.tau, self_normalise=config.self_normalise))
-                elif config.method == "top-k":
-                    parts[b].append(sampling.top_k(probs[b], config.k))
-                else:
-                    parts[b].append(sampling.full(probs[b]))
-            del probs
+            if config.method == "rs-kd":                                             # all sequences of the batch at once
+                c = e - s
+                probs = sampling.proportional_probs_(logits, config.temperature).view(B * c, V)   # overwrites logits
+                u = torch.cat([sampling.sequence_uniforms(config.seed, sequence_indices[b], L, config.draws, s, e)
+                               for b in range(B)])                                    # [B * c, N]
+                rows = sampling.rs_kd(probs, u, tau=config.tau, self_normalise=config.self_normalise)
+                for b, r in enumerate(sampling.split_rows(rows, B)):
+                    parts[b].append(r)
+            else:
+                probs = sampling.teacher_probs(logits, config.temperature)         # [B, c, V]
+                for b in range(B):
+                    parts[b].append(sampling.top_k(probs[b], config.k) if config.method == "top-k" else sampling.full(probs[b]))
+            del logits, probs
     return [_concat_rows(p) for p in parts], list(nll)
 
 

@@ -38,31 +38,52 @@ def sequence_uniforms(seed: int, sequence: int, seq_len: int, draws: int, start:
 CDF_BLOCK = 256
 
 
-def draw_ids(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws: int64 ids [P, N] with P(id = i) = probs[p, i] / sum(probs[p]).
+def proportional_probs_(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """exp(logits / T - max) in place (fp32): proportional to softmax(logits / T), not normalised.
 
-    Two-level CDF (3x cheaper than a float64 cumsum over the vocabulary): the vocabulary is cut
-    into blocks of ``CDF_BLOCK`` ids; the block masses are accumulated in float64, a draw first
-    finds its block there, then its id by the float32 cumulative sum inside the block. Sums of 256
-    terms keep float32's relative precision, so tail ids keep their probability at a 128k vocab.
-    An id with zero probability is never drawn (searchsorted with right=True skips flat steps,
-    and the residual is kept strictly below its block's mass).
+    Saves the softmax's division and its second [P, V] tensor; the draws below normalise by the
+    row totals they accumulate anyway. ``logits`` is overwritten (a float32 copy is made first
+    when it is not float32).
+    """
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    if temperature != 1.0:
+        x.div_(float(temperature))
+    return x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draws: (int64 ids [P, N], float64 row totals [P]) with P(id = i) = probs[p, i] / total[p].
+
+    ``probs`` [P, V] is non-negative and need not be normalised. Two-level CDF: the vocabulary
+    is cut into blocks of ``CDF_BLOCK`` ids; the block masses (float32 sums of 256 terms) are
+    accumulated in float64, a draw first finds its block there, then its id by the float32
+    cumulative sum of that one block, computed for the drawn blocks only ([P, N, 256] instead of a
+    cumsum over [P, V]: 3x cheaper at a 49k vocabulary). Sums of 256 terms keep float32's
+    relative precision, so tail ids keep their probability at a 128k vocab. An id with zero
+    probability is never drawn (searchsorted with right=True skips flat steps, and the residual
+    is kept strictly below its block's cumulative sum).
     """
     P, V = probs.shape
     B = CDF_BLOCK
     pad = (-V) % B
-    p = torch.nn.functional.pad(probs.float(), (0, pad)) if pad else probs.float()
-    inner = torch.cumsum(p.view(P, -1, B), dim=-1)                     # [P, nb, B] float32, within blocks
-    mass = inner[..., -1]                                              # [P, nb] block masses
-    prefix = torch.cumsum(mass.double(), dim=-1)                       # [P, nb] float64
-    targets = uniforms.double() * prefix[:, -1:]                       # [P, N], strictly below the total
+    p = probs.float()
+    blocks = (torch.nn.functional.pad(p, (0, pad)) if pad else p).view(P, -1, B)   # [P, nb, B]
+    prefix = torch.cumsum(blocks.sum(dim=-1).double(), dim=-1)         # [P, nb] float64 block CDF
+    total = prefix[:, -1]                                              # [P]
+    targets = uniforms.double() * total.unsqueeze(1)                   # [P, N], strictly below the total
     block = torch.searchsorted(prefix, targets, right=True).clamp_(max=prefix.shape[1] - 1)   # [P, N]
     before = torch.where(block > 0, torch.gather(prefix, 1, (block - 1).clamp_(min=0)), torch.zeros_like(targets))
-    block_mass = torch.gather(mass, 1, block)                          # [P, N]
-    residual = torch.minimum((targets - before).float(), torch.nextafter(block_mass, torch.zeros_like(block_mass)))
     rows = torch.arange(P, device=probs.device).unsqueeze(1).expand_as(block)
-    within = torch.searchsorted(inner[rows, block], residual.unsqueeze(-1), right=True).squeeze(-1)   # [P, N]
-    return (block * B + within.clamp_(max=B - 1)).clamp_(max=V - 1)
+    inner = torch.cumsum(blocks[rows, block], dim=-1)                  # [P, N, B] float32, drawn blocks only
+    block_mass = inner[..., -1]                                        # [P, N]
+    residual = torch.minimum((targets - before).float(), torch.nextafter(block_mass, torch.zeros_like(block_mass)))
+    within = torch.searchsorted(inner, residual.unsqueeze(-1), right=True).squeeze(-1)   # [P, N]
+    return (block * B + within.clamp_(max=B - 1)).clamp_(max=V - 1), total
+
+
+def draw_ids(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: int64 ids [P, N] with P(id = i) = probs[p, i] / sum(probs[p]) (see ``inverse_cdf``)."""
+    return inverse_cdf(probs, uniforms)[0]
 
 
 @dataclass
@@ -102,12 +123,14 @@ def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self_normalise: bool = False) -> SparseRows:
-    """RS-KD targets for positions with teacher probabilities ``probs`` [P, V] (fp32, rows sum to 1).
+    """RS-KD targets for positions whose teacher distribution t is proportional to ``probs`` [P, V].
 
-    Runs on ``probs``' device (uniforms are moved there); only the sparse result is copied back.
+    ``probs`` is fp32 and non-negative; rows need not sum to 1 (``proportional_probs_`` output
+    is fine: t = probs / row sum). Runs on ``probs``' device (uniforms are moved there); only the
+    sparse result is copied back.
 
     Args:
-        probs: teacher distribution t per position.
+        probs: teacher distribution t per position, up to a positive factor per row.
         uniforms: [P, N] uniforms in [0, 1) (``sequence_uniforms``); N is the number of draws.
         tau: proposal exponent, q ∝ t^τ. τ = 1 stores integer counts only.
         self_normalise: for τ ≠ 1, divide the importance weights of a row by their sum.
@@ -121,24 +144,37 @@ def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self
         50
     """
     P, N = uniforms.shape
-    if tau == 1.0:
-        q = probs
-    else:
-        q = probs.clamp_min(0).pow(tau)
-        q = q / q.sum(dim=-1, keepdim=True)
-    per_row, rows, ids, counts = unique_counts(draw_ids(q, uniforms.to(probs.device)))
-    t_sel = probs[rows, ids]
-    coverage = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, t_sel.double())
+    q = probs if tau == 1.0 else probs.clamp_min(0).pow(tau)
+    draws, q_total = inverse_cdf(q, uniforms.to(probs.device))
+    per_row, rows, ids, counts = unique_counts(draws)
+    t_total = q_total if tau == 1.0 else probs.sum(dim=-1, dtype=torch.float64)
+    t_sel = probs[rows, ids].double() / t_total[rows]                              # [nnz] normalised t
+    coverage = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, t_sel)
     offsets = np.zeros(P + 1, dtype=np.int64)
     np.cumsum(per_row.cpu().numpy(), out=offsets[1:])
     out = SparseRows(offsets, ids.cpu().numpy().astype(np.int32), counts.cpu().numpy().astype(np.uint8 if N < 256 else np.uint16),
                      coverage=coverage.float().cpu().numpy())
     if tau != 1.0:
-        w = (counts.double() / N) * (t_sel.double() / q[rows, ids].double())
+        q_sel = q[rows, ids].double() / q_total[rows]
+        w = (counts.double() / N) * (t_sel / q_sel)
         if self_normalise:
             total = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, w)
             w = w / total[rows]
         out.weights = w.float().cpu().numpy()
+    return out
+
+
+def split_rows(rows: SparseRows, parts: int) -> list[SparseRows]:
+    """Cut the positions of ``rows`` into ``parts`` equal consecutive runs (e.g. one per sequence)."""
+    per = rows.positions // parts
+    out = []
+    for j in range(parts):
+        a, b = rows.offsets[j * per], rows.offsets[(j + 1) * per]
+
+        def cut(x):
+            return None if x is None else x[a:b]
+        out.append(SparseRows(rows.offsets[j * per:(j + 1) * per + 1] - a, cut(rows.ids), cut(rows.counts), cut(rows.weights),
+                              cut(rows.logprobs), None if rows.coverage is None else rows.coverage[j * per:(j + 1) * per]))
     return out
 
 

@@ -1,7 +1,7 @@
 """Teacher-logit benchmarks on the real SmolLM2-135M teacher over data/corpus (not in the default run).
 
     python tests/benchmarks/bench_distill.py bytes  [--seq-len 512] [--threads 1]
-    python tests/benchmarks/bench_distill.py overhead [--seq-len 512] [--sequences 8]
+    python tests/benchmarks/bench_distill.py overhead [--seq-len 512] [--sequences 8] [--device cuda --dtype bfloat16]
     python tests/benchmarks/bench_distill.py learn  [--steps 150] [--seeds 0]
 
 bytes:    RS-KD (N = 50) datasets in the shipped codec, against alternative encodings of the same
@@ -126,31 +126,58 @@ def cmd_bytes(args):
     print(f"  full logits bf16: {49152 * 2} B/token")
 
 
+def forward_only(lm, ids, position_chunk=128):
+    """The teacher's forward + LM head over position chunks, results dropped (the baseline)."""
+    with torch.inference_mode():
+        h = final_hidden(lm.model, ids.to(lm.model.device))
+        for s in range(0, ids.shape[1], position_chunk):
+            head_logits(lm.model, h[:, s:s + position_chunk], lm.real_vocab)
+        if h.is_cuda:
+            torch.cuda.synchronize()
+
+
 def cmd_overhead(args):
-    lm = load_causal_lm(smollm2_checkpoint())
+    """Per batch, in the same run: forward + LM head alone, then forward + sampling + encoding +
+    zstd (synchronous, no writer thread); then the whole ``precompute`` (writes behind) over the
+    same sequences against the sum of the forward-alone times. Wall and CPU (process) seconds;
+    the first batch warms up (imports, allocator) and is not counted."""
+    from tensorstore_llm.distill.encoding import SequenceTargets
+
+    lm = load_causal_lm(smollm2_checkpoint(), device=args.device, dtype=args.dtype)
     corpus = read_corpus(CORPUS, tokenizer=lm.tokenizer)
-    packing = Packing(corpus.documents, lm.tokenizer, PackingRule(seq_len=args.seq_len), corpus.fingerprint)
+    rule = PackingRule(seq_len=args.seq_len)
+    packing = Packing(corpus.documents, lm.tokenizer, rule, corpus.fingerprint)
     config = SamplingConfig()
-    fwd = full = 0.0
-    for b in range(0, args.sequences, 2):
-        idx = list(range(b, b + 2))
+    bs = args.batch_size
+    n = min(args.sequences, len(packing) - bs)
+    wall = {"fwd": 0.0, "full": 0.0}
+    cpu = {"fwd": 0.0, "full": 0.0}
+    for b in range(-bs, n, bs):                       # b < 0: the warm-up batch
+        idx = list(range(max(b, 0), max(b, 0) + bs))
         ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            h = final_hidden(lm.model, ids)
-            for s in range(0, args.seq_len, 128):
-                head_logits(lm.model, h[:, s:s + 128], lm.real_vocab)
-        t1 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
+        forward_only(lm, ids)
+        w1, c1 = time.perf_counter(), time.process_time()
         rows, _ = teacher_targets(lm, ids, idx, config)
-        from tensorstore_llm.distill.encoding import SequenceTargets
-        table = encode_rows("rs-kd", [SequenceTargets(i, packing.sequences[i], r) for i, r in zip(idx, rows)], 49152, 50)
+        table = encode_rows("rs-kd", [SequenceTargets(i, packing.sequences[i], r) for i, r in zip(idx, rows)], lm.real_vocab, 50)
         parquet_bytes(table)
-        t2 = time.perf_counter()
-        fwd += t1 - t0
-        full += t2 - t1
-    tokens = args.sequences * args.seq_len
-    print(f"forward + LM head: {tokens / fwd:.0f} tokens/s; forward + sampling + encoding + zstd: {tokens / full:.0f} tokens/s; "
-          f"overhead ratio {full / fwd:.3f} ({torch.get_num_threads()} thread(s))")
+        w2, c2 = time.perf_counter(), time.process_time()
+        if b >= 0:
+            wall["fwd"] += w1 - w0
+            wall["full"] += w2 - w1
+            cpu["fwd"] += c1 - c0
+            cpu["full"] += c2 - c1
+    tokens = n * args.seq_len
+    print(f"{n} x {args.seq_len} tokens, batch {bs}, {lm.model.device}, {torch.get_num_threads()} thread(s)")
+    print(f"forward + LM head: {tokens / wall['fwd']:.0f} tokens/s; forward + sampling + encoding + zstd: "
+          f"{tokens / wall['full']:.0f} tokens/s")
+    print(f"overhead ratio, wall {wall['full'] / wall['fwd']:.3f}, CPU time {cpu['full'] / cpu['fwd']:.3f}")
+    out = os.path.join(tempfile.mkdtemp(), "rs-kd")
+    w0, c0 = time.perf_counter(), time.process_time()
+    precompute(lm, corpus, out, rule=rule, max_sequences=n, batch_size=bs, shard_sequences=max(bs, 8))
+    w1, c1 = time.perf_counter(), time.process_time()
+    print(f"whole precompute (writes behind, {n} sequences): {tokens / (w1 - w0):.0f} tokens/s; "
+          f"against forward alone: wall {(w1 - w0) / wall['fwd']:.3f}, CPU time {(c1 - c0) / cpu['fwd']:.3f}")
 
 
 def cmd_learn(args):
@@ -173,6 +200,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn}[args.what](args)
