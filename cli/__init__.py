@@ -34,6 +34,8 @@ _COMMANDS = {
     "plan": ("prune_cmds", "plan_cmd"),
     "diff": ("diff_cmds", "diff_cmd"),
     "apply": ("diff_cmds", "apply_cmd"),
+    "diff-stats": ("diff_stats_cmds", "diff_stats_cmd"),
+    "diff-eval": ("diff_stats_cmds", "diff_eval_cmd"),
 }
 
 

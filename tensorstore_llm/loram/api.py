@@ -1,0 +1,106 @@
+"""``recover_adapter``: a PEFT adapter trained on a pruned model -> a ``lora`` artifact bound to the
+full base (and a PEFT directory), ready for ``tsllm lora merge``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import BaseMismatch, RecipeError, ShapeMismatch
+from ..lora.peft_format import LoraAdapter, PrefixAdapter, read_adapter, write_adapter
+from ..store import Artifact, Store, job_key
+from .recover import Recovery, full_shapes, recover
+
+
+@dataclass
+class RecoverResult:
+    recovery: Recovery
+    artifact: Artifact | None
+    output: str | None
+
+
+def recover_adapter(store: Store, adapter_dir: str, plan_ref: str, *, out_dir: str | None = None,
+                    name: str | None = None, pruned: str | None = None, overwrite: bool = False) -> RecoverResult:
+    """Recover ``adapter_dir`` (PEFT, trained on the model pruned by plan ``plan_ref``).
+
+    Args:
+        pruned: the checkpoint the adapter was trained on (the pruned model, or an aligned one
+            imported as an artifact / directory); when given, the adapter must fit its shapes.
+        out_dir: also write the recovered PEFT adapter directory there.
+        name: tag of the new ``lora`` artifact.
+    Returns:
+        :class:`RecoverResult`: the artifact (kind ``lora``, info binding it to the full base,
+        lineage: the plan and the adapter) and ``out_dir``. Nothing is written when a check fails.
+    Example:
+        >>> recover_adapter(store, "pruned-lora", "small-plan", out_dir="full-lora")   # doctest: +SKIP
+    """
+    from ..prune.api import load_plan
+
+    plan, plan_artifact = load_plan(store, plan_ref)
+    adapter = read_adapter(adapter_dir)
+    if isinstance(adapter, PrefixAdapter):
+        raise RecipeError(f"{adapter_dir}: a prefix-tuning adapter has no LoRA factors to recover")
+    if pruned is not None:
+        _check_fits(store, adapter, pruned)
+    recovery = recover(adapter, plan)
+    full = full_shapes(plan, [m.weight_name for m in recovery.adapter.modules.values()])
+    recovery.adapter.validate_base({n: s for n, s in full.items()}, where="the plan's full base") if full else None
+    state = recovery.adapter.state_dict()
+    config = json.dumps(recovery.adapter.config.to_dict(), indent=2, sort_keys=True).encode()
+    info = {"base": plan.base, "ranks": recovery.adapter.ranks(), "alpha": float(recovery.adapter.config.lora_alpha),
+            "pruning_plan": plan_artifact.id, "recovered": True}
+    parents = [{"id": plan_artifact.id, "role": "pruning_plan"},
+               {"role": "adapter", "external": {"type": "peft-adapter", "path": os.path.abspath(adapter_dir)}}]
+    if plan.base.get("id") and store.has(plan.base["id"]):
+        parents.insert(0, {"id": plan.base["id"], "role": "base"})
+    artifact = _commit(store, state, config, info, parents, recovery)
+    if name:
+        store.tag(artifact.id, name)
+    if out_dir:
+        write_adapter(recovery.adapter, out_dir, overwrite=overwrite)
+    return RecoverResult(recovery, artifact, out_dir)
+
+
+def _check_fits(store: Store, adapter: LoraAdapter, pruned: str) -> None:
+    from ..api import resolve_input
+
+    source, _, _ = resolve_input(store, pruned)
+    with source:
+        shapes = {m.name: m.shape for m in source.metas()}
+    try:
+        adapter.validate_base(shapes, where=f"pruned checkpoint {pruned}")
+    except ShapeMismatch as e:
+        raise ShapeMismatch(f"{e} (the adapter was not trained on this pruned checkpoint)") from None
+
+
+def _commit(store: Store, state: dict, config: bytes, info: dict, parents: list, recovery: Recovery) -> Artifact:
+    from ..io.base import TensorMeta
+
+    writer = store.create(job_key("lora-recovered", info, sorted((k, list(v.shape)) for k, v in state.items()),
+                                  config.decode(), [str(p) for p in parents]))
+    try:
+        writer.prepare([TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()])
+        done = writer.completed()
+        for k, v in state.items():
+            if k not in done:
+                if v.numel():
+                    writer.write_rows(k, 0, v)
+                writer.finish(k)
+        return writer.commit(kind="lora", parents=parents, recipe={"op": "loram_recover", "modules": recovery.actions},
+                             files={"adapter_config.json": config}, info=info)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def check_plan_base(store: Store, plan_ref: str, base_ref: str) -> None:
+    """BaseMismatch unless ``base_ref`` is the model the plan was made from (by checksums)."""
+    from ..prune.api import load_plan, model_checksums
+    from ..prune.plan import check_binding
+
+    plan, _ = load_plan(store, plan_ref)
+    checksums = model_checksums(store, base_ref, list(plan.base.get("checksums", {})))
+    check_binding(plan, checksums, f"base {base_ref}")
+
+
+__all__ = ["recover_adapter", "RecoverResult", "check_plan_base", "BaseMismatch"]
