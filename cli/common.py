@@ -15,6 +15,19 @@ def progress_flag(ctx):
     return False if ctx.obj["quiet"] else None
 
 
+def options_of(ctx, *, device: str = "auto", max_memory="2G", seed: int = 0, compression: str = "none",
+               dry_run: bool = False):
+    """The one RunOptions of a command, from its parsed options and the global --quiet.
+
+    Example:
+        >>> result = merge(store, text, options=options_of(ctx, max_memory=max_memory))   # doctest: +SKIP
+    """
+    from tensorstore_llm.engine.options import RunOptions
+
+    return RunOptions(device=device, max_memory=max_memory, seed=seed, compression=compression,
+                      progress=progress_flag(ctx), dry_run=dry_run)
+
+
 def size_option(ctx, param, value):
     """Click callback: ``value`` must read as a size (else a usage error, exit 2) and be positive
     (else InvalidParameter, exit 7): the same rule as every option, parse first, then domain."""

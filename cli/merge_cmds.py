@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import print_estimate, progress_flag, report, run_options, size_option, store_of
+from .common import options_of, print_estimate, report, run_options, size_option, store_of
 
 
 @click.command("merge")
@@ -47,8 +47,8 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
 
     text = read_recipe_file(recipe)
     store = store_of(ctx)
-    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, device=device, max_memory=max_memory, seed=seed,
-                   compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
+    options = options_of(ctx, device=device, max_memory=max_memory, seed=seed, compression=compression, dry_run=dry_run)
+    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, options=options)
     if result.analysis and not ctx.obj["quiet"]:
         a = result.analysis
         click.echo(f"layer conflict ratios (mu {a['mu']:.4f}, sigma {a['sigma']:.4f}, averaged below {a['threshold']:.4f}):")
@@ -59,7 +59,7 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
     report(result, "merged", ctx.obj["quiet"])
     if out_dir:
         exported = export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size, max_memory=max_memory,
-                          progress=progress_flag(ctx))
+                          progress=options.progress)
         if not ctx.obj["quiet"]:
             click.echo(f"exported to {exported.output}")
 
@@ -78,10 +78,11 @@ def soup_cmd(ctx, refs, score_cmd, name, max_memory, device):
 
     Example: tsllm soup ft1 ft2 ft3 --score-cmd "python eval.py --model {path}" --name soup
     """
-    from tensorstore_llm.soup import command_score, greedy_soup
+    from tensorstore_llm.api import greedy_soup
+    from tensorstore_llm.merge.soup import command_score
 
-    result = greedy_soup(store_of(ctx), list(refs), command_score(score_cmd), name=name, max_memory=max_memory,
-                         device=device, progress=progress_flag(ctx))
+    result = greedy_soup(store_of(ctx), list(refs), command_score(score_cmd), name=name,
+                         options=options_of(ctx, device=device, max_memory=max_memory))
     for step in result.history:
         click.echo(f"  {step['score']:12.6g}  {step['candidate']}")
     click.echo(f"soup of {', '.join(result.kept)}: {result.artifact.short_id}")

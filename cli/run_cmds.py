@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import print_estimate, progress_flag, report, run_options, store_of
+from .common import options_of, print_estimate, report, run_options, store_of
 
 
 @click.command("convert")
@@ -19,8 +19,9 @@ def convert_cmd(ctx, ref, dtype, name, device, max_memory, seed, compression, dr
     """
     from tensorstore_llm.api import convert
 
-    result = convert(store_of(ctx), ref, dtype, name=name, device=device, max_memory=max_memory, seed=seed,
-                     compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
+    result = convert(store_of(ctx), ref, dtype, name=name,
+                     options=options_of(ctx, device=device, max_memory=max_memory, seed=seed, compression=compression,
+                                        dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
     report(result, f"converted {ref} to {dtype}", ctx.obj["quiet"])
@@ -46,8 +47,8 @@ def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_mem
     except ValueError:
         raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights")
     result = weighted_sum(store_of(ctx), list(refs), values, normalize=normalize, dtype=dtype, name=name,
-                          device=device, max_memory=max_memory, seed=seed, compression=compression,
-                          progress=progress_flag(ctx), dry_run=dry_run)
+                          options=options_of(ctx, device=device, max_memory=max_memory, seed=seed,
+                                             compression=compression, dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
     report(result, "weighted sum", ctx.obj["quiet"])

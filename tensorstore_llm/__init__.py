@@ -23,7 +23,7 @@ _EXPORTS = {
     "HFCheckpointSource": "io", "HFCheckpointSink": "io", "TensorMeta": "io",
     "op": "ops", "register_op": "ops", "get_op": "ops", "list_ops": "ops",
     "seed_for": "seeding",
-    "greedy_soup": "soup", "command_score": "soup",
+    "greedy_soup": "api", "command_score": "merge.soup", "RunOptions": "engine.options",
 }
 _ERRORS = ("TsllmError", "ArtifactNotFound", "RefError", "FormatError", "UnsafeFormat", "IntegrityError",
            "TensorNotFound", "ShapeMismatch", "DTypeError", "InvalidTensorName", "RecipeError", "StorageError",

@@ -3,6 +3,10 @@
 Every operation is the same three steps: resolve inputs to TensorSources, build a validated Plan,
 stream it through the Executor into a sink (a store artifact or a Hugging Face directory) that
 commits atomically. An interrupted run (Ctrl-C, kill) resumes when re-run with the same inputs.
+
+How a job runs (device, memory budget, seed, compression, progress, dry run) is one
+:class:`~tensorstore_llm.engine.options.RunOptions` passed as ``options=``; the same settings as
+keywords (``max_memory="1G"``) still work and override it.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .dtypes import by_name
 from .engine import Estimate, Executor, Plan, plan_map, resolve_device
+from .engine.options import RunOptions
 from .errors import ArtifactNotFound, DTypeError, InvalidParameter, TsllmError
 from .io import hub
 from .io.hf_dir import HFCheckpointSink, HFCheckpointSource
@@ -67,15 +72,24 @@ def resolve_input(store: Store | None, ref: str, revision: str | None = None):
 
 
 def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, recipe=None, files=None,
-             name: str | None = None, device="auto", max_memory="2G", seed: int = 0, compression="none",
-             progress: bool | None = None, dry_run: bool = False, desc: str = "tsllm") -> JobResult:
+             name: str | None = None, desc: str = "tsllm", options: RunOptions | None = None, **run_options) -> JobResult:
     """Stream ``plan`` into a new artifact of ``kind`` and commit it (tagging it ``name``).
 
     The staging directory is keyed by everything that determines the result, so re-running an
     interrupted call resumes it; any other failure removes what was staged.
+
+    Args:
+        options: how to run (RunOptions); ``run_options`` keywords (device, max_memory, seed,
+            compression, progress, dry_run) override its fields.
+    Returns:
+        JobResult (only ``estimate`` on a dry run).
+    Example:
+        >>> run_plan(store, plan, kind="checkpoint", options=RunOptions(max_memory="1G"))  # doctest: +SKIP
     """
-    executor = Executor(plan, None, device=device, max_memory=max_memory, seed=seed, progress=progress, desc=desc)
-    if dry_run:
+    opts = RunOptions.of(options, **run_options)
+    device, seed, compression = opts.device, opts.seed, opts.compression
+    executor = Executor(plan, None, device=device, max_memory=opts.max_memory, seed=seed, progress=opts.progress, desc=desc)
+    if opts.dry_run:
         return JobResult(executor.estimate())
     dev = resolve_device(device)
     key = job_key(kind, plan.fingerprint(), seed, dev.type, compression, list(parents), source, recipe)
@@ -109,7 +123,7 @@ def _keep_or_discard(sink, step):
 
 
 def import_checkpoint(src: str, store: Store, *, name: str | None = None, revision: str | None = None,
-                      dtype: str | None = None, **run_options) -> JobResult:
+                      dtype: str | None = None, options: RunOptions | None = None, **run_options) -> JobResult:
     """Import a Hugging Face checkpoint directory, ``.safetensors`` file or hub repo as an artifact.
 
     Example:
@@ -122,25 +136,31 @@ def import_checkpoint(src: str, store: Store, *, name: str | None = None, revisi
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=src)
         return run_plan(store, plan, kind="checkpoint", source=lineage["external"],
                         recipe={"op": "import", "dtype": dtype}, files=_with_dtype(files, dtype),
-                        name=name, desc=f"import {os.path.basename(src.rstrip('/'))}", **run_options)
+                        name=name, desc=f"import {os.path.basename(src.rstrip('/'))}", options=options, **run_options)
 
 
 def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: str | None = None,
-           device="cpu", max_memory="2G", progress: bool | None = None, dry_run: bool = False) -> JobResult:
+           options: RunOptions | None = None, **run_options) -> JobResult:
     """Write artifact ``ref`` as a Hugging Face directory (sharded safetensors + index + carried files).
 
     The directory appears complete or not at all; an interrupted export resumes. Its staging
     (``.OUT.tsllm-partial-*`` beside it) is locked while the export runs, so a concurrent export of
     the same job fails with StorageError, and registered in the store, so ``gc`` removes it if the
-    export is killed.
+    export is killed. Of the run options it uses device (default 'cpu'), max_memory, progress and
+    dry_run.
+
+    Example:
+        >>> export(store, "merged", "out/merged", max_shard_size="2G")     # doctest: +SKIP
     """
+    opts = RunOptions.of(options if options is not None else RunOptions(device="cpu"), **run_options)
     artifact = store.get(ref)
     with store.open(ref) as source:
         if dtype:
             _check_float_target(source, dtype, f"export {ref}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=f"artifact {artifact.short_id}")
-        executor = Executor(plan, None, device=device, max_memory=max_memory, progress=progress, desc=f"export {artifact.short_id}")
-        if dry_run:
+        executor = Executor(plan, None, device=opts.device, max_memory=opts.max_memory, progress=opts.progress,
+                            desc=f"export {artifact.short_id}")
+        if opts.dry_run:
             return JobResult(executor.estimate())
         shard_bytes = parse_size(max_shard_size)
         key = job_key("export", plan.fingerprint(), shard_bytes)
@@ -152,7 +172,8 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
     return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
 
 
-def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, **run_options) -> JobResult:
+def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, options: RunOptions | None = None,
+            **run_options) -> JobResult:
     """A new artifact with the float tensors of ``ref`` cast to ``dtype`` (round to nearest even)."""
     source, lineage, files = resolve_input(store, ref)
     with source:
@@ -160,11 +181,12 @@ def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, **ru
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=ref)
         return run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "source"}],
                         recipe={"op": "convert", "dtype": by_name(dtype).name}, files=_with_dtype(files, dtype),
-                        name=name, desc=f"convert {ref}", **run_options)
+                        name=name, desc=f"convert {ref}", options=options, **run_options)
 
 
 def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normalize: bool = False,
-                 dtype: str | None = None, name: str | None = None, **run_options) -> JobResult:
+                 dtype: str | None = None, name: str | None = None, options: RunOptions | None = None,
+                 **run_options) -> JobResult:
     """A new artifact ``sum_i w_i * model_i`` over every tensor (``/ sum_i w_i`` with ``normalize``).
 
     Example:
@@ -183,7 +205,8 @@ def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normali
         parents = [{**lineage, "role": "model", "ref": r} for r, (_, lineage, _) in zip(refs, opened)]
         return run_plan(store, plan, kind="checkpoint", parents=parents,
                         recipe={"op": "weighted_sum", "weights": list(weights), "normalize": normalize},
-                        files=_with_dtype(opened[0][2], dtype), name=name, desc="weighted sum", **run_options)
+                        files=_with_dtype(opened[0][2], dtype), name=name, desc="weighted sum", options=options,
+                        **run_options)
     finally:
         for source, _, _ in opened:
             source.close()
@@ -230,19 +253,23 @@ def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | byt
 
 
 def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", arithmetic: str = "fp32",
-          **run_options) -> JobResult:
+          options: RunOptions | None = None, **run_options) -> JobResult:
     """Run a mergekit-format YAML recipe (text) into a new checkpoint artifact.
 
     Everything that can fail (references, tensors, shapes, parameters) is checked before any
     tensor is computed. The artifact's lineage records every input and the recipe.
     ``arithmetic="mergekit"`` replays mergekit's operations in the recipe's dtype (bit-exact
     comparison mode, linear and task-arithmetic methods); the default computes in fp32.
+    The method (``merge/methods/``) prepares what it needs first (Mediator's conflict table,
+    Sens-Merging's scores), streamed under the same options; ``JobResult.analysis`` holds what
+    it reports (Mediator's table).
 
     Example:
         >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
     """
-    from .merge.recipe import load_recipe, plan_merge
+    from .merge.recipe import load_recipe, prepare_merge
 
+    opts = RunOptions.of(options, **run_options)
     parsed = load_recipe(recipe, where)
     refs = list(dict.fromkeys(([parsed.base] if parsed.base else []) + [m.ref for m in parsed.models]))
     opened = {}
@@ -250,57 +277,51 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         for ref in refs:
             opened[ref] = resolve_input(store, ref)
         sources = {ref: o[0] for ref, o in opened.items()}
-        table = None
-        if parsed.method == "mediator":
-            from .merge.mediator import conflict_table
-
-            others = [m.ref for m in parsed.models if m.ref != parsed.base]
-            plan_merge(parsed, sources, where, averaged_layers=lambda key: True)  # validate before reading
-            table = conflict_table(sources[parsed.base], [sources[r] for r in others], list(sources[parsed.base].keys()),
-                                   float(parsed.parameters.get("sigma", 1.0)), max_memory=run_options.get("max_memory", "2G"),
-                                   device=run_options.get("device", "auto"), progress=run_options.get("progress"))
-        scores = _calibrated_sensitivity(parsed, sources, opened, where, run_options.get("dry_run", False))
-        plan = plan_merge(parsed, sources, where, averaged_layers=table.averaged if table else None, arithmetic=arithmetic,
-                          sensitivity=scores)
+        plan, prepared = prepare_merge(parsed, sources, {ref: o[2] for ref, o in opened.items()}, where, opts, arithmetic)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         files = opened[parsed.base or refs[0]][2]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}
         if arithmetic != "fp32":
             recipe_record["arithmetic"] = arithmetic
-        if scores is not None:
-            recipe_record["sensitivity"] = scores
-        if table:
-            recipe_record["conflicts"] = table.to_json()
+        recipe_record.update(prepared.record)
         result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
-                          files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}",
-                          **run_options)
-        result.analysis = table.to_json() if table else None
+                          files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}", options=opts)
+        result.analysis = prepared.analysis
         return result
     finally:
         for source, _, _ in opened.values():
             source.close()
 
 
-def _calibrated_sensitivity(parsed, sources: dict, opened: dict, where: str, dry_run: bool) -> dict | None:
-    """Sens-Merging scores computed from ``parameters.calibration`` (None when the recipe gives a
-    scores file instead; uniform on a dry run, which must not run the models)."""
-    params = parsed.parameters
-    if parsed.method != "sens_merging" or "calibration" not in params or "sensitivity" in params:
-        return None
-    from .merge.sensitivity import layer_sensitivities, read_corpus
+def greedy_soup(store: Store, refs: list[str], score, *, name: str | None = None, options: RunOptions | None = None,
+                **run_options):
+    """Greedy model soup (``merge/soup.py``) of ``refs`` (store refs, HF directories or hub ids):
+    candidates are uniform weighted sums in the store, scored on their export.
 
-    others = [m.ref for m in parsed.models if m.ref != parsed.base]
-    if dry_run:
-        return {ref: {} for ref in others}
-    texts = read_corpus(str(params["calibration"]), int(params.get("calibration_samples", 64)))
-    tokens = int(params.get("calibration_tokens", 256))
-    return {ref: layer_sensitivities(sources[parsed.base], sources[ref], opened[ref][2], texts, max_tokens=tokens,
-                                     where=f"{where}: model {ref}")
-            for ref in others}
+    Args:
+        score: a callable scoring an exported HF directory (higher is better), e.g.
+            ``merge.soup.command_score("python eval.py {path}")``.
+        name: tag for the final soup.
+    Returns:
+        SoupResult: the soup artifact, the kept refs in the order added, every candidate's score.
+    Example:
+        >>> greedy_soup(store, ["ft1", "ft2", "ft3"], command_score("python eval.py {path}"), name="soup")  # doctest: +SKIP
+    """
+    from .merge import soup
+
+    opts = RunOptions.of(options, **run_options)
+    steps = soup.SoupSteps(
+        average=lambda members: weighted_sum(store, members, [1.0] * len(members), normalize=True, options=opts).artifact,
+        export=lambda artifact, out: export(store, artifact.id, out, max_memory=opts.max_memory, progress=opts.progress))
+    result = soup.greedy_soup(list(refs), score, steps)
+    if name:
+        store.tag(result.artifact.id, name)
+    return result
 
 
 def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, name: str | None = None,
-               out_dir: str | None = None, max_shard_size="5G", **run_options) -> JobResult:
+               out_dir: str | None = None, max_shard_size="5G", options: RunOptions | None = None,
+               **run_options) -> JobResult:
     """Merge a PEFT LoRA / DoRA adapter into ``base``, streamed, as a new checkpoint artifact.
 
     Every targeted weight becomes W + s·B·A (s = alpha/r, or alpha/√r for rsLoRA, times
@@ -320,6 +341,7 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, nam
     """
     from .lora.plans import open_adapter, plan_lora_merge
 
+    opts = RunOptions.of(options, **run_options)
     adapter_obj, adapter_source = open_adapter(adapter)
     source, lineage, files = resolve_input(store, base)
     with source, adapter_source:
@@ -328,9 +350,9 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, nam
                    {"role": "adapter", "external": {"type": "peft-adapter", "path": os.path.abspath(adapter)}}]
         recipe = {"op": "lora_merge", "scale": scale, "adapter": adapter_obj.describe()}
         result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                          desc="lora merge", **run_options)
+                          desc="lora merge", options=opts)
     if out_dir and result.artifact is not None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
-               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+               max_memory=opts.max_memory, progress=opts.progress)
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
     return result

@@ -237,3 +237,50 @@ class TestDoraMergeTransposed(TestDoraMerge):
     def golden(self, inputs, params):
         merged = inputs["w"] + params["scaling"] * (inputs["b"] @ inputs["a"]).T
         return inputs["magnitude"][None, :] * merged / merged.norm(dim=0, keepdim=True)
+
+
+class TestMergekitLinear(OpConformance):
+    """mergekit's linear merge replayed (fp32 addcmul), against the direct weighted mean."""
+
+    op = "mergekit_linear"
+    params = {"weights": [0.2, 0.3, 0.5], "normalize": True}
+    atol = 1e-6
+
+    def make_inputs(self, gen):
+        return {"models": [_randn(gen) for _ in range(3)]}
+
+    def golden(self, inputs, params):
+        weights = params["weights"]
+        return sum(w * x for w, x in zip(weights, inputs["models"])) / sum(weights)
+
+
+class TestMergekitTies(TestTies):
+    """mergekit's generalized task arithmetic replayed, TIES flags: the same formula as TestTies."""
+
+    op = "mergekit_task_arithmetic"
+
+
+class TestMergekitDareTies(OpConformance):
+    """The replay draws task_arithmetic's DARE masks (the same seeded streams): on a zero base the
+    two ops drop exactly the same entries and agree on the rest to rounding."""
+
+    op = "mergekit_task_arithmetic"
+    params = {"weights": [0.5, 0.5], "densities": [0.5, 0.5], "sparsification": "random", "consensus": "sum",
+              "rescale": True}
+
+    def make_inputs(self, gen):
+        return {"base": torch.zeros(SHAPE), "models": [_randn(gen) for _ in range(2)]}
+
+    def golden(self, inputs, params):
+        return None   # random masks: the determinism checks, and the comparison below
+
+    def test_draws_the_masks_of_task_arithmetic(self, tmp_path):
+        store, per_name, sources = self._store(tmp_path)
+        replayed, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-replay")
+        self.op = "task_arithmetic"
+        ours, _ = self._run(tmp_path, store, per_name, sources, budget=self.small_budget, key="job-ours")
+        for name in per_name:
+            dropped = replayed[name] == 0
+            assert 0.1 < dropped.float().mean() < 0.5, name        # DARE at density 0.5 on two models dropped some
+            assert torch.equal(dropped, ours[name] == 0), name
+            assert torch.allclose(replayed[name], ours[name], atol=1e-6, rtol=1e-6), name

@@ -13,20 +13,18 @@ models with different loss scales compare; the merge then softmaxes them across 
 with temperature T (``ops.layers.sensitivity_weights``). The paper's cross-task (logit-alignment)
 scaling is not computed.
 
-The model is run with transformers in fp32 on the CPU (or the given device); it needs memory for
-the weights and their gradients (8 bytes per parameter).
+The model is built by ``hf.from_source`` and run with transformers in fp32 on the CPU (or the
+given device); it needs memory for the weights and their gradients (8 bytes per parameter).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 
-from ..errors import InvalidParameter, MissingDependency, RecipeError, ShapeMismatch
+from ..errors import InvalidParameter, RecipeError
+from ..hf.from_source import causal_lm_from_source
 from ..io.base import TensorSource
 from ..ops.layers import layer_key
 
@@ -81,7 +79,7 @@ def layer_sensitivities(base: TensorSource, model: TensorSource, files: dict[str
     """
     import torch
 
-    model_nn, tokenizer = _load(model, files, device, where)
+    model_nn, tokenizer = causal_lm_from_source(model, files, device=device, where=where)
     context = getattr(model_nn.config, "max_position_embeddings", None) or getattr(model_nn.config, "n_positions", None)
     if context and max_tokens > context:
         raise InvalidParameter(f"{where}: calibration_tokens {max_tokens} is over the model's context of {context} tokens")
@@ -109,67 +107,3 @@ def layer_sensitivities(base: TensorSource, model: TensorSource, files: dict[str
                           f"gradients are not finite); check the model's weights")
     mean = sum(raw.values()) / len(raw)
     return {key: (value / mean if mean > 0 else 1.0) for key, value in raw.items()}
-
-
-def _load(source: TensorSource, files: dict[str, str], device: str, where: str):
-    """A transformers causal LM built from ``config.json`` with ``source``'s weights in fp32, and
-    its tokenizer; both from the carried files (no download)."""
-    try:
-        import torch
-        import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise MissingDependency("computing sensitivities needs transformers: pip install 'tensorstore-llm[distill]'") from None
-    if "config.json" not in files:
-        raise RecipeError(f"{where}: has no config.json, so it cannot be run to compute sensitivities")
-    folder = tempfile.mkdtemp(prefix="tsllm-sens-")
-    try:
-        for name, path in files.items():
-            if isinstance(path, (bytes, bytearray)):
-                with open(os.path.join(folder, name), "wb") as f:
-                    f.write(path)
-            else:
-                shutil.copyfile(path, os.path.join(folder, name))
-        try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise RecipeError(f"{where}: transformers cannot read its config.json ({_first_line(e)})") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise RecipeError(f"{where}: no usable tokenizer among its files ({_first_line(e)})") from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    # transformers >= 4.56 names it dtype and warns on torch_dtype; older releases know torch_dtype only
-    key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
-    setattr(config, key, torch.float32)
-    try:
-        model = AutoModelForCausalLM.from_config(config, **{key: torch.float32})
-    except (ValueError, KeyError) as e:
-        raise RecipeError(f"{where}: its config.json does not describe a causal language model ({_first_line(e)})") from None
-    state = model.state_dict()
-    weights = {}
-    for name in state:
-        if name in source.keys():
-            weights[name] = source.read(name).to(torch.float32)
-            if tuple(weights[name].shape) != tuple(state[name].shape):
-                raise ShapeMismatch(f"{where}: tensor {name!r} has shape {tuple(weights[name].shape)} but its config.json "
-                                    f"builds {tuple(state[name].shape)}")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [m for m in missing if m not in tied and not m.endswith("rotary_emb.inv_freq")]
-    if missing:
-        raise RecipeError(f"{where}: the checkpoint lacks {len(missing)} tensors its config needs, e.g. {missing[0]!r}")
-    return model.to(device).train(False), tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .exact import divide_
 from .registry import op
 
@@ -19,16 +17,12 @@ def copy(ctx, params, x):
 class WeightedSumParams:
     weights: tuple[float, ...]
     normalize: bool = False
-    arithmetic: str = "fp32"   # "mergekit": replay mergekit's linear merge (fp32 addcmul) exactly
 
     def __post_init__(self):
-        if self.arithmetic not in ("fp32", "mergekit"):
-            raise ValueError(f"arithmetic must be fp32 or mergekit, got {self.arithmetic!r}")
         if not self.weights:
             raise ValueError("weights must not be empty")
         if self.normalize and sum(self.weights) == 0:
             raise ValueError("weights sum to 0 and cannot be normalised")
-
 
     def validate_inputs(self, counts: dict[str, int]) -> None:
         if counts["models"] != len(self.weights):
@@ -43,8 +37,6 @@ def weighted_sum(ctx, params, models):
     inputs are visited once, so one fp32 copy of one input is alive at a time (temps: total,
     copy, product).
     """
-    if params.arithmetic == "mergekit":
-        return _mergekit_linear(params, list(models))
     total = models[0] * params.weights[0]
     for w, x in zip(params.weights[1:], models[1:]):
         total += x * w
@@ -52,17 +44,3 @@ def weighted_sum(ctx, params, models):
         divide_(total, sum(params.weights))
     return total
 
-
-def _mergekit_linear(params, models):
-    """mergekit 0.1.5's ``linear_merge`` op for op: fp32 (fp64 for fp64 inputs) ``addcmul_`` of
-    each input in its own dtype, divided by the fp32 sum of the weights, cast back to the inputs'
-    dtype. For bit-exact comparisons with mergekit."""
-    first = models[0]
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    weight = torch.tensor(params.weights, dtype=dtype, device=first.device)
-    result = torch.zeros_like(first, dtype=dtype)
-    for tensor, coefficient in zip(models, weight.unbind(0)):
-        result.addcmul_(tensor, coefficient)
-    if params.normalize:
-        result.div_(weight.sum())
-    return result.to(first.dtype)

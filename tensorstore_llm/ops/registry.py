@@ -17,8 +17,8 @@ from typing import Any, Callable
 from ..errors import RecipeError
 
 _REGISTRY: dict[str, OpSpec] = {}
-_BUILTIN_MODULES = ("tensorstore_llm.ops.basic", "tensorstore_llm.ops.merge", "tensorstore_llm.ops.merge_geometric",
-                    "tensorstore_llm.ops.lora", "tensorstore_llm.ops.stats")
+_BUILTIN_MODULES = ("tensorstore_llm.ops.basic", "tensorstore_llm.ops.merge", "tensorstore_llm.ops.geometry",
+                    "tensorstore_llm.ops.replay", "tensorstore_llm.ops.lora", "tensorstore_llm.ops.stats")
 _loaded = False
 
 

@@ -1,22 +1,83 @@
-"""Geometric merges: Model Stock and NuSLERP (anchor: mergekit's implementations).
+"""Geometric merges: SLERP, Model Stock and NuSLERP (anchor: mergekit's implementations).
 
+- SLERP (Shoemake 1985, as used by mergekit): per tensor, on the flattened vectors; linear when
+  |cos| > dot_threshold.
 - Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models"):
   per tensor, the mean pairwise cosine c of the task vectors τi = θi − θ0 (flattened) gives
   t = N·c / (1 + (N − 1)·c); the result is t·mean(θi) + (1 − t)·θ0, or θ0 when the denominator
-  vanishes. The cosines come from a statistics pass of per-row sums, so any blocking agrees.
+  vanishes.
 - NuSLERP (mergekit): spherical interpolation with t = w1 / (w0 + w1) (0.5 if the weights sum to
   0) of the two models' flattened tensors — or of their task vectors, added back to the base
   when a base model is given; linear only when the vectors are exactly colinear.
+
+Norms and cosines come from statistics passes of per-row sums (fp32 products accumulated in
+fp64), so any blocking agrees.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
 
 from .exact import divide_
-from .merge import row_dots, slerp_coefficients, sum_row_partials
 from .registry import StatsPass, op
+
+
+# -- SLERP -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlerpParams:
+    t: float
+    dot_threshold: float = 0.9995
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if not 0 <= self.t <= 1:
+            raise ValueError(f"t must be in [0, 1], got {self.t}")
+        if not (math.isfinite(self.dot_threshold) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"dot_threshold and eps must be finite (eps >= 0), got {self.dot_threshold}, {self.eps}")
+
+
+def row_dots(x, y, rows):
+    """Per-row sums of x*y: fp32 products accumulated in fp64 (per row, so blocking-independent)."""
+    return (x.reshape(rows, -1) * y.reshape(rows, -1)).sum(1, dtype=torch.float64)
+
+
+def _slerp_map(ctx, params, a, b):
+    rows = max(1, ctx.stop - ctx.start) if ctx.shape else 1
+    return {"aa": row_dots(a, a, rows), "bb": row_dots(b, b, rows), "ab": row_dots(a, b, rows)}
+
+
+def sum_row_partials(partials: list[dict]) -> dict:
+    """Each key's per-row partials, in row order, summed to one float (the same for any blocking)."""
+    return {k: torch.cat([p[k] for p in partials]).sum().item() for k in partials[0]}
+
+
+def _slerp_reduce(params, partials, ctx):
+    return sum_row_partials(partials)
+
+
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """(c_a, c_b) with slerp(a, b) = c_a·a + c_b·b, from |a|², |b|² and a·b (float64)."""
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = max(-1.0, min(1.0, ab / (na * nb)))
+    if abs(dot) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+@op("slerp", inputs=("a", "b"), params=SlerpParams, temps=3, passes=(StatsPass(_slerp_map, _slerp_reduce),))
+def slerp(ctx, params, a, b):
+    """Spherical interpolation from a (t=0) to b (t=1) on the tensor's flattened vectors."""
+    s = ctx.stats
+    c_a, c_b = slerp_coefficients(params.t, s["aa"], s["bb"], s["ab"], params.dot_threshold, params.eps)
+    return a * c_a + b * c_b
+
+
+# -- Model Stock -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -63,6 +124,8 @@ def model_stock(ctx, params, base, models):
         total = m.clone() if total is None else total.add_(m)
     return divide_(total, len(models)).mul_(t).add_(base * (1 - t))
 
+
+# -- NuSLERP -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NuSlerpParams:

@@ -4,6 +4,9 @@ score and keep each one only if the uniform average with it scores at least as w
 The score is user-supplied: a Python callable, or a command run on the candidate's exported
 Hugging Face directory that prints a number on its last line of output. Commands run without a
 shell; ``{path}`` in any argument is replaced by the directory.
+
+The search is independent of how candidates are made: ``SoupSteps`` says how to average members
+into an artifact and how to export one (``api.greedy_soup`` streams both through the engine).
 """
 from __future__ import annotations
 
@@ -15,11 +18,19 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import api
-from .errors import ExternalCommandError, RecipeError
-from .store import Artifact, Store
+from ..errors import ExternalCommandError, RecipeError
+from ..store import Artifact
 
 Score = Callable[[str], float]
+
+
+@dataclass(frozen=True)
+class SoupSteps:
+    """How candidates are made: ``average(refs) -> Artifact`` (the uniform average of the refs)
+    and ``export(artifact, directory)`` (write it as a Hugging Face directory for the score)."""
+
+    average: Callable[[list[str]], Artifact]
+    export: Callable[[Artifact, str], None]
 
 
 @dataclass
@@ -59,14 +70,15 @@ def command_score(command: str, timeout: float | None = None) -> Score:
     return score
 
 
-def greedy_soup(store: Store, refs: list[str], score: Score, *, name: str | None = None, **run_options) -> SoupResult:
-    """Build a greedy soup of ``refs`` (store refs, HF directories or hub ids) under ``score``.
+def greedy_soup(refs: list[str], score: Score, steps: SoupSteps) -> SoupResult:
+    """Greedy soup of ``refs`` under ``score``: each model alone, best first, then each next model
+    kept only if the soup with it scores at least as well.
 
     Returns:
         The soup artifact (a uniform average of the kept models), the kept refs in the order they
         were added, and the score of every candidate.
     Example:
-        >>> greedy_soup(store, ["ft1", "ft2", "ft3"], command_score("python eval.py {path}"), name="soup")  # doctest: +SKIP
+        >>> greedy_soup(["ft1", "ft2"], command_score("python eval.py {path}"), steps)  # doctest: +SKIP
     """
     if len(refs) < 1:
         raise RecipeError("greedy soup needs at least one model")
@@ -74,13 +86,12 @@ def greedy_soup(store: Store, refs: list[str], score: Score, *, name: str | None
         history = []
 
         def evaluate(members: list[str], label: str) -> tuple[float, Artifact]:
-            result = api.weighted_sum(store, members, [1.0] * len(members), normalize=True, **run_options)
+            artifact = steps.average(members)
             out = os.path.join(scratch, f"candidate-{len(history)}")
-            api.export(store, result.artifact.id, out, max_memory=run_options.get("max_memory", "2G"),
-                       progress=run_options.get("progress"))
+            steps.export(artifact, out)
             value = float(score(out))
             history.append({"candidate": label, "members": list(members), "score": value})
-            return value, result.artifact
+            return value, artifact
 
         individual = sorted(((evaluate([r], r)[0], i, r) for i, r in enumerate(refs)), key=lambda x: (-x[0], x[1]))
         kept = [individual[0][2]]
@@ -89,6 +100,4 @@ def greedy_soup(store: Store, refs: list[str], score: Score, *, name: str | None
             value, candidate = evaluate(kept + [ref], f"soup + {ref}")
             if value >= best:
                 kept, best, artifact = kept + [ref], value, candidate
-        if name:
-            store.tag(artifact.id, name)
         return SoupResult(artifact, kept, history)
