@@ -2,14 +2,14 @@
 full base (and a PEFT directory), ready for ``tsllm lora merge``."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-from ..errors import BaseMismatch, RecipeError, ShapeMismatch
+from ..errors import BaseMismatch, OutputExists, RecipeError, ShapeMismatch
+from ..lora.artifacts import adapter_info, commit_adapter, weight_names
 from ..lora.peft_format import LoraAdapter, PrefixAdapter, read_adapter, write_adapter
-from ..store import Artifact, Store, job_key
-from .recover import Recovery, full_shapes, recover
+from ..store import Artifact, Store
+from .recover import Recovery, recover
 
 
 @dataclass
@@ -43,22 +43,32 @@ def recover_adapter(store: Store, adapter_dir: str, plan_ref: str, *, out_dir: s
     if pruned is not None:
         _check_fits(store, adapter, pruned)
     recovery = recover(adapter, plan)
-    full = full_shapes(plan, [m.weight_name for m in recovery.adapter.modules.values()])
-    recovery.adapter.validate_base({n: s for n, s in full.items()}, where="the plan's full base") if full else None
-    state = recovery.adapter.state_dict()
-    config = json.dumps(recovery.adapter.config.to_dict(), indent=2, sort_keys=True).encode()
-    info = {"base": plan.base, "ranks": recovery.adapter.ranks(), "alpha": float(recovery.adapter.config.lora_alpha),
-            "pruning_plan": plan_artifact.id, "recovered": True}
+    bound = _full_binding(store, plan, recovery.adapter)
+    info = adapter_info(recovery.adapter, bound, pruning_plan=plan_artifact.id, recovered=True)
     parents = [{"id": plan_artifact.id, "role": "pruning_plan"},
                {"role": "adapter", "external": {"type": "peft-adapter", "path": os.path.abspath(adapter_dir)}}]
     if plan.base.get("id") and store.has(plan.base["id"]):
         parents.insert(0, {"id": plan.base["id"], "role": "base"})
-    artifact = _commit(store, state, config, info, parents, recovery)
-    if name:
-        store.tag(artifact.id, name)
+    if out_dir and os.path.exists(out_dir) and not overwrite:
+        raise OutputExists(f"{out_dir} already exists")
+    artifact = commit_adapter(store, recovery.adapter, info=info, parents=parents, name=name,
+                              recipe={"op": "loram_recover", "modules": recovery.actions})
     if out_dir:
         write_adapter(recovery.adapter, out_dir, overwrite=overwrite)
     return RecoverResult(recovery, artifact, out_dir)
+
+
+def _full_binding(store: Store, plan, adapter: LoraAdapter) -> dict:
+    """The lora binding to the plan's full base: the checksums of the weights the adapter
+    changes (from the plan; other tensors, e.g. modules_to_save, from the base's manifest)."""
+    names = weight_names(adapter)
+    bound = plan.base.get("checksums") or {}
+    checksums = {n: bound[n] for n in names if n in bound}
+    rest = [n for n in names if n not in bound]
+    if rest and plan.base.get("id") and store.has(plan.base["id"]):
+        recorded = store.get(plan.base["id"]).manifest.checksums()
+        checksums.update({n: recorded[n] for n in rest if n in recorded})
+    return {"id": plan.base.get("id"), "external": plan.base.get("external"), "checksums": checksums}
 
 
 def _check_fits(store: Store, adapter: LoraAdapter, pruned: str) -> None:
@@ -71,26 +81,6 @@ def _check_fits(store: Store, adapter: LoraAdapter, pruned: str) -> None:
         adapter.validate_base(shapes, where=f"pruned checkpoint {pruned}")
     except ShapeMismatch as e:
         raise ShapeMismatch(f"{e} (the adapter was not trained on this pruned checkpoint)") from None
-
-
-def _commit(store: Store, state: dict, config: bytes, info: dict, parents: list, recovery: Recovery) -> Artifact:
-    from ..io.base import TensorMeta
-
-    writer = store.create(job_key("lora-recovered", info, sorted((k, list(v.shape)) for k, v in state.items()),
-                                  config.decode(), [str(p) for p in parents]))
-    try:
-        writer.prepare([TensorMeta(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()])
-        done = writer.completed()
-        for k, v in state.items():
-            if k not in done:
-                if v.numel():
-                    writer.write_rows(k, 0, v)
-                writer.finish(k)
-        return writer.commit(kind="lora", parents=parents, recipe={"op": "loram_recover", "modules": recovery.actions},
-                             files={"adapter_config.json": config}, info=info)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def check_plan_base(store: Store, plan_ref: str, base_ref: str) -> None:

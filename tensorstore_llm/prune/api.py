@@ -36,14 +36,14 @@ class PruneResult:
 
 
 def base_binding(store: Store | None, ref: str, source, lineage: dict, arch: Architecture) -> dict:
-    """{"id" or "source", "checksums"}: the checksums of the base's prunable weights (from the
+    """{"id", "external", "checksums"} (the form lora artifacts use): the checksums of the base's prunable weights (from the
     manifest for an artifact, computed for an outside checkpoint)."""
     names = [n for n in source.keys() if arch.role(n).role in PRUNED_ROLES and arch.role(n).layer is not None]
     if "id" in lineage:
         manifest = store.get(ref).manifest.checksums()
-        return {"id": lineage["id"], "checksums": {n: manifest[n] for n in names}}
+        return {"id": lineage["id"], "external": None, "checksums": {n: manifest[n] for n in names}}
     checksums = {n: checksum_rows(source.meta(n), lambda a, b, n=n: source.read_rows(n, a, b), str(ref)) for n in names}
-    return {"source": lineage.get("external"), "checksums": checksums}
+    return {"id": None, "external": lineage.get("external"), "checksums": checksums}
 
 
 def model_checksums(store: Store | None, ref: str, names) -> dict[str, str]:

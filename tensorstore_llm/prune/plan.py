@@ -175,7 +175,7 @@ def check_binding(plan: PruningPlan, checksums: dict[str, str], where: str) -> N
         got = checksums.get(name)
         if got != expected:
             state = "is missing" if got is None else f"has checksum {got[:19]}..."
-            raise BaseMismatch(f"{where}: the pruning plan was made from base {plan.base.get('id') or plan.base.get('source')} "
+            raise BaseMismatch(f"{where}: the pruning plan was made from base {(plan.base.get('id') or '')[:12] or plan.base.get('external')} "
                                f"whose tensor {name!r} has checksum {expected[:19]}...; this model's {state}: "
                                f"a plan for another base")
 
