@@ -106,9 +106,9 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
     result = ApplyResult(None, not own or transfer)
     budget = parse_size(max_memory)
     key = job_key("apply", diff.id, onto.id, float(alpha), bool(transfer))
-    writer = store.create(key)
     with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
         metas = [onto.manifest.metas()[n] for n in onto.manifest.tensors]
+        writer = store.create(key)
         try:
             writer.prepare(metas)
             done = writer.completed()
