@@ -132,3 +132,60 @@ def _ratio(err2: float, norm2: float) -> float:
     if norm2 > 0:
         return math.sqrt(err2 / norm2)
     return 0.0 if err2 == 0 else math.inf
+
+
+# -- streamed: lossy reconstruction as an engine plan, and its weight error -------------------------
+
+def plan_lossy(base, target, codec: str, params: dict | None = None, names=None):
+    """A validated Plan that writes ``base + Δ̂`` for every tensor of ``target`` with lossy codec
+    ``codec`` (op ``delta_<codec>`` of :mod:`tensorstore_llm.ops.delta`; 1-D tensors exact).
+
+    Args:
+        base, target: opened TensorSources with the same tensor names, shapes and dtypes.
+        codec: one of ``bf16``, ``low-rank``, ``top-k``, ``dare``, ``bitdelta``, ``mixed-svd``.
+        params: the op's parameters (the codec's, except DARE's seed, which is the run seed).
+    Returns:
+        a Plan to run with ``Executor(plan, sink, max_memory=..., seed=...)``.
+
+    Example:
+        >>> plan = plan_lossy(base_src, ft_src, "low-rank", {"rank": 64})     # doctest: +SKIP
+    """
+    from ..engine.plan import plan_map
+    from ..errors import CodecError
+    from ..ops import delta as delta_ops
+
+    if codec not in delta_ops.LOSSY_CODECS:
+        raise CodecError(f"no streamed op for codec {codec!r}; lossy codecs: {', '.join(delta_ops.LOSSY_CODECS)}")
+    return plan_map(delta_ops.op_name(codec), {"base": base, "target": target}, {"base": "base", "target": "target"},
+                    params=params, names=names, where=f"lossy delta {codec}")
+
+
+def reconstruction_error(base, target, recon, *, names=None, max_memory="2G", device="cpu", progress=False) -> dict:
+    """Weight error of ``recon`` (e.g. a :func:`plan_lossy` result) against ``target``, streamed.
+
+    One ``delta_error`` reduction job per tensor (fp64 sums, within ``max_memory``).
+
+    Returns:
+        {"tensors": {name: {"delta_rel": ‖Ŵ−W‖/‖Δ‖, "weight_rel": ‖Ŵ−W‖/‖W‖, "err2", "delta2",
+         "weight2"}}, "delta_rel", "weight_rel" (totals pool the squared errors over tensors)}.
+    """
+    from ..engine.executor import Executor
+    from ..engine.plan import InputRef, Plan, TensorJob
+    from ..ops import delta as _delta_ops  # noqa: F401  (registers delta_error)
+
+    sources = {"base": base, "target": target, "recon": recon}
+    jobs = [TensorJob(target.meta(name), "delta_error",
+                      tuple((role, InputRef(role, name)) for role in ("base", "target", "recon")), reduce_only=True)
+            for name in (names if names is not None else target.keys())]
+    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, progress=progress,
+                        desc="reconstruction error")
+    executor.run()
+    rows, tot = {}, {"err2": 0.0, "delta2": 0.0, "weight2": 0.0}
+    for job in jobs:
+        record = executor.records.get(job.output.name) or {"err2": 0.0, "delta2": 0.0, "weight2": 0.0}
+        rows[job.output.name] = {**{k: record[k] for k in tot}, "delta_rel": _ratio(record["err2"], record["delta2"]),
+                                 "weight_rel": _ratio(record["err2"], record["weight2"])}
+        for key in tot:
+            tot[key] += record[key]
+    return {"tensors": rows, **tot, "delta_rel": _ratio(tot["err2"], tot["delta2"]),
+            "weight_rel": _ratio(tot["err2"], tot["weight2"])}
