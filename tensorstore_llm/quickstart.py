@@ -62,6 +62,7 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     ties = api.merge(store, TIES_RECIPE, name="qs-ties", where="quickstart TIES recipe", **run)
     echo(f"   TIES merge (mergekit recipe)   -> {ties.artifact.short_id} (exact top-k thresholds, streamed)")
     lora = _lora_round_trip(store, models, workdir, run, echo)
+    diffs = _diffs(store, models, preset, run, echo)
     out = os.path.join(workdir, "soup-hf")
     shutil.rmtree(out, ignore_errors=True)
     echo(f"4. exporting the soup as a Hugging Face directory to {out}")
@@ -79,7 +80,38 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   tsllm --store {store.root} show qs-ties")
     echo(f"   tsllm --store {store.root} weighted-sum qs-base qs-ft1 --weights 0.3,0.7 --max-memory 1M --dry-run")
     return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "ties": ties.artifact.id,
-            "export": out, "max_abs_error": max_error, "lora": lora, "distill": distill}
+            "export": out, "max_abs_error": max_error, "lora": lora, "distill": distill, "diffs": diffs}
+
+
+def _diffs(store: Store, models: str, preset: str, run: dict, echo) -> dict:
+    """ft1 stored as an exact delta of the base (read back bit for bit), then transferred onto a
+    generated second release of the base (fine-tuning transfer, recorded in the lineage)."""
+    import torch
+
+    from .diff.apply import apply_diff
+    from .diff.store import store_delta
+    from .store.dedup import stored_bytes
+    from .testing.synth import write_checkpoint
+
+    ft1 = os.path.join(models, "ft1")
+    with HFCheckpointSource(ft1) as source:
+        delta = store_delta(store, source, "qs-base", name="qs-ft1-delta", files=source.files(),
+                            source={"type": "hf-dir", "path": ft1})
+        with store.open(delta.id) as rebuilt:
+            exact = all(torch.equal(rebuilt.read(n).view(torch.uint8), source.read(n).view(torch.uint8))
+                        for n in source.keys())
+    own = stored_bytes(delta)[0]
+    echo(f"   ft1 as an exact delta of base   -> {delta.short_id} ({own} bytes stored for {delta.manifest.nbytes}; "
+         f"rebuilt bit for bit: {exact})")
+    v2 = os.path.join(models, "base-v2")
+    shutil.rmtree(v2, ignore_errors=True)
+    write_checkpoint(v2, preset, seed=0, finetune=9, delta_scale=0.004)   # a "next release" of the base
+    api.import_checkpoint(v2, store, name="qs-base-v2", **run)
+    moved = apply_diff(store, "qs-ft1-delta", "qs-base-v2", transfer=True, name="qs-ft1-on-v2",
+                       max_memory=run["max_memory"])
+    echo(f"   transfer ft1's diff onto base-v2 -> {moved.artifact.short_id} (base' + (ft1 - base); "
+         f"`tsllm log --family qs-base` shows the tree)")
+    return {"delta": delta.id, "exact": exact, "stored_bytes": own, "transfer": moved.artifact.id}
 
 
 def _distill(store: Store, echo) -> dict | None:
