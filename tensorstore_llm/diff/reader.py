@@ -104,25 +104,34 @@ class DeltaTensorSource(SourceBase):
             return torch.empty((stop - start, *meta.shape[1:]), dtype=_torch_dtype(meta))
         rows = self._entry(name).rows
         first, last = start // rows, -(-stop // rows)
-        if last - first > 1:
-            parts = self._blocks(meta, range(first, last))
-            values = torch.cat(parts)
-            lo = first * rows
-        else:
-            values, lo = self._block(meta, first), first * rows
-        return values[start - lo:stop - lo]
+        if last - first == 1:
+            return self._block(meta, first)[start - first * rows:stop - first * rows]
+        return self._blocks(meta, start, stop, rows)
 
-    def _blocks(self, meta: TensorMeta, indices) -> list:
-        """Several blocks: parent rows read here in order, rebuilt on the worker threads."""
+    def _blocks(self, meta: TensorMeta, start: int, stop: int, rows: int):
+        """Rows of several blocks: parent rows read here in order, blocks rebuilt on the worker
+        threads and copied into the output as they finish (at most DECODE_WORKERS + 1 blocks
+        are alive beside it)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
-        futures, out = [], []
-        for index in indices:
+        out = torch.empty((stop - start, *meta.shape[1:]), dtype=_torch_dtype(meta))
+        pending = []
+
+        def place(index, future):
+            values = future.result()
+            a = max(start, index * rows)
+            b = min(stop, (index + 1) * rows)
+            out[a - start:b - start] = values[a - index * rows:b - index * rows]
+
+        for index in range(start // rows, -(-stop // rows)):
             data, base = self._inputs(meta, index)
-            futures.append(self._pool.submit(self._rebuild, meta, index, data, base))
-            if len(futures) > DECODE_WORKERS:
-                out.append(futures.pop(0).result())
-        return out + [f.result() for f in futures]
+            pending.append((index, self._pool.submit(self._rebuild, meta, index, data, base)))
+            del data, base
+            if len(pending) > DECODE_WORKERS:
+                place(*pending.pop(0))
+        for item in pending:
+            place(*item)
+        return out
 
     def _block(self, meta: TensorMeta, index: int):
         with self._lock:

@@ -1,0 +1,156 @@
+"""Delta-stored checkpoints (issue 11, store side): store-as-delta and read throughput against the
+raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS at --max-memory
+512M, bytes on disk, and the read cost of each link of a chain.
+
+    python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain] [--repeat 3]
+
+Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
+tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
+fine-tune of it moved by about one bf16 ULP per weight (delta_scale 2e-4 on weights of std 0.02).
+Every command runs in a child process (wall time and peak RSS from wait4); each figure is the
+median of ``--repeat`` runs with a warm page cache, and ratios compare runs of the same pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import TSLLM, dir_bytes, fresh, median_of, timed  # noqa: E402
+
+READ_ALL = """
+import sys
+from tensorstore_llm.store import Store
+store = Store(sys.argv[1])
+total = 0
+with store.open(sys.argv[2]) as src:
+    for name in src.keys():
+        meta = src.meta(name)
+        step = max(1, (64 << 20) // max(1, meta.row_numel * 2))
+        align = getattr(src, "preferred_rows", lambda n: 1)(name)
+        step = max(align, step - step % align)
+        for start in range(0, meta.rows, step):
+            total += src.read_rows(name, start, min(meta.rows, start + step)).numel()
+print(total)
+"""
+
+
+def pair(kind: str, workdir: str) -> tuple[str, str]:
+    """(base dir, fine-tune dir) of a benchmark pair, generated or built once."""
+    if kind == "real":
+        from tensorstore_llm.testing.finetune import smollm2_finetune
+        from tensorstore_llm.testing.real_models import smollm2_checkpoint
+
+        return smollm2_checkpoint("bfloat16"), smollm2_finetune(30)
+    root = os.path.join(workdir, f"pair-{kind}")
+    marker = os.path.join(root, ".complete")
+    if not os.path.exists(marker):
+        code = ("import sys; from tensorstore_llm.testing.synth import write_checkpoint as w; "
+                "w(sys.argv[1] + '/base', sys.argv[2]); w(sys.argv[1] + '/ft', sys.argv[2], finetune=1, delta_scale=2e-4)")
+        subprocess.run([sys.executable, "-c", code, root, kind], check=True)
+        open(marker, "w").close()
+    return os.path.join(root, "base"), os.path.join(root, "ft")
+
+
+def tsllm(store: str, *args) -> list[str]:
+    return [*TSLLM, "--store", store, "-q", *args]
+
+
+def artifact_dir(store: str, tag: str) -> str:
+    with open(os.path.join(store, "tags", tag)) as f:
+        return os.path.join(store, "artifacts", f.read().strip())
+
+
+def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
+    base, ft = pair(kind, workdir)
+    ft_bytes = sum(os.path.getsize(os.path.join(ft, f)) for f in os.listdir(ft) if f.endswith(".safetensors"))
+    subprocess.run(["sh", "-c", f"cat '{base}'/*.safetensors '{ft}'/*.safetensors > /dev/null"], check=True)
+    out = {"pair": kind, "finetune_bytes": ft_bytes}
+    copy = os.path.join(workdir, "raw-copy")
+    out["raw_read_write_s"] = median_of(repeat, lambda: timed(
+        ["sh", "-c", f"rm -rf '{copy}'; mkdir '{copy}'; cat '{ft}'/*.safetensors > '{copy}/x'; sync"]))[0]
+    out["raw_read_s"] = median_of(repeat, lambda: timed(["sh", "-c", f"cat '{ft}'/*.safetensors > /dev/null"]))[0]
+    store = os.path.join(workdir, f"store-{kind}")
+
+    def setup():
+        fresh(store)
+        subprocess.run(tsllm(store, "import", base, "--name", "base"), check=True, stdout=subprocess.DEVNULL)
+
+    def store_delta():
+        setup()
+        return timed(tsllm(store, "import", ft, "--delta-of", "base", "--name", "ft-delta", "--max-memory", "512M"))
+
+    out["store_delta_s"], out["store_delta_rss_mib"] = median_of(repeat, store_delta)
+    out["store_full_s"] = median_of(repeat, lambda: (subprocess.run(
+        tsllm(store, "tag", "-d", "ft-full"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        timed(tsllm(store, "import", ft, "--name", "ft-full", "--max-memory", "512M")))[1])[0]
+    zstd_store = fresh(os.path.join(workdir, f"store-{kind}-zstd"))
+    subprocess.run(tsllm(zstd_store, "import", ft, "--name", "ft", "--compression", "zstd"), check=True,
+                   stdout=subprocess.DEVNULL)
+    out["bytes_finetune_zstd"] = dir_bytes(os.path.join(artifact_dir(zstd_store, "ft"), "tensors"))
+    out["bytes_exact_delta"] = dir_bytes(os.path.join(artifact_dir(store, "ft-delta"), "deltas"))
+    fresh(zstd_store)
+    for ref in ("ft-full", "ft-delta"):
+        out[f"read_{ref}_s"], out[f"read_{ref}_rss_mib"] = median_of(
+            repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, ref]))
+        export = os.path.join(workdir, "export")
+        out[f"export_{ref}_s"], out[f"export_{ref}_rss_mib"] = median_of(repeat, lambda: (fresh(export), timed(
+            tsllm(store, "export", ref, export, "--max-memory", "512M")))[1])
+        fresh(export)
+    gb = ft_bytes / 1e9
+    out["store_delta_gb_s"] = gb / out["store_delta_s"]
+    out["read_delta_gb_s"] = gb / out["read_ft-delta_s"]
+    out["read_delta_vs_full"] = out["read_ft-delta_s"] / out["read_ft-full_s"]
+    out["export_delta_vs_full"] = out["export_ft-delta_s"] / out["export_ft-full_s"]
+    out["ratio_raw_over_zstd"] = ft_bytes / out["bytes_finetune_zstd"]
+    out["ratio_raw_over_delta"] = ft_bytes / out["bytes_exact_delta"]
+    fresh(store)
+    return out
+
+
+def bench_chain(workdir: str, repeat: int, links: int = 4) -> dict:
+    """Read time of each link of base -> ft1 -> ... -> ftN ("100m" preset, each a delta of the last)."""
+    root = os.path.join(workdir, "chain-models")
+    marker = os.path.join(root, ".complete")
+    if not os.path.exists(marker):
+        code = ("import sys; from tensorstore_llm.testing.synth import write_checkpoint as w\n"
+                "for k in range(int(sys.argv[2]) + 1): w(f'{sys.argv[1]}/c{k}', '100m', finetune=k, delta_scale=2e-4)")
+        subprocess.run([sys.executable, "-c", code, root, str(links)], check=True)
+        open(marker, "w").close()
+    store = fresh(os.path.join(workdir, "store-chain"))
+    subprocess.run(tsllm(store, "import", f"{root}/c0", "--name", "c0"), check=True, stdout=subprocess.DEVNULL)
+    out = {"read_s": {"0": median_of(repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, "c0"]))[0]}}
+    for k in range(1, links + 1):
+        subprocess.run(tsllm(store, "import", f"{root}/c{k}", "--delta-of", f"c{k - 1}", "--name", f"c{k}",
+                             "--max-chain", str(links)), check=True, stdout=subprocess.DEVNULL)
+        out["read_s"][str(k)] = median_of(repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, f"c{k}"]))[0]
+    fresh(store)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=os.path.join(os.getcwd(), "bench-diff-store"))
+    parser.add_argument("--pairs", default="real,1gb")
+    parser.add_argument("--chain", action="store_true", help="also measure reads through a chain of 4 deltas")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    results = {"load_average": os.getloadavg()[0]}
+    for kind in filter(None, args.pairs.split(",")):
+        results[kind] = bench_pair(kind, args.workdir, args.repeat)
+        print(json.dumps(results[kind], indent=1), flush=True)
+    if args.chain:
+        results["chain"] = bench_chain(args.workdir, args.repeat)
+        print(json.dumps(results["chain"], indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
