@@ -238,3 +238,17 @@ def test_real_smollm2_finetune_as_delta(tmp_path, cli):
     want = _load_dir(ft)
     with store.open("ft") as src:
         _assert_same_bits({k: src.read(k) for k in src.keys()}, want)
+
+
+def test_engine_reads_delta_artifacts_as_inputs(tmp_path, cli, tiny_family):
+    """A merge takes a delta-stored fine-tune like any checkpoint: 1*ft + 0*base == ft exactly."""
+    root = str(tmp_path / "store")
+    assert cli("--store", root, "import", tiny_family["base"], "--name", "base")[0] == 0
+    assert cli("--store", root, "import", tiny_family["ft1"], "--delta-of", "base", "--name", "ft")[0] == 0
+    code, out, err = cli("--store", root, "weighted-sum", "ft", "base", "--weights", "1,0", "--name", "same",
+                         "--max-memory", "128K")
+    assert code == 0, err
+    store = Store(root)
+    assert store.get("same").manifest.checksums() == store.get("ft").manifest.checksums()
+    with store.open("ft") as src:
+        assert 0 < src.extra_read_bytes("model.embed_tokens.weight") <= 9 * 64 * 512 * 2

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..dtypes import raw_bytes
+from ..dtypes import by_name, raw_bytes
 from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, TensorNotFound
 from ..io.base import SourceBase, TensorMeta
 from .store import DeltaSection, block_path, decode_block
@@ -85,6 +85,17 @@ class DeltaTensorSource(SourceBase):
     def preferred_rows(self, name: str) -> int:
         """Rows per stored block: aligned reads rebuild no block twice."""
         return self._entry(name).rows
+
+    def extra_read_bytes(self, name: str) -> int:
+        """Memory a read of ``name`` holds beyond the rows it returns: per block in flight (up to
+        DECODE_WORKERS + 1) the parent's rows, the coded bytes and the rebuilt rows, and the same
+        again for each link of the parent's own chain. For a memory model to add to its budget."""
+        meta = self.meta(name)
+        entry = self._entry(name)
+        block = min(meta.rows, entry.rows) * meta.row_numel * by_name(meta.dtype).itemsize
+        own = (DECODE_WORKERS + 1) * 3 * block
+        parent_extra = getattr(self.parent, "extra_read_bytes", None)
+        return own + (parent_extra(name) if parent_extra and entry.mode == "delta" else 0)
 
     def _entry(self, name: str):
         entry = self.section.tensors.get(name)
@@ -190,8 +201,6 @@ class DeltaTensorSource(SourceBase):
 
 
 def _torch_dtype(meta: TensorMeta):
-    from ..dtypes import by_name
-
     return by_name(meta.dtype).torch
 
 
