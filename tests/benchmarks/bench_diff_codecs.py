@@ -2,6 +2,7 @@
 throughput per core, and lossy codecs with weight error and model KL.
 
     python tests/benchmarks/bench_diff_codecs.py [--repeat 5] [--skip-lossy | --skip-exact] [--dtypes bfloat16,float16,float32] [--json out.json]
+    python tests/benchmarks/bench_diff_codecs.py --skip-lossy --generated 100m [--generated-scale 0.005]
 
 bf16: the 30-step fine-tune (seq 128, batch 8). fp16 / fp32: a shorter real fine-tune (``--fp-steps``
 steps, seq 64, batch 4) trained in fp32 and cast, against the base cast to the same dtype.
@@ -121,6 +122,28 @@ def representations(base: dict, ft: dict, bits: int, eshift: int, emask: int, fm
 
 # --- throughput ---------------------------------------------------------------------------------
 
+def raw_read(ft_path: str, repeat: int) -> dict:
+    """Single-thread read of the whole fine-tune from its safetensors file (page cache warm), GB/s:
+    the cost of reading the full checkpoint that a delta-stored one is compared with."""
+    from safetensors import safe_open
+
+    def once():
+        with safe_open(ft_path, "pt") as f:
+            total = 0
+            for k in f.keys():
+                t = f.get_tensor(k)
+                total += t.numel() * t.element_size()
+            return total
+    raw = once()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        once()
+        wall.append(raw / (time.perf_counter() - t0) / GB)
+        cpu.append(raw / (time.thread_time() - c0) / GB)
+    return {"read_gbps": statistics.median(wall), "read_cpu_gbps": statistics.median(cpu)}
+
+
 def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool) -> dict:
     """Single-thread encode / decode of the whole model, GB/s of the target's raw bytes (median)."""
     names = sorted(base)
@@ -181,6 +204,21 @@ def lossy_table(base: dict, ft: dict, model, batches, specs, ref_lp) -> list[dic
     return rows
 
 
+def generated_pair(preset: str, scale: float, fmt: str) -> tuple[str, str]:
+    """(base dir, fine-tune dir) of a generated pair, cached under the test-model cache."""
+    from tensorstore_llm.testing.real_models import cache_root
+    from tensorstore_llm.testing.synth import write_checkpoint
+
+    root = os.path.join(cache_root(), f"bench-synth-{preset}-{scale:g}-{fmt}")
+    dirs = []
+    for k, name in ((0, "base"), (1, "ft1")):
+        out = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            write_checkpoint(out, preset, finetune=k, delta_scale=scale * 0.02, dtype=fmt, max_shard_size=1 << 40)
+        dirs.append(out)
+    return dirs[0], dirs[1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -192,6 +230,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--fp-steps", type=int, default=5,
                     help="AdamW steps of the fp16 / fp32 fine-tune (a shorter run: seq 64, batch 4)")
+    ap.add_argument("--generated", default=None, metavar="PRESET",
+                    help="instead of SmolLM2: a generated pair (tensorstore_llm.testing.synth preset, e.g. 100m), "
+                         "fine-tune = base + N(0, (scale x 0.02)^2) per weight")
+    ap.add_argument("--generated-scale", type=float, default=0.005,
+                    help="the generated fine-tune's delta, relative to the weights' 0.02 std (the real one moves "
+                         "weights by ~0.56%% of their norm)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -202,9 +246,13 @@ def main(argv=None) -> int:
     formats = {"bfloat16": (16, 7, 0xFF), "float16": (16, 10, 0x1F), "float32": (32, 23, 0xFF)}
     dtypes = [] if args.skip_exact else [(f, *formats[f]) for f in args.dtypes.split(",")]
     for fmt, bits, eshift, emask in dtypes:
-        ft_dir = smollm2_finetune(dtype=fmt) if fmt == "bfloat16" else \
-            smollm2_finetune(steps=args.fp_steps, seq_len=64, batch=4, dtype=fmt)
-        base, ft = load_state(smollm2_checkpoint(fmt)), load_state(ft_dir)
+        if args.generated:
+            base_dir, ft_dir = generated_pair(args.generated, args.generated_scale, fmt)
+        else:
+            base_dir = smollm2_checkpoint(fmt)
+            ft_dir = smollm2_finetune(dtype=fmt) if fmt == "bfloat16" else \
+                smollm2_finetune(steps=args.fp_steps, seq_len=64, batch=4, dtype=fmt)
+        base, ft = load_state(base_dir), load_state(ft_dir)
         raw = sum(v.numel() * v.element_size() for v in ft.values())
         stats = ulp_stats(base, ft, bits, eshift, emask)
         print(f"[{fmt}] {stats}", flush=True)
@@ -215,8 +263,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)   # per-core figures
         tp = {"numba": throughput(base, ft, fmt, args.repeat, True)} if exact._numba is not None else {}
         tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False)
+        ft_files = [os.path.join(ft_dir, n) for n in sorted(os.listdir(ft_dir)) if n.endswith(".safetensors")]
+        tp["raw_read"] = raw_read(ft_files[0], args.repeat) if len(ft_files) == 1 else {}
         torch.set_num_threads(os.cpu_count() or 1)
-        for path, t in tp.items():
+        if tp["raw_read"]:
+            r = tp["raw_read"]
+            print(f"  raw read of the full fine-tune (1 thread, page cache): {r['read_gbps']:.3f} GB/s wall, "
+                  f"{r['read_cpu_gbps']:.3f} per CPU-s", flush=True)
+        for path, t in ((k, v) for k, v in tp.items() if k != "raw_read"):
             print(f"  throughput ({path}, 1 thread): wall-clock encode {t['encode_gbps']:.3f} GB/s "
                   f"(range {t['encode_range'][0]:.3f}-{t['encode_range'][1]:.3f}), decode {t['decode_gbps']:.3f} GB/s "
                   f"(range {t['decode_range'][0]:.3f}-{t['decode_range'][1]:.3f}); per CPU-second of the thread: "
