@@ -73,3 +73,39 @@ def test_merge_equals_peft_on_smollm2_with_trained_adapter(smollm2, kind, tmp_pa
     for name, ref in reference.items():
         ours = merged.get(name, base[name])
         assert torch.equal(ours, ref), f"{name}: max diff {(ours - ref).abs().max()}"
+
+
+def test_extract_from_a_real_finetune_approaches_its_logits_as_rank_grows(tmp_path):
+    """`lora extract` on the real SmolLM2-135M fine-tune (testing.finetune): the captured energy
+    is reported and grows with r, and the merged extraction's logits move towards the fine-tune's."""
+    from tensorstore_llm.lora.artifacts import read_adapter_artifact
+    from tensorstore_llm.lora.jobs import extract
+    from tensorstore_llm.store import Store
+    from tensorstore_llm.testing.finetune import smollm2_finetune
+    from tensorstore_llm.testing.real_models import smollm2_checkpoint
+
+    try:
+        base_dir, ft_dir = smollm2_checkpoint("bfloat16"), smollm2_finetune()
+    except FormatError as e:
+        pytest.skip(f"SmolLM2-135M is not available: {e}")
+    store = Store(str(tmp_path / "store"))
+    base_model, ft_model = _load(base_dir), _load(ft_dir)
+    base_sd = {k: v.clone() for k, v in base_model.state_dict().items()}
+    ids = torch.randint(0, base_model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = ft_model(input_ids=ids).logits
+        gaps, captured = [], []
+        for r in (4, 64):       # every linear layer and the (tied) embedding, as PEFT would target them
+            result = extract(store, ft_dir, base_dir, rank=r, progress=False,
+                             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                      "embed_tokens"])
+            captured.append(result.report["totals"]["captured"])
+            assert all(0 < m["captured"] <= 1 for m in result.report["modules"].values())
+            adapter, _ = read_adapter_artifact(store, result.artifacts[0].id)
+            base_model.load_state_dict({**base_sd, **merge_state_dict(base_sd, adapter)})
+            gaps.append(float((base_model(input_ids=ids).logits - target).norm()))
+        base_model.load_state_dict(base_sd)
+        start = float((base_model(input_ids=ids).logits - target).norm())
+    assert captured[0] < captured[1] <= 1
+    assert start > gaps[0] > gaps[1], (start, gaps)
+    assert adapter.modules["model.embed_tokens"].kind == "embedding"

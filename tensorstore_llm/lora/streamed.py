@@ -71,6 +71,11 @@ def target_modules(metas: dict[str, TensorMeta], targets: list[str] | None, wher
     return [m for m in mods if any(m == t or m.endswith("." + t) for t in targets)]
 
 
+def is_embedding(module: str) -> bool:
+    """Whether ``module`` is an input embedding (PEFT puts an embedding LoRA on it)."""
+    return any(x in module for x in ("embed_tokens", "wte", "word_embeddings"))
+
+
 def check_rank(rank: int, shape: tuple[int, ...], module: str, where: str) -> None:
     """InvalidParameter unless 1 <= rank <= min(out, in)."""
     if not 1 <= rank <= min(shape):
@@ -128,7 +133,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
     plan.validate(where)
     sink = MemorySink()
     Executor(plan, sink, **executor_options).run()
-    factors, report = {}, Extraction(adapter=None)
+    factors, kinds, report = {}, {}, Extraction(adapter=None)
     captured_total = delta_total = 0.0
     for job in jobs:
         module = job.params.module
@@ -142,11 +147,15 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
             hit = (cum >= energy - 1e-12).nonzero()
             keep = int(hit[0]) + 1 if hit.numel() else keep
         captured = float(sigma[:keep].square().sum())
-        factors[module] = (A[:keep].contiguous(), B[:, :keep].contiguous())
+        A, B = A[:keep].contiguous(), B[:, :keep].contiguous()
+        if is_embedding(module):      # PEFT's embedding LoRA: delta = (B_e A_e)^T, A_e: r x vocab, B_e: dim x r
+            A, B = B.T.contiguous(), A.T.contiguous()
+            kinds[module] = "embedding"
+        factors[module] = (A, B)
         report.modules[module] = {"rank": keep, "captured": captured / delta_energy if delta_energy > 0 else 1.0}
         captured_total += captured
         delta_total += delta_energy
-    report.adapter = build_adapter(factors)
+    report.adapter = build_adapter(factors, kinds=kinds)
     report.totals = {"captured": captured_total / delta_total if delta_total > 0 else 1.0, "modules": len(factors),
                      "num_params": report.adapter.num_params()}
     return report
