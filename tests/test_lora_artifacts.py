@@ -166,3 +166,30 @@ def test_bad_adapters_are_refused_at_import_with_nothing_written(models, cli):
     code, _, err = cli("--store", s, "lora", "import", models / "adapter", "--base", models / "base")
     assert code == 4 and "pickle" in err.lower()
     assert Store(s).list() == []
+
+
+def test_qlora_merge_into_the_nf4_base_reports_q_over_delta_and_requantises(models, cli):
+    from tensorstore_llm.lora.nf4 import nf4_roundtrip
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    _adapter(transformers.AutoModelForCausalLM.from_pretrained(models / "base"), models / "qlora", cfg)
+    s = str(models / "store")
+    code, out, err = cli("--store", s, "lora", "merge", models / "base", models / "qlora", "--base-quant", "nf4",
+                         "--requantize", "nf4", "-o", models / "merged")
+    assert code == 0, err
+    base = load_file(str(models / "base" / "model.safetensors"))
+    ad = load_file(str(models / "qlora" / "adapter_model.safetensors"))
+    merged = load_file(str(models / "merged" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    A, B = ad[f"base_model.model.{name}.lora_A.weight"], ad[f"base_model.model.{name}.lora_B.weight"]
+    delta = 2.0 * (B @ A)
+    w = base[name + ".weight"]
+    into_nf4 = nf4_roundtrip(w) + delta                      # the weights the adapter trained against
+    assert torch.equal(merged[name + ".weight"], nf4_roundtrip(into_nf4))
+    q_over_delta = float((w - nf4_roundtrip(w)).norm() / delta.norm())
+    requant = float((into_nf4 - nf4_roundtrip(into_nf4)).norm() / delta.norm())
+    line = next(x for x in out.splitlines() if x.startswith(name))
+    assert f"{q_over_delta:.6g}" in line and f"{requant:.6g}" in line
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    code, _, err = cli("--store", s, "lora", "merge", models / "base", models / "qlora", "--requantize", "nf4")
+    assert code == 2 and "--base-quant" in err
