@@ -63,6 +63,7 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   TIES merge (mergekit recipe)   -> {ties.artifact.short_id} (exact top-k thresholds, streamed)")
     lora = _lora_round_trip(store, models, workdir, run, echo)
     diffs = _diffs(store, models, preset, run, echo)
+    loram = _loram_round_trip(store, workdir, run, echo)
     out = os.path.join(workdir, "soup-hf")
     shutil.rmtree(out, ignore_errors=True)
     echo(f"4. exporting the soup as a Hugging Face directory to {out}")
@@ -80,7 +81,7 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   tsllm --store {store.root} show qs-ties")
     echo(f"   tsllm --store {store.root} weighted-sum qs-base qs-ft1 --weights 0.3,0.7 --max-memory 1M --dry-run")
     return {"store": store.root, "artifacts": ids, "soup": soup.artifact.id, "ties": ties.artifact.id,
-            "export": out, "max_abs_error": max_error, "lora": lora, "distill": distill, "diffs": diffs}
+            "export": out, "max_abs_error": max_error, "lora": lora, "distill": distill, "diffs": diffs, "loram": loram}
 
 
 def _diffs(store: Store, models: str, preset: str, run: dict, echo) -> dict:
@@ -203,3 +204,41 @@ def _check_soup(models: str, out: str) -> float:
             expected = (a.read(name).float() * 0.5 + b.read(name).float() * 0.5).to(exported[name].dtype)
             worst = max(worst, (expected.float() - exported[name].float()).abs().max().item())
     return worst
+
+
+def _loram_round_trip(store: Store, workdir: str, run: dict, echo) -> dict:
+    """LoRAM on the base: prune half its MLP channels and KV heads (plan + pruned checkpoint),
+    recover an adapter made on the pruned shapes (standing in for one trained there), merge it
+    into the full base, and check that the pruned units' weights are untouched by the merge."""
+    import torch
+
+    from .lora.jobs import lora_merge
+    from .lora.peft_format import build_adapter, write_adapter
+    from .loram import recover_adapter
+    from .prune import prune
+
+    pruned = prune(store, "qs-base", ratio=0.5, head_ratio=0.5, name="qs-pruned", **run)
+    plan = pruned.plan
+    echo(f"   prune base 50% MLP / 50% KV heads -> plan {pruned.plan_artifact.short_id}, pruned checkpoint "
+         f"{pruned.checkpoint.artifact.short_id} ({plan.layer_sizes()[0]['intermediate_size']} channels per layer)")
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    with store.open("qs-pruned") as src:
+        for name in src.keys():
+            if name.endswith(("mlp.down_proj.weight", "self_attn.q_proj.weight")):
+                out, inp = src.meta(name).shape
+                factors[name[: -len(".weight")]] = (torch.randn(4, inp, generator=gen) * 0.01,
+                                                    torch.randn(out, 4, generator=gen) * 0.01)
+    adapter_dir = os.path.join(workdir, "pruned-lora")
+    write_adapter(build_adapter(factors, alpha=4), adapter_dir, overwrite=True)
+    recovered = recover_adapter(store, adapter_dir, "qs-pruned-plan", name="qs-recovered-lora", pruned="qs-pruned")
+    merged = lora_merge(store, "qs-base", "qs-recovered-lora", name="qs-loram-merged", **run)
+    with store.open("qs-base") as base, store.open("qs-loram-merged") as out:
+        name = "model.layers.0.mlp.down_proj.weight"
+        cols = plan.pruned("down", 0)
+        untouched = torch.equal(base.read(name)[:, cols], out.read(name)[:, cols])
+    echo(f"   loram recover + lora merge        -> {merged.artifact.short_id} (pruned columns of down_proj "
+         f"unchanged: {untouched})")
+    if not untouched:
+        raise RuntimeError("quickstart: the recovered LoRA changed weights of pruned channels")
+    return {"plan": pruned.plan_artifact.id, "recovered": recovered.artifact.id, "merged": merged.artifact.id}
