@@ -22,15 +22,15 @@ def logits_group():
     """
 
 
-def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None]:
-    """(HF directory or hub id, artifact id or None): a store artifact is exported once to a
-    temporary directory."""
+def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None, str | None]:
+    """(HF directory or hub id, artifact id or None, label or None): a store artifact is exported
+    once to a temporary directory and recorded by its artifact id, not by that directory."""
     import os
 
     from tensorstore_llm.io.hub import parse_hub_ref
 
     if os.path.isdir(teacher) or parse_hub_ref(teacher) is not None:
-        return teacher, None
+        return teacher, None, None
     import tempfile
 
     from tensorstore_llm.api import export
@@ -39,15 +39,20 @@ def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None]:
 
     store = store_of(ctx)
     artifact = store.get(teacher)          # ArtifactNotFound names the ref when it is none of the three
+    if artifact.kind != "checkpoint":
+        from tensorstore_llm.errors import DatasetMismatch
+
+        raise DatasetMismatch(f"teacher {teacher!r} is a {artifact.kind!r} artifact, not a checkpoint")
     out = os.path.join(tempfile.gettempdir(), f"tsllm-teacher-{artifact.id[:16]}")
     if not os.path.isfile(os.path.join(out, "config.json")):
-        export(store, teacher, out, progress=False)
-    return out, artifact.id
+        export(store, teacher, out, progress=False)          # atomic: complete or absent
+    return out, artifact.id, f"artifact {artifact.id}"
 
 
 @logits_group.command("precompute")
-@click.option("--teacher", required=True, metavar="MODEL",
-              help="transformers causal LM: HF directory, hub id (org/name[@rev]) or store artifact.")
+@click.option("--teacher", "teachers", required=True, multiple=True, metavar="MODEL",
+              help="transformers causal LM: HF directory, hub id (org/name[@rev]) or store artifact. Repeat it for "
+                   "several teachers with one tokenizer: one dataset with per-teacher targets.")
 @click.option("--data", "data", required=True, metavar="CORPUS",
               help="Corpus file or directory: .txt (documents split at two blank lines), .jsonl with "
                    "'text' or chat 'messages' (rendered with the teacher's chat template), .parquet.")
@@ -72,9 +77,15 @@ def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None]:
 @click.option("--seed", default=0, show_default=True, help="Run seed of the per-sequence RS-KD generators.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="Compute dtype of the teacher (float32, bfloat16).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: teacher actors on Ray Data (pip install 'tensorstore-llm[ray]'), same dataset.")
+@click.option("--address", help="With --engine ray: a running Ray cluster (default: start a local one).")
+@click.option("--ray-actors", type=int, help="With --engine ray: teacher actors (default: one per GPU, else 1).")
+@click.option("--ray-cpus-per-actor", default=1, show_default=True, help="With --engine ray: CPUs (torch threads) per actor.")
 @click.pass_context
-def precompute_cmd(ctx, teacher, data, out, name, method, draws, tau, self_normalise, temperature, k, seq_len, shuffle_seed,
-                   add_bos, batch_size, shard_sequences, max_sequences, alignment, seed, device, dtype):
+def precompute_cmd(ctx, teachers, data, out, name, method, draws, tau, self_normalise, temperature, k, seq_len, shuffle_seed,
+                   add_bos, batch_size, shard_sequences, max_sequences, alignment, seed, device, dtype, engine, address,
+                   ray_actors, ray_cpus_per_actor):
     """Run TEACHER over CORPUS once and store its sparse targets as a sharded Parquet dataset.
 
     The dataset becomes a store artifact of kind `logits` (tag it with --name), or a directory with
@@ -104,19 +115,27 @@ def precompute_cmd(ctx, teacher, data, out, name, method, draws, tau, self_norma
                             temperature=temperature, k=k, seed=seed, alignment=alignment)
     config.validate()
     rule = PackingRule(seq_len=seq_len, shuffle_seed=None if shuffle_seed < 0 else shuffle_seed, add_bos=add_bos)
-    source, parent = _resolve_teacher(ctx, teacher)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    resolved = [_resolve_teacher(ctx, t) for t in teachers]
+    sources = [r[0] for r in resolved]
+    parents = [r[1] for r in resolved if r[1]]
+    tokenizer = AutoTokenizer.from_pretrained(sources[0])
     corpus = read_corpus(data, tokenizer=tokenizer)          # corpus and packing errors before the model loads
     Packing(corpus.documents, tokenizer, rule, corpus.fingerprint)
-    lm = load_causal_lm(source, dtype=dtype, device=device)
 
     def progress(done, total):
         if not quiet and sys.stderr.isatty():
             click.echo(f"\r{done}/{total} sequences", nl=False, err=True)
     store = None if out else store_of(ctx)
-    result = precompute(lm, corpus, out, config=config, rule=rule, batch_size=batch_size, shard_sequences=shard_sequences,
-                        max_sequences=max_sequences, progress=progress, store=store, name=name,
-                        parents=[parent] if parent else None)
+    common = dict(config=config, rule=rule, batch_size=batch_size, shard_sequences=shard_sequences,
+                  max_sequences=max_sequences, progress=progress, store=store, name=name, parents=parents or None)
+    if engine == "ray":
+        from tensorstore_llm.distill.ray_engine import precompute_ray
+
+        result = precompute_ray(sources, corpus, out, address=address, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                                dtype=dtype, fingerprints=[r[1] for r in resolved], labels=[r[2] for r in resolved], **common)
+    else:
+        lms = [load_causal_lm(src, dtype=dtype, device=device, fingerprint=fp, label=label) for src, fp, label in resolved]
+        result = precompute(lms if len(lms) > 1 else lms[0], corpus, out, **common)
     where = result if out else result.short_id
     if quiet:
         click.echo(result if out else result.id)
@@ -153,7 +172,9 @@ def show_cmd(ctx, dataset, as_json):
     info, sampling = ds.info, ds.info["sampling"]
     click.echo(f"dataset      {ds.path}")
     click.echo(f"fingerprint  {info['fingerprint']}")
-    click.echo(f"teacher      {info['teacher_source']} ({info['teacher'][:16]})")
+    for j, t in enumerate(info.get("teachers") or [{"source": info["teacher_source"], "fingerprint": info["teacher"]}]):
+        label = f"teacher{j}" if "teachers" in info else "teacher"
+        click.echo(f"{label:13}{t['source']} ({t['fingerprint'][:16]})")
     click.echo(f"tokenizer    {info['tokenizer'][:16]}  vocab {info['vocab']}  chat template {info['chat_template'][:16] or '-'}")
     click.echo(f"corpus       {info['corpus'][:16]}  packing {info['packing']}")
     detail = {"rs-kd": f"N={sampling['draws']} tau={sampling['tau']}" + (" self-normalised" if sampling["self_normalise"] else ""),

@@ -16,6 +16,12 @@ workers, the shard order of an epoch is a permutation seeded by (seed, epoch), a
 ``rank * W + worker`` reads every (R * W)-th shard of it; when there are fewer shards than
 consumers, every consumer reads all shards and keeps every (R * W)-th sequence instead. Either
 way the shares are disjoint, cover the dataset, and are the same for the same (seed, epoch).
+
+Several teachers: a dataset precomputed with several teachers (one shard, per-teacher columns),
+or several datasets over the same packing (:class:`MultiTeacherDataset`), are combined per
+sequence at read time by weights: ``average`` (t̂ = Σ_j w_j t̂_j over the union of the ids) or
+``choice`` (each sequence takes teacher j's targets with probability w_j, seeded by (seed, epoch,
+sequence)).
 """
 from __future__ import annotations
 
@@ -106,6 +112,8 @@ class DistillDataset(IterableDataset):
             (``check_fingerprint``); a mismatch raises DatasetMismatch at construction.
         rank / world_size: this process's share (default: torch.distributed, else 0 / 1).
         shuffle: permute the shard order per epoch (seeded by ``seed`` and ``set_epoch``).
+        teacher_weights / teacher_mode: for a dataset of several teachers, one weight per teacher
+            (default equal; a weight of 0 leaves that teacher out) and 'average' or 'choice'.
 
     Example:
         >>> ds = DistillDataset("/tmp/kd", tokenizer=tok)                     # doctest: +SKIP
@@ -114,7 +122,7 @@ class DistillDataset(IterableDataset):
 
     def __init__(self, path, *, tokenizer=None, packing_fingerprint: str | None = None, expect: dict | None = None,
                  rank: int | None = None, world_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 store=None):
+                 store=None, teacher_weights: list[float] | None = None, teacher_mode: str = "average"):
         self.dataset = open_dataset(path, store) if isinstance(path, str) else path
         self.info = self.dataset.info
         if self.dataset.kind != "logits":
@@ -130,6 +138,9 @@ class DistillDataset(IterableDataset):
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.draws = int(self.info["sampling"]["draws"])
         self.vocab = int(self.info["vocab"])
+        self.teachers = len(self.info.get("teachers", [])) or 1
+        self.teacher_weights = teacher_mix(teacher_weights, self.teachers, teacher_mode)
+        self.teacher_mode = teacher_mode
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shard order is used (call before each epoch, as with DistributedSampler)."""
@@ -155,7 +166,14 @@ class DistillDataset(IterableDataset):
         for k, name in enumerate(order):
             if by_shard and k % consumers != me:
                 continue
-            for seq in decode_table(self.dataset.read_shard(name), self.vocab, self.draws):
+            table = self.dataset.read_shard(name)
+            if self.teachers == 1:
+                decoded = decode_table(table, self.vocab, self.draws)
+            else:
+                per_teacher = [decode_table(table, self.vocab, self.draws, teacher=j) for j in range(self.teachers)]
+                decoded = (mix_teachers(list(group), self.teacher_weights, [self.draws] * self.teachers,
+                                        self.teacher_mode, self.seed, self.epoch) for group in zip(*per_teacher))
+            for seq in decoded:
                 if by_shard or seq.sequence % consumers == me:
                     yield seq
 
@@ -190,6 +208,27 @@ def combine_targets(seqs: list[SequenceTargets], weights: list[float], draws: li
     return SequenceTargets(first.sequence, first.input_ids, rows)
 
 
+def teacher_mix(weights: list[float] | None, teachers: int, mode: str) -> list[float]:
+    """Validated teacher weights, normalised to sum to 1 (equal when None)."""
+    if mode not in ("average", "choice"):
+        raise DatasetMismatch(f"mode must be 'average' or 'choice', got {mode!r}")
+    w = np.asarray(weights if weights is not None else [1.0] * teachers, dtype=np.float64)
+    if len(w) != teachers or np.any(w < 0) or w.sum() <= 0:
+        raise DatasetMismatch(f"need one non-negative weight per teacher ({teachers}), got {list(w)}")
+    return (w / w.sum()).tolist()
+
+
+def mix_teachers(seqs: list[SequenceTargets], weights: list[float], draws: list[int], mode: str, seed: int,
+                 epoch: int) -> SequenceTargets:
+    """One sequence's targets from several teachers' (see the module docstring); zero weights drop out."""
+    if mode == "average":
+        keep = [j for j, w in enumerate(weights) if w > 0]
+        return combine_targets([seqs[j] for j in keep], [weights[j] for j in keep], [draws[j] for j in keep])
+    rng = np.random.Generator(np.random.SFC64(seed_value(seed, "distill-teacher", f"epoch/{epoch}", seqs[0].sequence)))
+    j = int(rng.choice(len(seqs), p=weights))
+    return combine_targets([seqs[j]], [1.0], [draws[j]])
+
+
 class MultiTeacherDataset(IterableDataset):
     """Several teacher-logit datasets over the same corpus packing and tokenizer, combined per sequence.
 
@@ -203,13 +242,8 @@ class MultiTeacherDataset(IterableDataset):
     """
 
     def __init__(self, paths: list, weights: list[float] | None = None, *, mode: str = "average", **kwargs):
-        if mode not in ("average", "choice"):
-            raise DatasetMismatch(f"mode must be 'average' or 'choice', got {mode!r}")
+        self.weights = teacher_mix(weights, len(paths), mode)
         self.parts = [DistillDataset(p, **kwargs) for p in paths]
-        w = np.asarray(weights if weights is not None else [1.0] * len(paths), dtype=np.float64)
-        if len(w) != len(paths) or np.any(w < 0) or w.sum() <= 0:
-            raise DatasetMismatch(f"need one non-negative weight per teacher ({len(paths)}), got {list(w)}")
-        self.weights = (w / w.sum()).tolist()
         self.mode = mode
         base = self.parts[0]
         for p in self.parts[1:]:
@@ -228,13 +262,8 @@ class MultiTeacherDataset(IterableDataset):
     def sequences(self):
         streams = [p.sequences() for p in self.parts]
         for seqs in zip(*streams):
-            if self.mode == "average":
-                yield combine_targets(list(seqs), self.weights, [p.draws for p in self.parts])
-            else:
-                rng = np.random.Generator(np.random.SFC64(seed_value(self.parts[0].seed, "distill-teacher",
-                                                                     f"epoch/{self.parts[0].epoch}", seqs[0].sequence)))
-                j = int(rng.choice(len(seqs), p=self.weights))
-                yield combine_targets([seqs[j]], [1.0], [self.parts[j].draws])
+            yield mix_teachers(list(seqs), self.weights, [p.draws for p in self.parts], self.mode,
+                               self.parts[0].seed, self.parts[0].epoch)
 
     def __iter__(self):
         for seq in self.sequences():

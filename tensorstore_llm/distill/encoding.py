@@ -16,6 +16,11 @@ Columns of a shard (one row per sequence): ``sequence`` (int64 global index), ``
 ``logprobs`` (top-k and full, float32), plus, when asked, ``nll`` (float32 per token: the
 teacher's -log p of token j given tokens < j; NaN at j = 0), ``text`` and ``char_offsets``
 (int32 [seq_len, 2]) for cross-tokenizer students.
+
+A dataset of several teachers (same tokenizer and packing) keeps ``sequence``, ``input_ids``,
+``text`` and ``char_offsets`` once and every per-teacher column (``coverage``, ``n_ids``,
+``ids``, ``counts`` / ``weights`` / ``logprobs``, ``nll``) once per teacher j, named
+``teacher<j>.<column>``.
 """
 from __future__ import annotations
 
@@ -63,8 +68,24 @@ def decode_ids(blob: bytes, offsets: np.ndarray, width: int) -> np.ndarray:
     return (total - np.repeat(before, lengths)).astype(np.int32)
 
 
-def schema(kind: str, *, with_alignment: bool = False) -> pa.Schema:
-    """Arrow schema of a shard for ``kind`` in {'rs-kd', 'rs-kd-weighted', 'top-k', 'full'}."""
+SHARED_COLUMNS = ("sequence", "input_ids", "text", "char_offsets")
+
+
+def teacher_column(name: str, teacher: int, teachers: int) -> str:
+    """The column holding ``name`` for teacher ``teacher`` of ``teachers`` (prefixed when several)."""
+    return name if teachers == 1 or name in SHARED_COLUMNS else f"teacher{teacher}.{name}"
+
+
+def schema(kind: str, *, with_alignment: bool = False, teachers: int = 1) -> pa.Schema:
+    """Arrow schema of a shard for ``kind`` in {'rs-kd', 'rs-kd-weighted', 'top-k', 'full'}.
+
+    With ``teachers`` > 1 the per-teacher columns repeat with ``teacher<j>.`` prefixes.
+    """
+    if teachers > 1:
+        one = schema(kind, with_alignment=with_alignment)
+        shared = [f for f in one if f.name in SHARED_COLUMNS]
+        return pa.schema(shared + [pa.field(teacher_column(f.name, j, teachers), f.type)
+                                   for j in range(teachers) for f in one if f.name not in SHARED_COLUMNS])
     fields = [("sequence", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("coverage", pa.float64()),
               ("n_ids", pa.binary()), ("ids", pa.binary())]
     fields += {"rs-kd": [("counts", pa.binary())],
@@ -116,10 +137,43 @@ def encode_rows(kind: str, sequences: list[SequenceTargets], vocab: int, draws: 
     return pa.table(cols, schema=schema(kind, with_alignment=with_alignment))
 
 
-def decode_table(table: pa.Table, vocab: int, draws: int) -> list[SequenceTargets]:
-    """Inverse of :func:`encode_rows`: every sequence of a shard table, decoded."""
+def encode_teachers(kind: str, per_teacher: list[list[SequenceTargets]], vocab: int, draws: int) -> pa.Table:
+    """One table for the same sequences from several teachers (see the module docstring).
+
+    ``per_teacher[j][i]`` is sequence i's targets from teacher j; one teacher gives
+    :func:`encode_rows`' table unchanged.
+    """
+    tables = [encode_rows(kind, seqs, vocab, draws) for seqs in per_teacher]
+    if len(tables) == 1:
+        return tables[0]
+    n = len(tables)
+    target = schema(kind, with_alignment="nll" in tables[0].column_names, teachers=n)
+    columns = {}
+    for j, t in enumerate(tables):
+        for name in t.column_names:
+            columns.setdefault(teacher_column(name, j, n), t.column(name))
+    return pa.table([columns[f.name] for f in target], schema=target)
+
+
+def teachers_in(table_or_schema) -> int:
+    """How many teachers a shard holds (1 for unprefixed columns)."""
+    names = table_or_schema.names if isinstance(table_or_schema, pa.Schema) else table_or_schema.column_names
+    prefixed = {n.split(".", 1)[0] for n in names if n.startswith("teacher") and "." in n}
+    return max(1, len(prefixed))
+
+
+def decode_table(table: pa.Table, vocab: int, draws: int, teacher: int = 0) -> list[SequenceTargets]:
+    """Inverse of :func:`encode_rows`: every sequence of a shard table, decoded (for ``teacher``
+    ``j`` of a several-teacher table)."""
     width = id_width(vocab)
     count_dtype = "<u1" if draws < 256 else "<u2"
+    teachers = teachers_in(table)
+    if teachers > 1:
+        if not 0 <= teacher < teachers:
+            raise ValueError(f"the table holds {teachers} teachers, not teacher {teacher}")
+        keep = {teacher_column(n, teacher, teachers): n for n in schema("rs-kd", with_alignment=True).names + ["weights", "logprobs"]}
+        table = table.select([c for c in table.column_names if c in keep]).rename_columns(
+            [keep[c] for c in table.column_names if c in keep])
     names = set(table.column_names)
     data = {name: table.column(name).to_pylist() for name in names if name != "input_ids"}
     input_ids = table.column("input_ids").combine_chunks()

@@ -30,9 +30,15 @@ def teacher_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return torch.softmax(logits.float() / float(temperature), dim=-1)
 
 
-def sequence_uniforms(seed: int, sequence: int, seq_len: int, draws: int, start: int, stop: int) -> torch.Tensor:
-    """Uniforms [stop - start, draws] in [0, 1) for positions start:stop of one sequence."""
-    return uniform_rows(seed, SAMPLING_STREAM, f"sequence/{int(sequence)}", (seq_len, draws), start, stop)
+def sequence_uniforms(seed: int, sequence: int, seq_len: int, draws: int, start: int, stop: int,
+                      teacher: int = 0) -> torch.Tensor:
+    """Uniforms [stop - start, draws] in [0, 1) for positions start:stop of one sequence.
+
+    Teacher j > 0 of a several-teacher dataset draws from its own stream
+    (``teacher/<j>/sequence/<index>``); teacher 0 uses the single-teacher stream.
+    """
+    name = f"sequence/{int(sequence)}" if teacher == 0 else f"teacher/{int(teacher)}/sequence/{int(sequence)}"
+    return uniform_rows(seed, SAMPLING_STREAM, name, (seq_len, draws), start, stop)
 
 
 CDF_BLOCK = 256

@@ -48,13 +48,35 @@ def checkpoint_fingerprint(directory: str) -> str:
     return digest.hexdigest()
 
 
-def load_causal_lm(source: str, *, dtype: str = "float32", device: str = "cpu") -> CausalLM:
+def resolve_source(source: str, *, checksum: bool = True) -> tuple[str, str | None]:
+    """(local directory, fingerprint) of an HF directory or hub id ``org/name[@rev]``; the
+    fingerprint of a directory is None when ``checksum`` is False.
+
+    Raises FormatError for a directory without config.json, TsllmError for anything else.
+    """
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise FormatError(f"{source}: not a Hugging Face checkpoint directory (no config.json)")
+        return source, checkpoint_fingerprint(source) if checksum else None
+    from ..io.hub import parse_hub_ref, snapshot
+
+    parsed = parse_hub_ref(source)
+    if parsed is None:
+        raise TsllmError(f"teacher {source!r} is neither a directory nor a hub id org/name[@revision]")
+    path, commit = snapshot(*parsed)
+    return path, hashlib.sha256(f"{parsed[0]}@{commit}".encode()).hexdigest()
+
+
+def load_causal_lm(source: str, *, dtype: str = "float32", device: str = "cpu", fingerprint: str | None = None,
+                   label: str | None = None) -> CausalLM:
     """Load a transformers causal LM and its tokenizer from an HF directory or a hub id.
 
     Args:
         source: a local directory with config.json (+ weights + tokenizer), or ``org/name[@rev]``.
         dtype: torch dtype name to compute in (float32 by default; bfloat16 on GPUs).
         device: 'cpu', 'cuda' or 'cuda:N'.
+        fingerprint / label: recorded instead of the checksum / ``source`` (e.g. a store
+            artifact's id and ref when ``source`` is its exported directory).
     Returns:
         :class:`CausalLM` in eval mode.
     Raises:
@@ -67,27 +89,40 @@ def load_causal_lm(source: str, *, dtype: str = "float32", device: str = "cpu") 
         49152
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "config.json")):
-            raise FormatError(f"{source}: not a Hugging Face checkpoint directory (no config.json)")
-        path, fingerprint = source, checkpoint_fingerprint(source)
-    else:
-        from ..io.hub import parse_hub_ref, snapshot
-
-        parsed = parse_hub_ref(source)
-        if parsed is None:
-            raise TsllmError(f"teacher {source!r} is neither a directory nor a hub id org/name[@revision]")
-        path, commit = snapshot(*parsed)
-        fingerprint = hashlib.sha256(f"{parsed[0]}@{commit}".encode()).hexdigest()
+    described = describe_causal_lm(source, fingerprint=fingerprint, label=label)
+    path = described.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise FormatError(f"{source}: cannot load a causal LM with transformers: {e}") from None
     model.to(device).eval()
-    return CausalLM(model, tokenizer, source, fingerprint)
+    return CausalLM(model, described.tokenizer, described.source, described.fingerprint)
+
+
+def describe_causal_lm(source: str, *, fingerprint: str | None = None, label: str | None = None) -> CausalLM:
+    """A teacher's tokenizer, source and fingerprint without its weights (``model`` holds the
+    local directory): what a driver needs when other processes run the model."""
+    from transformers import AutoTokenizer
+
+    path, checksum = resolve_source(source, checksum=fingerprint is None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{source}: cannot load its tokenizer with transformers: {e}") from None
+    return CausalLM(path, tokenizer, label or source, fingerprint or checksum)
+
+
+def head_width(path: str) -> int | None:
+    """Output-head rows from config.json (``vocab_size``) without loading weights; None if absent."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    return config.get("vocab_size")
 
 
 def check_vocab(model, tokenizer) -> int:
