@@ -149,3 +149,21 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     b = _write(str(tmp_path / "b.safetensors"), {"w.weight": torch.zeros(5, 4)})
     with pytest.raises(ShapeMismatch, match="w.weight"):
         diff_stats([HFCheckpointSource(a)], [HFCheckpointSource(b)])
+
+
+def test_cli_delta_artifact_is_read_against_its_parent(tmp_path):
+    """A delta-stored artifact needs no --base: its parent is the base, and the figures equal the pair's."""
+    from tensorstore_llm.testing.synth import write_model_family
+
+    base, ft1 = write_model_family(str(tmp_path / "fam"), "tiny", finetunes=1)
+    assert _cli(["-q", "import", base, "--name", "base"], tmp_path).exit_code == 0
+    made = _cli(["-q", "diff", ft1, "--base", "base", "--name", "ft1d"], tmp_path)
+    assert made.exit_code == 0, made.output
+    as_delta, as_pair = str(tmp_path / "delta.json"), str(tmp_path / "pair.json")
+    assert _cli(["diff-stats", "ft1d", "--json", as_delta], tmp_path).exit_code == 0
+    assert _cli(["diff-stats", ft1, "--base", base, "--json", as_pair], tmp_path).exit_code == 0
+    with open(as_delta) as a, open(as_pair) as b:
+        rows_delta, rows_pair = json.load(a)["tensors"], json.load(b)["tensors"]
+    assert len(rows_delta) == len(rows_pair) > 0
+    for x, y in zip(rows_delta, rows_pair):
+        assert x["name"] == y["name"] and x["changed"] == y["changed"] and x["delta2"] == y["delta2"]
