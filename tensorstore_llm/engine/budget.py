@@ -10,13 +10,22 @@ import math
 
 from ..dtypes import by_name
 from ..errors import InvalidParameter
+from ..io.zarr_tensors import chunk_shape
 from ..ops.registry import get_op
 from ..units import format_size
 from .plan import ROWS, WHOLE, TensorJob
-from .records import Estimate, JobEstimate
+from .records import Estimate, JobEstimate, RssPrediction
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
+# What a run holds besides tensor data (measured with tests/benchmarks/bench_budget.py, see
+# docs/benchmarks.md "Honest budget"): code pages of the kernels and libraries first touched
+# while running, thread stacks and malloc arenas of the pipeline threads, and per tile worker
+# its arena and the partial records of the statistics passes.
+RUNTIME_BYTES = 40 << 20
+WORKER_BYTES = 8 << 20
+CUDA_RUNTIME_BYTES = 600 << 20
+BASELINE_BYTES = 230 << 20   # interpreter + torch + tensorstore_llm, where /proc/self/status cannot be read
 
 
 class MemoryPlanning:
@@ -26,9 +35,7 @@ class MemoryPlanning:
         """(bytes per block row held by the pipeline, fixed bytes of the kernel calls in flight, input bytes per row)."""
         spec = get_op(job.op)
         metas = [self.plan.input_meta(r) for r in job.refs() if r.relation == ROWS]
-        in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
-        row_outputs = [] if job.reduce_only else [job.output, *(m for m in job.extra_outputs if job.row_aligned(m))]
-        out_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in row_outputs)
+        in_row, out_row = self._row_bytes(job)
         if not spec.compute:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, 0, in_row
         eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple) and refs.relation == ROWS)
@@ -37,6 +44,13 @@ class MemoryPlanning:
         if not spec.rowwise or not job.output.shape:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row + fp32_row, 0, in_row
         return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, fp32_row * self.tile_rows(job) * self.tile_workers, in_row
+
+    def _row_bytes(self, job: TensorJob) -> tuple[int, int]:
+        """(bytes of one row of the ROWS inputs, bytes of one row of the row-split outputs)."""
+        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation == ROWS]
+        in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
+        row_outputs = [] if job.reduce_only else [job.output, *(m for m in job.extra_outputs if job.row_aligned(m))]
+        return in_row, sum(m.row_numel * by_name(m.dtype).itemsize for m in row_outputs)
 
     def whole_bytes(self, job: TensorJob) -> int:
         """Bytes held for the whole of ``job``: its WHOLE inputs (as stored, plus the fp32 copy
@@ -102,7 +116,10 @@ class MemoryPlanning:
         if self._uploader is not None:
             rows = min(rows, (self._uploader.free_bytes // 2 - tile_bytes) // max(IN_BLOCKS_HELD * in_row, 1))
         rows = max(1, min(meta.rows, rows))
-        align = self.sink.preferred_rows(meta) if self.sink is not None else 1
+        if self.sink is not None:
+            align = self.sink.preferred_rows(meta)
+        else:   # a dry run: blocks as a store artifact's chunks would align them (the common sink)
+            align = 1 if job.reduce_only else chunk_shape(meta)[0]
         for ref in (r for r in job.refs() if r.relation == ROWS):   # whole verified chunks: none read twice
             source_rows = getattr(self.plan.sources[ref.source], "preferred_rows", None)
             align = math.lcm(align, source_rows(ref.name) if source_rows else 1)
@@ -123,4 +140,62 @@ class MemoryPlanning:
             peak = per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive + self.whole_bytes(job)
             whole_read = sum(self.plan.input_meta(r).nbytes for r in job.refs() if r.relation == WHOLE)
             out.append(JobEstimate(job, rows, blocks, peak, in_row * job.output.rows + whole_read))
-        return Estimate(out, self.budget)
+        return Estimate(out, self.budget, self.predict_rss(out))
+
+    # -- the whole process ------------------------------------------------------------------------
+    def predict_rss(self, jobs: list[JobEstimate]) -> RssPrediction:
+        """Peak RSS of this process while the plan runs: the baseline it holds now, the runtime
+        overhead, and the tensor data of the fullest moment of a replay of the blocks in run order.
+
+        The replay holds, while block k is computed: the inputs of blocks k, k+1 (queued) and k+2
+        (being read), the output buffers (recycled: as many as ``OUT_BLOCKS_HELD`` of the largest
+        output block so far, since a recycled buffer keeps its size), the kernel tiles in flight
+        and the job's whole inputs. Mapped input pages count here like read ones: a mapped file
+        page is resident in this process while its block is alive.
+        """
+        steps = list(self._replay(jobs))
+        peak = pool = 0
+        for k, (in_bytes, out_bytes, fixed) in enumerate(steps):
+            pool = max(pool, OUT_BLOCKS_HELD * out_bytes)
+            ahead = sum(step[0] for step in steps[k + 1:k + IN_BLOCKS_HELD])
+            peak = max(peak, in_bytes + ahead + pool + fixed)
+        baseline = process_rss()
+        if self.device.type == "cuda":   # the CUDA context and its libraries
+            runtime = RUNTIME_BYTES + CUDA_RUNTIME_BYTES
+        else:
+            runtime = RUNTIME_BYTES + WORKER_BYTES * self.tile_workers
+        return RssPrediction(baseline or BASELINE_BYTES, runtime, peak, baseline is not None)
+
+    def _replay(self, jobs: list[JobEstimate]):
+        """(input bytes, output bytes, kernel and whole-input bytes) of every block, in run order."""
+        for estimate in jobs:
+            job, rows = estimate.job, estimate.block_rows
+            if not job.output.numel:
+                continue
+            per_row, fixed, _ = self._memory_model(job)
+            in_row, out_row = self._row_bytes(job)
+            spec = get_op(job.op)
+            passes = len(spec.passes_for(job.params)) if estimate.blocks > 1 or job.reduce_only else 0
+            rowwise = spec.rowwise and job.output.shape
+            tile = self.tile_rows(job)
+            whole = self.whole_bytes(job)
+            for pass_index in [*range(passes), *([] if job.reduce_only else [None])]:
+                for start in range(0, job.output.rows, rows):
+                    n = min(rows, job.output.rows - start)
+                    if rowwise:
+                        temps = fixed // (tile * self.tile_workers) * min(n, tile) * min(self.tile_workers, -(-n // tile))
+                    else:   # the whole-tensor kernel: its fp32 temporaries are per row (in per_row)
+                        temps = (per_row - IN_BLOCKS_HELD * in_row - OUT_BLOCKS_HELD * out_row) * n
+                    yield in_row * n, (0 if pass_index is not None else out_row * n), temps + whole
+
+
+def process_rss() -> int | None:
+    """Resident bytes of this process now (VmRSS), or None where /proc is not available."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -33,6 +33,9 @@ class Result:
 
 @dataclass(frozen=True)
 class JobEstimate:
+    """Blocking and memory of one job: ``peak_bytes`` is what its own blocks hold at once (three
+    input blocks, three output blocks, the kernel tiles in flight and its whole inputs)."""
+
     job: TensorJob
     block_rows: int
     blocks: int
@@ -41,11 +44,34 @@ class JobEstimate:
 
 
 @dataclass(frozen=True)
+class RssPrediction:
+    """The peak resident memory a run is predicted to reach, by part (bytes).
+
+    ``baseline``: what the process holds before the run (interpreter, torch, our modules: measured
+    from /proc/self/status, or modelled where it cannot be read); ``runtime``: what running adds
+    besides tensor data (code pages of the kernels, thread stacks, allocator arenas; measured
+    once, a constant); ``tensors``: the tensor data the pipeline holds at its fullest, from a
+    replay of the plan's blocks in run order (input blocks being read, queued and computed, the
+    recycled output buffers, kernel tiles in flight, whole inputs).
+    """
+
+    baseline: int
+    runtime: int
+    tensors: int
+    baseline_measured: bool = True
+
+    @property
+    def total(self) -> int:
+        return self.baseline + self.runtime + self.tensors
+
+
+@dataclass(frozen=True)
 class Estimate:
     """What a plan will do: per-job blocking, total I/O and the peak memory it needs."""
 
     jobs: list[JobEstimate]
     budget: int
+    rss: RssPrediction | None = None   # predicted peak RSS of the whole process (None: not computed)
 
     @property
     def read_bytes(self) -> int:

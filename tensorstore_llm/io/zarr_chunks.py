@@ -36,6 +36,7 @@ class RawRowChunks:
         self.row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if shape else itemsize
         self._made_dirs: set[str] = set()
         self.on_written = None   # called with each chunk file's path once it is written
+        self.next_row = 0        # where the next block of an in-order write starts
 
     @classmethod
     def open(cls, array_dir: str, itemsize: int) -> RawRowChunks | None:
@@ -92,33 +93,51 @@ class RawRowChunks:
             os.close(fd)
 
     def write_rows(self, start: int, values: np.ndarray) -> bool:
-        """Write rows ``start:start+len(values)`` if they cover whole chunks; False = use zarr instead."""
+        """Write rows ``start:start+len(values)``; False (nothing written) = use zarr instead.
+
+        Blocks of a tensor come in order, so a block smaller than a chunk is written into its
+        chunk file at its offset, and the file is completed (padded, handed to ``on_written``)
+        with the chunk's last row: the files are the same bytes as whole-chunk writes give, and
+        no chunk is read back and merged (zarr's way, which held several chunk-sized buffers).
+        Raises ValueError for a block that does not start where the previous one ended.
+        """
         rows = values.shape[0] if self.shape else 1
         stop = start + rows
-        if self.shape and (start % self.chunk_rows or (stop % self.chunk_rows and stop != self.shape[0])):
-            return False
         data = memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))
         if not self.shape:
-            self._write_chunk(0, data, 0)
+            self._write_chunk(0, data, 0, 0)
             return True
-        for index in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-            first = index * self.chunk_rows - start
-            last = min(rows, first + self.chunk_rows)
-            part = data[first * self.row_bytes:last * self.row_bytes]
-            self._write_chunk(index, part, (self.chunk_rows - (last - first)) * self.row_bytes)
+        if start != self.next_row and start % self.chunk_rows:
+            raise ValueError(f"{self.array_dir}: got rows from {start}, expected {self.next_row} (blocks come in order)")
+        self.next_row = stop
+        position = start
+        while position < stop:
+            index = position // self.chunk_rows
+            chunk_start = index * self.chunk_rows
+            chunk_stop = min(stop, chunk_start + self.chunk_rows)
+            part = data[(position - start) * self.row_bytes:(chunk_stop - start) * self.row_bytes]
+            complete = chunk_stop == min(self.shape[0], chunk_start + self.chunk_rows)
+            padding = (self.chunk_rows - (chunk_stop - chunk_start)) * self.row_bytes if complete else 0
+            self._write_chunk(index, part, (position - chunk_start) * self.row_bytes, padding, complete)
+            position = chunk_stop
         return True
 
-    def _write_chunk(self, index: int, data: memoryview, padding: int) -> None:
+    def _write_chunk(self, index: int, data: memoryview, offset: int, padding: int, complete: bool = True) -> None:
+        """Write ``data`` at ``offset`` of chunk file ``index`` (a new file when 0); once the
+        chunk is ``complete``, pad it to full size and start its writeback."""
         path = self._path(index)
         parent = os.path.dirname(path)
         if parent not in self._made_dirs:
             os.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
-        with open(path, "wb") as f:
+        with open(path, "r+b" if offset else "wb") as f:
+            if offset:
+                f.seek(offset)
             f.write(data)
             if padding:
                 f.write(bytes(padding))  # edge chunks are stored at full chunk size
             f.flush()
-            start_writeback(f.fileno())
-        if self.on_written is not None:
+            if complete:
+                start_writeback(f.fileno())
+        if complete and self.on_written is not None:
             self.on_written(path)

@@ -201,8 +201,8 @@ class ZarrTensorSource(SourceBase):
         for index in range(first, last):
             a, b = index * digests.rows - lo, min(hi, (index + 1) * digests.rows) - lo
             digests.check(meta, index, raw[a * row_bytes:b * row_bytes], self.label)
-        if (lo, hi) != (start, stop):
-            values = values[start - lo:stop - lo]
+        if (lo, hi) != (start, stop):   # a copy: a view would keep the whole covering chunks alive
+            values = values[start - lo:stop - lo].clone()
         return values if meta.shape else values.reshape(())
 
     def _read_legacy(self, meta: TensorMeta, start: int, stop: int):

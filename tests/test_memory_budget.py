@@ -1,0 +1,84 @@
+"""--max-memory is what a user plans RAM by: the whole process's peak RSS (interpreter and torch
+included) stays within the budget plus 300 MiB, and the dry run predicts that peak.
+
+Each run is a child process of the CLI; its peak is the kernel's high-water mark (``ru_maxrss``
+from ``wait4``), which counts everything: heap, tensors, mapped input pages, libraries.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tensorstore_llm.testing.synth import write_model_family
+from tensorstore_llm.units import parse_size
+
+MIB = 1 << 20
+ALLOWANCE = 300 * MIB   # the issue's promise: peak RSS <= --max-memory + 300 MiB
+CLI = [sys.executable, "-m", "tensorstore_llm_cli", "-q"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """base + 2 fine-tunes with a 32000 x 768 embedding and lm_head: 3 x 105 MB of bf16, so that a
+    64-128 MiB budget splits the large tensors into several row blocks."""
+    root = str(tmp_path_factory.mktemp("budget-models"))
+    return write_model_family(root, "100m", seed=0, finetunes=2, layers=1)
+
+
+def _peak_of(args: list[str]) -> int:
+    """Peak RSS in bytes of one CLI run (its own, via wait4)."""
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+def _predicted(args: list[str]) -> dict[str, int]:
+    """The peak RSS the dry run of ``args`` prints, and its parts (bytes)."""
+    out = subprocess.run(CLI[:-1] + args + ["--dry-run"], capture_output=True, text=True, check=True).stdout
+    size = r"([0-9.]+ [KMGT]iB)"
+    match = re.search(rf"predicted peak RSS: {size} = interpreter and libraries {size}.* \+ runtime {size} "
+                      rf"\+ tensor data {size}", out)
+    assert match, out
+    return dict(zip(("total", "baseline", "runtime", "tensors"), (parse_size(g) for g in match.groups())))
+
+
+def _recipe(tmp_path, family) -> str:
+    base, ft1, ft2 = family
+    path = tmp_path / "ties.yaml"
+    path.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                    f"  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+                    f"  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("budget", ["64M"])
+def test_weighted_sum_peak_stays_within_budget_plus_allowance(tmp_path, family, budget):
+    """The three inputs (315 MB) are several times the budget; the process stays within it + 300 MiB,
+    and the tensor data it holds beyond an idle interpreter stays within the budget itself."""
+    args = ["--store", str(tmp_path / "store"), "weighted-sum", *family, "--weights", "0.2,0.3,0.5",
+            "--max-memory", budget, "--device", "cpu"]
+    parts = _predicted(args)
+    peak = _peak_of(args)
+    assert peak <= parse_size(budget) + ALLOWANCE, f"peak RSS {peak / MIB:.0f} MiB at --max-memory {budget}"
+    # beyond what the process holds before the run (measured by the dry run) and the runtime's
+    # fixed part, the tensor data stays within the budget
+    assert peak - parts["baseline"] - parts["runtime"] <= parse_size(budget), \
+        f"peak {peak / MIB:.0f} MiB = {parts['baseline'] / MIB:.0f} + {parts['runtime'] / MIB:.0f} + more than {budget}"
+
+
+def test_dry_run_predicts_the_peak_within_10_percent(tmp_path, family):
+    """TIES (two statistics passes and the merge, three inputs) at 128M: the dry run's predicted
+    peak RSS is within 10% of the run's measured peak."""
+    args = ["--store", str(tmp_path / "store"), "merge", _recipe(tmp_path, family), "--max-memory", "128M",
+            "--device", "cpu"]
+    predicted = _predicted(args)["total"]
+    peak = _peak_of(args)
+    assert abs(peak - predicted) <= 0.10 * peak, f"predicted {predicted / MIB:.0f} MiB, measured {peak / MIB:.0f} MiB"
+    assert peak <= parse_size("128M") + ALLOWANCE
