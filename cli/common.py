@@ -95,6 +95,11 @@ def print_estimate(estimate, limit: int = 20) -> None:
         click.echo(f"... {len(jobs) - limit} more tensors (largest memory first)")
     click.echo(f"tensors: {len(jobs)}  read: {format_size(estimate.read_bytes)}  write: {format_size(estimate.write_bytes)}  "
                f"peak tensor memory: {format_size(estimate.peak_bytes)} (budget {format_size(estimate.budget)})")
+    rss = getattr(estimate, "rss", None)
+    if rss is not None:   # what the whole process will hold: plan RAM by this
+        baseline = "" if rss.baseline_measured else " (modelled)"
+        click.echo(f"predicted peak RSS: {format_size(rss.total)} = interpreter and libraries {format_size(rss.baseline)}"
+                   f"{baseline} + runtime {format_size(rss.runtime)} + tensor data {format_size(rss.tensors)}")
 
 
 def report(result, verb: str, quiet: bool) -> None:
