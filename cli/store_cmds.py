@@ -15,7 +15,7 @@ from .common import copy_options, print_estimate, progress_flag, report, store_o
 @click.option("--dtype", help="Cast float tensors while importing (bf16, fp16, fp32).")
 @click.option("--delta-of", "delta_of", metavar="PARENT",
               help="Store SRC as an exact delta of store artifact PARENT (a fine-tune of it, or the next training checkpoint).")
-@click.option("--max-chain", default=4, show_default=True,
+@click.option("--max-chain", default=3, show_default=True,
               help="With --delta-of: store a full snapshot instead once the chain of deltas would be deeper than this.")
 @copy_options
 @click.pass_context
@@ -43,7 +43,7 @@ def import_cmd(ctx, src, name, revision, dtype, delta_of, max_chain, max_memory,
 
 def _import_as_delta(ctx, src, parent, name, revision, dtype, max_chain, max_memory, dry_run) -> bool:
     """Store SRC as a delta of PARENT; True when the depth rule asks for a full snapshot instead."""
-    from tensorstore_llm.diff.store import needs_snapshot
+    from tensorstore_llm.diff.store import chain_depth, needs_snapshot
     from tensorstore_llm.errors import InvalidParameter
 
     from .diff_cmds import _describe, store_as_delta
@@ -53,7 +53,9 @@ def _import_as_delta(ctx, src, parent, name, revision, dtype, max_chain, max_mem
     store = store_of(ctx)
     if needs_snapshot(store, parent, max_chain):
         if not ctx.obj["quiet"]:
-            click.echo(f"{parent} is {max_chain} delta links deep (--max-chain {max_chain}): storing a full snapshot")
+            depth = chain_depth(store, store.get(parent))
+            click.echo(f"{parent} is {depth} delta link(s) deep; one more would exceed --max-chain {max_chain}: "
+                       f"storing a full snapshot")
         return True
     if dry_run:
         click.echo(f"would store {src} as an exact delta of {store.get(parent).short_id}")

@@ -42,7 +42,7 @@ DELTA_DIR = "deltas"
 JOURNAL_NAME = "deltas.jsonl"
 BLOCK_BYTES = 8 * 1024 * 1024          # = the zarr chunk size, so parent blocks are whole chunks
 DELTA_DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_MAX_CHAIN = 4                  # see chain_depth(); measured in docs/benchmarks.md
+DEFAULT_MAX_CHAIN = 3                  # the depth rule (needs_snapshot); measured in docs/benchmarks.md
 RAW_LEVEL = 3
 FORMAT_VERSION = 1
 

@@ -2,7 +2,7 @@
 raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS at --max-memory
 512M, bytes on disk, and the read cost of each link of a chain.
 
-    python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain] [--repeat 3]
+    python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain N [--chain-preset 100m]] [--repeat 3]
 
 Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
 tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -22,10 +23,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import TSLLM, dir_bytes, fresh, median_of, timed  # noqa: E402
 
 READ_ALL = """
-import sys
+import sys, time
 from tensorstore_llm.store import Store
 store = Store(sys.argv[1])
 total = 0
+if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba, zstd) loads once per process
+    import tensorstore_llm.diff.reader
+began, cpu = time.perf_counter(), time.process_time()
 with store.open(sys.argv[2]) as src:
     for name in src.keys():
         meta = src.meta(name)
@@ -34,8 +38,20 @@ with store.open(sys.argv[2]) as src:
         step = max(align, step - step % align)
         for start in range(0, meta.rows, step):
             total += src.read_rows(name, start, min(meta.rows, start + step)).numel()
-print(total)
+print(time.perf_counter() - began, time.process_time() - cpu)
 """
+
+
+def read_all(store: str, ref: str) -> tuple[float, float, float]:
+    """(seconds spent reading every tensor of ``ref`` in ~64 MiB blocks, without interpreter
+    start-up; peak RSS MiB of the reading process; CPU seconds of the reading loop, all threads)."""
+    os.sync()
+    proc = subprocess.Popen([sys.executable, "-c", READ_ALL, store, ref], stdout=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"reading {ref} failed")
+    wall, cpu = (float(x) for x in proc.stdout.read().decode().split()[-2:])
+    return wall, usage.ru_maxrss / 1024, cpu
 
 
 def pair(kind: str, workdir: str) -> tuple[str, str]:
@@ -94,8 +110,10 @@ def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
     out["bytes_exact_delta"] = dir_bytes(os.path.join(artifact_dir(store, "ft-delta"), "deltas"))
     fresh(zstd_store)
     for ref in ("ft-full", "ft-delta"):
-        out[f"read_{ref}_s"], out[f"read_{ref}_rss_mib"] = median_of(
-            repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, ref]))
+        runs = [read_all(store, ref) for _ in range(repeat)]
+        out[f"read_{ref}_s"] = statistics.median(r[0] for r in runs)
+        out[f"read_{ref}_rss_mib"] = max(r[1] for r in runs)
+        out[f"read_{ref}_cpu_s"] = statistics.median(r[2] for r in runs)
         export = os.path.join(workdir, "export")
         out[f"export_{ref}_s"], out[f"export_{ref}_rss_mib"] = median_of(repeat, lambda: (fresh(export), timed(
             tsllm(store, "export", ref, export, "--max-memory", "512M")))[1])
@@ -104,6 +122,7 @@ def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
     out["store_delta_gb_s"] = gb / out["store_delta_s"]
     out["read_delta_gb_s"] = gb / out["read_ft-delta_s"]
     out["read_delta_vs_full"] = out["read_ft-delta_s"] / out["read_ft-full_s"]
+    out["read_delta_vs_full_cpu"] = out["read_ft-delta_cpu_s"] / out["read_ft-full_cpu_s"]
     out["export_delta_vs_full"] = out["export_ft-delta_s"] / out["export_ft-full_s"]
     out["ratio_raw_over_zstd"] = ft_bytes / out["bytes_finetune_zstd"]
     out["ratio_raw_over_delta"] = ft_bytes / out["bytes_exact_delta"]
@@ -111,22 +130,24 @@ def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
     return out
 
 
-def bench_chain(workdir: str, repeat: int, links: int = 4) -> dict:
-    """Read time of each link of base -> ft1 -> ... -> ftN ("100m" preset, each a delta of the last)."""
-    root = os.path.join(workdir, "chain-models")
+def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m") -> dict:
+    """Read time of each link of base -> ft1 -> ... -> ftN (each a delta of the last)."""
+    root = os.path.join(workdir, f"chain-models-{preset}")
     marker = os.path.join(root, ".complete")
     if not os.path.exists(marker):
         code = ("import sys; from tensorstore_llm.testing.synth import write_checkpoint as w\n"
-                "for k in range(int(sys.argv[2]) + 1): w(f'{sys.argv[1]}/c{k}', '100m', finetune=k, delta_scale=2e-4)")
-        subprocess.run([sys.executable, "-c", code, root, str(links)], check=True)
+                "for k in range(int(sys.argv[2]) + 1): w(f'{sys.argv[1]}/c{k}', sys.argv[3], finetune=k, delta_scale=2e-4)")
+        subprocess.run([sys.executable, "-c", code, root, str(links), preset], check=True)
         open(marker, "w").close()
     store = fresh(os.path.join(workdir, "store-chain"))
     subprocess.run(tsllm(store, "import", f"{root}/c0", "--name", "c0"), check=True, stdout=subprocess.DEVNULL)
-    out = {"read_s": {"0": median_of(repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, "c0"]))[0]}}
+    out = {"preset": preset, "read_s": {"0": median_of(repeat, lambda: read_all(store, "c0")[:2])[0]},
+           "read_cpu_s": {"0": read_all(store, "c0")[2]}}
     for k in range(1, links + 1):
         subprocess.run(tsllm(store, "import", f"{root}/c{k}", "--delta-of", f"c{k - 1}", "--name", f"c{k}",
                              "--max-chain", str(links)), check=True, stdout=subprocess.DEVNULL)
-        out["read_s"][str(k)] = median_of(repeat, lambda: timed([sys.executable, "-c", READ_ALL, store, f"c{k}"]))[0]
+        out["read_s"][str(k)] = median_of(repeat, lambda: read_all(store, f"c{k}")[:2])[0]
+        out["read_cpu_s"][str(k)] = read_all(store, f"c{k}")[2]
     fresh(store)
     return out
 
@@ -135,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=os.path.join(os.getcwd(), "bench-diff-store"))
     parser.add_argument("--pairs", default="real,1gb")
-    parser.add_argument("--chain", action="store_true", help="also measure reads through a chain of 4 deltas")
+    parser.add_argument("--chain", type=int, default=0, metavar="N", help="also measure reads through a chain of N deltas")
+    parser.add_argument("--chain-preset", default="100m")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -145,7 +167,7 @@ def main() -> None:
         results[kind] = bench_pair(kind, args.workdir, args.repeat)
         print(json.dumps(results[kind], indent=1), flush=True)
     if args.chain:
-        results["chain"] = bench_chain(args.workdir, args.repeat)
+        results["chain"] = bench_chain(args.workdir, args.repeat, args.chain, args.chain_preset)
         print(json.dumps(results["chain"], indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
