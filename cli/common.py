@@ -85,11 +85,12 @@ def print_estimate(estimate, limit: int = 20) -> None:
     """The dry-run report: per-tensor blocking and memory, then totals."""
     from tensorstore_llm.units import format_size
 
-    click.echo(f"{'tensor':56} {'op':12} {'shape':>18} {'dtype':9} {'rows/blk':>8} {'blocks':>6} {'memory':>10}")
     jobs = sorted(estimate.jobs, key=lambda j: -j.peak_bytes)
+    width = max([12] + [len(j.job.op) for j in jobs[:limit]])   # e.g. mergekit_task_arithmetic
+    click.echo(f"{'tensor':56} {'op':{width}} {'shape':>18} {'dtype':9} {'rows/blk':>8} {'blocks':>6} {'memory':>10}")
     for j in jobs[:limit]:
         shape = "x".join(map(str, j.job.output.shape)) or "scalar"
-        click.echo(f"{j.job.output.name[:56]:56} {j.job.op:12} {shape:>18} {j.job.output.dtype:9} "
+        click.echo(f"{j.job.output.name[:56]:56} {j.job.op:{width}} {shape:>18} {j.job.output.dtype:9} "
                    f"{j.block_rows:>8} {j.blocks:>6} {format_size(j.peak_bytes):>10}")
     if len(jobs) > limit:
         click.echo(f"... {len(jobs) - limit} more tensors (largest memory first)")

@@ -59,8 +59,10 @@ def ops_cmd():
     """List the registered ops (built-ins and plugins from the tensorstore_llm.ops entry points)."""
     from tensorstore_llm.ops import get_op, list_ops
 
-    for name in list_ops():
+    names = list_ops()
+    width = max(len(name) for name in names)
+    for name in names:
         spec = get_op(name)
         doc = (spec.fn.__doc__ or "").strip().splitlines()[0] if spec.fn.__doc__ else ""
         roles = ", ".join(r.name + ("*" if r.variadic else "") for r in spec.roles)
-        click.echo(f"{name:16} ({roles}) {doc}")
+        click.echo(f"{name:{width}} ({roles}) {doc}")

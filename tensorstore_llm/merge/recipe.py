@@ -231,7 +231,7 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     """Every output tensor as a job with its own resolved parameters, validated up front.
 
     ``sources`` maps each model reference of the recipe (and the base) to an open TensorSource.
-    ``state`` is what the method's ``prepare`` found (``merge.run.prepare_merge``); without it
+    ``state`` is what the method's ``prepare`` found (see ``prepare_merge``); without it
     the method plans from ``averaged_layers(layer_key) -> bool`` (Mediator's decision) or
     ``sensitivity`` ({model ref: {layer key: score}}, Sens-Merging's scores; else the recipe's
     ``sensitivity`` file). ``arithmetic="mergekit"`` plans the replay ops (``ops/replay.py``),
@@ -266,6 +266,9 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
         spec = method.job(recipe, TensorSlot(name, shape, t, base, recipe.models, others, value, where), state)
         op_name, compute_dtype = spec.op, "float32"
         if arithmetic == "mergekit" and by_name(metas[first].dtype).is_float:
+            if spec.op not in REPLAY_OF:
+                raise RecipeError(f"{where}: tensor {name!r}: op {spec.op!r} has no mergekit replay "
+                                  f"(replayed: {', '.join(REPLAY_OF)})")
             op_name, compute_dtype = REPLAY_OF[spec.op], recipe.dtype or metas[first].dtype
         op = get_op(op_name)
         job_params = op.make_params(spec.params, f"{where}: tensor {name!r}")
