@@ -148,6 +148,7 @@ def test_kill_while_storing_delta_then_rerun_is_bit_identical(tmp_path, cli, sma
     assert staged and open(staged[0], "rb").read().count(b"\n") >= 5
     code, out, err = cli(*args)
     assert code == 0, err
+    assert int(out.split("resumed: ")[1].split()[0]) >= 5
     other = str(tmp_path / "clean")
     assert cli("--store", other, "import", small_family["base"], "--name", "base")[0] == 0
     code, out, err = cli("--store", other, "import", small_family["ft1"], "--delta-of", "base", "--max-memory", "1M")

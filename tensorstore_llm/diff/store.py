@@ -208,7 +208,7 @@ def needs_snapshot(store: Store, parent_ref: str, max_chain: int = DEFAULT_MAX_C
 
 def store_delta(store: Store, target, parent_ref: str, *, kind: str = "checkpoint", codec: str = "exact",
                 codec_params: dict | None = None, parents=(), source=None, files=None, name: str | None = None,
-                max_memory: int = 2 << 30, workers: int = 2, target_id: str = ""):
+                max_memory: int = 2 << 30, workers: int = 2, target_id: str = "", resumed: list | None = None):
     """Store the tensors of ``target`` (a TensorSource) as deltas of the store artifact ``parent_ref``.
 
     Args:
@@ -220,6 +220,7 @@ def store_delta(store: Store, target, parent_ref: str, *, kind: str = "checkpoin
         max_memory: bounds the blocks in flight (each worker holds a target, a parent and a
             coded block).
         target_id: what identifies the target's content for the resume key (e.g. its artifact id).
+        resumed: a list that receives the names of tensors an interrupted earlier run finished.
     Returns:
         The committed Artifact; its manifest records the reconstructed tensors' checksums.
 
@@ -241,6 +242,8 @@ def store_delta(store: Store, target, parent_ref: str, *, kind: str = "checkpoin
         try:
             writer.prepare(metas)
             done = payload.completed()
+            if resumed is not None:
+                resumed.extend(n for n in done)
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tsllm-delta") as pool:
                 for meta in metas:
                     if meta.name not in done:
