@@ -242,7 +242,7 @@ def extract(store: Store, ft: str, base: str, *, rank: int | None = None, energy
         bound = binding(store, base_src, base_lineage, ex.adapter)
     return _finish(store, ex.adapter, bound, parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "finetuned"}],
                    recipe={"op": "lora_extract", "rank": rank, "energy": energy, "max_rank": max_rank if energy else None,
-                           "seed": seed, "power_iters": 2}, name=name, out_dir=out_dir,
+                           "seed": seed, "power_iters": 3}, name=name, out_dir=out_dir,
                    report={"modules": ex.modules, "totals": ex.totals})
 
 

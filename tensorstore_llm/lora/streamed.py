@@ -97,7 +97,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
             **executor_options) -> Extraction:
     """A LoRA adapter approximating ``ft - base``, streamed one target module at a time.
 
-    Each module gets the rank-``rank`` randomised SVD (2 power iterations, seeded per module) of
+    Each module gets the rank-``rank`` randomised SVD (3 power iterations, seeded per module) of
     its delta, or, with ``energy``, the smallest rank <= ``max_rank`` whose singular values keep
     that fraction of ||delta||_F^2. The report gives the captured fraction per module and in
     total (sum of captured sigma^2 over the sum of ||delta||^2).

@@ -1,20 +1,29 @@
-"""LoRA benchmarks: merge against PEFT (load -> merge_and_unload -> save_pretrained), resize of a
-rank-256 adapter, extraction of a rank-64 adapter from a fine-tune.
+"""LoRA benchmarks, same run and same inputs for both sides:
 
-The merge measured here is the in-memory path (``tensorstore_llm.lora.api.merge_adapter``, one
-shard at a time), not yet the streamed engine job the issue's targets are for.
+- ``tsllm lora merge`` (streamed into the store; and with ``-o``, exported to a HF directory too)
+  against PEFT's load -> ``merge_and_unload`` -> ``save_pretrained``, rank-64 adapter on every
+  linear layer of a ~1 GB bf16 Llama-shaped base;
+- ``tsllm lora extract --rank 64`` against ``mergekit-extract-lora --max-rank 64`` on the same
+  (base, fine-tune) pair (a test-only comparison: mergekit is BUSL-1.1, never a dependency),
+  with the captured energy 1 - ||D - s B A||^2 / ||D||^2 of both adapters over the same modules;
+- ``tsllm lora resize`` of a rank-256 adapter to rank 32 and to ``--rank-pattern auto``.
+
+The fine-tune is base + a rank-48 update with a decaying spectrum + small full-rank noise (a
+fine-tune's delta is mostly low-rank; pure noise would make every rank-64 extraction equal).
 
 Run:  python tests/benchmarks/bench_lora.py --workdir /tmp/tsllm-bench-lora [--size 1gb|small]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import fresh, timed  # noqa: E402
+from common import TSLLM, fresh, timed  # noqa: E402
 
 SIZES = {   # Llama-shaped, bf16
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -31,7 +40,18 @@ torch.manual_seed(0)
 cfg = transformers.LlamaConfig(tie_word_embeddings=False, **size)
 model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
 model.save_pretrained(root + "/base", max_shard_size="500MB")
-ft = {k: v + 0.01 * torch.randn_like(v) if v.ndim == 2 else v for k, v in model.state_dict().items()}
+g = torch.Generator().manual_seed(1)
+ft = {}
+for k, v in model.state_dict().items():
+    if v.ndim == 2 and "embed" not in k and "lm_head" not in k:
+        out, inp = v.shape
+        spectrum = 0.3 * 0.93 ** torch.arange(48.0)                 # a decaying rank-48 update
+        U = torch.linalg.qr(torch.randn(out, 48, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(inp, 48, generator=g))[0]
+        delta = (U * spectrum) @ V.T + 2e-4 * torch.randn(out, inp, generator=g)
+        ft[k] = (v.float() + delta).to(v.dtype)
+    else:
+        ft[k] = v
 model.load_state_dict(ft)
 model.save_pretrained(root + "/ft", max_shard_size="500MB")
 for r in (rank, 256):
@@ -47,30 +67,37 @@ m = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16
 m = peft.PeftModel.from_pretrained(m, adapter).merge_and_unload()
 m.save_pretrained(out, max_shard_size="500MB")
 """
-OUR_MERGE = "import sys; from tensorstore_llm.lora.api import merge_adapter; merge_adapter(*sys.argv[1:4])"
-RESIZE = """
-import sys, time
-from tensorstore_llm.lora.peft_format import read_adapter, write_adapter
-from tensorstore_llm.lora.adapters import resize_adapter
-ad = read_adapter(sys.argv[1])
-new, report = resize_adapter(ad, rank=int(sys.argv[3]), auto_budget=True)
-write_adapter(new, sys.argv[2])
-"""
-EXTRACT = """
-import sys, os
+
+ENERGY = """
+import sys, os, json, torch
 from safetensors.torch import load_file
-from tensorstore_llm.lora.adapters import extract_adapter
-from tensorstore_llm.lora.peft_format import write_adapter
+from tensorstore_llm.lora.peft_format import read_adapter
 def load(d):
     out = {}
     for f in sorted(os.listdir(d)):
         if f.endswith('.safetensors'):
             out.update(load_file(os.path.join(d, f)))
     return out
-ad, rep = extract_adapter(load(sys.argv[1]), load(sys.argv[2]), rank=int(sys.argv[4]), targets=%r)
-write_adapter(ad, sys.argv[3])
-print('captured', rep.totals['captured'], file=sys.stderr)
-""" % (LINEAR,)
+base, ft = load(sys.argv[1]), load(sys.argv[2])
+result = {}
+for path in sys.argv[3:]:
+    ad = read_adapter(path)
+    err = tot = 0.0
+    for name, m in ad.modules.items():
+        D = ft[m.weight_name].double() - base[m.weight_name].double()
+        X = m.scaling * (m.B.double() @ m.A.double())
+        err += float((D - X).square().sum()); tot += float(D.square().sum())
+    result[path] = {"captured": 1 - err / tot, "modules": len(ad.modules), "ranks": sorted(set(ad.ranks().values()))}
+print(json.dumps(result))
+"""
+
+
+def _row(name, ours, theirs=None, note=""):
+    w, r = ours
+    if theirs is None:
+        return f"| {name} | {w:.1f} | {r:.0f} | - | - | - | {note} |"
+    pw, pr = theirs
+    return f"| {name} | {w:.1f} | {r:.0f} | {pw:.1f} | {pr:.0f} | {w / pw:.2f}x / {r / pr:.2f}x | {note} |"
 
 
 def main() -> None:
@@ -78,30 +105,49 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--size", choices=sorted(SIZES), default="1gb")
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--max-memory", default="1G", help="tsllm --max-memory")
     args = ap.parse_args()
-    import json
 
     root = os.path.join(args.workdir, f"lora-{args.size}")
-    if not os.path.exists(os.path.join(root, ".complete")):
+    if not os.path.exists(os.path.join(root, ".complete-v2")):
         fresh(root)
         os.makedirs(root)
         subprocess.run([sys.executable, "-c", MAKE, root, json.dumps(SIZES[args.size]), str(args.rank)], check=True)
-        open(os.path.join(root, ".complete"), "w").close()
+        open(os.path.join(root, ".complete-v2"), "w").close()
     base, ft, adapter = f"{root}/base", f"{root}/ft", f"{root}/adapter-r{args.rank}"
+    store = fresh(f"{root}/store")
+    tsllm = [*TSLLM, "-q", "--store", store]
+    mm = ["--max-memory", args.max_memory]
     rows = []
-    wall_p, rss_p = timed([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
-    wall_o, rss_o = timed([sys.executable, "-c", OUR_MERGE, base, adapter, fresh(f"{root}/out-ours")])
-    rows.append(("lora merge r%d" % args.rank, wall_o, rss_o, wall_p, rss_p))
-    wall_r, rss_r = timed([sys.executable, "-c", RESIZE, f"{root}/adapter-r256", fresh(f"{root}/resized"), "32"])
-    rows.append(("lora resize r256 -> auto(32)", wall_r, rss_r, None, None))
-    wall_e, rss_e = timed([sys.executable, "-c", EXTRACT, base, ft, fresh(f"{root}/extracted"), str(args.rank)])
-    rows.append((f"lora extract r{args.rank} (in-memory)", wall_e, rss_e, None, None))
-    print(f"| job ({args.size}) | ours wall s | ours peak MiB | PEFT wall s | PEFT peak MiB | ratio wall / RSS |")
-    print("|---|---|---|---|---|---|")
-    for name, w, r, pw, pr in rows:
-        ratio = f"{w / pw:.2f}x / {r / pr:.2f}x" if pw else "-"
-        print(f"| {name} | {w:.1f} | {r:.0f} | {pw if pw is None else f'{pw:.1f}'} | "
-              f"{pr if pr is None else f'{pr:.0f}'} | {ratio} |")
+
+    peft_merge = timed([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
+    ours_store = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", *mm])
+    shutil.rmtree(store)
+    ours_export = timed([*tsllm, "lora", "merge", base, adapter, "-o", fresh(f"{root}/out-ours"), *mm])
+    rows.append(_row(f"lora merge r{args.rank} -> store artifact", ours_store, peft_merge))
+    rows.append(_row(f"lora merge r{args.rank} -> store + HF dir (-o)", ours_export, peft_merge))
+
+    mk_out = fresh(f"{root}/extract-mergekit")
+    mergekit = timed(["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", mk_out,
+                      "--max-rank", str(args.rank), "-e", "embed_tokens|lm_head", "--quiet"])
+    ours_out = fresh(f"{root}/extract-ours")
+    ours_extract = timed([*tsllm, "lora", "extract", ft, "--base", base, "--rank", str(args.rank), "-o", ours_out,
+                          "--name", "extracted", *mm])
+    energy = json.loads(subprocess.run([sys.executable, "-c", ENERGY, base, ft, ours_out, mk_out], check=True,
+                                       capture_output=True, text=True).stdout)
+    note = (f"captured energy ours {energy[ours_out]['captured']:.6f} ({energy[ours_out]['modules']} modules), "
+            f"mergekit {energy[mk_out]['captured']:.6f} ({energy[mk_out]['modules']} modules)")
+    rows.append(_row(f"lora extract r{args.rank} vs mergekit-extract-lora", ours_extract, mergekit, note))
+
+    subprocess.run([*tsllm, "lora", "import", f"{root}/adapter-r256", "--base", base, "--name", "rank256"], check=True,
+                   stdout=subprocess.DEVNULL)
+    rows.append(_row("lora resize r256 -> r32", timed([*tsllm, "lora", "resize", "rank256", "--rank", "32"])))
+    rows.append(_row("lora resize r256 -> --rank-pattern auto (budget of r32)",
+                     timed([*tsllm, "lora", "resize", "rank256", "--rank-pattern", "auto", "--rank", "32"])))
+    print(f"| job ({args.size}, --max-memory {args.max_memory}) | ours wall s | ours peak MiB | other wall s | "
+          "other peak MiB | ratio wall / RSS | note |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
