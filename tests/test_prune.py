@@ -70,7 +70,7 @@ def test_plan_artifact_round_trip_and_index_import(fp32_models, store, tmp_path)
     api.import_checkpoint(fp32_models[0], store, name="base", progress=False)
     result = prune(store, "base", ratio=0.25, head_ratio=0.25, name="p", progress=False)
     plan, artifact = load_plan(store, "p-plan")
-    assert artifact.manifest.info_schema == "pruning_plan/1"
+    assert artifact.manifest.info_schema == "pruning_plan/2"
     assert plan.channels == result.plan.channels and plan.kv_heads == result.plan.kv_heads
     assert artifact.manifest.info["base"]["id"] == store.get("base").id
     index = {"layers": {str(i): {"pruned_channels": plan.pruned("down", i),

@@ -8,7 +8,7 @@ another model silently (BaseMismatch).
 
 Stored as a ``pruning_plan`` artifact: tensors ``layers.{i}.kept_channels`` and
 ``layers.{i}.kept_kv_heads`` (int64, sorted), Wanda's calibration norms ``norms.{module}``
-(float32) for activation-aware masks, and ``info`` (schema pruning_plan/1): the base binding, the
+(float32) for activation-aware masks, and ``info`` (schema pruning_plan/2): the base binding, the
 method, the structure, the original sizes and the settings.
 
 Example:
@@ -123,7 +123,7 @@ class PruningPlan:
         return out
 
     def info(self) -> dict:
-        """The artifact's ``info`` (schema pruning_plan/1)."""
+        """The artifact's ``info`` (schema pruning_plan/2)."""
         a = self.arch
         return {"base": self.base, "method": self.method, "structure": self.structure, "mask": self.mask,
                 "original": {"family": a.family, "num_hidden_layers": a.num_layers, "hidden_size": a.hidden_size,

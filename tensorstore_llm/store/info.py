@@ -52,7 +52,9 @@ SCHEMAS: dict[str, InfoSchema] = {s.kind: s for s in (
     # diff/2: the blocks of the delta-stored tensors and the parent's chain depth (diff/store.py)
     InfoSchema("diff", 2, {**_BINDING, "codec": str, "delta": dict}),
     InfoSchema("lora", 1, {**_BINDING, "ranks": dict, "alpha": (int, float)}),
-    InfoSchema("pruning_plan", 1, {**_BINDING, "method": str}),
+    # 2: what recovery and export need without reading tensors: the structure (structured /
+    # unstructured / n:m), the full model's sizes and the pruned sizes per layer
+    InfoSchema("pruning_plan", 2, {**_BINDING, "method": str, "structure": str, "original": dict, "layers": list}),
 )}
 
 
