@@ -63,6 +63,7 @@ def run_quickstart(workdir: str, *, preset: str = "tiny", store_root: str | None
     echo(f"   TIES merge (mergekit recipe)   -> {ties.artifact.short_id} (exact top-k thresholds, streamed)")
     lora = _lora_round_trip(store, models, workdir, run, echo)
     diffs = _diffs(store, models, preset, run, echo)
+    diffs["stats"] = _diff_stats(store, run, echo)
     loram = _loram_round_trip(store, workdir, run, echo)
     out = os.path.join(workdir, "soup-hf")
     shutil.rmtree(out, ignore_errors=True)
@@ -113,6 +114,22 @@ def _diffs(store: Store, models: str, preset: str, run: dict, echo) -> dict:
     echo(f"   transfer ft1's diff onto base-v2 -> {moved.artifact.short_id} (base' + (ft1 - base); "
          f"`tsllm log --family qs-base` shows the tree)")
     return {"delta": delta.id, "exact": exact, "stored_bytes": own, "transfer": moved.artifact.id}
+
+
+def _diff_stats(store: Store, run: dict, echo) -> dict:
+    """``tsllm diff-stats`` of ft1 (stored as a delta) and ft2 against the base, streamed: totals
+    of the relative norm, their sign conflicts and cosine."""
+    from .diff.stats import diff_stats
+
+    with store.open("qs-base") as base, store.open("qs-ft1-delta") as ft1, store.open("qs-ft2") as ft2:
+        stats = diff_stats([base], [ft1, ft2], labels=["qs-ft1-delta", "qs-ft2"], rank=4,
+                           max_memory=run.get("max_memory", "2G"), device=run.get("device", "cpu"))
+    total = stats.totals
+    echo(f"   diff-stats ft1, ft2 vs base: |d|/|W| {total['rel_norm'][0]:.2%} / {total['rel_norm'][1]:.2%}, "
+         f"sign conflicts {total['conflict_ratio'][0]:.1%}, cosine {total['cosine'][0]:+.3f} "
+         f"(`tsllm diff-stats qs-ft1-delta qs-ft2 --base qs-base --plot layers.png`)")
+    return {"layers": len(stats.layers), "rel_norm": total["rel_norm"], "conflict_ratio": total["conflict_ratio"],
+            "cosine": total["cosine"]}
 
 
 def _distill(store: Store, echo) -> dict | None:
