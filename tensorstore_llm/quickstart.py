@@ -179,31 +179,40 @@ def _distill(store: Store, echo) -> dict | None:
 
 
 def _lora_round_trip(store: Store, models: str, workdir: str, run: dict, echo) -> dict:
-    """Extract a rank-8 LoRA of ft1 - base (PEFT format), merge it back into the base, streamed,
-    and check one merged tensor against W + s·B·A computed here from the adapter file."""
+    """Extract a rank-8 LoRA of ft1 - base as an adapter artifact bound to the base (streamed,
+    one module at a time), export it in the PEFT format, merge it back into the base, streamed,
+    and check one merged tensor against W + s·B·A computed here from the exported adapter file."""
+    import json
+
     from safetensors.torch import load_file
 
-    from .lora.api import extract_adapter_dir
+    from .lora.jobs import extract, lora_merge
 
     adapter_dir = os.path.join(workdir, "ft1-lora")
     shutil.rmtree(adapter_dir, ignore_errors=True)
-    report = extract_adapter_dir(os.path.join(models, "base"), os.path.join(models, "ft1"), adapter_dir, rank=8)
-    captured = report["totals"]["captured"]
-    echo(f"   LoRA rank 8 extracted from ft1 - base  -> {adapter_dir} (captures {captured:.1%} of the diff's energy)")
-    merged = api.lora_merge(store, "qs-base", adapter_dir, name="qs-lora-merged", **run)
+    options = {k: v for k, v in run.items() if k in ("device", "max_memory", "progress")}
+    result = extract(store, os.path.join(models, "ft1"), "qs-base", rank=8, name="qs-ft1-lora", out_dir=adapter_dir,
+                     **options)
+    captured = result.report["totals"]["captured"]
+    echo(f"   lora extract ft1 --base qs-base --rank 8 -> {result.artifacts[0].short_id} [qs-ft1-lora], "
+         f"PEFT copy in {adapter_dir} (captures {captured:.1%} of the diff's energy)")
+    merged = lora_merge(store, "qs-base", "qs-ft1-lora", name="qs-lora-merged", **run)
     name = "model.layers.0.self_attn.q_proj"
     factors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    config = __import__("json").load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
     a = factors[f"base_model.model.{name}.lora_A.weight"].float()
     b = factors[f"base_model.model.{name}.lora_B.weight"].float()
     with HFCheckpointSource(os.path.join(models, "base")) as base, store.open("qs-lora-merged") as out:
         w = base.read(name + ".weight")
         expected = (w.float() + (b @ a) * (config["lora_alpha"] / a.shape[0])).to(w.dtype)
         error = (out.read(name + ".weight").float() - expected.float()).abs().max().item()
-    echo(f"   lora merge base + adapter (streamed)  -> {merged.artifact.short_id} (q_proj vs W + s*B*A: max abs diff {error})")
+    echo(f"   lora merge qs-base qs-ft1-lora (streamed) -> {merged.artifact.short_id} "
+         f"(q_proj vs W + s*B*A: max abs diff {error})")
     if error != 0.0:
         raise RuntimeError(f"quickstart: the streamed LoRA merge differs from W + s*B*A by {error}")
-    return {"adapter": adapter_dir, "merged": merged.artifact.id, "captured": captured}
+    return {"adapter": adapter_dir, "adapter_artifact": result.artifacts[0].id, "merged": merged.artifact.id,
+            "captured": captured}
 
 
 def _check_soup(models: str, out: str) -> float:
