@@ -167,3 +167,17 @@ def test_cli_delta_artifact_is_read_against_its_parent(tmp_path):
     assert len(rows_delta) == len(rows_pair) > 0
     for x, y in zip(rows_delta, rows_pair):
         assert x["name"] == y["name"] and x["changed"] == y["changed"] and x["delta2"] == y["delta2"]
+
+
+def test_plot_without_matplotlib_is_a_clear_error(family, tmp_path, monkeypatch):
+    import sys
+
+    from tensorstore_llm.diff.stats import plot
+    from tensorstore_llm.errors import MissingDependency
+
+    sources = [HFCheckpointSource(p) for p in family[:2]]
+    stats = diff_stats([sources[0]], [sources[1]], rank=2, power_iters=0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # as if the plot extra were not installed
+    with pytest.raises(MissingDependency, match=r"tensorstore-llm\[plot\]"):
+        plot(stats, str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
