@@ -144,7 +144,7 @@ def delta_bitdelta(ctx, params, base, target):
     delta = target - base
     if params.per_row:
         return base + _codec("bitdelta", params).approximate(delta).approx
-    scale = torch.tensor(ctx.stats["mean_abs"], dtype=torch.float32).to(torch.bfloat16).float()
+    scale = float(torch.tensor(ctx.stats["mean_abs"], dtype=torch.float32).to(torch.bfloat16))   # as stored
     return base + torch.where(delta >= 0, scale, -scale)
 
 
