@@ -298,7 +298,29 @@ def prepare_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], file
         return plan_merge(recipe, sources, where, arithmetic=arithmetic, state=state)
 
     prepared = method.prepare(recipe, MergeInputs(sources, files, where, validate), options)
-    return plan_merge(recipe, sources, where, arithmetic=arithmetic, state=prepared.state), prepared
+    plan = plan_merge(recipe, sources, where, arithmetic=arithmetic, state=prepared.state)
+    densities = effective_densities(plan)
+    if densities:
+        prepared.record["effective_density"] = densities
+    return plan, prepared
+
+
+def effective_densities(plan: Plan) -> dict[str, list[float]]:
+    """Per output tensor of a magnitude-sparsified merge (TIES, breadcrumbs), the share of each
+    model's task vector kept: exact, since the trims keep exactly their count. Random trims (DARE,
+    DELLA) keep a seeded draw whose expected share is the density: not listed."""
+    from ..ops.sparsify import kept_counts
+
+    found = {}
+    for job in plan.jobs:
+        params = job.params
+        if getattr(params, "sparsification", None) not in ("magnitude", "magnitude_outliers"):
+            continue
+        numel = job.output.numel
+        counts = kept_counts(params, numel)
+        if numel and any(c != numel for c in counts):
+            found[job.output.name] = [c / numel for c in counts]
+    return found
 
 
 def _param(recipe: MergeRecipe, entry: ModelEntry | None, key: str, tensor: str, t: float, default, where: str):

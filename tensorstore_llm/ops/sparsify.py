@@ -15,9 +15,14 @@ statistics passes that find their thresholds (anchor: mergekit's ``sparsify.py``
   ranked in a statistics pass, so the ranks never depend on the block size or the device's tile.
   Tied magnitudes rank by position (stable sorts), the same everywhere.
 
-Thresholds are exact (``select.py``): an entry's fate depends on its magnitude only, entries equal
-to a threshold count as the larger group (so TIES may keep a few more than density × n entries
-when magnitudes tie). Random masks come from ``ctx.uniform`` under the stream name
+Magnitude masks keep exactly the requested number of entries (TIES: max(1, ⌊density·n⌋), as
+mergekit; breadcrumbs: ⌊density·n⌋ after dropping the top ones). Entries are ordered by magnitude,
+descending, and equal magnitudes by flat (row-major) index, ascending: of the entries tied at a
+threshold, the first ones in flat order count as the larger. Thresholds are exact (``select.py``);
+when a threshold's value is shared by more entries than the count needs (real bf16 task vectors
+have only thousands of distinct magnitudes per tensor), a third pass counts the tied entries of
+each row, so a block knows how many came before it: the kept set is the same under any blocking,
+resume or device. Random masks come from ``ctx.uniform`` under the stream name
 ``task_arithmetic/model{i}`` whichever op sparsifies (seeded per tensor, model and row group, so
 the mergekit replay draws the same masks), never a global RNG.
 
@@ -59,6 +64,26 @@ def _ranks_wanted(params, i: int, numel: int) -> list[int]:
     return []
 
 
+def kept_counts(params, numel: int) -> list[int | None]:
+    """How many entries of each model's task vector the magnitude sparsifications keep (exactly:
+    ties are broken by flat index); None for a model whose count is a random draw (DARE, DELLA:
+    ``density`` is then the expected share) and ``numel`` for one not sparsified."""
+    counts = []
+    for i in range(len(params.weights)):
+        ranks = _ranks_wanted(params, i, numel)
+        if not params.sparsifies(i):
+            counts.append(numel)
+        elif params.density(i) <= 0:
+            counts.append(0)
+        elif params.sparsification == "magnitude":
+            counts.append(ranks[0])
+        elif params.sparsification == "magnitude_outliers":
+            counts.append(ranks[1] - ranks[0])
+        else:
+            counts.append(None)
+    return counts
+
+
 def _deltas(base, models):
     return [m - base for m in models]
 
@@ -89,17 +114,47 @@ def _lo_map(ctx, params, base, models):
 
 
 def _lo_reduce(params, partials, ctx):
-    thresholds = {}
+    """The threshold values, and per threshold (entries equal to it that count as above, entries
+    equal to it): the k-th largest is reached after ``above`` larger ones and ``needed`` ties."""
+    thresholds, ties = {}, {}
     for i, entries in ctx.stats["bins"].items():
-        values = []
+        values, counts = [], []
         for j, (k, high, above) in enumerate(entries):
             if k <= 0:
                 values.append(math.inf)  # nothing is this large: no upper cut
+                counts.append((0, 0))
                 continue
-            low, _ = select.bin_of_kth_largest(sum(p[(i, j)] for p in partials), k - above)
+            histogram = sum(p[(i, j)] for p in partials)
+            low, above_in_bin = select.bin_of_kth_largest(histogram, k - above)
             values.append(select.threshold_value(high, low))
-        thresholds[i] = values
-    return {"thresholds": thresholds}
+            counts.append((k - above - above_in_bin, int(histogram[low])))
+        thresholds[i], ties[i] = values, counts
+    return {"thresholds": thresholds, "ties": ties}
+
+
+def _tie_breaks(ctx):
+    """(model, threshold index) pairs whose tied entries are only partly inside the kept count."""
+    return [(i, j) for i, counts in ctx.stats["ties"].items() for j, (needed, tied) in enumerate(counts)
+            if 0 < needed < tied]
+
+
+def _tie_map(ctx, params, base, models):
+    """Per row of this tile, how many of model i's entries equal threshold j (int64), where that
+    threshold needs a tie-break."""
+    out = {}
+    for i, j in _tie_breaks(ctx):
+        magnitude = (models[i] - base).abs_().reshape(max(1, ctx.stop - ctx.start), -1)
+        out[(i, j)] = (magnitude == ctx.stats["thresholds"][i][j]).sum(1, dtype=torch.int64)
+    return out
+
+
+def _tie_reduce(params, partials, ctx):
+    """Tied entries before each row: ``tie_before[(i, j)][r]`` counts rows < r (length rows + 1)."""
+    before = {}
+    for key in _tie_breaks(ctx):
+        per_row = torch.cat([p[key].cpu() for p in partials])
+        before[key] = F.pad(per_row.cumsum(0), (1, 0))
+    return {"tie_before": before}
 
 
 def _l1_map(ctx, params, base, models):
@@ -159,7 +214,8 @@ def sparsify_passes(params) -> tuple[StatsPass, ...]:
     if params.sparsification == "della" and params.rank_pass and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes.append(StatsPass(_rank_map, _rank_reduce))   # first: the L1 pass below needs the ranks
     if params.sparsification in ("magnitude", "magnitude_outliers") and any(params.sparsifies(i) for i in range(len(params.weights))):
-        passes += [StatsPass(_hi_map, _hi_reduce, _add_histograms), StatsPass(_lo_map, _lo_reduce, _add_histograms)]
+        passes += [StatsPass(_hi_map, _hi_reduce, _add_histograms), StatsPass(_lo_map, _lo_reduce, _add_histograms),
+                   StatsPass(_tie_map, _tie_reduce)]
     if params.rescale and params.rescale_method == "l1" and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes.append(StatsPass(_l1_map, _l1_reduce))
     return tuple(passes)
@@ -200,20 +256,41 @@ def _mask(ctx, params, i: int, delta: torch.Tensor, probability=None) -> torch.T
     if params.density(i) <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     if params.sparsification == "magnitude":
-        return delta.abs() >= ctx.stats["thresholds"][i][0]
+        return _within_top(ctx, i, 0, delta.abs())
     if params.sparsification == "magnitude_outliers":
-        upper, lower = ctx.stats["thresholds"][i]
         magnitude = delta.abs()
-        return (magnitude >= lower) & (magnitude < upper)
+        return _within_top(ctx, i, 1, magnitude) & ~_within_top(ctx, i, 0, magnitude)
     if probability is None:
         probability = _keep_probability(ctx, params, i, delta)
     return _uniform(ctx, i).reshape(delta.shape) < probability
 
 
+def _within_top(ctx, i: int, j: int, magnitude: torch.Tensor) -> torch.Tensor:
+    """Whether each entry of this tile is among the k_j largest of model i's whole tensor
+    (magnitude descending, then flat index ascending): a bool tensor shaped like ``magnitude``.
+    Statistics holding thresholds but no tie counts (a kernel called by hand) keep every entry
+    equal to the threshold."""
+    threshold = ctx.stats["thresholds"][i][j]
+    needed, tied = ctx.stats["ties"][i][j] if "ties" in ctx.stats else (0, 0)
+    if needed >= tied:          # every entry equal to the threshold is in (also: no threshold)
+        return magnitude >= threshold
+    if needed == 0:
+        return magnitude > threshold
+    equal = magnitude == threshold
+    before = ctx.stats["tie_before"][(i, j)][ctx.start].item()
+    # the tie index of each tied entry: ties in earlier rows, then in this tile in flat order
+    tie_index = equal.reshape(-1).cumsum(0).reshape(magnitude.shape).add_(before - 1)
+    return (magnitude > threshold) | (equal & (tie_index < needed))
+
+
+def _needs_tie_break(ctx, params, i: int) -> bool:
+    return any(0 < needed < tied for needed, tied in ctx.stats.get("ties", {}).get(i, ()))
+
+
 def _magnitude_kept(ctx, params, i: int, delta: torch.Tensor):
     """``delta * _mask(...)`` for the magnitude methods on fp32, in one or two ``hardshrink``s
     (no boolean mask: 5x faster on CPU, same values); None where that does not apply."""
-    if delta.dtype != torch.float32 or params.density(i) <= 0:
+    if delta.dtype != torch.float32 or params.density(i) <= 0 or _needs_tie_break(ctx, params, i):
         return None
     if params.sparsification == "magnitude":
         lower, upper = ctx.stats["thresholds"][i][0], math.inf

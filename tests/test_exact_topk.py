@@ -1,0 +1,144 @@
+"""Exact top-k (issue 14, item 3): TIES and breadcrumbs keep exactly the requested number of
+entries of each task vector, and ties at a threshold are broken by flat index (of equal
+magnitudes, the earlier entry in row-major order counts as the larger), the same under any
+blocking and after a resume.
+
+The models here have task vectors of a few distinct magnitudes (multiples of 1/16), so a large
+share of every tensor ties at the threshold; the base is zero, so the merged tensor is the kept
+task vector itself, exactly.
+"""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_tsllm
+from tensorstore_llm import api
+from tensorstore_llm.store import Store
+
+from test_crash_resume import _kill_after_journal_lines
+
+SHAPES = {"model.norm.weight": (3000,), "model.layers.0.mlp.up_proj.weight": (96, 40),
+          "model.embed_tokens.weight": (257, 64)}
+
+
+def _write(path, tensors):
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    """base (zeros), ft1, ft2 (fp32) whose entries are ±1..±4 / 16: thousands of ties per tensor."""
+    root = tmp_path_factory.mktemp("tied-family")
+    g = torch.Generator().manual_seed(3)
+    paths = {"base": str(root / "base")}
+    _write(paths["base"], {name: torch.zeros(shape) for name, shape in SHAPES.items()})
+    for k in (1, 2):
+        ft = {}
+        for name, shape in SHAPES.items():
+            magnitude = torch.randint(1, 5, shape, generator=g).float() / 16
+            ft[name] = magnitude * (torch.randint(0, 2, shape, generator=g).float() * 2 - 1)
+        paths[f"ft{k}"] = str(root / f"ft{k}")
+        _write(paths[f"ft{k}"], ft)
+    return paths
+
+
+def _rank_order(tau: torch.Tensor) -> torch.Tensor:
+    """Flat indices by magnitude descending, ties by flat index ascending (a stable sort)."""
+    return torch.sort(tau.abs().reshape(-1), descending=True, stable=True).indices
+
+
+def reference_ties_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """τ with all but its max(1, ⌊density·n⌋) largest entries (mergekit's count) set to 0."""
+    keep = torch.zeros(tau.numel(), dtype=torch.bool)
+    keep[_rank_order(tau)[:max(1, int(density * tau.numel()))]] = True
+    return tau * keep.reshape(tau.shape)
+
+
+def reference_breadcrumbs_trim(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """τ keeping ranks [top, top + ⌊density·n⌋) of the descending order (mergekit's counts)."""
+    n = tau.numel()
+    target = int(density * n)
+    top = n - max(0, n - target - int(gamma * n)) - target
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[_rank_order(tau)[top:top + target]] = True
+    return tau * keep.reshape(tau.shape)
+
+
+def _recipe(family, method, density, extra=""):
+    return (f"merge_method: {method}\nbase_model: {family['base']}\nmodels:\n"
+            f"  - model: {family['ft1']}\n    parameters: {{weight: 1.0, density: {density}{extra}}}\n"
+            f"dtype: float32\nout_dtype: float32\n")
+
+
+def _read_all(store, artifact):
+    with store.open(artifact.id) as reader:
+        return {name: reader.read(name) for name in reader.keys()}
+
+
+def _ft(family, k=1):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(family[f"ft{k}"], "model.safetensors"))
+
+
+@pytest.mark.parametrize("density", [0.3, 0.55])
+def test_ties_trim_keeps_exactly_k_with_flat_index_tie_break(tmp_path, tied_family, density):
+    store = Store(str(tmp_path / "store"))
+    # one model, weight 1, TIES: the elected sign is the model's, so the output is its trimmed τ
+    merged = _read_all(store, api.merge(store, _recipe(tied_family, "ties", density), progress=False).artifact)
+    for name, tau in _ft(tied_family).items():
+        expected = reference_ties_trim(tau, density)
+        assert int((merged[name] != 0).sum()) == max(1, int(density * tau.numel())), name
+        assert torch.equal(merged[name], expected), name
+
+
+def test_breadcrumbs_trim_keeps_exactly_target(tmp_path, tied_family):
+    store = Store(str(tmp_path / "store"))
+    text = _recipe(tied_family, "breadcrumbs", 0.4, extra=", gamma: 0.1")
+    merged = _read_all(store, api.merge(store, text, progress=False).artifact)
+    for name, tau in _ft(tied_family).items():
+        assert int((merged[name] != 0).sum()) == int(0.4 * tau.numel()), name
+        assert torch.equal(merged[name], reference_breadcrumbs_trim(tau, 0.4, 0.1)), name
+
+
+@pytest.mark.parametrize("method,extra", [("ties", ""), ("breadcrumbs_ties", ", gamma: 0.05")])
+def test_same_bits_under_any_blocking(tmp_path, tied_family, method, extra):
+    text = (f"merge_method: {method}\nbase_model: {tied_family['base']}\nmodels:\n"
+            f"  - model: {tied_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.35{extra}}}\n"
+            f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 0.5, density: 0.6{extra}}}\n")
+    results = []
+    for label, budget in (("whole", "1G"), ("blocked", "16K"), ("rows", "6K")):
+        store = Store(str(tmp_path / label))
+        results.append(_read_all(store, api.merge(store, text, progress=False, max_memory=budget).artifact))
+    for name in SHAPES:
+        assert torch.equal(results[0][name], results[1][name]), name
+        assert torch.equal(results[0][name], results[2][name]), name
+
+
+def test_effective_density_is_recorded_per_tensor(tmp_path, tied_family):
+    store = Store(str(tmp_path / "store"))
+    text = (f"merge_method: ties\nbase_model: {tied_family['base']}\nmodels:\n"
+            f"  - model: {tied_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+            f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 1.0, density: 0.7}}\n")
+    artifact = api.merge(store, text, progress=False).artifact
+    record = artifact.manifest.recipe["effective_density"]
+    for name, shape in SHAPES.items():
+        n = torch.Size(shape).numel()
+        assert record[name] == [max(1, int(0.3 * n)) / n, max(1, int(0.7 * n)) / n], name
+
+
+def test_resume_after_kill_gives_the_same_bits(tmp_path, tied_family):
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {tied_family['base']}\nmodels:\n"
+                      f"  - model: {tied_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+                      f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 0.7, density: 0.5}}\n")
+    root = str(tmp_path / "store")
+    args = ["--store", root, "merge", recipe, "--name", "m", "--max-memory", "8K"]
+    _kill_after_journal_lines(args, root, lines=2)
+    rerun = run_tsllm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    clean = str(tmp_path / "clean")
+    assert run_tsllm("--store", clean, "merge", recipe, "--max-memory", "8G").returncode == 0
+    assert Store(root).get("m").id == Store(clean).list()[0].id
