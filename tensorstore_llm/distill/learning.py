@@ -7,6 +7,8 @@ parameters at SmolLM2's 49k vocabulary) is trained with AdamW from a precomputed
 - ``top-k``: top-k targets with k = the RS-KD cache's mean unique ids per position (so at least
   as many stored ids), "ignore tail" loss;
 - ``hard``: next-token cross-entropy only;
+- ``full``: full-vocabulary KD against the teacher's whole distribution (the reference; its
+  log-probs for the training sequences are held in memory in fp16, not stored);
 
 and evaluated by KL(teacher ‖ student) over the full vocabulary on held-out packed sequences
 that are not in the cache. This is the plain-PyTorch training loop the dataset and losses are
@@ -26,12 +28,12 @@ import tempfile
 import numpy as np
 import torch
 
-from .dataset import DistillDataset, collate_sparse
-from .losses import distill_loss, hard_ce_loss, topk_kd_loss
+from .dataset import DistillDataset, collate_sparse, to_item
+from .losses import dense_kd_loss, distill_loss, hard_ce_loss, topk_kd_loss
 from .precompute import SamplingConfig, precompute
 from .stats import dataset_stats
 
-METHODS = ("rs-kd", "top-k", "hard")
+METHODS = ("rs-kd", "top-k", "hard", "full")
 
 
 def tiny_student(vocab: int, *, hidden: int = 128, layers: int = 2, seed: int = 0, tokenizer=None):
@@ -61,8 +63,12 @@ def held_out_kl(student, input_ids: torch.Tensor, teacher_logp: torch.Tensor) ->
 
 
 def train_student(method: str, cache: str, tokenizer, vocab: int, *, steps: int, seed: int, eval_ids, teacher_logp,
-                  batch_size: int = 8, lr: float = 3e-3, evals: int = 3, log=None) -> list[float]:
-    """Train one student for ``steps`` and return its held-out KL at ``evals`` evenly spaced steps."""
+                  batch_size: int = 8, lr: float = 3e-3, evals: int = 3, log=None, train_logp=None) -> list[float]:
+    """Train one student for ``steps`` and return its held-out KL at ``evals`` evenly spaced steps.
+
+    Every method sees the same sequences in the same order (the cache's shard order per epoch);
+    ``full`` needs ``train_logp`` {sequence index: teacher log-probs [L, V]}.
+    """
     student = tiny_student(vocab, seed=seed, tokenizer=tokenizer)
     optimiser = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     ds = DistillDataset(cache, tokenizer=tokenizer, seed=seed)
@@ -70,13 +76,15 @@ def train_student(method: str, cache: str, tokenizer, vocab: int, *, steps: int,
     kls, step, epoch = [], 0, 0
     while step < steps:
         ds.set_epoch(epoch)
-        for batch in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_sparse):
+        for indices, batch in _batches(ds, batch_size):
             logits = student(input_ids=batch["input_ids"]).logits
             if method == "rs-kd":
                 loss = distill_loss(logits, batch, alpha=1.0)
             elif method == "top-k":
                 loss = topk_kd_loss(logits, batch["target_ids"], batch["target_weights"], batch["target_mask"],
                                     mode="ignore-tail")
+            elif method == "full":
+                loss = dense_kd_loss(logits, torch.stack([train_logp[i] for i in indices]).float())
             else:
                 loss = hard_ce_loss(logits, batch["labels"])
             loss.backward()
@@ -94,12 +102,27 @@ def train_student(method: str, cache: str, tokenizer, vocab: int, *, steps: int,
     return kls
 
 
+def _batches(ds: DistillDataset, batch_size: int):
+    """(sequence indices, collated batch) in the dataset's reading order (what a DataLoader with
+    ``batch_size`` and ``collate_sparse`` yields, plus the indices)."""
+    group = []
+    for seq in ds.sequences():
+        group.append(seq)
+        if len(group) == batch_size:
+            yield [s.sequence for s in group], collate_sparse([to_item(s, ds.draws) for s in group])
+            group = []
+    if group:
+        yield [s.sequence for s in group], collate_sparse([to_item(s, ds.draws) for s in group])
+
+
 def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128, held_out: int = 6,
                             corpus: str | None = None, teacher=None, max_train: int | None = None,
-                            batch_size: int = 8, evals: int = 3, workdir: str | None = None, log=None) -> dict:
+                            batch_size: int = 8, evals: int = 3, workdir: str | None = None, log=None,
+                            methods=METHODS) -> dict:
     """Precompute RS-KD and top-k caches with the SmolLM2 teacher, train students, return held-out KLs.
 
     Returns {method: [KL at each evaluation, for each seed in turn]}; also {"unique_per_position": [x]}.
+    ``full`` holds the teacher's log-probs of every training sequence in memory (fp16).
     """
     from ..hf.corpus import read_corpus
     from ..hf.models import load_causal_lm
@@ -126,10 +149,16 @@ def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128,
         log(f"{n_train} training sequences x {seq_len} tokens, {held_out} held out; RS-KD {unique:.1f} ids/position, "
             f"top-k k={int(np.ceil(unique))}")
     results: dict = {"unique_per_position": [unique]}
-    for method in METHODS:
+    train_logp = None
+    if "full" in methods:
+        with torch.inference_mode():
+            train_logp = {i: torch.log_softmax(lm.model(input_ids=torch.from_numpy(packing.sequences[i:i + 1].astype(np.int64)))
+                                               .logits[0, :, :lm.real_vocab].float(), -1).half() for i in range(n_train)}
+    for method in methods:
         results[method] = []
-        for seed in seeds:
+    for seed in seeds:                   # every method for a seed, then the next seed: partial runs compare
+        for method in methods:
             results[method] += train_student(method, rs if method != "top-k" else tk, lm.tokenizer, lm.real_vocab,
                                              steps=steps, seed=seed, eval_ids=eval_ids, teacher_logp=teacher_logp,
-                                             batch_size=batch_size, evals=evals, log=log)
+                                             batch_size=batch_size, evals=evals, log=log, train_logp=train_logp)
     return results

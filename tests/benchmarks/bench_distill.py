@@ -2,12 +2,14 @@
 
     python tests/benchmarks/bench_distill.py bytes  [--seq-len 512] [--threads 1]
     python tests/benchmarks/bench_distill.py overhead [--seq-len 512] [--sequences 8] [--device cuda --dtype bfloat16]
-    python tests/benchmarks/bench_distill.py learn  [--steps 150] [--seeds 0]
+    python tests/benchmarks/bench_distill.py rss    [--seq-len 512] [--sequences 16] [--batch-size 2]
+    python tests/benchmarks/bench_distill.py learn  [--steps 150] [--seeds 0,1,2] [--methods rs-kd,top-k,hard,full]
 
 bytes:    RS-KD (N = 50) datasets in the shipped codec, against alternative encodings of the same
           pairs (plain Parquet list<struct<id uint32, count uint8>>, ids without gaps, varint gaps)
           and against top-k 50 / 128 with bf16 values (DistillKit style), and full logits.
 overhead: (forward + sampling + encoding + writing) / (forward + LM head alone) on the same batches.
+rss:      peak resident memory (VmHWM) of a precompute and of a reader, each in its own process.
 learn:    a random 2-layer student with the teacher's tokenizer trained from the cache with RS-KD
           targets, top-k targets of about the same bytes, or hard labels; KL to the teacher's full
           distribution on held-out sequences.
@@ -126,6 +128,31 @@ def cmd_bytes(args):
     print(f"  full logits bf16: {49152 * 2} B/token")
 
 
+SHAPES = {   # SmolLM2 configurations, for random-weight teachers of the real sizes (no hub here)
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32),
+}
+
+
+def teacher_dir(args) -> str:
+    """The real SmolLM2-135M checkpoint, or (``--random-shape``) a seeded random Llama of a SmolLM2
+    size with its tokenizer (taken from ``--tokenizer-dir`` or the checkpoint), saved to a temp dir.
+    Random weights give a near-uniform teacher (~50 unique ids of 50 draws), so sampling and
+    copying cost more than with a trained teacher."""
+    if not args.random_shape:
+        return smollm2_checkpoint()
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir or smollm2_checkpoint())
+    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPES[args.random_shape])
+    torch.manual_seed(0)
+    out = tempfile.mkdtemp(prefix=f"random-{args.random_shape}-")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def forward_only(lm, ids, position_chunk=128):
     """The teacher's forward + LM head over position chunks, results dropped (the baseline)."""
     with torch.inference_mode():
@@ -143,8 +170,13 @@ def cmd_overhead(args):
     the first batch warms up (imports, allocator) and is not counted."""
     from tensorstore_llm.distill.encoding import SequenceTargets
 
-    lm = load_causal_lm(smollm2_checkpoint(), device=args.device, dtype=args.dtype)
+    lm = load_causal_lm(teacher_dir(args), device=args.device, dtype=args.dtype)
     corpus = read_corpus(CORPUS, tokenizer=lm.tokenizer)
+    if args.repeat_corpus > 1:                     # more tokens for GPU throughput: the corpus k times over
+        import dataclasses
+
+        corpus = dataclasses.replace(corpus, documents=corpus.documents * args.repeat_corpus,
+                                     fingerprint=f"{corpus.fingerprint}x{args.repeat_corpus}")
     rule = PackingRule(seq_len=args.seq_len)
     packing = Packing(corpus.documents, lm.tokenizer, rule, corpus.fingerprint)
     config = SamplingConfig()
@@ -156,9 +188,9 @@ def cmd_overhead(args):
         idx = list(range(max(b, 0), max(b, 0) + bs))
         ids = torch.from_numpy(packing.sequences[idx].astype(np.int64))
         w0, c0 = time.perf_counter(), time.process_time()
-        forward_only(lm, ids)
+        forward_only(lm, ids, args.position_chunk)
         w1, c1 = time.perf_counter(), time.process_time()
-        rows, _ = teacher_targets(lm, ids, idx, config)
+        rows, _ = teacher_targets(lm, ids, idx, config, position_chunk=args.position_chunk)
         table = encode_rows("rs-kd", [SequenceTargets(i, packing.sequences[i], r) for i, r in zip(idx, rows)], lm.real_vocab, 50)
         parquet_bytes(table)
         w2, c2 = time.perf_counter(), time.process_time()
@@ -174,8 +206,10 @@ def cmd_overhead(args):
     print(f"overhead ratio, wall {wall['full'] / wall['fwd']:.3f}, CPU time {cpu['full'] / cpu['fwd']:.3f}")
     out = os.path.join(tempfile.mkdtemp(), "rs-kd")
     w0, c0 = time.perf_counter(), time.process_time()
-    precompute(lm, corpus, out, rule=rule, max_sequences=n, batch_size=bs, shard_sequences=max(bs, 8))
+    precompute(lm, corpus, out, rule=rule, max_sequences=n, batch_size=bs, shard_sequences=max(bs, 8),
+               position_chunk=args.position_chunk)
     w1, c1 = time.perf_counter(), time.process_time()
+    print(f"dataset: {dataset_stats(out)['unique_per_position']:.1f} unique ids/position")
     print(f"whole precompute (writes behind, {n} sequences): {tokens / (w1 - w0):.0f} tokens/s; "
           f"against forward alone: wall {(w1 - w0) / wall['fwd']:.3f}, CPU time {(c1 - c0) / cpu['fwd']:.3f}")
 
@@ -183,29 +217,92 @@ def cmd_overhead(args):
 def cmd_learn(args):
     from tensorstore_llm.distill.learning import run_learning_experiment
 
-    results = run_learning_experiment(steps=args.steps, seeds=[int(s) for s in args.seeds.split(",")],
-                                      seq_len=args.seq_len, log=print)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    methods = tuple(args.methods.split(","))
+    t0 = time.perf_counter()
+    results = run_learning_experiment(steps=args.steps, seeds=seeds, seq_len=args.seq_len, log=print, methods=methods)
     unique = results.pop("unique_per_position")[0]
-    print(f"RS-KD cache: {unique:.1f} unique ids/position; top-k cache: k = {int(np.ceil(unique))}")
+    print(f"RS-KD cache: {unique:.1f} unique ids/position; top-k cache: k = {int(np.ceil(unique))} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    marks = [round(args.steps * (j + 1) / 3) for j in range(3)]
+    print(f"held-out KL to the teacher at steps {marks}, mean over seeds {seeds} [min, max]:")
     for name, kls in results.items():
-        print(f"{name:8} held-out KL to teacher at {args.steps // 3}, {2 * args.steps // 3}, {args.steps} steps: "
-              + " ".join(f"{k:.3f}" for k in kls))
+        per_seed = np.array(kls).reshape(len(seeds), 3)
+        print(f"{name:8} " + "  ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                                     zip(per_seed.mean(0), per_seed.min(0), per_seed.max(0))))
+    if "rs-kd" in results and "top-k" in results:
+        gap = np.array(results["top-k"]).reshape(len(seeds), 3) - np.array(results["rs-kd"]).reshape(len(seeds), 3)
+        print(f"top-k minus RS-KD per seed and step: {np.round(gap, 3).tolist()}")
+
+
+def _vm(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cmd_rss_precompute(args):
+    lm = load_causal_lm(smollm2_checkpoint())
+    loaded = _vm("VmRSS")
+    precompute(lm, CORPUS, args.out, rule=PackingRule(seq_len=args.seq_len), max_sequences=args.sequences,
+               batch_size=args.batch_size, shard_sequences=8, position_chunk=args.position_chunk)
+    print(f"precompute: RSS after loading the teacher {loaded:.0f} MiB, peak {_vm('VmHWM'):.0f} MiB "
+          f"(batch {args.batch_size} x {args.seq_len}, LM head over {args.position_chunk} positions at a time)")
+
+
+def cmd_rss_read(args):
+    from tensorstore_llm.distill.dataset import DistillDataset, collate_sparse
+
+    ready = _vm("VmRSS")
+    ds = DistillDataset(args.out)
+    rates = []
+    for epoch in range(3):                         # the first epoch pays one-time imports and Parquet set-up
+        ds.set_epoch(epoch)
+        tokens = 0
+        t0 = time.perf_counter()
+        for batch in torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_sparse):
+            tokens += batch["input_ids"].numel()
+        rates.append(tokens / (time.perf_counter() - t0))
+    print(f"reader: RSS after imports {ready:.0f} MiB, peak {_vm('VmHWM'):.0f} MiB over 3 epochs of {tokens} tokens in "
+          f"batches of 8; into padded batches {rates[0]:.0f} tokens/s cold, {max(rates[1:]):.0f} tokens/s warm")
+
+
+def cmd_rss(args):
+    """Peak RSS of a precompute and of a reader, each in its own process (VmHWM)."""
+    import subprocess
+
+    out = os.path.join(tempfile.mkdtemp(), "rs-kd")
+    common = ["--seq-len", str(args.seq_len), "--sequences", str(args.sequences), "--batch-size", str(args.batch_size),
+              "--position-chunk", str(args.position_chunk), "--threads", str(args.threads), "--out", out]
+    for what in ("rss-precompute", "rss-read"):
+        done = subprocess.run([sys.executable, __file__, what, *common], capture_output=True, text=True, check=True)
+        print(done.stdout.strip())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["bytes", "overhead", "learn"])
+    parser.add_argument("what", choices=["bytes", "overhead", "learn", "rss", "rss-precompute", "rss-read"])
+    parser.add_argument("--out", help="rss-precompute / rss-read: the dataset directory")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", default="rs-kd,top-k,hard,full")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--position-chunk", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--random-shape", choices=sorted(SHAPES), help="overhead: a random teacher of this SmolLM2 size")
+    parser.add_argument("--tokenizer-dir", help="with --random-shape: where SmolLM2's tokenizer files are")
+    parser.add_argument("--repeat-corpus", type=int, default=1, help="overhead: the corpus this many times over")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn}[args.what](args)
+    {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn, "rss": cmd_rss, "rss-precompute": cmd_rss_precompute,
+     "rss-read": cmd_rss_read}[args.what](args)
 
 
 if __name__ == "__main__":
