@@ -17,7 +17,7 @@ from ..io.base import TensorMeta
 from ..ops.lora_streamed import COMBINE_METHODS, LoraCombineParams, factor_names
 from ..store.store import Store
 from .artifacts import DictSource, commit_adapter, adapter_info
-from .jobs import LoraResult, _bound_of, _finish, _lora_only, open_adapter_ref
+from .jobs import _bound_of, _finish, _lora_only, open_adapter_ref
 from .peft_format import LoraAdapter, build_adapter
 
 
