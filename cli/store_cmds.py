@@ -27,8 +27,13 @@ def import_cmd(ctx, src, name, revision, dtype, delta_of, max_chain, max_memory,
     local cache, works with HF_HUB_OFFLINE=1). Pickle checkpoints (.bin/.pt) are refused.
     Importing the same content twice gives the same artifact id.
     """
+    import os
+
     from tensorstore_llm.api import import_checkpoint
 
+    if os.path.isfile(os.path.join(src, "adapter_config.json")):
+        raise click.UsageError(f"{src} is a PEFT adapter: store it with `tsllm lora import {src} --base BASE`, "
+                               "which binds it to the model it belongs to")
     if delta_of and not _import_as_delta(ctx, src, delta_of, name, revision, dtype, max_chain, max_memory, dry_run):
         return
     result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype, device="cpu",
