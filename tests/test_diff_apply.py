@@ -125,3 +125,19 @@ def test_transfer_refuses_other_shape_changes(tmp_path, cli, loaded, release_fam
     code, out, err = cli("--store", loaded, "apply", "d", "--onto", "v3", "--transfer")
     assert code == 6 and "model.layers.0.mlp.up_proj.weight" in err
     assert os.listdir(os.path.join(loaded, "staging")) == []
+
+
+def test_transfer_refuses_tensors_the_finetune_reshaped(tmp_path, cli, loaded, release_family):
+    ft = _load(release_family["ft"])
+    ft[EMB] = torch.cat([ft[EMB], ft[EMB][:4]])        # the fine-tune added 4 tokens of its own
+    path = str(tmp_path / "ft-grown.safetensors")
+    save_file(ft, path)
+    code, out, err = cli("--store", loaded, "diff", path, "--base", "v1", "--name", "dg")
+    assert code == 0, err
+    assert Store(loaded).get("dg").manifest.info["delta"]["tensors"][EMB]["mode"] == "raw"
+    code, out, err = cli("--store", loaded, "apply", "dg", "--onto", "v2", "--transfer")
+    assert code == 6 and EMB in err and "no (ft - base)" in err
+    code, out, err = cli("--store", loaded, "apply", "dg", "--onto", "v1", "--name", "back")   # own base: a copy
+    assert code == 0, err
+    with Store(loaded).open("back") as src:
+        assert torch.equal(_bits(src.read(EMB)), _bits(ft[EMB]))

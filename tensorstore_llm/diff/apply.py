@@ -10,7 +10,9 @@ Shape rules between releases (checked before anything is computed):
 - vocabulary growth: the new release has more rows (same row shape) than the diff; rows the old
   diff does not have get Δ = 0, i.e. the new base's rows, and are reported;
 - a tensor only in the new base (or not a float): copied from it, reported;
-- a tensor the diff changes that the new base lacks, or any other shape change: an error.
+- a tensor the diff changes that the new base lacks, or any other shape change: an error;
+- a tensor the fine-tune itself added or reshaped (stored raw, not as a delta of the old base)
+  has no Δ: scaling or transferring it is an error (applying onto its own base copies it).
 
 Applying a diff onto a base other than its own without ``transfer`` raises BaseMismatch before
 any tensor is read. Onto its own base with α = 1 every output tensor is compared with the
@@ -50,9 +52,11 @@ def same_base(section: DeltaSection, onto) -> bool:
     return all(n in tensors and tensors[n].checksum == c for n, c in section.base_checksums.items())
 
 
-def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = False):
-    """Check a request before any work: (diff artifact, section, onto artifact, own base?,
-    {tensor: (mode, ft meta or None)}). Raises BaseMismatch, ShapeMismatch, TensorNotFound."""
+def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = False, alpha: float = 1.0):
+    """Check a request before any work: (diff artifact, section, onto artifact, exact?,
+    {output tensor: (mode, ft meta or None)}). ``exact``: onto its own base with alpha 1 and no
+    transfer, the output is the fine-tune itself (mode "ft" for every tensor of the diff).
+    Raises BaseMismatch, ShapeMismatch, TensorNotFound."""
     diff = store.get(diff_ref)
     where = f"diff {diff.short_id}"
     if not is_delta(diff):
@@ -67,6 +71,8 @@ def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = Fals
                            f"another base (tensor {differing!r} differs). Applying it there is fine-tuning transfer: "
                            f"pass --transfer to do it on purpose")
     ft_metas, onto_metas = diff.manifest.metas(), onto.manifest.metas()
+    if own and not transfer and alpha == 1.0:
+        return diff, section, onto, True, {n: ("ft", m) for n, m in ft_metas.items()}
     missing = [n for n in ft_metas if n not in onto_metas]
     if missing:
         raise TensorNotFound(f"{where}: the new base {onto.short_id} lacks {len(missing)} tensor(s) the diff holds, "
@@ -83,7 +89,11 @@ def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = Fals
         else:
             raise ShapeMismatch(f"{where}: tensor {name!r} is {list(old.shape)} in the diff and {list(new.shape)} in "
                                 f"the new base {onto.short_id}; only growth of the first axis (vocabulary) is supported")
-    return diff, section, onto, own, modes
+        entry = section.tensors.get(name)
+        if modes[name][0] != "copy" and (entry is None or entry.mode != "delta"):
+            raise ShapeMismatch(f"{where}: tensor {name!r} is not a delta of the old base {section.base_id[:12]} (the "
+                                f"fine-tune added it or changed its shape), so it has no (ft - base) to scale or transfer")
+    return diff, section, onto, False, modes
 
 
 def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0, transfer: bool = False,
@@ -101,13 +111,12 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
     Example:
         >>> apply_diff(store, "ft-diff", "base-v2", transfer=True, name="ft-v2")   # doctest: +SKIP
     """
-    diff, section, onto, own, modes = plan_apply(store, diff_ref, onto_ref, transfer)
-    exact = own and alpha == 1.0 and not transfer
-    result = ApplyResult(None, not own or transfer)
+    diff, section, onto, exact, modes = plan_apply(store, diff_ref, onto_ref, transfer, alpha)
+    result = ApplyResult(None, transfer or not same_base(section, onto))
     budget = parse_size(max_memory)
     key = job_key("apply", diff.id, onto.id, float(alpha), bool(transfer))
     with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
-        metas = [onto.manifest.metas()[n] for n in onto.manifest.tensors]
+        metas = list((diff if exact else onto).manifest.metas().values())
         writer = store.create(key)
         try:
             writer.prepare(metas)
@@ -124,7 +133,7 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
                 rows = _block_rows(meta, budget, writer.preferred_rows(meta))
                 for start in range(0, meta.rows if meta.numel else 0, rows):
                     stop = min(meta.rows, start + rows)
-                    writer.write_rows(meta.name, start, _block(mode, old, meta, start, stop, alpha, exact,
+                    writer.write_rows(meta.name, start, _block(mode, old, meta, start, stop, alpha,
                                                                ft_src, base_src, new_src))
                 checksum = writer.finish(meta.name)
                 if exact and checksum != diff.manifest.tensors[meta.name].checksum:
@@ -157,11 +166,11 @@ def _block_rows(meta: TensorMeta, budget: int, align: int) -> int:
     return rows - rows % align if rows > align else rows
 
 
-def _block(mode, old, meta, start, stop, alpha, exact, ft_src, base_src, new_src):
+def _block(mode, old, meta, start, stop, alpha, ft_src, base_src, new_src):
     """Output rows ``start:stop`` of one tensor (see the module docstring for the rules)."""
     if mode == "copy":
         return new_src.read_rows(meta.name, start, stop)
-    if exact:
+    if mode == "ft":
         return ft_src.read_rows(meta.name, start, stop)
     new = new_src.read_rows(meta.name, start, stop)
     limit = min(stop, old.rows) if mode == "grown" else stop
