@@ -35,7 +35,7 @@ from ..errors import FormatError, InvalidParameter
 from ..io.base import ChunkDigests, RowHasher, TensorMeta, check_tensor_name
 from ..io.fsutil import storage_errors
 from ..io.zarr_tensors import chunk_shape
-from ..store.store import ArtifactWriter, Store, job_key
+from ..store.store import Store, job_key
 from .codecs import codec_from_dict, get_codec
 
 DELTA_DIR = "deltas"
@@ -323,5 +323,5 @@ def decode_block(codec_dict: dict, entry: TensorEntry, meta: TensorMeta, start: 
     return codec_from_dict(codec_dict).decode(base, data, tensor=meta.name, start=start)
 
 
-__all__ = ["DeltaPayload", "DeltaSection", "TensorEntry", "store_delta", "needs_snapshot", "chain_depth", "is_delta",
-           "decode_block", "block_path", "DEFAULT_MAX_CHAIN"]
+__all__ = ["DEFAULT_MAX_CHAIN", "DeltaPayload", "DeltaSection", "TensorEntry", "block_path", "chain_depth", "decode_block",
+           "is_delta", "needs_snapshot", "store_delta"]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, dir_bytes, fresh, median_of, timed  # noqa: E402
+from common import TSLLM, dir_bytes, fresh, median_of, timed
 
 READ_ALL = """
 import sys, time
@@ -115,8 +115,8 @@ def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
         out[f"read_{ref}_rss_mib"] = max(r[1] for r in runs)
         out[f"read_{ref}_cpu_s"] = statistics.median(r[2] for r in runs)
         export = os.path.join(workdir, "export")
-        out[f"export_{ref}_s"], out[f"export_{ref}_rss_mib"] = median_of(repeat, lambda: (fresh(export), timed(
-            tsllm(store, "export", ref, export, "--max-memory", "512M")))[1])
+        out[f"export_{ref}_s"], out[f"export_{ref}_rss_mib"] = median_of(repeat, lambda ref=ref, export=export: (
+            fresh(export), timed(tsllm(store, "export", ref, export, "--max-memory", "512M")))[1])
         fresh(export)
     gb = ft_bytes / 1e9
     out["store_delta_gb_s"] = gb / out["store_delta_s"]
@@ -146,7 +146,7 @@ def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m")
     for k in range(1, links + 1):
         subprocess.run(tsllm(store, "import", f"{root}/c{k}", "--delta-of", f"c{k - 1}", "--name", f"c{k}",
                              "--max-chain", str(links)), check=True, stdout=subprocess.DEVNULL)
-        out["read_s"][str(k)] = median_of(repeat, lambda: read_all(store, f"c{k}")[:2])[0]
+        out["read_s"][str(k)] = median_of(repeat, lambda k=k: read_all(store, f"c{k}")[:2])[0]
         out["read_cpu_s"][str(k)] = read_all(store, f"c{k}")[2]
     fresh(store)
     return out
