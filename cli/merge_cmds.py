@@ -10,14 +10,18 @@ from .common import options_of, print_estimate, report, run_options, size_option
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
-              help="Also export the result to this Hugging Face directory.")
-@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the -o export.")
+              help="Write the result straight into this Hugging Face directory (one write; the store keeps "
+                   "its lineage, not a second copy), with mergekit_config.yml and a model card.")
+@click.option("--keep-artifact", is_flag=True,
+              help="With -o: also keep the merged checkpoint in the store (writes it twice).")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the -o output.")
 @click.option("--arithmetic", type=click.Choice(["fp32", "mergekit"]), default="fp32", show_default=True,
               help="fp32: compute in fp32, round once. mergekit: replay mergekit's operations in the recipe's "
                    "dtype (e.g. bf16 task vectors), bit-exact with mergekit for linear / task_arithmetic.")
 @run_options
 @click.pass_context
-def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, max_memory, seed, compression, dry_run):
+def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithmetic, device, max_memory, seed, compression,
+              dry_run):
     """Merge models as RECIPE (a mergekit YAML file) says.
 
     \b
@@ -42,13 +46,16 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
       parameters: {normalize: true}
       dtype: bfloat16
     """
-    from tensorstore_llm.api import export, merge
+    from tensorstore_llm.api import merge
     from tensorstore_llm.merge.recipe import read_recipe_file
 
     text = read_recipe_file(recipe)
     store = store_of(ctx)
     options = options_of(ctx, device=device, max_memory=max_memory, seed=seed, compression=compression, dry_run=dry_run)
-    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, options=options)
+    if keep_artifact and not out_dir:
+        raise click.UsageError("--keep-artifact only applies with -o/--output")
+    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, out_dir=out_dir,
+                   max_shard_size=max_shard_size, keep_artifact=keep_artifact, options=options)
     if result.analysis and not ctx.obj["quiet"]:
         a = result.analysis
         click.echo(f"layer conflict ratios (mu {a['mu']:.4f}, sigma {a['sigma']:.4f}, averaged below {a['threshold']:.4f}):")
@@ -57,11 +64,9 @@ def merge_cmd(ctx, recipe, name, out_dir, max_shard_size, arithmetic, device, ma
     if dry_run:
         return print_estimate(result.estimate)
     report(result, "merged", ctx.obj["quiet"])
-    if out_dir:
-        exported = export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size, max_memory=max_memory,
-                          progress=options.progress)
-        if not ctx.obj["quiet"]:
-            click.echo(f"exported to {exported.output}")
+    if out_dir and not ctx.obj["quiet"]:
+        kept = f"checkpoint {result.artifact.short_id}" if keep_artifact else f"lineage record {result.artifact.short_id}"
+        click.echo(f"written to {result.output} ({kept} in the store)")
 
 
 @click.command("soup")

@@ -164,8 +164,10 @@ def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: 
             return JobResult(executor.estimate())
         shard_bytes = parse_size(max_shard_size)
         key = job_key("export", plan.fingerprint(), shard_bytes)
-        sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
-                                files=_with_dtype(store.carried_files(ref), dtype), store_root=store.root)
+        from .merge.card import merge_files   # a merge's export carries its recipe and a model card
+
+        carried = {**_with_dtype(store.carried_files(ref), dtype), **merge_files(artifact.manifest.recipe, artifact.manifest.parents)}
+        sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key, files=carried, store_root=store.root)
         executor.sink = sink
         _stream(executor, sink)
         path = _keep_or_discard(sink, sink.commit)
@@ -253,8 +255,16 @@ def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | byt
 
 
 def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", arithmetic: str = "fp32",
+          out_dir: str | None = None, max_shard_size="5G", keep_artifact: bool = False,
           options: RunOptions | None = None, **run_options) -> JobResult:
-    """Run a mergekit-format YAML recipe (text) into a new checkpoint artifact.
+    """Run a mergekit-format YAML recipe (text) into a new checkpoint artifact, or with ``out_dir``
+    straight into a Hugging Face directory.
+
+    With ``out_dir`` the tensors are written once, into the directory (shards of
+    ``max_shard_size``, the recipe as ``mergekit_config.yml``, a model card as ``README.md``);
+    the store gets an ``export`` artifact holding no tensors, only the lineage (inputs, recipe,
+    run) and the directory's path and tensor checksums (``JobResult.artifact``; tagged ``name``).
+    ``keep_artifact=True`` stores the checkpoint artifact too and exports it (a second copy).
 
     Everything that can fail (references, tensors, shapes, parameters) is checked before any
     tensor is computed. The artifact's lineage records every input and the recipe.
@@ -284,13 +294,56 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         if arithmetic != "fp32":
             recipe_record["arithmetic"] = arithmetic
         recipe_record.update(prepared.record)
-        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
-                          files=_with_dtype(files, parsed.out_dtype), name=name, desc=f"merge {parsed.method}", options=opts)
+        files = _with_dtype(files, parsed.out_dtype)
+        if out_dir and not keep_artifact and not opts.dry_run:
+            result = _merge_into_dir(store, plan, parents, recipe_record, files, out_dir, max_shard_size, name,
+                                     f"merge {parsed.method}", opts)
+        else:
+            result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
+                              files=files, name=name, desc=f"merge {parsed.method}", options=opts)
+            if out_dir and not opts.dry_run:
+                exported = export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
+                                  max_memory=opts.max_memory, progress=opts.progress)
+                result.output = exported.output
         result.analysis = prepared.analysis
         return result
     finally:
         for source, _, _ in opened.values():
             source.close()
+
+
+def _merge_into_dir(store: Store, plan: Plan, parents: list, recipe_record: dict, files: dict, out_dir: str,
+                    max_shard_size, name: str | None, desc: str, opts: RunOptions) -> JobResult:
+    """Stream ``plan`` into the HF directory ``out_dir`` (resumable, published whole or not at all),
+    then commit its lineage as a tensorless ``export`` artifact."""
+    from .merge.card import merge_files
+
+    executor = Executor(plan, None, device=opts.device, max_memory=opts.max_memory, seed=opts.seed,
+                        progress=opts.progress, desc=desc)
+    dev = resolve_device(opts.device)
+    shard_bytes = parse_size(max_shard_size)
+    key = job_key("merge-into-dir", plan.fingerprint(), opts.seed, dev.type, shard_bytes, parents, recipe_record)
+    sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
+                            files={**files, **merge_files(recipe_record, parents)}, store_root=store.root)
+    executor.sink = sink
+    estimate = executor.estimate()
+    _stream(executor, sink)
+    checksums = dict(sink.completed())
+    tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for j in plan.jobs for m in j.outputs()}
+    path = _keep_or_discard(sink, sink.commit)
+    run = {"seed": opts.seed, "device": dev.type, "generator_device": GENERATOR_DEVICE,
+           "uniform_generator": UNIFORM_GENERATOR, "max_shard_size": shard_bytes}
+    writer = store.create(job_key("export", key, tensors, path))
+    try:
+        writer.prepare([])
+        artifact = writer.commit(kind="export", parents=parents, recipe=recipe_record, run=run,
+                                 info={"output": path, "tensors": tensors})
+    except BaseException:
+        writer.abort()
+        raise
+    if name:
+        store.tag(artifact.id, name)
+    return JobResult(estimate, artifact, path, executor.computed, executor.skipped)
 
 
 def greedy_soup(store: Store, refs: list[str], score, *, name: str | None = None, options: RunOptions | None = None,

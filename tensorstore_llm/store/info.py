@@ -55,6 +55,9 @@ SCHEMAS: dict[str, InfoSchema] = {s.kind: s for s in (
     # 2: what recovery and export need without reading tensors: the structure (structured /
     # unstructured / n:m), the full model's sizes and the pruned sizes per layer
     InfoSchema("pruning_plan", 2, {**_BINDING, "method": str, "structure": str, "original": dict, "layers": list}),
+    # a result written straight to a Hugging Face directory (tsllm merge -o): no tensors in the
+    # store, only its lineage, the directory and each tensor's [shape, dtype, checksum]
+    InfoSchema("export", 1, {"output": str, "tensors": dict}),
 )}
 
 

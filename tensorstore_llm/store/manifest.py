@@ -24,7 +24,7 @@ from .datasets import ShardRecord
 
 FORMAT = "tsllm-artifact/2"
 FORMATS = ("tsllm-artifact/1", FORMAT)   # readable; /1 ids included the run settings
-KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits", "dataset")
+KINDS = ("checkpoint", "diff", "lora", "pruning_plan", "logits", "dataset", "export")
 
 
 @dataclass(frozen=True)

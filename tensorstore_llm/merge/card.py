@@ -1,0 +1,54 @@
+"""What a merged Hugging Face directory carries besides its weights: the recipe as
+``mergekit_config.yml`` (mergekit's name for it, so hub tooling and ``mergekit-yaml`` read it) and a
+model card (``README.md``) naming the inputs, the method and the tool version, so the recipe is
+not lost when the directory is uploaded.
+"""
+from __future__ import annotations
+
+import yaml
+
+from .. import __version__
+
+CONFIG_NAME = "mergekit_config.yml"
+CARD_NAME = "README.md"
+
+
+def recipe_yaml(raw: dict) -> str:
+    """The recipe ``raw`` (the parsed mergekit YAML) as YAML text, keys in the recipe's order."""
+    return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+def _input_line(parent: dict) -> str:
+    ref = parent.get("ref", "?")
+    if "id" in parent:
+        origin = f"store artifact {parent['id'][:12]}"
+    else:
+        external = parent.get("external", {})
+        origin = {"hub": lambda e: f"hub {e.get('repo')}@{str(e.get('commit') or e.get('revision'))[:12]}"}.get(
+            external.get("type"), lambda e: external.get("type", "input"))(external)
+    return f"- `{ref}` ({parent.get('role', 'model')}; {origin})"
+
+
+def model_card(raw: dict, method: str, parents: list[dict], arithmetic: str = "fp32") -> str:
+    """A model card (Markdown with Hugging Face front matter): the merge method, every input with
+    its role and origin, the tool and version, and the recipe itself."""
+    hub_models = [p["external"]["repo"] for p in parents if p.get("external", {}).get("type") == "hub"]
+    front = {"library_name": "transformers", "tags": ["merge", "tensorstore_llm", method]}
+    if hub_models:
+        front["base_model"] = hub_models
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", "# Merged model", "",
+             f"This model is a merge made with tensorstore_llm {__version__} (`tsllm merge`), "
+             f"method `{method}`" + (f", arithmetic `{arithmetic}`" if arithmetic != "fp32" else "") + ".", "",
+             "## Inputs", "", *[_input_line(p) for p in parents], "",
+             "## Recipe", "", f"The recipe, also in `{CONFIG_NAME}`:", "", "```yaml", recipe_yaml(raw).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def merge_files(recipe_record: dict, parents: list[dict]) -> dict[str, bytes]:
+    """``mergekit_config.yml`` and ``README.md`` for a merge whose artifact recipe record is
+    ``recipe_record`` ({"op": "merge", "merge_method", "recipe", ...}); {} for anything else."""
+    if not isinstance(recipe_record, dict) or recipe_record.get("op") != "merge" or "recipe" not in recipe_record:
+        return {}
+    raw, method = recipe_record["recipe"], recipe_record.get("merge_method", "?")
+    card = model_card(raw, method, parents, recipe_record.get("arithmetic", "fp32"))
+    return {CONFIG_NAME: recipe_yaml(raw).encode(), CARD_NAME: card.encode()}
