@@ -253,3 +253,21 @@ def test_engine_reads_delta_artifacts_as_inputs(tmp_path, cli, tiny_family):
     assert store.get("same").manifest.checksums() == store.get("ft").manifest.checksums()
     with store.open("ft") as src:
         assert 0 < src.extra_read_bytes("model.embed_tokens.weight") <= 9 * 64 * 512 * 2
+
+
+def test_the_same_delta_stored_twice_takes_its_bytes_once(tmp_path, cli, tiny_family):
+    root = str(tmp_path / "store")
+    assert cli("--store", root, "import", tiny_family["base"], "--name", "base")[0] == 0
+    assert cli("--store", root, "import", tiny_family["ft1"], "--delta-of", "base", "--name", "ft")[0] == 0
+    assert cli("--store", root, "diff", tiny_family["ft1"], "--base", "base", "--name", "d")[0] == 0
+    store = Store(root)
+    ft, d = store.get("ft"), store.get("d")
+    assert ft.id != d.id
+    block = os.path.join("deltas", "model.embed_tokens.weight", "0")
+    assert os.stat(os.path.join(ft.path, block)).st_ino == os.stat(os.path.join(d.path, block)).st_ino
+    assert stored_bytes(ft)[1] > 0
+    shutil.rmtree(ft.path)                  # one gone: gc keeps what the other links
+    store.gc()
+    with store.open("d") as src:
+        _assert_same_bits({k: src.read(k) for k in src.keys()}, _load_dir(tiny_family["ft1"]))
+    assert cli("--store", root, "verify", "d")[0] == 0

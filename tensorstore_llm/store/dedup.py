@@ -5,7 +5,8 @@ content key: the sha256 of the tensor's checksum and its ``zarr.json`` (shape, d
 codecs). ``<root>/objects/<k[:2]>/<k>/`` holds the first copy ever committed; a later tensor with
 the same key has its chunk files replaced by hard links to the object's files, so an untouched
 embedding in a fine-tune, a frozen layer, or the same base imported from two paths takes its
-bytes once. Artifacts stay ordinary directories of real files:
+bytes once. The coded blocks of delta-stored artifacts are keyed by their own sha256
+(``objects/<h[:2]>/<h>.blk``). Artifacts stay ordinary directories of real files:
 
 - reads and ``verify`` are unchanged (the bytes behind a link are the bytes that were hashed;
   every read still checks the per-chunk digests the artifact recorded for itself);
@@ -23,6 +24,7 @@ import os
 import shutil
 
 OBJECTS = "objects"
+BLOCK_SUFFIX = ".blk"
 
 
 def content_key(checksum: str, array_meta: bytes) -> str:
@@ -55,6 +57,33 @@ def dedup_staged(store_root: str, staging_dir: str, checksums: dict[str, str]) -
                 _make_object(array_dir, obj)
         except OSError:
             continue   # no hard links here (or a race with gc): the tensor keeps its own copy
+    return saved
+
+
+def dedup_blocks(store_root: str, staging_dir: str, folder: str = "deltas") -> int:
+    """Link the coded blocks under ``staging_dir/folder`` (delta-stored artifacts) to
+    ``objects/<h[:2]>/<h>.blk``, keyed by the sha256 of their bytes: the same delta stored twice
+    (under another lineage, or as both a diff and a checkpoint) takes its bytes once. Returns the
+    bytes that were already stored."""
+    saved = 0
+    root = os.path.join(staging_dir, folder)
+    for n in _files(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, n)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            key = hashlib.sha256(data).hexdigest()
+            obj = os.path.join(store_root, OBJECTS, key[:2], key + BLOCK_SUFFIX)
+            if os.path.isfile(obj) and os.path.getsize(obj) == len(data):
+                temp = path + ".link-tmp"
+                os.link(obj, temp)
+                os.replace(temp, path)
+                saved += len(data)
+            else:
+                os.makedirs(os.path.dirname(obj), exist_ok=True)
+                os.link(path, obj)
+        except OSError:
+            continue   # no hard links here, or another commit linked it first: keep the copy
     return saved
 
 
@@ -94,6 +123,12 @@ def gc_objects(store_root: str, dry_run: bool = False) -> list[str]:
     for prefix in sorted(os.listdir(base)) if os.path.isdir(base) else []:
         for entry in sorted(os.listdir(os.path.join(base, prefix))):
             path = os.path.join(base, prefix, entry)
+            if os.path.isfile(path):     # a coded block: in use while an artifact links it
+                if ".tmp-" in entry or os.stat(path).st_nlink <= 1:
+                    if not dry_run:
+                        os.remove(path)
+                    removed.append(path)
+                continue
             unused = ".tmp-" in entry or all(os.stat(os.path.join(path, n)).st_nlink <= 1 for n in _files(path))
             if unused:
                 if not dry_run:

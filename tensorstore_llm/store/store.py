@@ -30,7 +30,7 @@ from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, wri
 from ..io.zarr_tensors import chunk_shape
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .datasets import DatasetPayload, DatasetSource
-from .dedup import dedup_staged, gc_objects
+from .dedup import dedup_blocks, dedup_staged, gc_objects
 from .info import check_info
 from .manifest import KINDS, Manifest, now_utc, record_from
 
@@ -506,8 +506,9 @@ class ArtifactWriter:
                     f.write(data)
                 carried[name] = checksum_bytes(data)
             self.payload.seal()
-            if tensors:   # identical tensors stored once across the store (store/dedup.py)
+            if tensors:   # identical tensors and coded blocks stored once across the store (store/dedup.py)
                 dedup_staged(self.store.root, self.staging_dir, {n: r.checksum for n, r in tensors.items()})
+                dedup_blocks(self.store.root, self.staging_dir)
             fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
