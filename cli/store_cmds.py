@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -289,12 +290,15 @@ def verify_cmd(ctx, refs, upgrade):
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_context
 def gc_cmd(ctx, dry_run):
-    """Remove staging leftovers of interrupted or failed jobs that no running process holds.
+    """Remove staging leftovers of interrupted or failed jobs that no running process holds, and
+    stored tensors / coded blocks (store objects) that no artifact uses any more.
 
     Note that an interrupted job can no longer resume after its staging is removed.
     """
     removed = store_of(ctx).gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'}")
+    objects = sum(1 for p in removed if f"{os.sep}objects{os.sep}" in p)
+    click.echo(f"{verb} {len(removed) - objects} staging director{'y' if len(removed) - objects == 1 else 'ies'}"
+               + (f" and {objects} unused stored object(s)" if objects else ""))
     for path in removed:
         click.echo(f"  {path}")
