@@ -295,9 +295,10 @@ def gc_cmd(ctx, dry_run):
 
     Note that an interrupted job can no longer resume after its staging is removed.
     """
-    removed = store_of(ctx).gc(dry_run=dry_run)
+    store = store_of(ctx)
+    removed = store.gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    objects = sum(1 for p in removed if f"{os.sep}objects{os.sep}" in p)
+    objects = sum(1 for p in removed if p.startswith(os.path.join(store.root, "objects") + os.sep))
     click.echo(f"{verb} {len(removed) - objects} staging director{'y' if len(removed) - objects == 1 else 'ies'}"
                + (f" and {objects} unused stored object(s)" if objects else ""))
     for path in removed:
