@@ -21,7 +21,7 @@ from ..io.base import TensorSink
 from ..ops.registry import get_op
 from ..seeding import RNG_GROUP_ELEMENTS
 from ..units import parse_size
-from .budget import IN_BLOCKS_HELD, OUT_BLOCKS_HELD, MemoryPlanning  # noqa: F401
+from .budget import IN_BLOCKS_HELD, OUT_BLOCKS_HELD, MemoryPlanning  # noqa: F401  (OUT_BLOCKS_HELD kept importable here)
 from .compute import TileCompute, _CastOnAccess, _whole_roles, _plain  # noqa: F401  (names kept importable here)
 from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
@@ -121,7 +121,7 @@ class Executor(MemoryPlanning, TileCompute):
         self.skipped = [j.output.name for j in self.plan.jobs if done(j)]
         total = sum(self._progress_bytes(j) for j in self.plan.jobs)
         progress = Progress(total, self.desc, self.progress_enabled, initial=total - sum(self._progress_bytes(j) for j in todo))
-        pipeline = Pipeline()
+        pipeline = Pipeline(IN_BLOCKS_HELD)
         reader = threading.Thread(target=pipeline.guard, args=(self._read_all, todo, pipeline), daemon=True)
         writer = threading.Thread(target=pipeline.guard, args=(self._write_all, results, pipeline, progress), daemon=True)
         reader.start()
@@ -211,12 +211,16 @@ class Executor(MemoryPlanning, TileCompute):
             for pass_index in [*range(passes), *([] if job.reduce_only else [None])]:
                 for start in range(0, meta.rows, rows):
                     stop = min(meta.rows, start + rows)
+                    taken = pipeline.slots.acquire(pipeline.stop)
+                    if taken is None:
+                        return
                     tensors = {}
                     for role, refs in job.inputs:
                         if isinstance(refs, tuple):
                             tensors[role] = [read(r, start, stop) for r in refs]
                         else:
                             tensors[role] = read(refs, start, stop)
+                    pipeline.slots.release_when_gone([t for _ref, t in _row_inputs(job, tensors)], taken)
                     if not pipeline.put(pipeline.inputs, Block(job, pass_index, start, stop, tensors, stop == meta.rows)):
                         return
         pipeline.put(pipeline.inputs, DONE)
@@ -240,3 +244,12 @@ class Executor(MemoryPlanning, TileCompute):
                 if item.last:
                     results[meta.name] = self.sink.finish(meta.name)
 
+
+
+def _row_inputs(job: TensorJob, tensors: dict):
+    """(ref, tensor) of the ROWS inputs of one block (WHOLE inputs are held for the whole job)."""
+    for role, refs in job.inputs:
+        if isinstance(refs, tuple):
+            yield from ((r, t) for r, t in zip(refs, tensors[role]) if r.relation != WHOLE)
+        elif refs.relation != WHOLE:
+            yield refs, tensors[role]

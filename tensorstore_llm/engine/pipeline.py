@@ -3,16 +3,64 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+import weakref
 
 from ..errors import TsllmError
 
 DONE = object()   # the end of a stage's stream
+SLOT_WAIT_S = 5.0  # a block whose inputs outlive this after the compute stage is done with them no longer holds the reader back
+
+
+class BlockSlots:
+    """At most ``count`` input blocks alive at once: a slot is taken before a block is read and
+    given back when the last of its input tensors is gone (not when the compute stage is done
+    with it: a tile worker or a view may still hold it for a moment, and reading a further
+    block meanwhile put a fourth block in memory, ~240 MiB at 1G on 70B shapes).
+
+    A slot still held after ``SLOT_WAIT_S`` seconds of waiting is overlooked, so a tensor kept
+    alive by something unforeseen costs memory, never a hang.
+    """
+
+    def __init__(self, count: int):
+        self._free = threading.Semaphore(count)
+
+    def acquire(self, stop: threading.Event) -> bool | None:
+        """Wait for a slot: True when taken, False when overlooked after ``SLOT_WAIT_S``, None if
+        the pipeline stopped meanwhile."""
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while not stop.is_set():
+            if self._free.acquire(timeout=0.05):
+                return True
+            if time.monotonic() > deadline:
+                return False
+        return None
+
+    def release_when_gone(self, tensors: list, taken: bool = True) -> None:
+        """Give the slot back once every tensor of ``tensors`` has been freed (at once if none;
+        never for a slot that was overlooked, ``taken=False``)."""
+        if not taken:
+            return
+        if not tensors:
+            self._free.release()
+            return
+        left = [len(tensors)]
+        lock = threading.Lock()
+
+        def one_gone():
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._free.release()
+        for tensor in tensors:
+            weakref.finalize(tensor, one_gone)
 
 
 class Pipeline:
-    """Two one-slot queues, a stop flag, and the first error raised by any stage."""
+    """Two one-slot queues, the input block slots, a stop flag, and the first error raised by any stage."""
 
-    def __init__(self):
+    def __init__(self, input_blocks: int = 3):
+        self.slots = BlockSlots(input_blocks)
         self.inputs: queue.Queue = queue.Queue(maxsize=1)
         self.outputs: queue.Queue = queue.Queue(maxsize=1)
         self.stop = threading.Event()
