@@ -46,7 +46,10 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
       parameters: {normalize: true}
       dtype: bfloat16
     """
+    import warnings
+
     from tensorstore_llm.api import merge
+    from tensorstore_llm.errors import RecipeWarning
     from tensorstore_llm.merge.recipe import read_recipe_file
 
     text = read_recipe_file(recipe)
@@ -54,8 +57,15 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
     options = options_of(ctx, device=device, max_memory=max_memory, seed=seed, compression=compression, dry_run=dry_run)
     if keep_artifact and not out_dir:
         raise click.UsageError("--keep-artifact only applies with -o/--output")
-    result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, out_dir=out_dir,
-                   max_shard_size=max_shard_size, keep_artifact=keep_artifact, options=options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RecipeWarning)
+        result = merge(store, text, name=name, where=recipe, arithmetic=arithmetic, out_dir=out_dir,
+                       max_shard_size=max_shard_size, keep_artifact=keep_artifact, options=options)
+    for warning in caught:
+        if issubclass(warning.category, RecipeWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if result.analysis and not ctx.obj["quiet"]:
         a = result.analysis
         click.echo(f"layer conflict ratios (mu {a['mu']:.4f}, sigma {a['sigma']:.4f}, averaged below {a['threshold']:.4f}):")

@@ -277,6 +277,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     Example:
         >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
     """
+    from .merge.card import with_chat_template
     from .merge.recipe import load_recipe, prepare_merge
 
     opts = RunOptions.of(options, **run_options)
@@ -287,14 +288,14 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         for ref in refs:
             opened[ref] = resolve_input(store, ref)
         sources = {ref: o[0] for ref, o in opened.items()}
+        files = with_chat_template(_with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
+                                   [opened[ref][2] for ref in refs], where)   # checked before any work
         plan, prepared = prepare_merge(parsed, sources, {ref: o[2] for ref, o in opened.items()}, where, opts, arithmetic)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
-        files = opened[parsed.base or refs[0]][2]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}
         if arithmetic != "fp32":
             recipe_record["arithmetic"] = arithmetic
         recipe_record.update(prepared.record)
-        files = _with_dtype(files, parsed.out_dtype)
         if out_dir and not keep_artifact and not opts.dry_run:
             result = _merge_into_dir(store, plan, parents, recipe_record, files, out_dir, max_shard_size, name,
                                      f"merge {parsed.method}", opts)

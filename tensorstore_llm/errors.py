@@ -122,3 +122,8 @@ class ExternalCommandError(TsllmError):
     """A command the user gave us to run (e.g. a soup's --score-cmd) failed or printed no result."""
 
     exit_code = 1
+
+
+class RecipeWarning(UserWarning):
+    """A recipe setting that the chosen method ignores (mergekit ignores it too): the recipe
+    runs, and the setting is named in a warning instead of refused."""

@@ -71,8 +71,11 @@ def test_a_new_method_is_one_class(store, tiny_family, extrapolate, tmp_path):
 def test_a_new_method_is_checked_like_a_builtin(extrapolate):
     with pytest.raises(RecipeError, match="exactly one model"):
         load_recipe("merge_method: test_extrapolate\nbase_model: a\nmodels: [b, c]\nparameters: {lambda: 1}")
-    with pytest.raises(RecipeError, match="'density' is not used by test_extrapolate"):
+    from tensorstore_llm.errors import RecipeWarning
+    with pytest.warns(RecipeWarning, match="'density' is not used by test_extrapolate"):   # mergekit ignores it too
         load_recipe("merge_method: test_extrapolate\nbase_model: a\nmodels: [b]\nparameters: {lambda: 1, density: 0.5}")
+    with pytest.raises(RecipeError, match="'densty' is not used by test_extrapolate"):      # known to no method
+        load_recipe("merge_method: test_extrapolate\nbase_model: a\nmodels: [b]\nparameters: {lambda: 1, densty: 0.5}")
     with pytest.raises(RecipeError, match="lambda must be a finite number"):
         load_recipe("merge_method: test_extrapolate\nbase_model: a\nmodels: [b]\nparameters: {lambda: yes}")
 

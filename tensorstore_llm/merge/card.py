@@ -52,3 +52,36 @@ def merge_files(recipe_record: dict, parents: list[dict]) -> dict[str, bytes]:
     raw, method = recipe_record["recipe"], recipe_record.get("merge_method", "?")
     card = model_card(raw, method, parents, recipe_record.get("arithmetic", "fp32"))
     return {CONFIG_NAME: recipe_yaml(raw).encode(), CARD_NAME: card.encode()}
+
+
+def with_chat_template(files: dict, template: str | None, inputs_files: list[dict], where: str) -> dict:
+    """Carried ``files`` with ``tokenizer_config.json``'s ``chat_template`` set as the recipe's
+    ``chat_template`` says: a Jinja template as given, ``auto`` the template most of the inputs
+    have (the first in recipe order on a tie, as mergekit counts). ``files`` unchanged for None."""
+    import json
+
+    from ..errors import RecipeError
+
+    if template is None:
+        return files
+    name = "tokenizer_config.json"
+    if name not in files:
+        raise RecipeError(f"{where}: chat_template needs the output's {name}, but the base model carries none")
+
+    def config_of(entry) -> dict:
+        try:
+            data = entry if isinstance(entry, bytes) else open(entry, "rb").read()
+            config = json.loads(data)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{where}: chat_template: cannot read {name}: {e}") from None
+        return config if isinstance(config, dict) else {}
+
+    if template == "auto":
+        found = [config_of(f[name]).get("chat_template") for f in inputs_files if name in f]
+        found = [t for t in found if isinstance(t, str) and t]
+        if not found:
+            raise RecipeError(f"{where}: chat_template: auto, but no input model has a chat template")
+        template = max(found, key=found.count)   # max keeps the first of equal counts
+    config = config_of(files[name])
+    config["chat_template"] = template
+    return {**files, name: json.dumps(config, indent=2, ensure_ascii=False).encode()}

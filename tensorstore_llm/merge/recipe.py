@@ -1,13 +1,19 @@
 """Merge recipes: mergekit's YAML format, parsed and turned into a validated Plan.
 
 Accepted as mergekit writes them: ``models`` (each ``model`` + per-model ``parameters``),
-``base_model``, ``merge_method``, global ``parameters``, ``dtype`` / ``out_dtype`` and
-``tokenizer_source`` (``base`` or unset). A parameter may be a scalar, a gradient list
+``base_model``, ``merge_method``, global ``parameters``, ``dtype`` / ``out_dtype``,
+``tokenizer_source`` (``base`` or unset), a ``tokenizer:`` block that only says ``source: base``,
+and ``chat_template`` (a Jinja template, checked to parse, or ``auto``: the inputs' common
+template), written into the output's ``tokenizer_config.json``. As mergekit, a parameter that
+the method does not use but another method does (e.g. a per-model ``weight`` on ``model_stock``
+or ``slerp``) is ignored with a RecipeWarning; a parameter no method knows is refused (a typo). A parameter may be a scalar, a gradient list
 (interpolated by layer: layer i of L gets t = i / (L - 1), tensors outside the layers t = 0, as
 mergekit does) or a list of ``{filter, value}`` conditions (first whose filter is a substring of
 the tensor name, ``*`` or absent matches). Model references are store refs, Hugging Face
-directories or hub repo ids. Not supported (refused with a clear error): ``slices``,
-``modules``, tokenizer merging (``tokenizer:`` or ``tokenizer_source`` other than ``base``).
+directories or hub repo ids. Not supported (refused with a one-line reason naming the key):
+``slices``, ``modules``, tokenizer merging (``tokenizer_source`` other than ``base``, a
+``tokenizer:`` block with another source, ``tokens`` or ``pad_to_multiple_of``), chat templates
+by name (mergekit's bundled files).
 Computation is fp32; ``out_dtype`` (else ``dtype``, else the base model's dtype) is the output dtype.
 With ``arithmetic="mergekit"`` (linear and the task-arithmetic family) the jobs instead use the
 replay ops (``ops/replay.py``), which redo mergekit 0.1.5's operations in ``dtype``, rounding
@@ -21,11 +27,12 @@ parameter is checked against its domain when the recipe is read, before any mode
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..dtypes import by_name
-from ..errors import DTypeError, InvalidParameter, RecipeError, TensorNotFound
+from ..errors import DTypeError, InvalidParameter, RecipeError, RecipeWarning, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import get_op
 from ..ops.replay import REPLAY_OF
@@ -34,10 +41,10 @@ from .methods import MergeInputs, Prepared, TensorSlot, all_methods, get_method,
 from .safe_yaml import MAX_DEPTH, MAX_RECIPE_BYTES, RecipeLoader, read_recipe_file, safe_yaml, short  # noqa: F401 (re-exported)
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
+            "tokenizer", "chat_template"}
 UNSUPPORTED = {"slices": "layer slicing (slices:) is not supported; merge whole models",
-               "modules": "multi-module recipes (modules:) are not supported",
-               "tokenizer": "tokenizer merging (tokenizer:) is not supported; use tokenizer_source: base"}
+               "modules": "multi-module recipes (modules:) are not supported"}
 
 # Views of the method registry, for documentation and tests.
 METHODS = method_names()
@@ -63,6 +70,7 @@ class MergeRecipe:
     out_dtype: str | None
     raw: dict
     dtype: str | None = None   # mergekit's compute dtype; used by arithmetic="mergekit" only
+    chat_template: str | None = None   # a Jinja template, "auto", or None (keep the base's)
 
 
 def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
@@ -89,6 +97,8 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
         raise RecipeError(f"{where}: merge_method {method!r} is not supported; supported: {', '.join(method_names())}")
     if raw.get("tokenizer_source") not in (None, "base"):
         raise RecipeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base')")
+    _check_tokenizer_block(raw.get("tokenizer"), where)
+    chat_template = _chat_template(raw.get("chat_template"), where)
     entries = raw.get("models")
     if entries is None:
         entries = []
@@ -121,10 +131,66 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RecipeError(f"{where}: parameters must be a mapping")
-    recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype)
+    recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype, chat_template)
+    _drop_ignored_parameters(recipe, where)
     get_method(method).check(recipe, where)
     _check_parameters(recipe, where)
     return recipe
+
+
+def _check_tokenizer_block(block: Any, where: str) -> None:
+    """mergekit's ``tokenizer:`` block: only ``source: base`` (the base's tokenizer, as without
+    the block) is accepted; vocabulary union, added tokens and padding are refused."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: tokenizer must be a mapping (source: base), got {short(block)}")
+    unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    if unknown:
+        raise RecipeError(f"{where}: tokenizer has unknown key(s) {unknown}; mergekit's are source, tokens, pad_to_multiple_of")
+    if block.get("source", "base") != "base":
+        raise RecipeError(f"{where}: tokenizer.source {short(block['source'])} is not supported (only 'base': "
+                          f"vocabulary union and other models' tokenizers are not implemented)")
+    for key in ("tokens", "pad_to_multiple_of"):
+        if block.get(key) is not None:
+            raise RecipeError(f"{where}: tokenizer.{key} is not supported (the vocabulary is the base's, unchanged)")
+
+
+def _chat_template(value: Any, where: str) -> str | None:
+    """``chat_template``: a Jinja template (must parse) or ``auto``; named templates are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: chat_template must be a Jinja template or 'auto', got {short(value)}")
+    if value == "auto":
+        return value
+    if "{{" not in value and "{%" not in value:
+        raise RecipeError(f"{where}: chat_template {short(value)} is a template name (mergekit's bundled "
+                          f"templates are not included); give the Jinja template text or 'auto'")
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise RecipeError(f"{where}: chat_template needs jinja2 to be checked (pip install jinja2)") from None
+    try:
+        ImmutableSandboxedEnvironment().parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise RecipeError(f"{where}: chat_template does not parse: {e.message} (line {e.lineno})") from None
+    return value
+
+
+def _drop_ignored_parameters(recipe: MergeRecipe, where: str) -> None:
+    """Parameters the method does not use but another method does: a RecipeWarning each, and
+    dropped (mergekit ignores them). Unknown to every method: left for the check to refuse."""
+    known = get_method(recipe.method).parameters
+    elsewhere = {key for m in all_methods() for key in m.parameters}
+    scopes = [(None, recipe.parameters)] + [(entry, entry.parameters) for entry in recipe.models]
+    for entry, settings in scopes:
+        for key in [k for k in settings if k not in known and k in elsewhere]:
+            owner = f" of model {entry.ref}" if entry else ""
+            warnings.warn(f"{where}: parameter {key!r}{owner} is not used by {recipe.method}; ignored (as mergekit does)",
+                          RecipeWarning, stacklevel=3)
+            del settings[key]
 
 
 def _ref(value: Any, where: str) -> str:
