@@ -193,4 +193,4 @@ def table(estimates: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PlanSettings", "Estimate", "estimate", "compare", "table", "config_of", "parameter_counts"]
+__all__ = ["Estimate", "PlanSettings", "compare", "config_of", "estimate", "parameter_counts", "table"]

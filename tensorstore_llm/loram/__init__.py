@@ -2,4 +2,4 @@
 from .api import recover_adapter
 from .recover import Recovery, recover
 
-__all__ = ["recover_adapter", "recover", "Recovery"]
+__all__ = ["Recovery", "recover", "recover_adapter"]

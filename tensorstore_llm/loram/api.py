@@ -93,4 +93,4 @@ def check_plan_base(store: Store, plan_ref: str, base_ref: str) -> None:
     check_binding(plan, checksums, f"base {base_ref}")
 
 
-__all__ = ["recover_adapter", "RecoverResult", "check_plan_base", "BaseMismatch"]
+__all__ = ["BaseMismatch", "RecoverResult", "check_plan_base", "recover_adapter"]

@@ -4,4 +4,4 @@ from .api import PruneResult, load_plan, prune
 from .plan import PruningPlan, read_index_file
 from .search import SearchSettings
 
-__all__ = ["prune", "load_plan", "PruneResult", "PruningPlan", "read_index_file", "SearchSettings"]
+__all__ = ["PruneResult", "PruningPlan", "SearchSettings", "load_plan", "prune", "read_index_file"]

@@ -16,7 +16,12 @@ from ..errors import FormatError, InvalidParameter
 from ..io.base import checksum_rows
 from ..store import Artifact, Store, job_key
 from . import scores as S
-from .apply import NonUniformLayers, plan_pruned_checkpoint, pruned_config, pruned_config_bytes
+from .apply import (
+    NonUniformLayers,
+    plan_pruned_checkpoint,
+    pruned_config,
+    pruned_config_bytes,
+)
 from .plan import PRUNED_ROLES, PruningPlan, read_index_file
 
 METHODS = ("magnitude", "wanda", "scores", "index")
@@ -94,7 +99,7 @@ def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = 
     Example:
         >>> prune(store, "base", ratio=0.3, keep_first=4, keep_last=2, name="small")   # doctest: +SKIP
     """
-    from ..api import JobResult, resolve_input, run_plan, export
+    from ..api import export, resolve_input, run_plan
 
     if method not in METHODS:
         raise InvalidParameter(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -248,7 +253,7 @@ def _search(model, blocks, arch, source, method, norms, score_file, head_ratios,
     else:
         ch, hd = S.unit_scores(source, arch, "wanda" if method == "wanda" else "l2", norms, max_memory=max_memory, device=device)
     layers = [i for i in range(arch.num_layers) if keep_first <= i < arch.num_layers - keep_last]
-    order = {i: torch_argsort(ch[i]) for i in layers}          # lowest score first: pruned first
+    order = {i: _ascending(ch[i]) for i in layers}          # lowest score first: pruned first
     heads = {i: [k for k in range(arch.num_kv_heads) if k not in S.keep_top(hd[i], r, f"layer {i} key-value heads")]
              for i, r in enumerate(head_ratios) if r > 0}
     zeroed = C.ZeroedModel(model, arch)
@@ -270,7 +275,8 @@ def _search(model, blocks, arch, source, method, norms, score_file, head_ratios,
     return channels, result
 
 
-def torch_argsort(scores):
+def _ascending(scores) -> list[int]:
+    """Unit indices from the lowest score to the highest (ties: lower index first)."""
     import torch
 
     return [int(i) for i in torch.sort(scores, stable=True).indices]
@@ -313,4 +319,4 @@ def load_plan(store: Store, ref: str) -> tuple[PruningPlan, Artifact]:
     return PruningPlan.from_artifact(artifact.manifest.info, tensors, f"pruning plan {artifact.short_id}"), artifact
 
 
-__all__ = ["prune", "load_plan", "PruneResult", "base_binding", "model_checksums", "pruned_config"]
+__all__ = ["PruneResult", "base_binding", "load_plan", "model_checksums", "prune", "pruned_config"]

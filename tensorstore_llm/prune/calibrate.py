@@ -133,5 +133,12 @@ def describe_calibration(path: str, seq_len: int, samples: int) -> dict:
             "seq_len": seq_len, "samples": samples}
 
 
-__all__ = ["load_model", "token_blocks", "input_norms", "mean_loss", "ZeroedModel", "corpus_texts",
-           "describe_calibration"]
+__all__ = [
+    "ZeroedModel",
+    "corpus_texts",
+    "describe_calibration",
+    "input_norms",
+    "load_model",
+    "mean_loss",
+    "token_blocks",
+]
