@@ -100,6 +100,19 @@ def _row(name, ours, theirs=None, note=""):
     return f"| {name} | {w:.1f} | {r:.0f} | {pw:.1f} | {pr:.0f} | {w / pw:.2f}x / {r / pr:.2f}x | {note} |"
 
 
+class _Rows(list):
+    """Table rows, each also printed to stderr as soon as it is measured (a long run that is cut
+    short still leaves what it measured)."""
+
+    def __init__(self, header: str):
+        super().__init__()
+        self.header = header
+
+    def append(self, row: str) -> None:
+        print(row, file=sys.stderr, flush=True)
+        super().append(row)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", required=True)
@@ -118,7 +131,8 @@ def main() -> None:
     store = fresh(f"{root}/store")
     tsllm = [*TSLLM, "-q", "--store", store]
     mm = ["--max-memory", args.max_memory]
-    rows = []
+    rows = _Rows(f"| job ({args.size}, --max-memory {args.max_memory}) | ours wall s | ours peak MiB | other wall s | "
+                 "other peak MiB | ratio wall / RSS | note |")
 
     peft_merge = timed([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
     ours_store = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", *mm])
@@ -144,8 +158,7 @@ def main() -> None:
     rows.append(_row("lora resize r256 -> r32", timed([*tsllm, "lora", "resize", "rank256", "--rank", "32"])))
     rows.append(_row("lora resize r256 -> --rank-pattern auto (budget of r32)",
                      timed([*tsllm, "lora", "resize", "rank256", "--rank-pattern", "auto", "--rank", "32"])))
-    print(f"| job ({args.size}, --max-memory {args.max_memory}) | ours wall s | ours peak MiB | other wall s | "
-          "other peak MiB | ratio wall / RSS | note |")
+    print(rows.header)
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
