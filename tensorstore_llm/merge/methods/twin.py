@@ -32,7 +32,7 @@ class TwinMerging(MergeMethod):
     ``lambda`` for the shared model."""
 
     name = "twin"
-    parameters = {"weight": WEIGHT, "lambda": LAMBDA, "rank": Param(integer(1)),
+    parameters = {"weight": WEIGHT, "lambda": LAMBDA, "rank": Param(integer(1), per_tensor=False),
                   "experts_dir": Param(DIRECTORY, per_tensor=False)}
 
     def check_parameters(self, recipe, where):
