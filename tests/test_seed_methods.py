@@ -171,3 +171,198 @@ class TestTwinExpert(OpConformance):
         assert f"expert1.{order[0]}.lora_A.weight" in executor.skipped
         for n in straight:
             assert torch.equal(straight[n], resumed[n]), n
+
+
+# -- recipes on generated models -----------------------------------------------------------------
+
+def _recipe(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_lore_recipe_through_the_cli_without_a_base(cli, store, tiny_family, tmp_path):
+    """``merge_method: lore`` with no base_model: each tensor equals the direct coordinate descent
+    (models stored in bf16, computed in fp32, rounded once)."""
+    ft1, ft2 = tiny_family["ft1"], tiny_family["ft2"]
+    recipe = _recipe(tmp_path, f"merge_method: lore\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
+                               f"parameters: {{mu: 0.05, iterations: 2, rank: 512, lambda: 0.5}}\nout_dtype: float32\n")
+    code, out, err = cli("--store", store.root, "merge", recipe, "--name", "lore-merged")
+    assert code == 0, err
+    with store.open("lore-merged") as merged, HFCheckpointSource(ft1) as a, HFCheckpointSource(ft2) as b:
+        for name in merged.keys():
+            expected = direct_lore([a.read(name).float(), b.read(name).float()], None, 0.05, 2, [1.0, 1.0], 0.5)
+            assert torch.allclose(merged.read(name), expected, atol=2e-4), name
+
+
+def test_twin_recipe_writes_one_expert_adapter_per_model(store, tiny_family, tmp_path):
+    from tensorstore_llm.lora.peft_format import read_adapter
+
+    base, ft1, ft2 = tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"]
+    experts = tmp_path / "experts"
+    text = (f"merge_method: twin\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
+            f"parameters: {{rank: 4, experts_dir: {experts}}}\n")
+    result = api.merge(store, text, progress=False)
+    record = result.artifact.manifest.recipe["experts"]
+    assert sorted(os.listdir(experts)) == ["expert-0-ft1", "expert-1-ft2"]
+    with store.open(result.artifact.id) as shared, HFCheckpointSource(base) as b, HFCheckpointSource(ft1) as x, \
+            HFCheckpointSource(ft2) as y:
+        for name in shared.keys():   # the shared model is the mean of the models, rounded once to bf16
+            theta0 = b.read(name).float()
+            mean = theta0 + 0.5 * (x.read(name).float() - theta0) + 0.5 * (y.read(name).float() - theta0)
+            assert torch.equal(shared.read(name), mean.to(torch.bfloat16)), name
+        adapter = read_adapter(str(experts / "expert-0-ft1"))
+        assert record[ft1]["adapter"] == str(experts / "expert-0-ft1") and 0 < record[ft1]["captured"] <= 1
+        for module, lora in adapter.modules.items():
+            exclusive = x.read(module + ".weight").float() - shared.read(module + ".weight").float()
+            U, S, Vh = torch.linalg.svd(exclusive.double(), full_matrices=False)
+            optimal = float((exclusive.double().square().sum() - S[:4].square().sum()).sqrt())   # Eckart-Young
+            got = lora.scaling * (lora.B.double() @ lora.A.double())
+            assert lora.A.shape[0] == 4 and float((exclusive.double() - got).norm()) <= 1.01 * optimal, module
+    with pytest.raises(OutputExists, match="expert-0-ft1"):   # refused before any work
+        api.merge(store, text, progress=False)
+
+
+def test_bad_seed_recipes_are_refused_before_any_work(store, tiny_family, tmp_path):
+    base, ft1, ft2 = tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"]
+    cases = [
+        (f"merge_method: lore\nmodels: [{ft1}]\n", "at least two models"),
+        (f"merge_method: lore\nmodels: [{ft1}, {ft2}]\nparameters: {{mu: 1.5}}\n", "mu must be a number in"),
+        (f"merge_method: twin\nbase_model: {base}\nmodels: [{ft1}]\n", "experts_dir"),
+        (f"merge_method: aim\nbase_model: {base}\nmodels: [{ft1}]\n", "calibration"),
+        (f"merge_method: aim\nbase_model: {base}\nmodels: [{ft1}]\nparameters: {{activations: {tmp_path / 'a.bin'}}}\n",
+         "safetensors"),
+        (f"merge_method: aim\nbase_model: {base}\nmodels: [{ft1}]\nparameters: {{calibration: c.txt, omega: -1}}\n",
+         "omega must be"),
+    ]
+    for text, message in cases:
+        with pytest.raises(RecipeError, match=message):
+            api.merge(store, text, progress=False)
+    assert not store.list()
+
+
+# -- a real pair of SmolLM2-135M fine-tunes on two different texts --------------------------------
+
+TASK_MODULES = {"a": ("json", "re", "string", "textwrap", "heapq"), "b": ("argparse", "logging", "subprocess", "threading")}
+STEPS, LR, SEQ, BATCH = 8, 1e-4, 64, 4
+
+
+def _task_texts(task):
+    from tensorstore_llm.testing.finetune import corpus_text
+
+    text = corpus_text(TASK_MODULES[task])
+    cut = int(len(text) * 0.8)
+    return text[:cut], text[cut:]
+
+
+def _task_finetune(task):
+    """A cached fp32 SmolLM2 fine-tune on task ``task``'s training text (STEPS AdamW steps)."""
+    from tensorstore_llm.testing.finetune import finetune, token_batches
+    from tensorstore_llm.testing.real_models import cache_root, load_smollm2_fp32, save_cached
+
+    target = os.path.join(cache_root(), f"smollm2-135m-seed-merge-task-{task}-ft{STEPS}-lr{LR:g}-seq{SEQ}x{BATCH}-float32")
+    if not os.path.isfile(os.path.join(target, "model.safetensors")):
+        model, tokenizer = load_smollm2_fp32()
+        finetune(model, token_batches(tokenizer, _task_texts(task)[0], SEQ, BATCH, STEPS, seed=1), lr=LR)
+        save_cached(model, tokenizer, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    if os.environ.get("TSLLM_SKIP_REAL"):
+        pytest.skip("TSLLM_SKIP_REAL is set")
+    pytest.importorskip("transformers")
+    from tensorstore_llm.testing.real_models import smollm2_checkpoint
+
+    try:
+        base = smollm2_checkpoint("float32")
+    except Exception as e:   # SmolLM2 is not installed here
+        pytest.skip(f"SmolLM2-135M is not available: {e}")
+    return {"base": base, "a": _task_finetune("a"), "b": _task_finetune("b")}
+
+
+def _heldout_ids(tokenizer, task):
+    ids = torch.tensor(tokenizer(_task_texts(task)[1])["input_ids"][: 4 * 128])
+    return ids.reshape(4, 128)
+
+
+def _model(source, files):
+    from tensorstore_llm.hf.from_source import causal_lm_from_source
+
+    return causal_lm_from_source(source, files)
+
+
+def _losses(store, ref, tasks=("a", "b")):
+    source, _, files = api.resolve_input(store, ref)
+    with source:
+        model, tokenizer = _model(source, files)
+    with torch.no_grad():
+        return {t: float(model(input_ids=_heldout_ids(tokenizer, t), labels=_heldout_ids(tokenizer, t)).loss) for t in tasks}
+
+
+@pytest.fixture(scope="module")
+def input_losses(real_pair):
+    from tensorstore_llm.store import Store
+
+    return {k: _losses(Store(None), real_pair[k]) for k in ("a", "b")}
+
+
+def _between(merged, inputs):
+    for task in ("a", "b"):
+        low, high = sorted((inputs["a"][task], inputs["b"][task]))
+        assert low < merged[task] < high, (task, merged, inputs)
+
+
+def test_real_aim_lies_between_its_inputs_and_keeps_its_statistics(store, real_pair, input_losses, tmp_path):
+    from tensorstore_llm.merge.activations import load_statistics, store_activations
+
+    corpus = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "literature.txt")
+    stats_file = tmp_path / "base-activations.safetensors"
+    text = (f"merge_method: aim\nbase_model: {real_pair['base']}\nmodels:\n  - model: {real_pair['a']}\n"
+            f"  - model: {real_pair['b']}\nparameters: {{calibration: {corpus}, calibration_samples: 8, "
+            f"calibration_tokens: 128, activations: {stats_file}, omega: 0.4}}\n")
+    first = api.merge(store, text, progress=False)
+    assert first.artifact.manifest.recipe["activations"]["reused"] is False
+    with HFCheckpointSource(real_pair["base"]) as base:
+        stats = load_statistics(str(stats_file), base_identity=base.identity, where="test")
+        assert stats["model.layers.0.mlp.down_proj.weight"].shape == (1536,)
+        assert base.meta("model.layers.0.mlp.down_proj.weight").shape[1] == 1536
+    kept = store_activations(store, real_pair["base"], corpus, samples=8, tokens=128, name="base-aim")
+    assert kept.kind == "dataset" and kept.manifest.parents[0]["role"] == "base"
+    with store.open("base-aim") as artifact:   # the store artifact holds the same statistics
+        assert set(artifact.keys()) == set(stats)
+        assert all(torch.equal(artifact.read(k), stats[k]) for k in stats)
+    again = api.merge(store, text.replace(f"calibration: {corpus}, ", ""), progress=False)   # reads the file
+    assert again.artifact.manifest.recipe["activations"]["reused"] is True and again.artifact.id == first.artifact.id
+    _between(_losses(store, first.artifact.id), input_losses)
+
+
+def test_real_lore_lies_between_its_inputs(store, real_pair, input_losses):
+    text = (f"merge_method: lore\nmodels:\n  - model: {real_pair['a']}\n  - model: {real_pair['b']}\n"
+            f"parameters: {{mu: 0.1, iterations: 1, rank: 16}}\n")
+    result = api.merge(store, text, progress=False)
+    _between(_losses(store, result.artifact.id), input_losses)
+
+
+def test_real_twin_expert_adapter_brings_the_shared_model_back_to_its_task(store, real_pair, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    experts = tmp_path / "experts"
+    text = (f"merge_method: twin\nbase_model: {real_pair['base']}\nmodels:\n  - model: {real_pair['a']}\n"
+            f"  - model: {real_pair['b']}\nparameters: {{rank: 16, experts_dir: {experts}}}\n")
+    result = api.merge(store, text, progress=False)
+    shared_dir = str(tmp_path / "shared")
+    api.export(store, result.artifact.id, shared_dir, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(real_pair["a"])
+    ids = _heldout_ids(tokenizer, "a")
+    with torch.no_grad():
+        target = AutoModelForCausalLM.from_pretrained(real_pair["a"], dtype=torch.float32)(input_ids=ids).logits
+        shared = AutoModelForCausalLM.from_pretrained(shared_dir, dtype=torch.float32)
+        alone = shared(input_ids=ids).logits
+        (adapter_dir,) = [experts / d for d in os.listdir(experts) if d.startswith("expert-0-")]
+        with_expert = peft.PeftModel.from_pretrained(shared, str(adapter_dir))(input_ids=ids).logits
+    gap_alone = float((alone - target).abs().mean())
+    gap_expert = float((with_expert - target).abs().mean())
+    assert gap_expert < 0.8 * gap_alone, (gap_expert, gap_alone)
