@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -144,8 +145,61 @@ def raw_read(ft_path: str, repeat: int) -> dict:
     return {"read_gbps": statistics.median(wall), "read_cpu_gbps": statistics.median(cpu)}
 
 
-def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool) -> dict:
-    """Single-thread encode / decode of the whole model, GB/s of the target's raw bytes (median)."""
+def decode_stages(base: dict, ft: dict, repeat: int = 7) -> dict:
+    """bf16 decode split into its stages (numba path), ns per weight per CPU-second, best of ``repeat``,
+    on the down_proj and q_proj of every third layer."""
+    import zstandard
+
+    names = [k for k in sorted(base) if k.endswith(("mlp.down_proj.weight", "self_attn.q_proj.weight"))
+             and int(k.split(".")[2]) % 3 == 0]
+    eshift, emask = 7, 0xFF
+    words_of = {k: exact._words(base[k], "bfloat16", "base") for k in names}
+    blobs = {k: exact.encode_delta(base[k], ft[k]) for k in names}
+    heads = {k: exact._parse_header(blobs[k]) for k in names}
+    dctx = zstandard.ZstdDecompressor()
+    sym_blob = {k: blobs[k][exact._HEADER.size:exact._HEADER.size + heads[k][5][0]] for k in names}
+    syms = {k: np.frombuffer(dctx.decompress(sym_blob[k], max_output_size=heads[k][3]), np.uint8) for k in names}
+    none = np.empty(0, np.uint8)
+    highs = {k: exact._unpermute_nb(words_of[k], syms[k], none, 0, eshift, emask, heads[k][4])[0] for k in names}
+    weights = sum(words_of[k].size for k in names)
+    stages = {
+        "zstd literal decode": lambda k: dctx.decompress(sym_blob[k], max_output_size=heads[k][3]),
+        "exponent histogram": lambda k: exact._offsets(words_of[k], eshift, emask),
+        "histogram + gather (unpermute)": lambda k: exact._unpermute_nb(words_of[k], syms[k], none, 0, eshift, emask, heads[k][4]),
+        "vectorised apply": lambda k: exact._apply16_k0(words_of[k], highs[k], np.empty(words_of[k].size, np.uint16)),
+    }
+    out = {}
+    for stage, fn in stages.items():
+        best = math.inf
+        for _ in range(repeat):
+            c0 = time.thread_time()
+            for k in names:
+                fn(k)
+            best = min(best, time.thread_time() - c0)
+        out[stage] = best / weights * 1e9
+    return out
+
+
+def row_blocks(base: dict, ft: dict, block_bytes: int) -> tuple[dict, dict]:
+    """Every tensor cut into row blocks of at most ``block_bytes`` (as the store codes them; 0: whole)."""
+    if not block_bytes:
+        return base, ft
+    b_out, f_out = {}, {}
+    for k in sorted(base):
+        t = base[k]
+        rows = max(1, block_bytes // max(1, t[0].numel() * t.element_size())) if t.dim() else 1
+        if t.dim() == 0 or rows >= t.shape[0]:
+            b_out[k], f_out[k] = t, ft[k]
+            continue
+        for i, start in enumerate(range(0, t.shape[0], rows)):
+            b_out[f"{k}#{i}"], f_out[f"{k}#{i}"] = t[start:start + rows], ft[k][start:start + rows]
+    return b_out, f_out
+
+
+def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool, block_bytes: int = 0) -> dict:
+    """Single-thread encode / decode of the whole model, GB/s of the target's raw bytes (median);
+    tensors coded in row blocks of ``block_bytes`` (0: whole tensors)."""
+    base, ft = row_blocks(base, ft, block_bytes)
     names = sorted(base)
     raw = sum(ft[k].numel() * ft[k].element_size() for k in names)
     blobs = {k: exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba) for k in names}   # warm-up / JIT
@@ -236,6 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--generated-scale", type=float, default=0.005,
                     help="the generated fine-tune's delta, relative to the weights' 0.02 std (the real one moves "
                          "weights by ~0.56%% of their norm)")
+    ap.add_argument("--block-bytes", type=int, default=8 << 20,
+                    help="throughput: code tensors in row blocks of this many bytes, as the store does (0: whole tensors)")
+    ap.add_argument("--stages", action="store_true", help="bf16: also time the decode stages (zstd, histogram, gather, apply)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -261,8 +318,13 @@ def main(argv=None) -> int:
         for name, n in reps:
             print(f"  {name:80s} {n / 1e6:8.2f} MB  {raw / n:5.2f}x raw  {alone / n:5.2f}x vs best alone", flush=True)
         torch.set_num_threads(1)   # per-core figures
-        tp = {"numba": throughput(base, ft, fmt, args.repeat, True)} if exact._numba is not None else {}
-        tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False)
+        block = args.block_bytes
+        tp = {"numba": throughput(base, ft, fmt, args.repeat, True, block)} if exact._numba is not None else {}
+        tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False, block)
+        if args.stages and fmt == "bfloat16" and exact._numba is not None:
+            tp["stages_ns_per_weight"] = decode_stages(base, ft)
+            print("  decode stages, ns / weight per CPU-s: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in tp["stages_ns_per_weight"].items()), flush=True)
         ft_files = [os.path.join(ft_dir, n) for n in sorted(os.listdir(ft_dir)) if n.endswith(".safetensors")]
         tp["raw_read"] = raw_read(ft_files[0], args.repeat) if len(ft_files) == 1 else {}
         torch.set_num_threads(os.cpu_count() or 1)
@@ -270,7 +332,7 @@ def main(argv=None) -> int:
             r = tp["raw_read"]
             print(f"  raw read of the full fine-tune (1 thread, page cache): {r['read_gbps']:.3f} GB/s wall, "
                   f"{r['read_cpu_gbps']:.3f} per CPU-s", flush=True)
-        for path, t in ((k, v) for k, v in tp.items() if k != "raw_read"):
+        for path, t in ((k, v) for k, v in tp.items() if k not in ("raw_read", "stages_ns_per_weight")):
             print(f"  throughput ({path}, 1 thread): wall-clock encode {t['encode_gbps']:.3f} GB/s "
                   f"(range {t['encode_range'][0]:.3f}-{t['encode_range'][1]:.3f}), decode {t['decode_gbps']:.3f} GB/s "
                   f"(range {t['decode_range'][0]:.3f}-{t['decode_range'][1]:.3f}); per CPU-second of the thread: "
