@@ -60,7 +60,8 @@ def diff_stats_cmd(ctx, diffs, base_ref, rank, power_iters, layers_only, plot_pa
                  a lower bound), st.rank = ‖Δ‖²/σ₁², r@90% = rank holding 90% of ‖Δ‖²
       conf i-j   between two diffs: share of weights whose deltas have opposite signs (Mediator)
       cos i-j    cosine of the two deltas
-    Layers pool their tensors. Everything streams within --max-memory.
+    Layers pool their tensors. Tensors stream in row blocks within --max-memory; the SVD
+    sketch (rows x (rank + 8) floats of the tensor being analysed) comes on top.
 
     \b
     Examples:
