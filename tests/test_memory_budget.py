@@ -6,7 +6,6 @@ from ``wait4``), which counts everything: heap, tensors, mapped input pages, lib
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -29,14 +28,20 @@ def family(tmp_path_factory):
     return write_model_family(root, "100m", seed=0, finetunes=2, layers=1)
 
 
+# The child is started by a small interpreter, not by pytest: a child's ru_maxrss counts the image
+# it was forked from (here pytest with torch loaded, ~500 MiB) before its exec.
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)\n")
+
+
 def _peak_of(args: list[str]) -> int:
-    """Peak RSS in bytes of one CLI run (its own, via wait4)."""
-    proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
-    return usage.ru_maxrss * 1024
+    """Peak RSS in bytes of one CLI run (its own, via wait4 in a small parent)."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *CLI, *args], capture_output=True, text=True)
+    code, peak = (int(x) for x in out.stdout.split())
+    assert code == 0, out.stderr[-2000:]
+    return peak
 
 
 def _predicted(args: list[str]) -> dict[str, int]:
