@@ -279,6 +279,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     """
     from .merge.card import with_chat_template
     from .merge.recipe import load_recipe, prepare_merge
+    from .merge.slices import with_depth
 
     opts = RunOptions.of(options, **run_options)
     parsed = load_recipe(recipe, where)
@@ -290,6 +291,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         sources = {ref: o[0] for ref, o in opened.items()}
         files = with_chat_template(_with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
                                    [opened[ref][2] for ref in refs], where)   # checked before any work
+        files = with_depth(files, parsed, where)   # slices: config.json for the output's layer count
         plan, prepared = prepare_merge(parsed, sources, {ref: o[2] for ref, o in opened.items()}, where, opts, arithmetic)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}

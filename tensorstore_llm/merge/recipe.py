@@ -42,9 +42,8 @@ from .safe_yaml import MAX_DEPTH, MAX_RECIPE_BYTES, RecipeLoader, read_recipe_fi
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source", "name",
-            "tokenizer", "chat_template"}
-UNSUPPORTED = {"slices": "layer slicing (slices:) is not supported; merge whole models",
-               "modules": "multi-module recipes (modules:) are not supported"}
+            "tokenizer", "chat_template", "slices"}
+UNSUPPORTED = {"modules": "multi-module recipes (modules:) are not supported"}
 
 # Views of the method registry, for documentation and tests.
 METHODS = method_names()
@@ -71,6 +70,8 @@ class MergeRecipe:
     raw: dict
     dtype: str | None = None   # mergekit's compute dtype; used by arithmetic="mergekit" only
     chat_template: str | None = None   # a Jinja template, "auto", or None (keep the base's)
+    slices: list | None = None         # slices.OutputSlice per output slice (``slices:``), else None
+    slice_recipes: list | None = None  # one recipe per slice, over its sources' views (slices.py)
 
 
 def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
@@ -100,6 +101,14 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     _check_tokenizer_block(raw.get("tokenizer"), where)
     chat_template = _chat_template(raw.get("chat_template"), where)
     entries = raw.get("models")
+    slices = None
+    if raw.get("slices") is not None:
+        from .slices import parse_slices
+
+        if entries:
+            raise RecipeError(f"{where}: give either models or slices, not both")
+        slices = parse_slices(raw["slices"], _ref, where)
+        entries = list(dict.fromkeys(s.ref for out in slices for s in out.sources))
     if entries is None:
         entries = []
     if not isinstance(entries, list):
@@ -133,9 +142,34 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
         raise RecipeError(f"{where}: parameters must be a mapping")
     recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype, chat_template)
     _drop_ignored_parameters(recipe, where)
+    if slices is not None:
+        _split_slices(recipe, slices, where)
+        return recipe
     get_method(method).check(recipe, where)
     _check_parameters(recipe, where)
     return recipe
+
+
+def _split_slices(recipe: MergeRecipe, slices: list, where: str) -> None:
+    """One recipe per slice (its sources as models, keyed by their layer views), each checked
+    like a whole recipe."""
+    from ..merge.methods.base import MergeMethod
+    from .slices import slice_base
+
+    method = get_method(recipe.method)
+    if type(method).prepare is not MergeMethod.prepare:
+        raise RecipeError(f"{where}: slices: {recipe.method} analyses whole models before merging; "
+                          f"it cannot be combined with slices")
+    recipe.slices, recipe.slice_recipes = slices, []
+    for i, out in enumerate(slices):
+        here = f"{where}: slices[{i}]"
+        sub = MergeRecipe(recipe.method, [ModelEntry(s.key, s.parameters) for s in out.sources],
+                          slice_base(out, recipe.base, here), {**recipe.parameters, **out.parameters},
+                          recipe.out_dtype, recipe.raw, recipe.dtype, recipe.chat_template)
+        _drop_ignored_parameters(sub, here)
+        method.check(sub, here)
+        _check_parameters(sub, here)
+        recipe.slice_recipes.append(sub)
 
 
 def _check_tokenizer_block(block: Any, where: str) -> None:
@@ -293,7 +327,7 @@ def layer_position(name: str, num_layers: int) -> float:
 
 def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: str = "recipe",
                averaged_layers=None, arithmetic: str = "fp32", sensitivity: dict | None = None, *,
-               state: Any = None) -> Plan:
+               state: Any = None, names=None, positions: Mapping[str, float] | None = None) -> Plan:
     """Every output tensor as a job with its own resolved parameters, validated up front.
 
     ``sources`` maps each model reference of the recipe (and the base) to an open TensorSource.
@@ -304,6 +338,14 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     computing in the recipe's ``dtype`` (default: the models' dtype) instead of fp32, for
     bit-exact comparison with mergekit.
     """
+    if recipe.slices:
+        from .slices import plan_slices
+
+        def plan_one(sub, views, slice_names, slice_positions):
+            return plan_merge(sub, views, where, averaged_layers, arithmetic, sensitivity, state=state,
+                              names=slice_names, positions=slice_positions)
+        jobs, views = plan_slices(recipe, recipe.slice_recipes, sources, plan_one, where)
+        return Plan(jobs, views)
     method = get_method(recipe.method)
     if arithmetic not in ("fp32", "mergekit"):
         raise RecipeError(f"{where}: arithmetic must be fp32 or mergekit, got {arithmetic!r}")
@@ -315,12 +357,12 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     base = recipe.base
     others = [m for m in recipe.models if m.ref != base]
     first = base if base is not None else recipe.models[0].ref
-    names = list(sources[first].keys())
+    names = list(sources[first].keys()) if names is None else list(names)
     layers = {int(m.group(1)) for n in names for m in [LAYER_RE.search(n)] if m}
     num_layers = max(layers) + 1 if layers else 0
     jobs = []
     for name in names:
-        t = layer_position(name, num_layers)
+        t = positions[name] if positions is not None else layer_position(name, num_layers)
         metas = {ref: _meta(sources, ref, name) for ref in dict.fromkeys([first, *(m.ref for m in recipe.models)])}
         check_agreement(name, list(metas.items()), sources, f"{where} (models of different shapes, e.g. vocabulary sizes, cannot be merged)")
         shape = metas[first].shape

@@ -22,7 +22,7 @@ from .base import JobSpec, MergeInputs, MergeMethod, Param, Prepared, TensorSlot
 __all__ = ["JobSpec", "MergeInputs", "MergeMethod", "Param", "Prepared", "TensorSlot", "get_method", "method_names",
            "register_method"]
 
-_BUILTIN_MODULES = ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator", "task_arithmetic",
+_BUILTIN_MODULES = ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator", "task_arithmetic", "passthrough",
                     "lore", "aim", "twin")
 _REGISTRY: dict[str, MergeMethod] = {}
 _loaded = False

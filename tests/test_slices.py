@@ -1,0 +1,124 @@
+"""``slices:`` and ``passthrough`` (issue 14, item 1): frankenmerges with a different layer count
+get a correct config.json, tensor names and index, load in transformers, and equal mergekit's
+output on the same generated models (mergekit, when installed); a multi-source slice with
+per-slice parameters and gradients equals a direct formula; bad layer ranges fail before work."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tensorstore_llm import api
+from tensorstore_llm.errors import RecipeError
+from tensorstore_llm.store import Store
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def _frankenmerge(family):
+    """4 layers from 2-layer models: ft1's layer 0, ft2's layers 0-1, base's layer 1 (scaled o_proj)."""
+    return (f"merge_method: passthrough\nslices:\n"
+            f"  - sources: [{{model: {family['ft1']}, layer_range: [0, 1]}}]\n"
+            f"  - sources: [{{model: {family['ft2']}, layer_range: [0, 2]}}]\n"
+            f"  - sources:\n      - model: {family['base']}\n        layer_range: [1, 2]\n"
+            f"        parameters: {{scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]}}\n"
+            f"dtype: bfloat16\n")
+
+
+def test_frankenmerge_layers_names_config_and_values(tmp_path, tiny_family):
+    out = tmp_path / "hf"
+    api.merge(Store(str(tmp_path / "s")), _frankenmerge(tiny_family), out_dir=str(out), progress=False,
+              max_shard_size="40K")
+    merged, config = _tensors(out), json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    src = {k: _tensors(v) for k, v in tiny_family.items()}
+    origin = {0: ("ft1", 0), 1: ("ft2", 0), 2: ("ft2", 1), 3: ("base", 1)}
+    expected = {}
+    for layer, (model, source_layer) in origin.items():
+        for name, value in src[model].items():
+            if f".layers.{source_layer}." in name:
+                scale = 0.5 if model == "base" and "o_proj" in name else 1.0
+                expected[name.replace(f".layers.{source_layer}.", f".layers.{layer}.")] = \
+                    value if scale == 1 else (value.float() * scale).to(value.dtype)
+    expected["model.embed_tokens.weight"] = src["ft1"]["model.embed_tokens.weight"]       # first slice
+    expected["model.norm.weight"] = src["base"]["model.norm.weight"]                       # last slice
+    expected["lm_head.weight"] = src["base"]["lm_head.weight"]
+    assert sorted(merged) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(merged[name], value), name
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(expected)
+
+
+def test_frankenmerge_loads_in_transformers(tmp_path, tiny_family):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    api.merge(Store(str(tmp_path / "s")), _frankenmerge(tiny_family), out_dir=str(out), progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    assert len(model.model.layers) == 4
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 42]])).logits
+    assert logits.shape == (1, 4, 512) and torch.isfinite(logits).all()
+
+
+def test_multi_source_slices_with_per_slice_parameters(tmp_path, tiny_family):
+    """linear per slice: slice 0 merges ft1/ft2 layers 0..1 with a weight gradient over the slice,
+    slice 1 repeats layer 1 of both with a per-slice weight."""
+    b, x, y = tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"]
+    text = (f"merge_method: linear\nslices:\n"
+            f"  - sources:\n      - {{model: {x}, layer_range: [0, 2], parameters: {{weight: [1.0, 0.0]}}}}\n"
+            f"      - {{model: {y}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"
+            f"  - sources:\n      - {{model: {x}, layer_range: [1, 2]}}\n      - {{model: {y}, layer_range: [1, 2]}}\n"
+            f"    parameters: {{weight: 0.25}}\n"
+            f"dtype: float32\nout_dtype: float32\n")
+    out = tmp_path / "hf"
+    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False)
+    merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
+    name = "model.layers.{}.mlp.up_proj.weight"
+    # slice 0, layer 0: t = 0, weights (1, 1); layer 1: t = 1, weights (0, 1)
+    assert torch.allclose(merged[name.format(0)], (sx[name.format(0)].float() + sy[name.format(0)].float()) / 2, atol=1e-7)
+    assert torch.equal(merged[name.format(1)], sy[name.format(1)].float())
+    # slice 1 (one layer): both weights 0.25, normalised: the plain mean of layer 1
+    assert torch.allclose(merged[name.format(2)], (sx[name.format(1)].float() + sy[name.format(1)].float()) / 2, atol=1e-7)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_matches_mergekit_frankenmerge(tmp_path, tiny_family):
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    text = _frankenmerge(tiny_family)
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(tmp_path / "ours"), progress=False)
+    theirs, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ours")
+    assert sorted(theirs) == sorted(ours)
+    for name in theirs:
+        assert torch.equal(theirs[name], ours[name]), name
+    mk_config = json.loads((tmp_path / "mk" / "config.json").read_text())
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == mk_config["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("slices,match", [
+    ("[{sources: [{model: FT1, layer_range: [0, 3]}]}]", r"slices\[0\].sources\[0\].layer_range \[0, 3\) is out of range: .* has 2 layers"),
+    ("[{sources: [{model: FT1, layer_range: [1, 1]}]}]", r"layer_range must be \[start, stop\) with 0 <= start < stop"),
+    ("[{sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 1]}]}]", "same number of layers"),
+    ("[{sources: [{model: FT1, layer_range: [-1, 1]}]}]", "layer_range must be"),
+    ("[{sources: [{model: FT1}]}]", "layer_range must be"),
+])
+def test_bad_layer_ranges_fail_before_any_work(tmp_path, tiny_family, slices, match):
+    text = ("merge_method: linear\nslices: " + slices.replace("FT1", tiny_family["ft1"]).replace("FT2", tiny_family["ft2"])
+            + "\n")
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(RecipeError, match=match):
+        api.merge(store, text, out_dir=str(tmp_path / "hf"), progress=False)
+    assert store.list() == [] and not (tmp_path / "hf").exists()
