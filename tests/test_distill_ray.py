@@ -10,10 +10,10 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'tensorstore-llm[ray]' to run the Ray engine tests")
 
-from tensorstore_llm.distill.precompute import SamplingConfig, precompute  # noqa: E402
-from tensorstore_llm.distill.ray_engine import precompute_ray  # noqa: E402
-from tensorstore_llm.distill.shards import open_dataset  # noqa: E402
-from tensorstore_llm.hf.packing import PackingRule  # noqa: E402
+from tensorstore_llm.distill.precompute import SamplingConfig, precompute
+from tensorstore_llm.distill.ray_engine import precompute_ray
+from tensorstore_llm.distill.shards import open_dataset
+from tensorstore_llm.hf.packing import PackingRule
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "docstrings.jsonl")
 SLICE = dict(rule=PackingRule(seq_len=32, shuffle_seed=0), max_sequences=3, shard_sequences=2, batch_size=2,

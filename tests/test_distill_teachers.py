@@ -9,7 +9,11 @@ import torch
 from tensorstore_llm.distill import sampling
 from tensorstore_llm.distill.dataset import DistillDataset
 from tensorstore_llm.distill.encoding import decode_table
-from tensorstore_llm.distill.precompute import SamplingConfig, precompute, teacher_targets
+from tensorstore_llm.distill.precompute import (
+    SamplingConfig,
+    precompute,
+    teacher_targets,
+)
 from tensorstore_llm.distill.shards import open_dataset
 from tensorstore_llm.distill.stats import dataset_stats
 from tensorstore_llm.errors import DatasetMismatch

@@ -115,6 +115,12 @@ def _batches(ds: DistillDataset, batch_size: int):
         yield [s.sequence for s in group], collate_sparse([to_item(s, ds.draws) for s in group])
 
 
+def _cached(path: str, make) -> None:
+    """Precompute a cache unless ``workdir`` already holds a committed one (a re-run of the experiment)."""
+    if not os.path.isfile(os.path.join(path, "dataset.json")):
+        make()
+
+
 def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128, held_out: int = 6,
                             corpus: str | None = None, teacher=None, max_train: int | None = None,
                             batch_size: int = 8, evals: int = 3, workdir: str | None = None, log=None,
@@ -136,11 +142,12 @@ def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128,
     n_train = len(packing) - held_out if max_train is None else min(max_train, len(packing) - held_out)
     workdir = workdir or tempfile.mkdtemp(prefix="tsllm-learn-")
     rs = os.path.join(workdir, "rs-kd")
-    precompute(lm, corpus, rs, rule=rule, max_sequences=n_train, shard_sequences=8, batch_size=4)
+    _cached(rs, lambda: precompute(lm, corpus, rs, rule=rule, max_sequences=n_train, shard_sequences=8, batch_size=4))
     unique = dataset_stats(rs)["unique_per_position"]
     tk = os.path.join(workdir, "top-k")
-    precompute(lm, corpus, tk, rule=rule, max_sequences=n_train, shard_sequences=8, batch_size=4,
-               config=SamplingConfig(method="top-k", k=int(np.ceil(unique))))
+    config = SamplingConfig(method="top-k", k=int(np.ceil(unique)))
+    _cached(tk, lambda: precompute(lm, corpus, tk, rule=rule, max_sequences=n_train, shard_sequences=8, batch_size=4,
+                                   config=config))
     eval_ids = torch.from_numpy(packing.sequences[len(packing) - held_out:].astype(np.int64))
     with torch.inference_mode():
         teacher_logp = torch.cat([torch.log_softmax(lm.model(input_ids=eval_ids[i:i + 1]).logits.float(), -1)

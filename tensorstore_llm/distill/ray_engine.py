@@ -29,7 +29,13 @@ from ..errors import DatasetMismatch, TsllmError
 from ..hf.corpus import Corpus, read_corpus
 from ..hf.models import describe_causal_lm, head_width
 from ..hf.packing import PackingRule
-from .precompute import PrecomputeJob, SamplingConfig, check_settings, same_tokenizer, shard_table
+from .precompute import (
+    PrecomputeJob,
+    SamplingConfig,
+    check_settings,
+    same_tokenizer,
+    shard_table,
+)
 
 
 class TeacherActor:

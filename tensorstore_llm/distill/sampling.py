@@ -176,11 +176,9 @@ def split_rows(rows: SparseRows, parts: int) -> list[SparseRows]:
     out = []
     for j in range(parts):
         a, b = rows.offsets[j * per], rows.offsets[(j + 1) * per]
-
-        def cut(x):
-            return None if x is None else x[a:b]
-        out.append(SparseRows(rows.offsets[j * per:(j + 1) * per + 1] - a, cut(rows.ids), cut(rows.counts), cut(rows.weights),
-                              cut(rows.logprobs), None if rows.coverage is None else rows.coverage[j * per:(j + 1) * per]))
+        pairs = [None if x is None else x[a:b] for x in (rows.ids, rows.counts, rows.weights, rows.logprobs)]
+        out.append(SparseRows(rows.offsets[j * per:(j + 1) * per + 1] - a, *pairs,
+                              coverage=None if rows.coverage is None else rows.coverage[j * per:(j + 1) * per]))
     return out
 
 

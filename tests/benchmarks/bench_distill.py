@@ -220,7 +220,8 @@ def cmd_learn(args):
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = tuple(args.methods.split(","))
     t0 = time.perf_counter()
-    results = run_learning_experiment(steps=args.steps, seeds=seeds, seq_len=args.seq_len, log=print, methods=methods)
+    results = run_learning_experiment(steps=args.steps, seeds=seeds, seq_len=args.seq_len, log=print, methods=methods,
+                                      workdir=args.workdir)
     unique = results.pop("unique_per_position")[0]
     print(f"RS-KD cache: {unique:.1f} unique ids/position; top-k cache: k = {int(np.ceil(unique))} "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -286,6 +287,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["bytes", "overhead", "learn", "rss", "rss-precompute", "rss-read"])
     parser.add_argument("--out", help="rss-precompute / rss-read: the dataset directory")
+    parser.add_argument("--workdir", help="learn: keep (and reuse) the caches here")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
