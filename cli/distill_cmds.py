@@ -111,6 +111,8 @@ def precompute_cmd(ctx, teachers, data, out, name, method, draws, tau, self_norm
     from tensorstore_llm.hf.packing import Packing
 
     quiet = ctx.obj["quiet"]
+    if engine != "ray" and (address or ray_actors):
+        raise click.UsageError("--address and --ray-actors need --engine ray")
     config = SamplingConfig(method=method, draws=draws, tau=tau, self_normalise=self_normalise,
                             temperature=temperature, k=k, seed=seed, alignment=alignment)
     config.validate()

@@ -52,6 +52,8 @@ def test_cli_errors(cli, teacher_dir, tmp_path):
     code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", str(tmp_path / "o"),
                        "--seq-len", "100000")
     assert code == 7 and "fewer than one sequence of seq_len=100000" in err
+    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--address", "host:6379")
+    assert code == 2 and "--address and --ray-actors need --engine ray" in err
     code, _, err = cli("logits", "show", str(tmp_path))
     assert code == 4 and "not a committed dataset" in err
     code, _, err = cli("--store", str(tmp_path / "store"), "logits", "show", "nothing-here")
