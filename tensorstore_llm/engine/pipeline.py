@@ -9,7 +9,7 @@ import weakref
 from ..errors import TsllmError
 
 DONE = object()   # the end of a stage's stream
-SLOT_WAIT_S = 5.0  # a block whose inputs outlive this after the compute stage is done with them no longer holds the reader back
+SLOT_WAIT_S = 30.0  # a block whose inputs outlive this after the compute stage is done with them no longer holds the reader back
 
 
 class BlockSlots:
