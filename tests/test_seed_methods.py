@@ -184,15 +184,21 @@ def _recipe(tmp_path, text, name="recipe.yaml"):
 def test_lore_recipe_through_the_cli_without_a_base(cli, store, tiny_family, tmp_path):
     """``merge_method: lore`` with no base_model: each tensor equals the direct coordinate descent
     (models stored in bf16, computed in fp32, rounded once)."""
-    ft1, ft2 = tiny_family["ft1"], tiny_family["ft2"]
-    recipe = _recipe(tmp_path, f"merge_method: lore\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
-                               f"parameters: {{mu: 0.05, iterations: 2, rank: 512, lambda: 0.5}}\nout_dtype: float32\n")
+    refs = [tiny_family[k] for k in ("base", "ft1", "ft2")]   # three models (two would give their mean)
+    recipe = _recipe(tmp_path, "merge_method: lore\nmodels:\n" + "".join(f"  - model: {r}\n" for r in refs)
+                     + "parameters: {mu: 0.05, iterations: 2, rank: 512, lambda: 1.5}\nout_dtype: float32\n")
     code, out, err = cli("--store", store.root, "merge", recipe, "--name", "lore-merged")
     assert code == 0, err
-    with store.open("lore-merged") as merged, HFCheckpointSource(ft1) as a, HFCheckpointSource(ft2) as b:
+    sources, moved = [HFCheckpointSource(r) for r in refs], 0.0
+    with store.open("lore-merged") as merged:
         for name in merged.keys():
-            expected = direct_lore([a.read(name).float(), b.read(name).float()], None, 0.05, 2, [1.0, 1.0], 0.5)
+            models = [s.read(name).float() for s in sources]
+            expected = direct_lore(models, None, 0.05, 2, [1.0] * 3, 1.5)
             assert torch.allclose(merged.read(name), expected, atol=2e-4), name
+            moved = max(moved, float((merged.read(name) - sum(models) / 3).abs().max()))
+    assert moved > 1e-4   # not the plain mean
+    for source in sources:
+        source.close()
 
 
 def test_twin_recipe_writes_one_expert_adapter_per_model(store, tiny_family, tmp_path):
@@ -339,8 +345,9 @@ def test_real_aim_lies_between_its_inputs_and_keeps_its_statistics(store, real_p
 
 
 def test_real_lore_lies_between_its_inputs(store, real_pair, input_losses):
-    text = (f"merge_method: lore\nmodels:\n  - model: {real_pair['a']}\n  - model: {real_pair['b']}\n"
-            f"parameters: {{mu: 0.1, iterations: 1, rank: 16}}\n")
+    # with the base as the starting θ0 (without one, two models' LoRE is their mean: δ2 = −δ1)
+    text = (f"merge_method: lore\nbase_model: {real_pair['base']}\nmodels:\n  - model: {real_pair['a']}\n"
+            f"  - model: {real_pair['b']}\nparameters: {{mu: 0.1, iterations: 1, rank: 16}}\n")
     result = api.merge(store, text, progress=False)
     _between(_losses(store, result.artifact.id), input_losses)
 
