@@ -28,7 +28,9 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
     Methods: linear (model soup), task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, mediator (per-layer
     sign-conflict analysis; prints its table), sens_merging (per-layer sensitivity scores from a
-    file, or computed from a calibration corpus). Model references are store refs (tags, ids),
+    file, or computed from a calibration corpus), passthrough (with slices: frankenmerges).
+    slices: (sources with layer_range, per-slice parameters) work with every method that does
+    not analyse whole models first. Model references are store refs (tags, ids),
     Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists
     or [{filter: substring, value: ...}] lists, as in mergekit. The recipe is fully validated
     (references, tensors, shapes, parameters) before any work; --dry-run prints the plan, the

@@ -269,7 +269,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     Everything that can fail (references, tensors, shapes, parameters) is checked before any
     tensor is computed. The artifact's lineage records every input and the recipe.
     ``arithmetic="mergekit"`` replays mergekit's operations in the recipe's dtype (bit-exact
-    comparison mode, linear and task-arithmetic methods); the default computes in fp32.
+    comparison mode, linear, task-arithmetic methods and model_stock); the default computes in fp32.
     The method (``merge/methods/``) prepares what it needs first (Mediator's conflict table,
     Sens-Merging's scores), streamed under the same options; ``JobResult.analysis`` holds what
     it reports (Mediator's table).

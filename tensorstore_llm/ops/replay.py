@@ -10,17 +10,22 @@ that a merge rounds exactly where mergekit's does: for bit-exact comparisons wit
 - ``mergekit_task_arithmetic``: ``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``
   in the inputs' dtype. Sparsification masks stay ours (exact magnitude thresholds, seeded
   draws: the same masks as ``task_arithmetic`` draws); the L1 rescale ratio is computed in fp64.
+- ``mergekit_model_stock``: ``model_stock_merge_method`` (not filter-wise) on the whole
+  flattened tensors in the inputs' dtype: its norms, cosines, t and interpolation round where
+  mergekit's do. Whole tensors (not row blocks): a comparison mode, not a streaming one.
 """
 from __future__ import annotations
 
 import torch
 
 from .basic import WeightedSumParams
+from .geometry import ModelStockParams
 from .merge import TaskArithmeticParams
 from .registry import op
 from .sparsify import sparsify, sparsify_passes
 
-REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic"}
+REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic",
+             "model_stock": "mergekit_model_stock"}
 
 
 @op("mergekit_linear", inputs=("models*",), params=WeightedSumParams, temps=3)
@@ -66,3 +71,26 @@ def mergekit_task_arithmetic(ctx, params, base, models):
         mixed *= params.lam
     return base + mixed
 
+
+
+@op("mergekit_model_stock", inputs=("base", "models*"), params=ModelStockParams, rowwise=False,
+    temps=lambda n: 2 * n + 4)
+def mergekit_model_stock(ctx, params, base, models):
+    """mergekit's Model Stock replayed on whole tensors in the inputs' dtype (same torch ops,
+    same order)."""
+    out_shape = base.shape
+    w_0, ws = base.reshape(-1), [m.reshape(-1) for m in models]
+    offsets = [w - w_0 for w in ws]
+    cos_thetas = []
+    for idx, offset_a in enumerate(offsets):
+        for offset_b in offsets[idx + 1:]:
+            norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
+            cos_thetas.append(((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=params.eps)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe_denominator = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe_denominator)
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w_0).reshape(out_shape)

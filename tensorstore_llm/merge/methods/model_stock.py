@@ -11,6 +11,7 @@ class ModelStock(MergeMethod):
     """base_model and at least one other model; ``filter_wise: true`` is refused."""
 
     name = "model_stock"
+    replayable = True   # arithmetic="mergekit": ops/replay.py's mergekit_model_stock (whole tensors)
     parameters = {"filter_wise": Param(BOOL, per_tensor=False)}
 
     def check(self, recipe, where):
