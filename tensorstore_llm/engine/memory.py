@@ -64,12 +64,6 @@ def tune_allocator() -> None:
     and each tile's temporaries page-fault in again (measured: 3.2M faults, 2x wall time); a
     32 MiB trim threshold keeps them. Process-wide, changes where memory comes from, never
     results. No-op off glibc.
-
-    Arenas are capped at ``MALLOC_ARENAS``: glibc opens another arena whenever a thread finds
-    its arena locked, up to 8 per core, and each keeps up to the trim threshold of freed memory;
-    on this 2-core machine under load that kept ~480 MiB more anonymous memory at --max-memory
-    512M (TIES, 3 x 1 GB). Tile temporaries are a few 2 MiB allocations per tile, so sharing
-    arenas costs no measurable time.
     """
     global _allocator_limited
     if _allocator_limited:
@@ -81,10 +75,8 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
         libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
 
 _allocator_limited = False
-MALLOC_ARENAS = 2
