@@ -28,9 +28,12 @@ RECIPES = {
     "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
     "nuslerp": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\n",
     "nuslerp_base": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\n",
+    "nuslerp_rows": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\nparameters: {{nuslerp_flatten: false}}\n",
+    "nuslerp_columns": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
     "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 THRESHOLD_METHODS = {"ties", "breadcrumbs_ties"}
+WHOLE_TENSOR_REPLAYS = {"model_stock", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns"}   # need a tensor in memory
 
 
 def _load_dir(path):
@@ -72,13 +75,14 @@ def _run_mergekit(text, out):
     return _load_dir(out)
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "model_stock"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "model_stock", "nuslerp",
+                                    "nuslerp_base", "nuslerp_rows", "nuslerp_columns"])
 def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, store, tiny_family, method):
     text = RECIPES[method].format(**tiny_family) + "dtype: bfloat16\n"
     theirs = _run_mergekit(text, tmp_path / "mk")
-    replay_budget = "64M" if method == "model_stock" else "32K"   # the model_stock replay takes whole tensors
+    replay_budget = "64M" if method in WHOLE_TENSOR_REPLAYS else "32K"
     ours_art = api.merge(store, text, progress=False, max_memory=replay_budget, arithmetic="mergekit").artifact
-    fp32_art = api.merge(store, text, progress=False, max_memory="32K").artifact
+    fp32_art = api.merge(store, text, progress=False, max_memory=replay_budget).artifact
     differs_from_fp32 = 0
     with store.open(ours_art.id) as ours, store.open(fp32_art.id) as fp32:
         assert sorted(ours.keys()) == sorted(theirs)
@@ -100,7 +104,7 @@ def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, store, tiny_
 def test_matches_mergekit(tmp_path, store, tiny_family, method):
     text = RECIPES[method].format(**tiny_family) + "dtype: float32\nout_dtype: float32\n"
     theirs = _run_mergekit(text, tmp_path / "mk")
-    ours_art = api.merge(store, text, progress=False, max_memory="32K").artifact
+    ours_art = api.merge(store, text, progress=False, max_memory="64M" if method in WHOLE_TENSOR_REPLAYS else "32K").artifact
     with store.open(ours_art.id) as ours:
         assert sorted(ours.keys()) == sorted(theirs)
         for name in ours.keys():

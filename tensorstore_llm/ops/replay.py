@@ -13,8 +13,14 @@ that a merge rounds exactly where mergekit's does: for bit-exact comparisons wit
 - ``mergekit_model_stock``: ``model_stock_merge_method`` (not filter-wise) on the whole
   flattened tensors in the inputs' dtype: its norms, cosines, t and interpolation round where
   mergekit's do. Whole tensors (not row blocks): a comparison mode, not a streaming one.
+- ``mergekit_nuslerp`` / ``mergekit_nuslerp_delta``: ``nuslerp_merge_method`` (without / with a
+  base) on whole tensors, with its variants (``flatten``, ``row_wise``); also the fp32 kernel of
+  NuSLERP's row-wise and unflattened variants (the streamed ``nuslerp`` op is the flattened one).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +31,8 @@ from .registry import op
 from .sparsify import sparsify, sparsify_passes
 
 REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic",
-             "model_stock": "mergekit_model_stock"}
+             "model_stock": "mergekit_model_stock", "nuslerp": "mergekit_nuslerp", "nuslerp_delta": "mergekit_nuslerp_delta",
+             "mergekit_nuslerp": "mergekit_nuslerp", "mergekit_nuslerp_delta": "mergekit_nuslerp_delta"}
 
 
 @op("mergekit_linear", inputs=("models*",), params=WeightedSumParams, temps=3)
@@ -94,3 +101,59 @@ def mergekit_model_stock(ctx, params, base, models):
     t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe_denominator)
     average = sum(ws) / count
     return (t * average + (1 - t) * w_0).reshape(out_shape)
+
+
+@dataclass(frozen=True)
+class NuSlerpWholeParams:
+    """NuSLERP of two models on whole tensors: t = w1 / (w0 + w1) (0.5 when the sum is ~0);
+    ``flatten``: one vector per tensor; else per row of the last axis, or with ``row_wise`` per
+    column (mergekit's dim 0)."""
+
+    weights: tuple[float, ...]
+    flatten: bool = True
+    row_wise: bool = False
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if len(self.weights) != 2 or not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"nuslerp takes two finite weights, got {self.weights}")
+
+    def validate_inputs(self, counts: dict[str, int]) -> None:
+        if counts["models"] != 2:
+            raise ValueError(f"nuslerp merges exactly two models, got {counts['models']}")
+
+
+def _mergekit_nuslerp_pair(params, v0, v1):
+    """mergekit's ``nuslerp(t, v0, v1, dim, eps, flatten)``, operation for operation."""
+    total = sum(params.weights)
+    t = 0.5 if abs(total) < 1e-6 else params.weights[1] / total
+    dim = 0 if params.row_wise else -1
+    out_shape = v0.shape
+
+    def normalize(x, eps=1e-7):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
+    if params.flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    cos_theta = torch.sum(normalize(v0) * normalize(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= params.eps ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not params.flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(out_shape)
+
+
+@op("mergekit_nuslerp", inputs=("models*",), params=NuSlerpWholeParams, rowwise=False, temps=10)
+def mergekit_nuslerp(ctx, params, models):
+    """NuSLERP of two models' whole tensors in the compute dtype (mergekit's operations)."""
+    return _mergekit_nuslerp_pair(params, models[0], models[1])
+
+
+@op("mergekit_nuslerp_delta", inputs=("base", "models*"), params=NuSlerpWholeParams, rowwise=False, temps=12)
+def mergekit_nuslerp_delta(ctx, params, base, models):
+    """base + NuSLERP of the two task vectors, whole tensors, in the compute dtype."""
+    return base + _mergekit_nuslerp_pair(params, models[0] - base, models[1] - base)

@@ -8,9 +8,12 @@ from .base import BOOL, WEIGHT, JobSpec, MergeMethod, Param, model_inputs, other
 
 
 class NuSlerp(MergeMethod):
-    """Two models (besides an optional base); only the flattened variant."""
+    """Two models (besides an optional base). The flattened variant (mergekit's default) is
+    streamed (op ``nuslerp`` / ``nuslerp_delta``); ``nuslerp_flatten: false`` (per row) and
+    ``nuslerp_row_wise: true`` (per column) take whole tensors (``mergekit_nuslerp*``)."""
 
     name = "nuslerp"
+    replayable = True
     parameters = {"weight": WEIGHT, "nuslerp_flatten": Param(BOOL, per_tensor=False),
                   "nuslerp_row_wise": Param(BOOL, per_tensor=False)}
 
@@ -18,15 +21,20 @@ class NuSlerp(MergeMethod):
         others = others_of(recipe)
         if len(others) != 2:
             raise RecipeError(f"{where}: nuslerp merges exactly two models (besides an optional base_model), got {len(others)}")
-        if recipe.parameters.get("nuslerp_flatten", True) is not True or recipe.parameters.get("nuslerp_row_wise", False):
-            raise RecipeError(f"{where}: only flattened nuslerp is supported (nuslerp_flatten: true, nuslerp_row_wise: false)")
 
     def job(self, recipe, tensor, state):
         pair = ("models", model_inputs([m.ref for m in tensor.others], tensor.name))
         params = {"weights": [tensor.value("weight", m) for m in tensor.others]}
+        flatten = recipe.parameters.get("nuslerp_flatten", True)
+        row_wise = recipe.parameters.get("nuslerp_row_wise", False)
+        variant = not flatten or row_wise
+        if variant:
+            params.update(flatten=flatten, row_wise=row_wise)
+        streamed, whole = ("nuslerp", "mergekit_nuslerp") if tensor.base is None else ("nuslerp_delta", "mergekit_nuslerp_delta")
+        op = whole if variant else streamed
         if tensor.base is None:
-            return JobSpec("nuslerp", (pair,), params)
-        return JobSpec("nuslerp_delta", (("base", InputRef(tensor.base, tensor.name)), pair), params)
+            return JobSpec(op, (pair,), params)
+        return JobSpec(op, (("base", InputRef(tensor.base, tensor.name)), pair), params)
 
 
 METHODS = (NuSlerp(),)
