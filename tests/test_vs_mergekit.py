@@ -28,12 +28,13 @@ RECIPES = {
     "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
     "nuslerp": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\n",
     "nuslerp_base": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\n",
+    "model_stock_filter_wise": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{filter_wise: true}}\n",
     "nuslerp_rows": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\nparameters: {{nuslerp_flatten: false}}\n",
     "nuslerp_columns": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
     "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 THRESHOLD_METHODS = {"ties", "breadcrumbs_ties"}
-WHOLE_TENSOR_REPLAYS = {"model_stock", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns"}   # need a tensor in memory
+WHOLE_TENSOR_REPLAYS = {"model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns"}   # need a tensor in memory
 
 
 def _load_dir(path):
@@ -76,7 +77,7 @@ def _run_mergekit(text, out):
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "model_stock", "nuslerp",
-                                    "nuslerp_base", "nuslerp_rows", "nuslerp_columns"])
+                                    "nuslerp_base", "nuslerp_rows", "nuslerp_columns", "model_stock_filter_wise"])
 def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, store, tiny_family, method):
     text = RECIPES[method].format(**tiny_family) + "dtype: bfloat16\n"
     theirs = _run_mergekit(text, tmp_path / "mk")

@@ -83,6 +83,7 @@ def slerp(ctx, params, a, b):
 @dataclass(frozen=True)
 class ModelStockParams:
     eps: float = 1e-6
+    filter_wise: bool = False   # one t per row (mergekit's filter_wise): only the whole-tensor op
 
     def __post_init__(self):
         if not (math.isfinite(self.eps) and self.eps > 0):
@@ -118,6 +119,8 @@ def _stock_reduce(params, partials, ctx):
     passes=(StatsPass(_stock_map, _stock_reduce),))
 def model_stock(ctx, params, base, models):
     """t · mean(models) + (1 − t) · base, t from the mean pairwise cosine of the task vectors."""
+    if params.filter_wise:
+        raise ValueError("filter-wise Model Stock runs as op mergekit_model_stock (whole tensors)")
     t = ctx.stats["t"]
     total = None
     for m in models:

@@ -10,9 +10,10 @@ that a merge rounds exactly where mergekit's does: for bit-exact comparisons wit
 - ``mergekit_task_arithmetic``: ``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``
   in the inputs' dtype. Sparsification masks stay ours (exact magnitude thresholds, seeded
   draws: the same masks as ``task_arithmetic`` draws); the L1 rescale ratio is computed in fp64.
-- ``mergekit_model_stock``: ``model_stock_merge_method`` (not filter-wise) on the whole
-  flattened tensors in the inputs' dtype: its norms, cosines, t and interpolation round where
-  mergekit's do. Whole tensors (not row blocks): a comparison mode, not a streaming one.
+- ``mergekit_model_stock``: ``model_stock_merge_method`` on whole tensors in the inputs'
+  dtype: its norms, cosines, t and interpolation round where mergekit's do; flattened, or with
+  ``filter_wise`` one t per row (also the fp32 kernel of the filter-wise variant). Whole
+  tensors (not row blocks): a comparison mode, not a streaming one.
 - ``mergekit_nuslerp`` / ``mergekit_nuslerp_delta``: ``nuslerp_merge_method`` (without / with a
   base) on whole tensors, with its variants (``flatten``, ``row_wise``); also the fp32 kernel of
   NuSLERP's row-wise and unflattened variants (the streamed ``nuslerp`` op is the flattened one).
@@ -32,7 +33,8 @@ from .sparsify import sparsify, sparsify_passes
 
 REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic",
              "model_stock": "mergekit_model_stock", "nuslerp": "mergekit_nuslerp", "nuslerp_delta": "mergekit_nuslerp_delta",
-             "mergekit_nuslerp": "mergekit_nuslerp", "mergekit_nuslerp_delta": "mergekit_nuslerp_delta"}
+             "mergekit_nuslerp": "mergekit_nuslerp", "mergekit_nuslerp_delta": "mergekit_nuslerp_delta",
+             "mergekit_model_stock": "mergekit_model_stock"}
 
 
 @op("mergekit_linear", inputs=("models*",), params=WeightedSumParams, temps=3)
@@ -86,7 +88,10 @@ def mergekit_model_stock(ctx, params, base, models):
     """mergekit's Model Stock replayed on whole tensors in the inputs' dtype (same torch ops,
     same order)."""
     out_shape = base.shape
-    w_0, ws = base.reshape(-1), [m.reshape(-1) for m in models]
+    if params.filter_wise:
+        w_0, ws = (base.unsqueeze(0), [m.unsqueeze(0) for m in models]) if base.dim() == 1 else (base, list(models))
+    else:
+        w_0, ws = base.reshape(-1), [m.reshape(-1) for m in models]
     offsets = [w - w_0 for w in ws]
     cos_thetas = []
     for idx, offset_a in enumerate(offsets):
