@@ -42,7 +42,7 @@ def extrapolate():
 def test_builtins_in_documented_order():
     assert METHODS[:6] == ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator")
     assert set(METHODS[6:]) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                "breadcrumbs_ties", "della", "della_linear"}
+                                "breadcrumbs_ties", "della", "della_linear", "passthrough", "lore", "aim", "twin"}
     for name in METHODS:
         method = methods.get_method(name)
         assert isinstance(method, MergeMethod) and method.name == name
