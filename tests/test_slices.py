@@ -71,7 +71,7 @@ def test_frankenmerge_loads_in_transformers(tmp_path, tiny_family):
 def test_multi_source_slices_with_per_slice_parameters(tmp_path, tiny_family):
     """linear per slice: slice 0 merges ft1/ft2 layers 0..1 with a weight gradient over the slice,
     slice 1 repeats layer 1 of both with a per-slice weight."""
-    b, x, y = tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"]
+    x, y = tiny_family["ft1"], tiny_family["ft2"]
     text = (f"merge_method: linear\nslices:\n"
             f"  - sources:\n      - {{model: {x}, layer_range: [0, 2], parameters: {{weight: [1.0, 0.0]}}}}\n"
             f"      - {{model: {y}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}\n"

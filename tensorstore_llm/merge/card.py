@@ -70,7 +70,11 @@ def with_chat_template(files: dict, template: str | None, inputs_files: list[dic
 
     def config_of(entry) -> dict:
         try:
-            data = entry if isinstance(entry, bytes) else open(entry, "rb").read()
+            if isinstance(entry, bytes):
+                data = entry
+            else:
+                with open(entry, "rb") as f:
+                    data = f.read()
             config = json.loads(data)
         except (OSError, ValueError) as e:
             raise RecipeError(f"{where}: chat_template: cannot read {name}: {e}") from None

@@ -199,7 +199,10 @@ def with_depth(files: dict, recipe, where: str) -> dict:
         return files
     entry = files["config.json"]
     try:
-        config = json.loads(entry if isinstance(entry, bytes) else open(entry, "rb").read())
+        if not isinstance(entry, bytes):
+            with open(entry, "rb") as f:
+                entry = f.read()
+        config = json.loads(entry)
     except (OSError, ValueError) as e:
         raise RecipeError(f"{where}: slices: cannot read config.json: {e}") from None
     old = config.get("num_hidden_layers")
