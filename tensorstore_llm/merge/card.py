@@ -1,13 +1,18 @@
 """What a merged Hugging Face directory carries besides its weights: the recipe as
 ``mergekit_config.yml`` (mergekit's name for it, so hub tooling and ``mergekit-yaml`` read it) and a
 model card (``README.md``) naming the inputs, the method and the tool version, so the recipe is
-not lost when the directory is uploaded.
+not lost when the directory is uploaded. Also the recipe keys that shape those files:
+``chat_template`` (checked to parse, written into ``tokenizer_config.json``) and the
+``tokenizer:`` block (only ``source: base``).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 
-from .. import __version__
+from ..errors import RecipeError
+from .safe_yaml import short
 
 CONFIG_NAME = "mergekit_config.yml"
 CARD_NAME = "README.md"
@@ -32,6 +37,8 @@ def _input_line(parent: dict) -> str:
 def model_card(raw: dict, method: str, parents: list[dict], arithmetic: str = "fp32") -> str:
     """A model card (Markdown with Hugging Face front matter): the merge method, every input with
     its role and origin, the tool and version, and the recipe itself."""
+    from .. import __version__
+
     hub_models = [p["external"]["repo"] for p in parents if p.get("external", {}).get("type") == "hub"]
     front = {"library_name": "transformers", "tags": ["merge", "tensorstore_llm", method]}
     if hub_models:
@@ -89,3 +96,44 @@ def with_chat_template(files: dict, template: str | None, inputs_files: list[dic
     config = config_of(files[name])
     config["chat_template"] = template
     return {**files, name: json.dumps(config, indent=2, ensure_ascii=False).encode()}
+
+
+def check_tokenizer_block(block: Any, where: str) -> None:
+    """mergekit's ``tokenizer:`` block: only ``source: base`` (the base's tokenizer, as without
+    the block) is accepted; vocabulary union, added tokens and padding are refused."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: tokenizer must be a mapping (source: base), got {short(block)}")
+    unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    if unknown:
+        raise RecipeError(f"{where}: tokenizer has unknown key(s) {unknown}; mergekit's are source, tokens, pad_to_multiple_of")
+    if block.get("source", "base") != "base":
+        raise RecipeError(f"{where}: tokenizer.source {short(block['source'])} is not supported (only 'base': "
+                          f"vocabulary union and other models' tokenizers are not implemented)")
+    for key in ("tokens", "pad_to_multiple_of"):
+        if block.get(key) is not None:
+            raise RecipeError(f"{where}: tokenizer.{key} is not supported (the vocabulary is the base's, unchanged)")
+
+
+def parse_chat_template(value: Any, where: str) -> str | None:
+    """``chat_template``: a Jinja template (must parse) or ``auto``; named templates are refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: chat_template must be a Jinja template or 'auto', got {short(value)}")
+    if value == "auto":
+        return value
+    if "{{" not in value and "{%" not in value:
+        raise RecipeError(f"{where}: chat_template {short(value)} is a template name (mergekit's bundled "
+                          f"templates are not included); give the Jinja template text or 'auto'")
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise RecipeError(f"{where}: chat_template needs jinja2 to be checked (pip install jinja2)") from None
+    try:
+        ImmutableSandboxedEnvironment().parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise RecipeError(f"{where}: chat_template does not parse: {e.message} (line {e.lineno})") from None
+    return value

@@ -37,6 +37,7 @@ from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import get_op
 from ..ops.replay import REPLAY_OF
 from ..engine.plan import Plan, TensorJob, check_agreement
+from .card import check_tokenizer_block, parse_chat_template
 from .methods import MergeInputs, Prepared, TensorSlot, all_methods, get_method, method_names
 from .safe_yaml import MAX_DEPTH, MAX_RECIPE_BYTES, RecipeLoader, read_recipe_file, safe_yaml, short  # noqa: F401 (re-exported)
 
@@ -98,8 +99,8 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
         raise RecipeError(f"{where}: merge_method {method!r} is not supported; supported: {', '.join(method_names())}")
     if raw.get("tokenizer_source") not in (None, "base"):
         raise RecipeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base')")
-    _check_tokenizer_block(raw.get("tokenizer"), where)
-    chat_template = _chat_template(raw.get("chat_template"), where)
+    check_tokenizer_block(raw.get("tokenizer"), where)
+    chat_template = parse_chat_template(raw.get("chat_template"), where)
     entries = raw.get("models")
     slices = None
     if raw.get("slices") is not None:
@@ -170,47 +171,6 @@ def _split_slices(recipe: MergeRecipe, slices: list, where: str) -> None:
         method.check(sub, here)
         _check_parameters(sub, here)
         recipe.slice_recipes.append(sub)
-
-
-def _check_tokenizer_block(block: Any, where: str) -> None:
-    """mergekit's ``tokenizer:`` block: only ``source: base`` (the base's tokenizer, as without
-    the block) is accepted; vocabulary union, added tokens and padding are refused."""
-    if block is None:
-        return
-    if not isinstance(block, dict):
-        raise RecipeError(f"{where}: tokenizer must be a mapping (source: base), got {short(block)}")
-    unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
-    if unknown:
-        raise RecipeError(f"{where}: tokenizer has unknown key(s) {unknown}; mergekit's are source, tokens, pad_to_multiple_of")
-    if block.get("source", "base") != "base":
-        raise RecipeError(f"{where}: tokenizer.source {short(block['source'])} is not supported (only 'base': "
-                          f"vocabulary union and other models' tokenizers are not implemented)")
-    for key in ("tokens", "pad_to_multiple_of"):
-        if block.get(key) is not None:
-            raise RecipeError(f"{where}: tokenizer.{key} is not supported (the vocabulary is the base's, unchanged)")
-
-
-def _chat_template(value: Any, where: str) -> str | None:
-    """``chat_template``: a Jinja template (must parse) or ``auto``; named templates are refused."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise RecipeError(f"{where}: chat_template must be a Jinja template or 'auto', got {short(value)}")
-    if value == "auto":
-        return value
-    if "{{" not in value and "{%" not in value:
-        raise RecipeError(f"{where}: chat_template {short(value)} is a template name (mergekit's bundled "
-                          f"templates are not included); give the Jinja template text or 'auto'")
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise RecipeError(f"{where}: chat_template needs jinja2 to be checked (pip install jinja2)") from None
-    try:
-        ImmutableSandboxedEnvironment().parse(value)
-    except jinja2.TemplateSyntaxError as e:
-        raise RecipeError(f"{where}: chat_template does not parse: {e.message} (line {e.lineno})") from None
-    return value
 
 
 def _drop_ignored_parameters(recipe: MergeRecipe, where: str) -> None:
