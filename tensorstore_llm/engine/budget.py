@@ -186,7 +186,10 @@ class MemoryPlanning:
                         temps = fixed // (tile * self.tile_workers) * min(n, tile) * min(self.tile_workers, -(-n // tile))
                     else:   # the whole-tensor kernel: its fp32 temporaries are per row (in per_row)
                         temps = (per_row - IN_BLOCKS_HELD * in_row - OUT_BLOCKS_HELD * out_row) * n
-                    yield in_row * n, (0 if pass_index is not None else out_row * n), temps + whole
+                    # an op that does not compute passes its input blocks on as outputs: no buffers
+                    # of their own, and the input slots bound them (engine/pipeline.py BlockSlots)
+                    out_bytes = 0 if pass_index is not None or not spec.compute else out_row * n
+                    yield in_row * n, out_bytes, temps + whole
 
 
 def process_rss() -> int | None:
