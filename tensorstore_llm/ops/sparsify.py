@@ -277,10 +277,21 @@ def _within_top(ctx, i: int, j: int, magnitude: torch.Tensor) -> torch.Tensor:
     if needed == 0:
         return magnitude > threshold
     equal = magnitude == threshold
-    before = ctx.stats["tie_before"][(i, j)][ctx.start].item()
-    # the tie index of each tied entry: ties in earlier rows, then in this tile in flat order
-    tie_index = equal.reshape(-1).cumsum(0).reshape(magnitude.shape).add_(before - 1)
-    return (magnitude > threshold) | (equal & (tie_index < needed))
+    rows = magnitude.shape[0] if magnitude.dim() else 1
+    # tied entries before each row boundary of this tile (rows + 1 counts, from the tie pass):
+    # rows whose ties all come before the cut keep every tied entry, rows after it none, and one
+    # row at most is cut inside, where only that row's ties are counted (no tile-sized index)
+    before = ctx.stats["tie_before"][(i, j)][ctx.start:ctx.start + rows + 1]
+    row_in = (before[1:] <= needed).to(magnitude.device)
+    kept = magnitude > threshold
+    kept |= equal & row_in.view(-1, *[1] * (magnitude.dim() - 1))
+    cut = ((before[:-1] < needed) & (before[1:] > needed)).nonzero()
+    if len(cut):
+        r = int(cut[0])
+        row_equal = equal[r].reshape(-1)
+        row_kept = row_equal & (row_equal.cumsum(0) <= needed - int(before[r]))
+        kept[r] |= row_kept.reshape(kept[r].shape)
+    return kept
 
 
 def _needs_tie_break(ctx, params, i: int) -> bool:
