@@ -154,12 +154,13 @@ def store_activations(store, base: str, corpus: str, *, samples: int = 64, token
     digest = corpus_digest(texts)
     writer = store.create(job_key("dataset", STATISTIC, identity, digest, tokens))
     try:
-        writer.prepare([TensorMeta(k, tuple(v.shape), "float32") for k, v in stats.items()])
-        for key, value in stats.items():
+        tensors = {k: v for k, v in stats.items() if k != "__tokens__"}   # the count goes into info
+        writer.prepare([TensorMeta(k, tuple(v.shape), "float32") for k, v in tensors.items()])
+        for key, value in tensors.items():
             writer.write_rows(key, 0, value)
             writer.finish(key)
         artifact = writer.commit(kind="dataset", parents=[{**lineage, "role": "base"}],
-                                 info={"statistic": STATISTIC, "base": identity, "corpus": digest, "tokens": tokens},
+                                 info={"statistic": STATISTIC, "base": identity, "corpus": digest, "tokens": int(stats["__tokens__"][0])},
                                  recipe={"op": "aim_activations", "samples": samples, "tokens": tokens})
     except BaseException:
         writer.abort()

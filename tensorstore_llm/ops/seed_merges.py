@@ -157,14 +157,14 @@ def _lore(ctx, params, models, base=None):
     return merged.reshape(models[0].shape)
 
 
-@op("lore_merge", inputs=("models*",), params=LoreParams, rowwise=False, random=True, temps=lambda n: 3 * n + 4)
+@op("lore_merge", inputs=("models*",), params=LoreParams, rowwise=False, random=True, temps=lambda n: 2 * n + 3)
 def lore_merge(ctx, params, models):
     """LoRE-Merging without a base: θ0 starts at the mean of the models."""
     return _lore(ctx, params, models)
 
 
 @op("lore_merge_from_base", inputs=("base", "models*"), params=LoreParams, rowwise=False, random=True,
-    temps=lambda n: 3 * n + 5)
+    temps=lambda n: 2 * n + 4)
 def lore_merge_from_base(ctx, params, base, models):
     """LoRE-Merging with θ0 starting at the given base."""
     return _lore(ctx, params, models, base)
