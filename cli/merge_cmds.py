@@ -28,7 +28,10 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
     Methods: linear (model soup), task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, mediator (per-layer
     sign-conflict analysis; prints its table), sens_merging (per-layer sensitivity scores from a
-    file, or computed from a calibration corpus), passthrough (with slices: frankenmerges).
+    file, or computed from a calibration corpus), passthrough (with slices: frankenmerges),
+    lore (LoRE-Merging: low-rank task vectors, base optional), aim (activation-informed:
+    weights that matter to the base are protected), twin (Twin-Merging: a shared model plus
+    per-task expert adapters written to experts_dir).
     slices: (sources with layer_range, per-slice parameters) work with every method that does
     not analyse whole models first. Model references are store refs (tags, ids),
     Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists

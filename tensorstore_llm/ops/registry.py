@@ -19,7 +19,8 @@ from ..errors import RecipeError
 _REGISTRY: dict[str, OpSpec] = {}
 _BUILTIN_MODULES = ("tensorstore_llm.ops.basic", "tensorstore_llm.ops.merge", "tensorstore_llm.ops.geometry",
                     "tensorstore_llm.ops.replay", "tensorstore_llm.ops.lora", "tensorstore_llm.ops.stats",
-                    "tensorstore_llm.ops.delta")
+                    "tensorstore_llm.ops.delta", "tensorstore_llm.ops.lora_streamed", "tensorstore_llm.ops.prune",
+                    "tensorstore_llm.ops.seed_merges")
 _loaded = False
 
 
