@@ -46,6 +46,28 @@ def run_tsllm(*args, env=None, **kw):
                           capture_output=True, text=True, **kw)
 
 
+def kill_after_journal_lines(args, store_root, lines, journal="journal.jsonl", timeout=120):
+    """Start ``tsllm ARGS``; SIGKILL it once a staged journal named ``journal`` under
+    ``store_root/staging`` holds ``lines`` records (AssertionError if it ends first)."""
+    import glob
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tensorstore_llm_cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        for path in glob.glob(os.path.join(store_root, "staging", "*", journal)):
+            with open(path, "rb") as f:
+                if f.read().count(b"\n") >= lines:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("the job finished (or hung) before it could be killed; make it slower")
+
+
 @pytest.fixture(scope="session")
 def small_family(tmp_path_factory):
     """base, ft1, ft2 of the 'small' preset (~9.6 MB each, 39 tensors)."""

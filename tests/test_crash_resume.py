@@ -1,36 +1,15 @@
 """kill -9 at a random point: nothing valid appears, and the re-run resumes to the same bits."""
-import glob
 import os
-import signal
-import subprocess
-import sys
-import time
 
-from conftest import run_tsllm
+from conftest import kill_after_journal_lines, run_tsllm
+
 from tensorstore_llm.store import Store
-
-
-def _kill_after_journal_lines(args, store_root, lines, timeout=120):
-    """Start ``tsllm ARGS``, SIGKILL it once its job journal holds ``lines`` records."""
-    proc = subprocess.Popen([sys.executable, "-m", "tensorstore_llm_cli", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        for journal in glob.glob(os.path.join(store_root, "staging", "*", "journal.jsonl")):
-            with open(journal, "rb") as f:
-                if f.read().count(b"\n") >= lines:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError("the job finished (or hung) before it could be killed; make it slower")
 
 
 def test_kill_during_import_then_resume(tmp_path, small_family):
     root = str(tmp_path / "store")
     args = ["--store", root, "import", small_family["base"], "--name", "base", "--max-memory", "256K"]
-    _kill_after_journal_lines(args, root, lines=4)
+    kill_after_journal_lines(args, root, lines=4)
     assert Store(root).list() == []
     assert "no artifacts" in run_tsllm("--store", root, "ls").stdout
     rerun = run_tsllm(*args)
@@ -48,7 +27,7 @@ def test_kill_during_streamed_job_then_resume_bit_identical(tmp_path, small_fami
     root = str(tmp_path / "store")
     refs = [small_family[k] for k in ("base", "ft1", "ft2")]
     args = ["--store", root, "weighted-sum", *refs, "--weights", "0.2,0.3,0.5", "--name", "soup", "--max-memory", "512K"]
-    _kill_after_journal_lines(args, root, lines=6)
+    kill_after_journal_lines(args, root, lines=6)
     assert Store(root).list() == []
     rerun = run_tsllm(*args)
     assert rerun.returncode == 0, rerun.stderr
@@ -69,7 +48,7 @@ def test_kill_during_ties_merge_then_resume_bit_identical(tmp_path, small_family
                       f"  - model: {small_family['ft2']}\n    parameters: {{weight: [0.2, 0.9], density: 0.6}}\n")
     root = str(tmp_path / "store")
     args = ["--store", root, "merge", recipe, "--name", "m", "--max-memory", "512K"]
-    _kill_after_journal_lines(args, root, lines=5)
+    kill_after_journal_lines(args, root, lines=5)
     assert Store(root).list() == []
     rerun = run_tsllm(*args)
     assert rerun.returncode == 0, rerun.stderr

@@ -3,13 +3,10 @@ import glob
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from conftest import kill_after_journal_lines
 from safetensors.torch import load_file, save_file
 
 from tensorstore_llm.errors import IntegrityError
@@ -121,27 +118,11 @@ def test_corrupted_or_missing_parent_is_detected(tmp_path, cli, tiny_family):
         store.open("ft")
 
 
-def _kill_when_journaled(args, root, lines, timeout=120):
-    proc = subprocess.Popen([sys.executable, "-m", "tensorstore_llm_cli", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        for journal in glob.glob(os.path.join(root, "staging", "*", "deltas.jsonl")):
-            with open(journal, "rb") as f:
-                if f.read().count(b"\n") >= lines:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return
-        time.sleep(0.002)
-    proc.kill()
-    raise AssertionError("the delta store finished before it could be killed")
-
-
 def test_kill_while_storing_delta_then_rerun_is_bit_identical(tmp_path, cli, small_family):
     root = str(tmp_path / "store")
     assert cli("--store", root, "import", small_family["base"], "--name", "base")[0] == 0
     args = ["--store", root, "import", small_family["ft1"], "--delta-of", "base", "--name", "ft", "--max-memory", "1M"]
-    _kill_when_journaled(args, root, lines=5)
+    kill_after_journal_lines(args, root, lines=5, journal="deltas.jsonl")
     store = Store(root)
     assert [a.kind for a in store.list()] == ["checkpoint"]      # nothing half-written appeared
     staged = glob.glob(os.path.join(root, "staging", "*", "deltas.jsonl"))

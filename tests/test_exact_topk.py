@@ -11,13 +11,11 @@ import os
 
 import pytest
 import torch
+from conftest import kill_after_journal_lines, run_tsllm
 from safetensors.torch import save_file
 
-from conftest import run_tsllm
 from tensorstore_llm import api
 from tensorstore_llm.store import Store
-
-from test_crash_resume import _kill_after_journal_lines
 
 SHAPES = {"model.norm.weight": (3000,), "model.layers.0.mlp.up_proj.weight": (96, 40),
           "model.embed_tokens.weight": (257, 64)}
@@ -136,7 +134,7 @@ def test_resume_after_kill_gives_the_same_bits(tmp_path, tied_family):
                       f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 0.7, density: 0.5}}\n")
     root = str(tmp_path / "store")
     args = ["--store", root, "merge", recipe, "--name", "m", "--max-memory", "8K"]
-    _kill_after_journal_lines(args, root, lines=2)
+    kill_after_journal_lines(args, root, lines=2)
     rerun = run_tsllm(*args)
     assert rerun.returncode == 0, rerun.stderr
     clean = str(tmp_path / "clean")
