@@ -7,6 +7,7 @@ import mmap
 import os
 import queue
 import shutil
+import tempfile
 import threading
 
 import numpy as np
@@ -145,6 +146,29 @@ def write_file_atomic(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def staged_directory(path: str, prefix: str = ".staged-"):
+    """A fresh hidden directory next to ``path`` to write a result into: when the block ends
+    without error it is renamed to ``path`` (replacing what was there); on any error it is removed,
+    so a failure leaves nothing half-written.
+
+    Example:
+        >>> with staged_directory("out/adapter") as stage:   # doctest: +SKIP
+        ...     write_files(stage)
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield stage
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def remove_tree(path: str) -> None:

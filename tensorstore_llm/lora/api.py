@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
 from ..errors import FormatError, OutputExists, RecipeError, UnsafeFormat
+from ..io.fsutil import staged_directory
+from ..io.hf_dir import carried_files
 from . import nf4 as N
 from .merge import merge_module
 from .packed import dequantize_awq, dequantize_gptq
@@ -163,10 +164,7 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
 
     by_weight = {m.weight_name: m for m in adapter.modules.values()}
     report = {"modules": {}, "changed": [], "dequantized": []}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:
+    with staged_directory(out_dir, prefix=".merge-") as stage:
         weight_map = {}
         for shard, names in shards.items():
             raw = load_file(os.path.join(base_dir, shard))
@@ -206,20 +204,12 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
         if os.path.isfile(os.path.join(base_dir, INDEX)):
             with open(os.path.join(stage, INDEX), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        for name in os.listdir(base_dir):
-            src = os.path.join(base_dir, name)
-            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")) and name != INDEX:
-                shutil.copy2(src, os.path.join(stage, name))
+        for name, src in carried_files(base_dir).items():
+            shutil.copy2(src, os.path.join(stage, name))
         if config is not None and qcfg is not None and report["dequantized"]:
             config = {k: v for k, v in config.items() if k != "quantization_config"}
             with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return report
 
 
@@ -293,24 +283,18 @@ def svd_init_dirs(base_dir: str, out_base_dir: str, out_adapter_dir: str, *, ran
             raise OutputExists(f"{d} already exists")
     base = _load_dir(base_dir)
     adapters, residual = svd_init(base, rank=rank, targets=targets, method=method, n_experts=n_experts, alpha=alpha)
-    parent = os.path.dirname(os.path.abspath(out_base_dir))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".svd-init-", dir=parent)
     try:
-        tensors = {k: (residual[k].to(residual_dtype) if k in residual else v).contiguous() for k, v in base.items()}
-        save_file(tensors, os.path.join(stage, SINGLE), metadata={"format": "pt"})
-        for name in os.listdir(base_dir):
-            src = os.path.join(base_dir, name)
-            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt", ".pth")) and name != INDEX:
+        with staged_directory(out_base_dir, prefix=".svd-init-") as stage:
+            tensors = {k: (residual[k].to(residual_dtype) if k in residual else v).contiguous() for k, v in base.items()}
+            save_file(tensors, os.path.join(stage, SINGLE), metadata={"format": "pt"})
+            for name, src in carried_files(base_dir).items():
                 shutil.copy2(src, os.path.join(stage, name))
-        dirs = [out_adapter_dir] if len(adapters) == 1 else [os.path.join(out_adapter_dir, f"expert-{e}")
-                                                              for e in range(len(adapters))]
-        for ad, d in zip(adapters, dirs):
-            ad.config.base_model_name_or_path = os.path.abspath(out_base_dir)
-            write_adapter(ad, d)
-        os.rename(stage, out_base_dir)
+            dirs = [out_adapter_dir] if len(adapters) == 1 else [os.path.join(out_adapter_dir, f"expert-{e}")
+                                                                  for e in range(len(adapters))]
+            for ad, d in zip(adapters, dirs):
+                ad.config.base_model_name_or_path = os.path.abspath(out_base_dir)
+                write_adapter(ad, d)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(out_adapter_dir, ignore_errors=True)
         raise
     return dirs

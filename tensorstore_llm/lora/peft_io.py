@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Mapping
 
 import torch
 
 from ..errors import FormatError, OutputExists, UnsafeFormat
+from ..io.fsutil import staged_directory
 from .peft_format import (CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, LoraAdapter, LoraConfig, ModuleLora, PrefixAdapter,
                           peft_key, split_peft_key)
 
@@ -128,20 +127,11 @@ def write_adapter(adapter: LoraAdapter | PrefixAdapter, path: str, *, overwrite:
 
     if os.path.exists(path) and not overwrite:
         raise OutputExists(f"{path} already exists")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    try:
+    with staged_directory(path, prefix=".adapter-") as stage:
         cfg = adapter.config.to_dict() if isinstance(adapter, LoraAdapter) else dict(adapter.config)
         with open(os.path.join(stage, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         save_file(adapter.state_dict(), os.path.join(stage, WEIGHTS_FILE), metadata={"format": "pt"})
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(stage, path)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return path
 
 
