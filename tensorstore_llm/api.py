@@ -10,116 +10,36 @@ keywords (``max_memory="1G"``) still work and override it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass, field
 
 from .dtypes import by_name
-from .engine import Estimate, Executor, Plan, plan_map, resolve_device
+from .engine import Executor, Plan, plan_map, resolve_device
 from .engine.options import RunOptions
-from .errors import ArtifactNotFound, DTypeError, InvalidParameter, TsllmError
-from .io import hub
-from .io.hf_dir import HFCheckpointSink, HFCheckpointSource
-from .seeding import GENERATOR_DEVICE, UNIFORM_GENERATOR
-from .store import Artifact, Store, job_key
+from .errors import InvalidParameter
+from .io.hf_dir import HFCheckpointSink
+from .lora.plans import open_adapter, plan_lora_merge
+from .merge import soup
+from .merge.card import merge_files, with_chat_template
+from .merge.recipe import load_recipe, prepare_merge
+from .merge.slices import with_depth
+from .runs import (
+    JobResult,
+    check_float_target,
+    export,
+    keep_or_discard,
+    open_store,
+    resolve_input,
+    run_plan,
+    run_record,
+    stream_into,
+    with_dtype,
+)
+from .store import Store, job_key
 from .units import parse_size
 
-
-@dataclass
-class JobResult:
-    """What a streamed job did: its artifact (or output path), what it computed and skipped."""
-
-    estimate: Estimate
-    artifact: Artifact | None = None
-    output: str | None = None
-    computed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    analysis: dict | None = None   # e.g. Mediator's per-layer conflict table
-
-
-def open_store(root: str | None = None) -> Store:
-    """The store at ``root`` (default ``$TSLLM_STORE`` or ``./tsllm-store``); created on first write."""
-    return Store(root)
-
-
-def resolve_input(store: Store | None, ref: str, revision: str | None = None):
-    """Open a model reference: a store ref (tag / id), a local HF directory or file, or a hub repo.
-
-    Returns:
-        (TensorSource, lineage dict, carried files name -> path).
-    """
-    if store is not None and not os.path.exists(ref) and store.has(ref):
-        artifact = store.get(ref)
-        return store.open(ref), {"id": artifact.id}, store.carried_files(ref)
-    if os.path.exists(ref):
-        source = HFCheckpointSource(ref)
-        kind = "hf-dir" if os.path.isdir(ref) else "safetensors-file"
-        return source, {"external": {"type": kind, "path": os.path.abspath(ref)}}, source.files()
-    try:
-        parsed = hub.parse_hub_ref(ref)
-        if parsed is None:
-            where = f" in store {store.root}" if store is not None else ""
-            raise ArtifactNotFound(f"{ref!r} is not an artifact{where}, an existing path, or a hub repo id (org/name)")
-        repo, rev = parsed
-        path, commit = hub.snapshot(repo, revision or rev)
-    except TsllmError as e:
-        if type(e) is not TsllmError:
-            raise
-        raise ArtifactNotFound(str(e)) from None   # a malformed or unavailable hub reference: exit 3
-    source = HFCheckpointSource(path)
-    return source, {"external": {"type": "hub", "repo": repo, "revision": revision or rev or "main", "commit": commit}}, source.files()
-
-
-def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, recipe=None, files=None,
-             name: str | None = None, desc: str = "tsllm", options: RunOptions | None = None, **run_options) -> JobResult:
-    """Stream ``plan`` into a new artifact of ``kind`` and commit it (tagging it ``name``).
-
-    The staging directory is keyed by everything that determines the result, so re-running an
-    interrupted call resumes it; any other failure removes what was staged.
-
-    Args:
-        options: how to run (RunOptions); ``run_options`` keywords (device, max_memory, seed,
-            compression, progress, dry_run) override its fields.
-    Returns:
-        JobResult (only ``estimate`` on a dry run).
-    Example:
-        >>> run_plan(store, plan, kind="checkpoint", options=RunOptions(max_memory="1G"))  # doctest: +SKIP
-    """
-    opts = RunOptions.of(options, **run_options)
-    device, seed, compression = opts.device, opts.seed, opts.compression
-    executor = Executor(plan, None, device=device, max_memory=opts.max_memory, seed=seed, progress=opts.progress, desc=desc)
-    if opts.dry_run:
-        return JobResult(executor.estimate())
-    dev = resolve_device(device)
-    key = job_key(kind, plan.fingerprint(), seed, dev.type, compression, list(parents), source, recipe)
-    writer = store.create(key, compression)
-    executor.sink = writer
-    estimate = executor.estimate()
-    _stream(executor, writer)
-    run = {"seed": seed, "device": dev.type, "generator_device": GENERATOR_DEVICE, "uniform_generator": UNIFORM_GENERATOR,
-           "compression": compression}
-    artifact = writer.commit(kind=kind, parents=parents, source=source, recipe=recipe, files=files, run=run)
-    if name:
-        store.tag(artifact.id, name)
-    return JobResult(estimate, artifact, None, executor.computed, executor.skipped)
-
-
-def _stream(executor: Executor, sink) -> None:
-    """Run ``executor`` into ``sink`` (see ``_keep_or_discard``)."""
-    _keep_or_discard(sink, executor.run)
-
-
-def _keep_or_discard(sink, step):
-    """``step()``: an interruption keeps the sink's staging (to resume), any other failure removes it."""
-    try:
-        return step()
-    except KeyboardInterrupt:
-        sink.close()
-        raise
-    except BaseException:
-        sink.abort()
-        raise
+__all__ = ["JobResult", "RunOptions", "convert", "export", "greedy_soup", "import_checkpoint", "lora_merge", "merge",
+           "open_store", "resolve_input", "run_plan", "weighted_sum"]
 
 
 def import_checkpoint(src: str, store: Store, *, name: str | None = None, revision: str | None = None,
@@ -132,46 +52,11 @@ def import_checkpoint(src: str, store: Store, *, name: str | None = None, revisi
     source, lineage, files = resolve_input(None, src, revision)
     with source:
         if dtype:
-            _check_float_target(source, dtype, f"import {src}")
+            check_float_target(source, dtype, f"import {src}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=src)
         return run_plan(store, plan, kind="checkpoint", source=lineage["external"],
-                        recipe={"op": "import", "dtype": dtype}, files=_with_dtype(files, dtype),
+                        recipe={"op": "import", "dtype": dtype}, files=with_dtype(files, dtype),
                         name=name, desc=f"import {os.path.basename(src.rstrip('/'))}", options=options, **run_options)
-
-
-def export(store: Store, ref: str, out_dir: str, *, max_shard_size="5G", dtype: str | None = None,
-           options: RunOptions | None = None, **run_options) -> JobResult:
-    """Write artifact ``ref`` as a Hugging Face directory (sharded safetensors + index + carried files).
-
-    The directory appears complete or not at all; an interrupted export resumes. Its staging
-    (``.OUT.tsllm-partial-*`` beside it) is locked while the export runs, so a concurrent export of
-    the same job fails with StorageError, and registered in the store, so ``gc`` removes it if the
-    export is killed. Of the run options it uses device (default 'cpu'), max_memory, progress and
-    dry_run.
-
-    Example:
-        >>> export(store, "merged", "out/merged", max_shard_size="2G")     # doctest: +SKIP
-    """
-    opts = RunOptions.of(options if options is not None else RunOptions(device="cpu"), **run_options)
-    artifact = store.get(ref)
-    with store.open(ref) as source:
-        if dtype:
-            _check_float_target(source, dtype, f"export {ref}")
-        plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=f"artifact {artifact.short_id}")
-        executor = Executor(plan, None, device=opts.device, max_memory=opts.max_memory, progress=opts.progress,
-                            desc=f"export {artifact.short_id}")
-        if opts.dry_run:
-            return JobResult(executor.estimate())
-        shard_bytes = parse_size(max_shard_size)
-        key = job_key("export", plan.fingerprint(), shard_bytes)
-        from .merge.card import merge_files   # a merge's export carries its recipe and a model card
-
-        carried = {**_with_dtype(store.carried_files(ref), dtype), **merge_files(artifact.manifest.recipe, artifact.manifest.parents)}
-        sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key, files=carried, store_root=store.root)
-        executor.sink = sink
-        _stream(executor, sink)
-        path = _keep_or_discard(sink, sink.commit)
-    return JobResult(executor.estimate(), artifact, path, executor.computed, executor.skipped)
 
 
 def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, options: RunOptions | None = None,
@@ -179,10 +64,10 @@ def convert(store: Store, ref: str, dtype: str, *, name: str | None = None, opti
     """A new artifact with the float tensors of ``ref`` cast to ``dtype`` (round to nearest even)."""
     source, lineage, files = resolve_input(store, ref)
     with source:
-        _check_float_target(source, dtype, f"convert {ref}")
+        check_float_target(source, dtype, f"convert {ref}")
         plan = plan_map("copy", {"src": source}, {"x": "src"}, dtype=dtype, where=ref)
         return run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "source"}],
-                        recipe={"op": "convert", "dtype": by_name(dtype).name}, files=_with_dtype(files, dtype),
+                        recipe={"op": "convert", "dtype": by_name(dtype).name}, files=with_dtype(files, dtype),
                         name=name, desc=f"convert {ref}", options=options, **run_options)
 
 
@@ -201,13 +86,13 @@ def weighted_sum(store: Store, refs: list[str], weights: list[float], *, normali
             opened.append(resolve_input(store, r))
         sources = {f"model{i}": s for i, (s, _, _) in enumerate(opened)}
         if dtype is not None:
-            _check_float_target(opened[0][0], dtype, "weighted sum")
+            check_float_target(opened[0][0], dtype, "weighted sum")
         plan = plan_map("weighted_sum", sources, {"models": list(sources)}, dtype=dtype,
                         params={"weights": weights, "normalize": normalize}, where="weighted sum")
         parents = [{**lineage, "role": "model", "ref": r} for r, (_, lineage, _) in zip(refs, opened)]
         return run_plan(store, plan, kind="checkpoint", parents=parents,
                         recipe={"op": "weighted_sum", "weights": list(weights), "normalize": normalize},
-                        files=_with_dtype(opened[0][2], dtype), name=name, desc="weighted sum", options=options,
+                        files=with_dtype(opened[0][2], dtype), name=name, desc="weighted sum", options=options,
                         **run_options)
     finally:
         for source, _, _ in opened:
@@ -222,36 +107,6 @@ def _check_weights(refs: list[str], weights: list[float]) -> None:
     for i, (ref, w) in enumerate(zip(refs, weights)):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise InvalidParameter(f"weights: weight {i + 1} (model {ref}) must be a finite number, got {w!r}")
-
-
-def _check_float_target(source, dtype: str, where: str) -> None:
-    """Refuse casting float weights to a non-float dtype (int8 would truncate them to integers)."""
-    target = by_name(dtype)
-    if target.is_float:
-        return
-    for name in source.keys():
-        meta = source.meta(name)
-        if by_name(meta.dtype).is_float:
-            raise DTypeError(f"{where}: --dtype {target.name} is not a float dtype: tensor {name!r} is {meta.dtype} and a cast "
-                             f"would truncate its weights to integers (use bfloat16, float16 or float32; "
-                             f"quantisation is not a dtype cast)")
-
-
-def _with_dtype(files: dict[str, str], dtype: str | None) -> dict[str, str | bytes]:
-    """Carried files, with ``config.json``'s dtype updated when the weights change dtype."""
-    files = dict(files)
-    if dtype and "config.json" in files and not isinstance(files["config.json"], bytes):
-        try:
-            with open(files["config.json"], "rb") as f:
-                config = json.loads(f.read())
-        except (OSError, ValueError):
-            return files
-        if isinstance(config, dict):
-            config["torch_dtype"] = by_name(dtype).name
-            if "dtype" in config:
-                config["dtype"] = by_name(dtype).name
-            files["config.json"] = json.dumps(config, indent=2).encode()
-    return files
 
 
 def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "recipe", arithmetic: str = "fp32",
@@ -277,10 +132,6 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     Example:
         >>> merge(store, open("ties.yaml").read(), name="merged", max_memory="4G")   # doctest: +SKIP
     """
-    from .merge.card import with_chat_template
-    from .merge.recipe import load_recipe, prepare_merge
-    from .merge.slices import with_depth
-
     opts = RunOptions.of(options, **run_options)
     parsed = load_recipe(recipe, where)
     refs = list(dict.fromkeys(([parsed.base] if parsed.base else []) + [m.ref for m in parsed.models]))
@@ -289,7 +140,7 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         for ref in refs:
             opened[ref] = resolve_input(store, ref)
         sources = {ref: o[0] for ref, o in opened.items()}
-        files = with_chat_template(_with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
+        files = with_chat_template(with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
                                    [opened[ref][2] for ref in refs], where)   # checked before any work
         files = with_depth(files, parsed, where)   # slices: config.json for the output's layer count
         plan, prepared = prepare_merge(parsed, sources, {ref: o[2] for ref, o in opened.items()}, where, opts, arithmetic)
@@ -319,10 +170,7 @@ def _merge_into_dir(store: Store, plan: Plan, parents: list, recipe_record: dict
                     max_shard_size, name: str | None, desc: str, opts: RunOptions) -> JobResult:
     """Stream ``plan`` into the HF directory ``out_dir`` (resumable, published whole or not at all),
     then commit its lineage as a tensorless ``export`` artifact."""
-    from .merge.card import merge_files
-
-    executor = Executor(plan, None, device=opts.device, max_memory=opts.max_memory, seed=opts.seed,
-                        progress=opts.progress, desc=desc)
+    executor = Executor(plan, None, opts, desc=desc)
     dev = resolve_device(opts.device)
     shard_bytes = parse_size(max_shard_size)
     key = job_key("merge-into-dir", plan.fingerprint(), opts.seed, dev.type, shard_bytes, parents, recipe_record)
@@ -330,12 +178,11 @@ def _merge_into_dir(store: Store, plan: Plan, parents: list, recipe_record: dict
                             files={**files, **merge_files(recipe_record, parents)}, store_root=store.root)
     executor.sink = sink
     estimate = executor.estimate()
-    _stream(executor, sink)
+    stream_into(executor, sink)
     checksums = dict(sink.completed())
     tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for j in plan.jobs for m in j.outputs()}
-    path = _keep_or_discard(sink, sink.commit)
-    run = {"seed": opts.seed, "device": dev.type, "generator_device": GENERATOR_DEVICE,
-           "uniform_generator": UNIFORM_GENERATOR, "max_shard_size": shard_bytes}
+    path = keep_or_discard(sink, sink.commit)
+    run = run_record(opts, dev.type, max_shard_size=shard_bytes)
     writer = store.create(job_key("export", key, tensors, path))
     try:
         writer.prepare([])
@@ -363,8 +210,6 @@ def greedy_soup(store: Store, refs: list[str], score, *, name: str | None = None
     Example:
         >>> greedy_soup(store, ["ft1", "ft2", "ft3"], command_score("python eval.py {path}"), name="soup")  # doctest: +SKIP
     """
-    from .merge import soup
-
     opts = RunOptions.of(options, **run_options)
     steps = soup.SoupSteps(
         average=lambda members: weighted_sum(store, members, [1.0] * len(members), normalize=True, options=opts).artifact,
@@ -395,8 +240,6 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, nam
     Example:
         >>> lora_merge(store, "base", "./my-adapter", name="merged", max_memory="1G")   # doctest: +SKIP
     """
-    from .lora.plans import open_adapter, plan_lora_merge
-
     opts = RunOptions.of(options, **run_options)
     adapter_obj, adapter_source = open_adapter(adapter)
     source, lineage, files = resolve_input(store, base)

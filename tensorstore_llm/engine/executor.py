@@ -17,14 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..dtypes import by_name
+from ..errors import InvalidParameter
 from ..io.base import TensorSink
 from ..ops.registry import get_op
 from ..seeding import RNG_GROUP_ELEMENTS
 from ..units import parse_size
 from .budget import IN_BLOCKS_HELD, OUT_BLOCKS_HELD, MemoryPlanning  # noqa: F401  (OUT_BLOCKS_HELD kept importable here)
-from .compute import TileCompute, _CastOnAccess, _whole_roles, _plain  # noqa: F401  (names kept importable here)
+from .compute import TileCompute, _CastOnAccess, _plain, _whole_roles  # noqa: F401  (names kept importable here)
 from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
+from .options import RunOptions
 from .pipeline import DONE, Pipeline
 from .plan import WHOLE, Plan, TensorJob
 from .progress import Progress
@@ -38,26 +40,30 @@ class Executor(MemoryPlanning, TileCompute):
     """Runs ``plan`` into ``sink``.
 
     Args:
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; decided once, here.
-        max_memory: budget for tensor data held by the engine (e.g. ``"512M"``); interpreter and
-            libraries come on top.
-        seed: run seed for ops that draw random numbers.
+        options: how to run (:class:`RunOptions`): its device (``auto``, ``cpu``, ``cuda`` or
+            ``cuda:N``; decided once, here), max_memory (budget for tensor data held by the engine,
+            e.g. ``"512M"``; interpreter and libraries come on top), seed (for ops that draw
+            random numbers) and progress are used; compression and dry_run belong to the caller.
+        run_options: the same fields as keywords (``max_memory="1G"``), overriding ``options``.
+        desc: label of the progress bar.
         compute_dtype: dtype kernels compute in (fp32 by default).
         tile_workers: threads computing row tiles at once (CPU; default: the usable cores, <= 8).
+        records_path: JSON-lines journal of finished reduction jobs (a re-run skips them).
     Example:
-        >>> Executor(plan, sink, max_memory="1G").run()     # doctest: +SKIP
+        >>> Executor(plan, sink, RunOptions(max_memory="1G")).run()     # doctest: +SKIP
     """
 
-    def __init__(self, plan: Plan, sink: TensorSink | None = None, *, device="auto", max_memory="2G",
-                 seed: int = 0, progress: bool | None = None, compute_dtype: str = "float32",
-                 desc: str = "tsllm", tile_workers: int | None = None, records_path: str | None = None):
+    def __init__(self, plan: Plan, sink: TensorSink | None = None, options: RunOptions | None = None, *,
+                 desc: str = "tsllm", compute_dtype: str = "float32", tile_workers: int | None = None,
+                 records_path: str | None = None, **run_options):
+        self.options = opts = RunOptions.of(options, **run_options)
         self.plan = plan
         self.sink = sink
-        self.device = resolve_device(device)
-        self.budget = parse_size(max_memory)
-        self.seed = int(seed)
+        self.device = resolve_device(opts.device)
+        self.budget = parse_size(opts.max_memory)
+        self.seed = int(opts.seed)
         self.compute_dtype = by_name(compute_dtype).torch
-        self.progress_enabled = progress
+        self.progress_enabled = opts.progress
         self.desc = desc
         self.computed: list[str] = []
         self.skipped: list[str] = []
@@ -97,7 +103,7 @@ class Executor(MemoryPlanning, TileCompute):
     def run(self) -> dict[str, str]:
         """Compute every job not already finished in the sink. Returns output name -> checksum."""
         if self.sink is None and any(j.outputs() for j in self.plan.jobs):
-            raise ValueError("Executor.run needs a sink")
+            raise InvalidParameter("Executor.run: the plan has outputs to write but no sink was given")
         tune_allocator()
         intra_op_threads = torch.get_num_threads()
         if self.tile_workers > 1:

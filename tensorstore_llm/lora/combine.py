@@ -15,6 +15,7 @@ from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
 from ..errors import BaseMismatch, InvalidParameter, RecipeError, ShapeMismatch
 from ..io.base import TensorMeta
 from ..ops.lora_streamed import COMBINE_METHODS, LoraCombineParams, factor_names
+from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Store
 from .artifacts import DictSource, commit_adapter, adapter_info
 from .jobs import _bound_of, _finish, _lora_only, open_adapter_ref
@@ -161,7 +162,6 @@ def _sparse_plan(base_src, loras, weights, method, density, _rank):
 
 
 def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_options, make_plan):
-    from ..api import JobResult, export, resolve_input, run_plan
     from .artifacts import check_binding
 
     source, lineage, files = resolve_input(store, merge_into)

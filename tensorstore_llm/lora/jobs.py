@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import BaseMismatch, InvalidParameter, RecipeError
+from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Artifact, Store
 from .artifacts import (DictSource, adapter_info, binding, check_binding, commit_adapter, export_adapter,
                         is_adapter_artifact, read_adapter_artifact, refuse_other_base)
@@ -76,8 +77,6 @@ def import_adapter(store: Store, adapter_dir: str, base: str, *, name: str | Non
 
     Example: ``import_adapter(store, "./math-lora", "base", name="math")``.
     """
-    from ..api import resolve_input
-
     adapter = read_adapter(adapter_dir)
     source, lineage, files = resolve_input(store, base)
     with source:
@@ -101,7 +100,6 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, tra
 
     Returns: the api ``JobResult`` (``artifact``: the merged checkpoint).
     """
-    from ..api import JobResult, export, resolve_input, run_plan
     from .plans import plan_lora_merge
 
     opened = open_adapter_ref(store, adapter)
@@ -151,8 +149,6 @@ def _bound_of(store: Store, opened: OpenedAdapter, base: str | None) -> dict:
     if base is None:
         raise InvalidParameter(f"{opened.ref} is a directory, not an adapter artifact: give --base, the model it "
                                "belongs to, so the result can be bound to it")
-    from ..api import resolve_input
-
     source, lineage, files = resolve_input(store, base)
     with source:
         _validate(opened.adapter, source, files, where=base)
@@ -230,7 +226,6 @@ def extract(store: Store, ft: str, base: str, *, rank: int | None = None, energy
 
     Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
     """
-    from ..api import resolve_input
     from .streamed import extract as run_extract
 
     _check_rank_energy(rank, energy, "lora extract")
@@ -254,7 +249,6 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
 
     Returns: artifacts = [residual base, adapter (or one per GOAT expert)].
     """
-    from ..api import resolve_input, run_plan
     from .streamed import residual_plan, stacked_factors
     from .streamed import svd_init as run_init
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import BaseMismatch, OutputExists, RecipeError, ShapeMismatch
 from ..lora.artifacts import adapter_info, commit_adapter, weight_names
 from ..lora.peft_format import LoraAdapter, PrefixAdapter, read_adapter, write_adapter
+from ..runs import resolve_input
 from ..store import Artifact, Store
 from .recover import Recovery, recover
 
@@ -72,8 +73,6 @@ def _full_binding(store: Store, plan, adapter: LoraAdapter) -> dict:
 
 
 def _check_fits(store: Store, adapter: LoraAdapter, pruned: str) -> None:
-    from ..api import resolve_input
-
     source, _, _ = resolve_input(store, pruned)
     with source:
         shapes = {m.name: m.shape for m in source.metas()}

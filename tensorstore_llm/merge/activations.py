@@ -24,6 +24,7 @@ import torch
 
 from ..errors import FormatError, InvalidParameter, RecipeError
 from ..io.base import TensorSource
+from ..runs import resolve_input
 
 STATISTIC = "aim-mean-abs-input/1"
 
@@ -141,7 +142,6 @@ def store_activations(store, base: str, corpus: str, *, samples: int = 64, token
     Example:
         >>> store_activations(store, "base", "data/corpus/literature.txt", name="base-aim")   # doctest: +SKIP
     """
-    from ..api import resolve_input
     from ..io.base import TensorMeta
     from ..store import job_key
     from .sensitivity import read_corpus

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..arch import Architecture
 from ..errors import FormatError, InvalidParameter
 from ..io.base import checksum_rows
+from ..runs import export, resolve_input, run_plan
 from ..store import Artifact, Store, job_key
 from . import scores as S
 from .apply import (
@@ -53,8 +54,6 @@ def base_binding(store: Store | None, ref: str, source, lineage: dict, arch: Arc
 
 def model_checksums(store: Store | None, ref: str, names) -> dict[str, str]:
     """Checksums of tensors ``names`` of a model reference (artifact, directory or file)."""
-    from ..api import resolve_input
-
     source, lineage, _ = resolve_input(store, ref)
     with source:
         keys = set(source.keys())
@@ -99,8 +98,6 @@ def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = 
     Example:
         >>> prune(store, "base", ratio=0.3, keep_first=4, keep_last=2, name="small")   # doctest: +SKIP
     """
-    from ..api import export, resolve_input, run_plan
-
     if method not in METHODS:
         raise InvalidParameter(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if pattern not in PATTERNS:
@@ -184,7 +181,6 @@ def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = 
 def _apply_existing(store, base, source, lineage, files, config_raw, plan_ref, name, out_dir, max_shard_size, run,
                     dry_run) -> PruneResult:
     """The pruned checkpoint of an existing plan, after checking the plan belongs to ``base``."""
-    from ..api import export, run_plan
     from .plan import check_binding, check_shapes
 
     plan, artifact = load_plan(store, plan_ref)
