@@ -124,6 +124,30 @@ class ExternalCommandError(TsllmError):
     exit_code = 1
 
 
+class HubUnavailable(ArtifactNotFound):
+    """A hub repository (or its revision) cannot be had: unknown, not in the local cache while
+    ``HF_HUB_OFFLINE`` is set, or the download failed."""
+
+
+class DeviceUnavailable(TsllmError):
+    """The device asked for (``--device cuda``, ``cuda:N``) is not present on this machine."""
+
+    exit_code = 1
+
+
+class PipelineStopped(TsllmError):
+    """A streaming stage stopped because another stage failed or the run was interrupted."""
+
+    exit_code = 1
+
+
+class IncompleteRun(TsllmError):
+    """A run ended without every result it owed (e.g. a remote worker returned nothing for some
+    shards); what finished is kept, so re-running resumes."""
+
+    exit_code = 1
+
+
 class RecipeWarning(UserWarning):
     """A recipe setting that the chosen method ignores (mergekit ignores it too): the recipe
     runs, and the setting is named in a warning instead of refused."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import TsllmError
+from .errors import InvalidParameter
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -14,6 +14,8 @@ def parse_size(text: str | int) -> int:
 
     Returns:
         The size in bytes.
+    Raises:
+        InvalidParameter: ``text`` does not read as a size.
 
     Example:
         >>> parse_size("512M")
@@ -23,7 +25,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise TsllmError(f"cannot read {text!r} as a size; expected e.g. 512M, 4G, 1.5GiB or a byte count")
+        raise InvalidParameter(f"cannot read {text!r} as a size; expected e.g. 512M, 4G, 1.5GiB or a byte count")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * _UNITS[unit])
 

@@ -5,16 +5,24 @@ import os
 
 import torch
 
-from ..errors import TsllmError
+from ..errors import DeviceUnavailable, InvalidParameter
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else must name an available device."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidParameter(f"--device: {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidParameter(f"--device: {device!r} is not supported; expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TsllmError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu or auto")
+        raise DeviceUnavailable(f"device {device!r} was asked for but CUDA is not available here; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} "
+                                f"CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

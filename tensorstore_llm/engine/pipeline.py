@@ -6,7 +6,7 @@ import threading
 import time
 import weakref
 
-from ..errors import TsllmError
+from ..errors import PipelineStopped
 
 DONE = object()   # the end of a stage's stream
 SLOT_WAIT_S = 30.0  # a block whose inputs outlive this after the compute stage is done with them no longer holds the reader back
@@ -86,7 +86,7 @@ class Pipeline:
         while True:
             if self.stop.is_set():
                 self.raise_error()
-                raise TsllmError("stopped")
+                raise PipelineStopped("the streaming run was stopped (another stage failed or it was interrupted)")
             try:
                 return q.get(timeout=0.05)
             except queue.Empty:
