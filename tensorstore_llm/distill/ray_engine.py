@@ -25,7 +25,7 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow as pa
 
-from ..errors import DatasetMismatch, TsllmError
+from ..errors import DatasetMismatch, IncompleteRun, MissingDependency
 from ..hf.corpus import Corpus, read_corpus
 from ..hf.models import describe_causal_lm, head_width
 from ..hf.packing import PackingRule
@@ -113,13 +113,13 @@ def precompute_ray(teachers: list[str] | str, corpus: Corpus | str, out_dir: str
     Returns:
         ``out_dir``, or the committed store Artifact.
     Raises:
-        TsllmError: Ray is not installed. DatasetMismatch: as ``precompute``.
+        MissingDependency: Ray is not installed. DatasetMismatch: as ``precompute``.
     """
     try:
         import ray
         import ray.data
     except ImportError:
-        raise TsllmError("the Ray engine needs Ray Data: pip install 'tensorstore-llm[ray]'") from None
+        raise MissingDependency("the Ray engine needs Ray Data: pip install 'tensorstore-llm[ray]'") from None
     check_settings(config, batch_size=batch_size, shard_sequences=shard_sequences, position_chunk=position_chunk,
                    max_sequences=max_sequences, actors=actors, cpus_per_actor=cpus_per_actor)
     lms = _describe([teachers] if isinstance(teachers, str) else list(teachers), fingerprints, labels)
@@ -195,4 +195,4 @@ def _run(ray, job, todo, lms, config, dtype, position_chunk, actors, cpus_per_ac
             pending.result()
     missing = [job.names[k] for k in parts]
     if missing:
-        raise TsllmError(f"the Ray engine returned no results for {', '.join(missing)}; re-run to resume")
+        raise IncompleteRun(f"the Ray engine returned no results for {', '.join(missing)}; re-run to resume")

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import DatasetMismatch, FormatError, TsllmError
+from ..errors import DatasetMismatch, FormatError, RefError
 from ..io.fsutil import file_sha256
 
 
@@ -52,7 +52,7 @@ def resolve_source(source: str, *, checksum: bool = True) -> tuple[str, str | No
     """(local directory, fingerprint) of an HF directory or hub id ``org/name[@rev]``; the
     fingerprint of a directory is None when ``checksum`` is False.
 
-    Raises FormatError for a directory without config.json, TsllmError for anything else.
+    Raises FormatError for a directory without config.json, RefError for anything else.
     """
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
@@ -62,7 +62,7 @@ def resolve_source(source: str, *, checksum: bool = True) -> tuple[str, str | No
 
     parsed = parse_hub_ref(source)
     if parsed is None:
-        raise TsllmError(f"teacher {source!r} is neither a directory nor a hub id org/name[@revision]")
+        raise RefError(f"teacher {source!r} is neither a directory nor a hub id org/name[@revision]")
     path, commit = snapshot(*parsed)
     return path, hashlib.sha256(f"{parsed[0]}@{commit}".encode()).hexdigest()
 
@@ -81,7 +81,7 @@ def load_causal_lm(source: str, *, dtype: str = "float32", device: str = "cpu", 
         :class:`CausalLM` in eval mode.
     Raises:
         FormatError: the directory is not a transformers checkpoint.
-        TsllmError: a hub id that cannot be resolved.
+        HubUnavailable: a hub id that cannot be resolved.
 
     Example:
         >>> lm = load_causal_lm(smollm2_checkpoint())   # doctest: +SKIP

@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 
 from ..dtypes import by_name, from_storage
-from ..errors import FormatError, OutputExists, TensorNotFound, TsllmError, UnsafeFormat
+from ..errors import ArtifactNotFound, FormatError, OutputExists, TensorNotFound, UnsafeFormat
 from .base import SourceBase, TensorMeta, check_tensor_name
 from .export_partials import LOCK_NAME, ExportLock, partial_dir
 from .journal import Journal
@@ -77,7 +77,7 @@ class HFCheckpointSource(SourceBase):
             self.directory = path
             files = self._shard_files(path)
         else:
-            raise TsllmError(f"{path}: no such file or directory")
+            raise ArtifactNotFound(f"{path}: no such file or directory")
         try:
             self._open_all(files)
         except BaseException:
