@@ -143,6 +143,8 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
         files = with_chat_template(with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
                                    [opened[ref][2] for ref in refs], where)   # checked before any work
         files = with_depth(files, parsed, where)   # slices: config.json for the output's layer count
+        from .merge.vocab import merged_vocabulary   # tokenizer_source / tokenizer: (merge/tokenizer.py)
+        sources, files = merged_vocabulary(parsed, sources, {ref: o[2] for ref, o in opened.items()}, files, where, opts)
         plan, prepared = prepare_merge(parsed, sources, {ref: o[2] for ref, o in opened.items()}, where, opts, arithmetic)
         parents = [{**opened[ref][1], "role": "base" if ref == parsed.base else "model", "ref": ref} for ref in refs]
         recipe_record = {"op": "merge", "merge_method": parsed.method, "recipe": parsed.raw}

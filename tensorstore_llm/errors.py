@@ -89,6 +89,12 @@ class RecipeError(TsllmError):
     exit_code = 7
 
 
+class TokenizerError(RecipeError):
+    """The tokenizers of a merge cannot be combined as the recipe asks: a tokenizer source without
+    tokenizer files, a union over tokenizers that disagree on special tokens, a ``tokens:`` entry
+    naming a model that is not in the recipe or a token that model lacks."""
+
+
 class DatasetMismatch(TsllmError):
     """A dataset (teacher logits, corpus packing) does not match what its reader expects:
     other tokenizer, chat template, packing rule or sampling settings; or a corpus that cannot

@@ -159,9 +159,9 @@ def test_chat_template_is_written_into_the_output(tmp_path, chat_family, setting
 @pytest.mark.parametrize("extra,match", [
     ("chat_template: '{% for m in messages %}{{ m.content }'\n", "chat_template does not parse"),
     ("chat_template: chatml\n", "chat_template 'chatml' is a template name"),
-    ("tokenizer_source: union\n", "tokenizer_source 'union' is not supported"),
-    ("tokenizer: {source: union}\n", "tokenizer.source 'union' is not supported"),
-    ("tokenizer: {source: base, pad_to_multiple_of: 64}\n", "tokenizer.pad_to_multiple_of is not supported"),
+    ("tokenizer_source: union\n", "model .* has no tokenizer files"),
+    ("tokenizer: {source: base, tokens: {x: {source: nobody}}}\n", "model 'nobody' is not in the recipe"),
+    ("tokenizer: {source: base, pad_to_multiple_of: 0}\n", "tokenizer.pad_to_multiple_of must be a positive integer"),
 ])
 def test_tokenizer_and_chat_template_refusals_name_the_key_before_any_work(tmp_path, chat_family, extra, match):
     from tensorstore_llm.errors import RecipeError

@@ -28,7 +28,7 @@ def test_gradients_and_filters_follow_mergekit():
     ("merge_method: ties\nmodels: [a]", "needs base_model"),
     ("merge_method: slerp\nbase_model: a\nmodels: [b, c]", "exactly one other"),
     ("merge_method: linear\nmodels: [a]\nbogus: 1", "unknown key"),
-    ("merge_method: linear\nmodels: [a]\ntokenizer_source: union", "tokenizer_source"),
+    ("merge_method: linear\nmodels: [a]\ntokenizer_source: c", "tokenizer_source 'c' is not a model"),
     ("merge_method: linear\nmodels: [a]\ndtype: float7", "unknown dtype"),
     ("[not, a, mapping", "not valid YAML"),
 ])

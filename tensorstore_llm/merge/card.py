@@ -2,8 +2,8 @@
 ``mergekit_config.yml`` (mergekit's name for it, so hub tooling and ``mergekit-yaml`` read it) and a
 model card (``README.md``) naming the inputs, the method and the tool version, so the recipe is
 not lost when the directory is uploaded. Also the recipe keys that shape those files:
-``chat_template`` (checked to parse, written into ``tokenizer_config.json``) and the
-``tokenizer:`` block (only ``source: base``).
+``chat_template`` (checked to parse, written into ``tokenizer_config.json``); the ``tokenizer:``
+block is read by ``merge/tokenizer.py``.
 """
 from __future__ import annotations
 
@@ -96,24 +96,6 @@ def with_chat_template(files: dict, template: str | None, inputs_files: list[dic
     config = config_of(files[name])
     config["chat_template"] = template
     return {**files, name: json.dumps(config, indent=2, ensure_ascii=False).encode()}
-
-
-def check_tokenizer_block(block: Any, where: str) -> None:
-    """mergekit's ``tokenizer:`` block: only ``source: base`` (the base's tokenizer, as without
-    the block) is accepted; vocabulary union, added tokens and padding are refused."""
-    if block is None:
-        return
-    if not isinstance(block, dict):
-        raise RecipeError(f"{where}: tokenizer must be a mapping (source: base), got {short(block)}")
-    unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
-    if unknown:
-        raise RecipeError(f"{where}: tokenizer has unknown key(s) {unknown}; mergekit's are source, tokens, pad_to_multiple_of")
-    if block.get("source", "base") != "base":
-        raise RecipeError(f"{where}: tokenizer.source {short(block['source'])} is not supported (only 'base': "
-                          f"vocabulary union and other models' tokenizers are not implemented)")
-    for key in ("tokens", "pad_to_multiple_of"):
-        if block.get(key) is not None:
-            raise RecipeError(f"{where}: tokenizer.{key} is not supported (the vocabulary is the base's, unchanged)")
 
 
 def parse_chat_template(value: Any, where: str) -> str | None:

@@ -2,7 +2,8 @@
 
 Accepted as mergekit writes them: ``models`` (each ``model`` + per-model ``parameters``),
 ``base_model``, ``merge_method``, global ``parameters``, ``dtype`` / ``out_dtype``,
-``tokenizer_source`` (``base`` or unset), a ``tokenizer:`` block that only says ``source: base``,
+``tokenizer_source`` (``base``, ``union`` or a model) or a ``tokenizer:`` block (``source``,
+``tokens``, ``pad_to_multiple_of``; rules in ``merge/tokenizer.py``), ``slices`` (``merge/slices.py``),
 and ``chat_template`` (a Jinja template, checked to parse, or ``auto``: the inputs' common
 template), written into the output's ``tokenizer_config.json``. As mergekit, a parameter that
 the method does not use but another method does (e.g. a per-model ``weight`` on ``model_stock``
@@ -11,9 +12,7 @@ or ``slerp``) is ignored with a RecipeWarning; a parameter no method knows is re
 mergekit does) or a list of ``{filter, value}`` conditions (first whose filter is a substring of
 the tensor name, ``*`` or absent matches). Model references are store refs, Hugging Face
 directories or hub repo ids. Not supported (refused with a one-line reason naming the key):
-``slices``, ``modules``, tokenizer merging (``tokenizer_source`` other than ``base``, a
-``tokenizer:`` block with another source, ``tokens`` or ``pad_to_multiple_of``), chat templates
-by name (mergekit's bundled files).
+``modules``, chat templates by name (mergekit's bundled files).
 Computation is fp32; ``out_dtype`` (else ``dtype``, else the base model's dtype) is the output dtype.
 With ``arithmetic="mergekit"`` (linear and the task-arithmetic family) the jobs instead use the
 replay ops (``ops/replay.py``), which redo mergekit 0.1.5's operations in ``dtype``, rounding
@@ -37,8 +36,9 @@ from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import get_op
 from ..ops.replay import REPLAY_OF
 from ..engine.plan import Plan, TensorJob, check_agreement
-from .card import check_tokenizer_block, parse_chat_template
+from .card import parse_chat_template
 from .methods import MergeInputs, Prepared, TensorSlot, all_methods, get_method, method_names
+from .tokenizer import parse_tokenizer_settings
 from .safe_yaml import MAX_DEPTH, MAX_RECIPE_BYTES, RecipeLoader, read_recipe_file, safe_yaml, short  # noqa: F401 (re-exported)
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -73,6 +73,7 @@ class MergeRecipe:
     chat_template: str | None = None   # a Jinja template, "auto", or None (keep the base's)
     slices: list | None = None         # slices.OutputSlice per output slice (``slices:``), else None
     slice_recipes: list | None = None  # one recipe per slice, over its sources' views (slices.py)
+    tokenizer: Any = None              # tokenizer.TokenizerSpec (tokenizer_source / tokenizer:), else None
 
 
 def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
@@ -97,9 +98,6 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     method = raw.get("merge_method")
     if not isinstance(method, str) or method not in method_names():
         raise RecipeError(f"{where}: merge_method {method!r} is not supported; supported: {', '.join(method_names())}")
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise RecipeError(f"{where}: tokenizer_source {raw['tokenizer_source']!r} is not supported (only 'base')")
-    check_tokenizer_block(raw.get("tokenizer"), where)
     chat_template = parse_chat_template(raw.get("chat_template"), where)
     entries = raw.get("models")
     slices = None
@@ -142,6 +140,7 @@ def load_recipe(text: str, where: str = "recipe") -> MergeRecipe:
     if not isinstance(params, dict):
         raise RecipeError(f"{where}: parameters must be a mapping")
     recipe = MergeRecipe(method, models, base, dict(params), out_dtype, raw, dtype, chat_template)
+    recipe.tokenizer = parse_tokenizer_settings(raw, list(dict.fromkeys(([base] if base else []) + [m.ref for m in models])), where)
     _drop_ignored_parameters(recipe, where)
     if slices is not None:
         _split_slices(recipe, slices, where)
