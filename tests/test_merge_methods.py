@@ -42,7 +42,8 @@ def extrapolate():
 def test_builtins_in_documented_order():
     assert METHODS[:6] == ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator")
     assert set(METHODS[6:]) == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                "breadcrumbs_ties", "della", "della_linear", "passthrough", "lore", "aim", "twin"}
+                                "breadcrumbs_ties", "della", "della_linear", "passthrough", "lore", "aim", "twin",
+                                "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
     for name in METHODS:
         method = methods.get_method(name)
         assert isinstance(method, MergeMethod) and method.name == name

@@ -17,6 +17,9 @@ that a merge rounds exactly where mergekit's does: for bit-exact comparisons wit
 - ``mergekit_nuslerp`` / ``mergekit_nuslerp_delta``: ``nuslerp_merge_method`` (without / with a
   base) on whole tensors, with its variants (``flatten``, ``row_wise``); also the fp32 kernel of
   NuSLERP's row-wise and unflattened variants (the streamed ``nuslerp`` op is the flattened one).
+- ``nearswap``, ``sce``, ``arcee_fusion``, ``ram`` and ``ramplus_tl``
+  are their own replays: written with mergekit's order of operations in the
+  compute dtype, they round where mergekit does when planned in the recipe's ``dtype``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ from .sparsify import sparsify, sparsify_passes
 REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic",
              "model_stock": "mergekit_model_stock", "nuslerp": "mergekit_nuslerp", "nuslerp_delta": "mergekit_nuslerp_delta",
              "mergekit_nuslerp": "mergekit_nuslerp", "mergekit_nuslerp_delta": "mergekit_nuslerp_delta",
-             "mergekit_model_stock": "mergekit_model_stock"}
+             "mergekit_model_stock": "mergekit_model_stock",
+             # ops of their own replay: they compute in the compute dtype with mergekit's operations
+             "nearswap": "nearswap", "sce": "sce", "arcee_fusion": "arcee_fusion",
+             "ram": "ram", "ramplus_tl": "ramplus_tl"}
 
 
 @op("mergekit_linear", inputs=("models*",), params=WeightedSumParams, temps=3)

@@ -23,7 +23,7 @@ __all__ = ["JobSpec", "MergeInputs", "MergeMethod", "Param", "Prepared", "Tensor
            "register_method"]
 
 _BUILTIN_MODULES = ("linear", "slerp", "nuslerp", "model_stock", "sens_merging", "mediator", "task_arithmetic", "passthrough",
-                    "lore", "aim", "twin")
+                    "lore", "aim", "twin", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram")
 _REGISTRY: dict[str, MergeMethod] = {}
 _loaded = False
 

@@ -1,0 +1,32 @@
+"""``arcee_fusion``: Arcee Fusion (arcee.ai 2025): take the model's change only where its
+importance — |Δ| times the KL divergence of the row's softmax — is an outlier of the tensor
+(above median + 1.5 IQR)."""
+from __future__ import annotations
+
+from ...engine.plan import InputRef
+from ...errors import RecipeError
+from .base import JobSpec, MergeMethod, others_of
+
+
+class ArceeFusion(MergeMethod):
+    """base_model and exactly one other model; no parameters. Whole tensors (op
+    ``arcee_fusion``): the threshold is a quantile of the whole tensor, computed exactly (mergekit
+    estimates it from 10⁶ random entries in tensors larger than that)."""
+
+    name = "arcee_fusion"
+    replayable = True   # the op computes in the compute dtype with mergekit's operations
+    parameters = {}
+
+    def check(self, recipe, where):
+        if recipe.base is None:
+            raise RecipeError(f"{where}: arcee_fusion needs base_model")
+        if len(others_of(recipe)) != 1:
+            raise RecipeError(f"{where}: arcee_fusion merges base_model with exactly one other model, "
+                              f"got {len(others_of(recipe))}")
+
+    def job(self, recipe, tensor, state):
+        return JobSpec("arcee_fusion", (("base", InputRef(tensor.base, tensor.name)),
+                                        ("model", InputRef(tensor.others[0].ref, tensor.name))))
+
+
+METHODS = (ArceeFusion(),)
