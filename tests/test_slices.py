@@ -2,6 +2,7 @@
 get a correct config.json, tensor names and index, load in transformers, and equal mergekit's
 output on the same generated models (mergekit, when installed); a multi-source slice with
 per-slice parameters and gradients equals a direct formula; bad layer ranges fail before work."""
+import importlib.util
 import json
 import os
 
@@ -136,8 +137,17 @@ def test_matches_mergekit_multi_source_slices(tmp_path, tiny_family):
 @pytest.mark.parametrize("slices,match", [
     ("[{sources: [{model: FT1, layer_range: [0, 3]}]}]", r"slices\[0\].sources\[0\].layer_range \[0, 3\) is out of range: .* has 2 layers"),
     ("[{sources: [{model: FT1, layer_range: [1, 1]}]}]", r"layer_range must be \[start, stop\) with 0 <= start < stop"),
-    ("[{sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 1]}]}]", "same number of layers"),
-    ("[{sources: [{model: FT1, layer_range: [-1, 1]}]}]", "layer_range must be"),
+    ("[{sources: [{model: FT1, layer_range: [2, 3]}]}]", r"slices\[0\].sources\[0\].layer_range \[2, 3\) is out of range"),
+    ("[{sources: [{model: FT1, layer_range: [0, 1]}]}, {sources: [{model: FT2, layer_range: [0, 2]}, "
+     "{model: FT1, layer_range: [1, 3]}]}]", r"slices\[1\].sources\[1\].layer_range \[1, 3\) is out of range: .*ft1 has 2 layers"),
+    ("[{sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 1]}]}]",
+     r"slices\[0\].sources\[1\] \(.*ft2\) layer_range \[0, 1\) spans 1 layer\(s\), but sources\[0\] \(.*ft1\) "
+     r"\[0, 2\) spans 2: every source of a slice must span the same number of layers"),
+    ("[{sources: [{model: FT1, layer_range: [-1, 1]}]}]", r"slices\[0\].sources\[0\].layer_range must be .* got \[-1, 1\]"),
+    ("[{sources: [{model: FT1, layer_range: [2, 1]}]}]", r"slices\[0\].sources\[0\].layer_range must be .* got \[2, 1\]"),
+    ("[{sources: [{model: FT1, layer_range: [0, 1]}]}, {sources: [{model: FT1, layer_range: [1, 0]}]}]",
+     r"slices\[1\].sources\[0\].layer_range must be"),
+    ("[{sources: [{model: FT1, layer_range: [0, 1.5]}]}]", "layer_range must be"),
     ("[{sources: [{model: FT1}]}]", "layer_range must be"),
 ])
 def test_bad_layer_ranges_fail_before_any_work(tmp_path, tiny_family, slices, match):
@@ -147,3 +157,34 @@ def test_bad_layer_ranges_fail_before_any_work(tmp_path, tiny_family, slices, ma
     with pytest.raises(RecipeError, match=match):
         api.merge(store, text, out_dir=str(tmp_path / "hf"), progress=False)
     assert store.list() == [] and not (tmp_path / "hf").exists()
+
+
+def test_overlapping_slices_stack_layers_as_mergekit(tmp_path, tiny_family):
+    """The same layers used twice (self-stacking, depth up-scaling) is accepted, as in mergekit:
+    layers [0, 2) then [0, 2) again, and [1, 2) of a second model, give 5 layers whose tensors are
+    the sources' own."""
+    x, y = tiny_family["ft1"], tiny_family["ft2"]
+    text = (f"merge_method: passthrough\nslices:\n"
+            f"  - sources: [{{model: {x}, layer_range: [0, 2]}}]\n"
+            f"  - sources: [{{model: {x}, layer_range: [0, 2]}}]\n"
+            f"  - sources: [{{model: {y}, layer_range: [1, 2]}}]\n"
+            f"dtype: bfloat16\n")
+    out = tmp_path / "hf"
+    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False)
+    merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
+    origin = {0: (sx, 0), 1: (sx, 1), 2: (sx, 0), 3: (sx, 1), 4: (sy, 1)}
+    for layer, (src, source_layer) in origin.items():
+        for name, value in src.items():
+            if f".layers.{source_layer}." in name:
+                assert torch.equal(merged[name.replace(f".layers.{source_layer}.", f".layers.{layer}.")], value), (layer, name)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+    if importlib.util.find_spec("mergekit") is not None:
+        import yaml
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+                  MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+        theirs = _tensors(tmp_path / "mk")
+        assert sorted(theirs) == sorted(merged)
+        assert all(torch.equal(theirs[name], merged[name]) for name in theirs)

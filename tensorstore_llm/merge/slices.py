@@ -3,7 +3,7 @@ same number of layers from one or more sources (``model`` + ``layer_range: [star
 optional ``parameters``), with optional per-slice ``parameters`` and ``base_model``. With
 ``passthrough`` and one source per slice this builds the "frankenmerge" (e.g. depth up-scaling:
 layers [0, 24) then [8, 32) of one model); overlapping ranges across slices are how those
-repeat layers, so they are allowed, as in mergekit.
+repeat layers, so they are allowed, as in mergekit, even the same range of the same model twice.
 
 As mergekit (``plan.py``): output layer ``offset + i`` of a slice merges layer ``start_j + i``
 of each source j, with gradients interpolated over the slice (t = i / (n - 1), 1 for a one-layer
@@ -34,11 +34,13 @@ class SliceSource:
     start: int
     stop: int
     parameters: dict = field(default_factory=dict)
+    slice_index: int = 0
 
     @property
     def key(self) -> str:
-        """The plan's source key of this source's view."""
-        return f"{self.ref}#layers[{self.start}:{self.stop}]"
+        """The plan's source key of this source's view: unique per slice, since self-stacking
+        recipes list the same model and range in several slices, each renumbered differently."""
+        return f"{self.ref}#slices[{self.slice_index}].layers[{self.start}:{self.stop}]"
 
 
 @dataclass
@@ -82,11 +84,13 @@ def parse_slices(value: Any, ref_of, where: str) -> list[OutputSlice]:
             params = src.get("parameters") or {}
             if not isinstance(params, dict):
                 raise RecipeError(f"{spot}.parameters must be a mapping")
-            sources.append(SliceSource(ref_of(src["model"], f"{spot}.model"), span[0], span[1], dict(params)))
-        lengths = {s.stop - s.start for s in sources}
-        if len(lengths) > 1:
-            raise RecipeError(f"{here}: every source of a slice must span the same number of layers, got "
-                              f"{[[s.start, s.stop] for s in sources]}")
+            sources.append(SliceSource(ref_of(src["model"], f"{spot}.model"), span[0], span[1], dict(params), i))
+        for j, src in enumerate(sources[1:], 1):
+            if src.stop - src.start != sources[0].stop - sources[0].start:
+                raise RecipeError(f"{here}.sources[{j}] ({src.ref}) layer_range [{src.start}, {src.stop}) spans "
+                                  f"{src.stop - src.start} layer(s), but sources[0] ({sources[0].ref}) "
+                                  f"[{sources[0].start}, {sources[0].stop}) spans {sources[0].stop - sources[0].start}: "
+                                  f"every source of a slice must span the same number of layers")
         if len({s.key for s in sources}) != len(sources):
             raise RecipeError(f"{here}: a source is listed twice ({[s.key for s in sources]})")
         params = entry.get("parameters") or {}
@@ -158,12 +162,13 @@ def plan_slices(recipe, slice_recipes, sources: Mapping[str, Any], plan_one, whe
     for ref in dict.fromkeys(s.ref for out in recipe.slices for s in out.sources):
         layers = {_layer_of(n) for n in sources[ref].keys()} - {None}
         depth[ref] = max(layers) + 1 if layers else 0
-    jobs, views, offset = [], {}, 0
-    for i, (out, sub) in enumerate(zip(recipe.slices, slice_recipes)):
+    for i, out in enumerate(recipe.slices):   # every range first: no slice is planned before all are known good
         for j, src in enumerate(out.sources):
             if src.stop > depth[src.ref]:
                 raise RecipeError(f"{where}: slices[{i}].sources[{j}].layer_range [{src.start}, {src.stop}) is out of range: "
                                   f"{src.ref} has {depth[src.ref]} layers")
+    jobs, views, offset = [], {}, 0
+    for i, (out, sub) in enumerate(zip(recipe.slices, slice_recipes)):
         slice_views = {}
         for src in out.sources:
             renames = {}
