@@ -1,14 +1,15 @@
 """Precompute a teacher's sparse targets over a packed corpus once, as a sharded dataset.
 
-The teacher runs over the packed sequences in batches; its final hidden states are turned into
-logits ``position_chunk`` positions at a time (the [batch, seq, vocab] tensor never exists), each
-chunk is softmaxed in fp32, sampled (RS-KD), truncated (top-k) or kept (full) on the model's device,
-and freed; only the sparse result is copied to the CPU. Shard k
+The teacher runs over the packed sequences in batches (``teacher_pass``): its final hidden states
+are turned into logits ``position_chunk`` positions at a time (the [batch, seq, vocab] tensor
+never exists), each chunk is softmaxed in fp32, sampled (RS-KD), truncated (top-k) or kept (full)
+on the model's device, and freed; only the sparse result is copied back to the host, on a GPU
+asynchronously (pinned buffers, a side stream, an event per chunk). Shard k
 holds sequences ``[k * shard_sequences, (k + 1) * shard_sequences)``; a re-run after a crash
 keeps the journalled shards and recomputes the rest, and because draws are seeded per sequence
 (``sampling.sequence_uniforms``) the result is byte-identical to an uninterrupted run. A shard is
-encoded, compressed, written, read back and journalled in a background thread while the teacher
-computes the next one (at most one shard waits).
+collected from the device, encoded, compressed, written, read back and journalled in a background
+thread while the teacher computes the next one (at most one shard waits).
 
 Several teachers sharing a tokenizer go into one dataset: every batch runs through each teacher,
 and each keeps its own target columns (``encoding.encode_teachers``); teacher j > 0 draws from its
@@ -28,12 +29,11 @@ import torch
 
 from ..errors import DatasetMismatch
 from ..hf.corpus import Corpus, read_corpus
-from ..hf.models import CausalLM, check_vocab, final_hidden, head_logits, load_causal_lm
+from ..hf.models import CausalLM, check_vocab, load_causal_lm
 from ..hf.packing import Packing, PackingRule
-from . import sampling
 from .encoding import CODEC, SequenceTargets, encode_teachers, schema
-from .sampling import SparseRows
 from .shards import ZSTD_LEVEL, ShardWriter
+from .teacher_pass import PendingTargets, teacher_targets, teacher_targets_async  # noqa: F401  (re-exported)
 
 FORMAT = "tsllm-logits-v1"
 METHODS = ("rs-kd", "top-k", "full")
@@ -105,62 +105,33 @@ def dataset_info(lm: CausalLM | list[CausalLM], corpus: Corpus, packing: Packing
     return info
 
 
-def _concat_rows(parts: list[SparseRows]) -> SparseRows:
-    offsets = [np.zeros(1, dtype=np.int64)]
-    base = 0
-    for p in parts:
-        offsets.append(p.offsets[1:] + base)
-        base += int(p.offsets[-1])
+def encode_batch_async(lms: list[CausalLM], input_ids: np.ndarray, sequence_indices: list[int], config: SamplingConfig, *,
+                       alignment: list[tuple[str, np.ndarray]] | None = None, position_chunk: int = 128):
+    """Run every teacher over ``input_ids`` (int32 [batch, seq_len]) and return a function that
+    waits for the results to reach the host and encodes the batch's shard rows (a ``pa.Table``).
 
-    def cat(field):
-        values = [getattr(p, field) for p in parts]
-        return None if values[0] is None else np.concatenate(values)
-    return SparseRows(np.concatenate(offsets), cat("ids"), cat("counts"), cat("weights"), cat("logprobs"), cat("coverage"))
-
-
-def teacher_targets(lm: CausalLM, input_ids: torch.Tensor, sequence_indices: list[int], config: SamplingConfig,
-                    *, position_chunk: int = 128, teacher: int = 0) -> tuple[list[SparseRows], list[np.ndarray]]:
-    """Sparse targets (and per-token teacher NLL) for a batch of packed sequences.
-
-    Args:
-        lm: the teacher.
-        input_ids: int64 [batch, seq_len].
-        sequence_indices: global index of each row (seeds its RS-KD draws).
-        config: what to keep per position.
-        position_chunk: positions per LM-head application.
-        teacher: the teacher's index in a several-teacher dataset (selects its draw stream).
-    Returns:
-        (rows per sequence, nll per sequence) where nll[j] = -log p(x_j | x_<j) at T = 1 and
-        nll[0] = NaN (all NaN unless ``config.alignment``).
+    The precompute calls the function in its writer thread, so that on a GPU the copies back,
+    the encoding and the writes run behind the next forward pass. ``alignment`` (text, character
+    offsets) per sequence is stored when ``config.alignment``.
     """
-    V = lm.real_vocab
-    B, L = input_ids.shape
-    parts: list[list[SparseRows]] = [[] for _ in range(B)]
-    nll = np.full((B, L), np.nan, dtype=np.float32)
-    with torch.inference_mode():
-        hidden = final_hidden(lm.model, input_ids.to(lm.model.device))
-        for s in range(0, L, position_chunk):
-            e = min(L, s + position_chunk)
-            logits = head_logits(lm.model, hidden[:, s:e], V)                      # [B, c, V] fp32, on the device
-            if config.alignment:                                                      # teacher NLL at T = 1
-                nxt = input_ids[:, s + 1:e + 1].to(logits.device)                    # [B, c'] next tokens
-                c = nxt.shape[1]
-                lse = torch.logsumexp(logits[:, :c], dim=-1)
-                nll[:, s + 1:s + 1 + c] = (lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)).cpu().numpy()
-            if config.method == "rs-kd":                                             # all sequences of the batch at once
-                c = e - s
-                probs = sampling.proportional_probs_(logits, config.temperature).view(B * c, V)   # overwrites logits
-                u = torch.cat([sampling.sequence_uniforms(config.seed, sequence_indices[b], L, config.draws, s, e, teacher)
-                               for b in range(B)])                                    # [B * c, N]
-                rows = sampling.rs_kd(probs, u, tau=config.tau, self_normalise=config.self_normalise)
-                for b, r in enumerate(sampling.split_rows(rows, B)):
-                    parts[b].append(r)
-            else:
-                probs = sampling.teacher_probs(logits, config.temperature)         # [B, c, V]
-                for b in range(B):
-                    parts[b].append(sampling.top_k(probs[b], config.k) if config.method == "top-k" else sampling.full(probs[b]))
-            del logits, probs
-    return [_concat_rows(p) for p in parts], list(nll)
+    ids = torch.from_numpy(input_ids.astype(np.int64))
+    pendings = [teacher_targets_async(lm, ids, sequence_indices, config, position_chunk=position_chunk, teacher=j)
+                for j, lm in enumerate(lms)]
+
+    def encode() -> pa.Table:
+        per_teacher = []
+        for pending in pendings:
+            rows, nll = pending.result()
+            seqs = []
+            for b, (i, r) in enumerate(zip(sequence_indices, rows)):
+                seq = SequenceTargets(i, input_ids[b], r)
+                if config.alignment:
+                    seq.text, seq.char_offsets = alignment[b]
+                    seq.nll = nll[b]
+                seqs.append(seq)
+            per_teacher.append(seqs)
+        return encode_teachers(config.kind, per_teacher, lms[0].real_vocab, config.draws)
+    return encode
 
 
 def encode_batch(lms: list[CausalLM], input_ids: np.ndarray, sequence_indices: list[int], config: SamplingConfig, *,
@@ -169,19 +140,8 @@ def encode_batch(lms: list[CausalLM], input_ids: np.ndarray, sequence_indices: l
 
     ``alignment`` (text, character offsets) per sequence is stored when ``config.alignment``.
     """
-    ids = torch.from_numpy(input_ids.astype(np.int64))
-    per_teacher = []
-    for j, lm in enumerate(lms):
-        rows, nll = teacher_targets(lm, ids, sequence_indices, config, position_chunk=position_chunk, teacher=j)
-        seqs = []
-        for b, (i, r) in enumerate(zip(sequence_indices, rows)):
-            seq = SequenceTargets(i, input_ids[b], r)
-            if config.alignment:
-                seq.text, seq.char_offsets = alignment[b]
-                seq.nll = nll[b]
-            seqs.append(seq)
-        per_teacher.append(seqs)
-    return encode_teachers(config.kind, per_teacher, lms[0].real_vocab, config.draws)
+    return encode_batch_async(lms, input_ids, sequence_indices, config, alignment=alignment,
+                              position_chunk=position_chunk)()
 
 
 def shard_table(batch_tables: list[pa.Table], target: pa.Schema) -> pa.Table:
@@ -251,6 +211,11 @@ class PrecomputeJob:
         files = {shard: {"sha256": self.done[shard]} for shard in self.names}
         return self.writer.commit(kind="logits", parents=list(parents or [t.fingerprint for t in self.lms]),
                                   info=self.info, files=files)
+
+
+def _encode_and_write(job: PrecomputeJob, k: int, encoders: list) -> None:
+    """Writer thread: wait for shard k's batches to reach the host, encode, write and journal it."""
+    job.write(k, shard_table([encode() for encode in encoders], job.schema))
 
 
 def check_settings(config: SamplingConfig, **sizes) -> None:
@@ -323,15 +288,16 @@ def precompute(teacher: CausalLM | str | list, corpus: Corpus | str, out_dir: st
                     if progress:
                         progress(job.shard_range(k)[1], job.total)
                     continue
-                tables = []
+                encoders = []                         # per batch: wait for its copies back, encode
                 for idx in job.batches(k):
                     input_ids, alignment = job.batch_inputs(idx)
-                    tables.append(encode_batch(lms, input_ids, idx, config, alignment=alignment, position_chunk=position_chunk))
+                    encoders.append(encode_batch_async(lms, input_ids, idx, config, alignment=alignment,
+                                                       position_chunk=position_chunk))
                     if progress:
                         progress(idx[-1] + 1, job.total)
                 if pending is not None:
                     pending.result()                  # at most one shard waits to be written
-                pending = behind.submit(job.write, k, shard_table(tables, job.schema))
+                pending = behind.submit(_encode_and_write, job, k, encoders)
             if pending is not None:
                 pending.result()
     except BaseException:

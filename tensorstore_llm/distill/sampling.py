@@ -128,12 +128,57 @@ def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return new.sum(dim=1), torch.div(starts, N, rounding_mode="floor"), ids, ends - starts
 
 
+def rs_kd_tensors(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0,
+                  self_normalise: bool = False) -> dict:
+    """RS-KD targets as tensors on ``probs``' device, ready for :func:`rows_from_tensors`.
+
+    Same arguments as :func:`rs_kd`. Returns {"per_row": int64 [P] stored ids per position,
+    "ids": int32 [nnz], "counts": uint8 [nnz] (int32 when N > 255), "coverage": float32 [P],
+    "weights": float32 [nnz] for τ ≠ 1 else None}: all the device work, nothing copied back.
+    """
+    P, N = uniforms.shape
+    q = probs if tau == 1.0 else probs.clamp_min(0).pow(tau)
+    draws, q_total = inverse_cdf(q, uniforms.to(probs.device))
+    per_row, rows, ids, counts = unique_counts(draws)
+    t_total = q_total if tau == 1.0 else probs.sum(dim=-1, dtype=torch.float64)
+    t_sel = probs[rows, ids].double() / t_total[rows]                              # [nnz] normalised t
+    coverage = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, t_sel)
+    out = {"per_row": per_row, "ids": ids.to(torch.int32), "counts": counts.to(torch.uint8 if N < 256 else torch.int32),
+           "coverage": coverage.float(), "weights": None}
+    if tau != 1.0:
+        q_sel = q[rows, ids].double() / q_total[rows]
+        w = (counts.double() / N) * (t_sel / q_sel)
+        if self_normalise:
+            total = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, w)
+            w = w / total[rows]
+        out["weights"] = w.float()
+    return out
+
+
+def rows_from_tensors(tensors: dict, draws: int | None = None) -> SparseRows:
+    """:class:`SparseRows` from the tensors of :func:`rs_kd_tensors` / :func:`top_k_tensors` /
+    :func:`full_tensors` (host tensors, or device tensors copied here); ``draws`` (N) sets the
+    count dtype, uint8 below 256 draws and uint16 from there."""
+    def host(name):
+        t = tensors.get(name)
+        return None if t is None else t.cpu().numpy()
+    per_row = host("per_row")
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=offsets[1:])
+    counts = host("counts")
+    if counts is not None:
+        counts = counts.astype(np.uint8 if draws is not None and draws < 256 else np.uint16)
+    return SparseRows(offsets, host("ids").astype(np.int32, copy=False), counts, host("weights"), host("logprobs"),
+                      host("coverage"))
+
+
 def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self_normalise: bool = False) -> SparseRows:
     """RS-KD targets for positions whose teacher distribution t is proportional to ``probs`` [P, V].
 
     ``probs`` is fp32 and non-negative; rows need not sum to 1 (``proportional_probs_`` output
     is fine: t = probs / row sum). Runs on ``probs``' device (uniforms are moved there); only the
-    sparse result is copied back.
+    sparse result is copied back (``rs_kd_tensors`` + ``rows_from_tensors``; the precompute
+    copies asynchronously in between, ``host_copy.HostCopy``).
 
     Args:
         probs: teacher distribution t per position, up to a positive factor per row.
@@ -149,25 +194,7 @@ def rs_kd(probs: torch.Tensor, uniforms: torch.Tensor, *, tau: float = 1.0, self
         >>> int(rows.counts.sum())
         50
     """
-    P, N = uniforms.shape
-    q = probs if tau == 1.0 else probs.clamp_min(0).pow(tau)
-    draws, q_total = inverse_cdf(q, uniforms.to(probs.device))
-    per_row, rows, ids, counts = unique_counts(draws)
-    t_total = q_total if tau == 1.0 else probs.sum(dim=-1, dtype=torch.float64)
-    t_sel = probs[rows, ids].double() / t_total[rows]                              # [nnz] normalised t
-    coverage = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, t_sel)
-    offsets = np.zeros(P + 1, dtype=np.int64)
-    np.cumsum(per_row.cpu().numpy(), out=offsets[1:])
-    out = SparseRows(offsets, ids.cpu().numpy().astype(np.int32), counts.cpu().numpy().astype(np.uint8 if N < 256 else np.uint16),
-                     coverage=coverage.float().cpu().numpy())
-    if tau != 1.0:
-        q_sel = q[rows, ids].double() / q_total[rows]
-        w = (counts.double() / N) * (t_sel / q_sel)
-        if self_normalise:
-            total = torch.zeros(P, dtype=torch.float64, device=probs.device).index_add_(0, rows, w)
-            w = w / total[rows]
-        out.weights = w.float().cpu().numpy()
-    return out
+    return rows_from_tensors(rs_kd_tensors(probs, uniforms, tau=tau, self_normalise=self_normalise), uniforms.shape[1])
 
 
 def split_rows(rows: SparseRows, parts: int) -> list[SparseRows]:
@@ -182,26 +209,34 @@ def split_rows(rows: SparseRows, parts: int) -> list[SparseRows]:
     return out
 
 
-def top_k(probs: torch.Tensor, k: int) -> SparseRows:
-    """The k most probable ids per position (ascending id order) and their log-probs (fp32)."""
+def top_k_tensors(probs: torch.Tensor, k: int) -> dict:
+    """Top-k targets as tensors on ``probs``' device (see :func:`top_k`; for :func:`rows_from_tensors`)."""
     P, V = probs.shape
     k = min(int(k), V)
     values, ids = torch.topk(probs, k, dim=-1)
     ids, order = torch.sort(ids, dim=-1)
     values = torch.gather(values, 1, order)
-    offsets = np.arange(0, P * k + 1, k, dtype=np.int64)
-    return SparseRows(offsets, ids.reshape(-1).cpu().numpy().astype(np.int32),
-                      logprobs=torch.log(values.clamp_min(1e-30)).reshape(-1).cpu().numpy(),
-                      coverage=values.sum(dim=-1).cpu().numpy())
+    return {"per_row": torch.full((P,), k, dtype=torch.int64, device=probs.device),
+            "ids": ids.reshape(-1).to(torch.int32), "logprobs": torch.log(values.clamp_min(1e-30)).reshape(-1),
+            "coverage": values.sum(dim=-1)}
+
+
+def top_k(probs: torch.Tensor, k: int) -> SparseRows:
+    """The k most probable ids per position (ascending id order) and their log-probs (fp32)."""
+    return rows_from_tensors(top_k_tensors(probs, k))
+
+
+def full_tensors(probs: torch.Tensor) -> dict:
+    """Every id with its log-prob, as tensors on ``probs``' device (see :func:`full`)."""
+    P, V = probs.shape
+    return {"per_row": torch.full((P,), V, dtype=torch.int64, device=probs.device),
+            "ids": torch.arange(V, dtype=torch.int32, device=probs.device).repeat(P),
+            "logprobs": torch.log(probs.clamp_min(1e-30)).reshape(-1), "coverage": probs.sum(dim=-1)}
 
 
 def full(probs: torch.Tensor) -> SparseRows:
     """Every id with its log-prob: the dense reference, for tiny tests only."""
-    P, V = probs.shape
-    offsets = np.arange(0, P * V + 1, V, dtype=np.int64)
-    ids = np.tile(np.arange(V, dtype=np.int32), P)
-    return SparseRows(offsets, ids, logprobs=torch.log(probs.clamp_min(1e-30)).reshape(-1).cpu().numpy(),
-                      coverage=probs.sum(dim=-1).cpu().numpy())
+    return rows_from_tensors(full_tensors(probs))
 
 
 def dense_targets(rows: SparseRows, vocab: int, draws: int | None = None) -> torch.Tensor:

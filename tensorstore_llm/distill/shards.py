@@ -22,8 +22,8 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..io.fsutil import file_sha256, fsync_path
 from ..errors import DatasetMismatch, FormatError, IntegrityError, OutputExists
+from ..io.fsutil import file_sha256, fsync_path
 
 MANIFEST = "dataset.json"
 JOURNAL = "journal.jsonl"
