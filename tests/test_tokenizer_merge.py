@@ -108,3 +108,193 @@ def test_union_linear_rows_follow_the_rules(tmp_path, vocab_family):
     torch.testing.assert_close(merged["model.layers.1.mlp.up_proj.weight"],
                                0.3 * ta["model.layers.1.mlp.up_proj.weight"] + 0.7 * tb["model.layers.1.mlp.up_proj.weight"],
                                rtol=0, atol=1e-7)
+
+
+TOKENS_RECIPE = """merge_method: task_arithmetic
+base_model: {a}
+models:
+  - model: {b}
+    parameters: {{weight: 0.8}}
+tokenizer:
+  source: union
+  pad_to_multiple_of: 64
+  tokens:
+    "<tool>": {{source: {{kind: model_token, model: {a}, token: "<|im_end|>"}}}}
+    "<|im_start|>": {{source: {{kind: zero}}, force: true}}
+    "<new>": {{source: {{kind: model_token, model: {b}, token_id: 5}}}}
+"""
+
+
+def _rows_by_rule(vocab, rows, own, fill):
+    """A model's rows in the output vocabulary: its own row, else the fill; padding: the mean."""
+    out = []
+    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        out.append(own(token) if own(token) is not None else fill(token))
+    out = torch.stack(out)
+    return torch.cat([out, out.mean(0, keepdim=True).expand(rows - len(vocab), -1)])
+
+
+def test_tokens_block_force_sources_and_padding(tmp_path, vocab_family):
+    """task_arithmetic a + 0.8 (b - a) over the union padded to 64: forced tokens take their source
+    in every model, a token one model lacks takes the other's row (or the named model_token row),
+    a token no model has its named row, padding rows each model's mean row."""
+    a, b = vocab_family["a"], vocab_family["b"]
+    out = _merge(tmp_path, TOKENS_RECIPE.format(a=a, b=b))
+    vocab, va, vb = _vocab(out), _vocab(a), _vocab(b)
+    assert set(vocab) == set(va) | set(vb) | {"<new>"}
+    rows = -(-len(vocab) // 64) * 64
+    assert rows > len(vocab) and json.load(open(os.path.join(out, "config.json")))["vocab_size"] == rows
+    merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+    for name in VOCAB_NAMES:
+        zero = torch.zeros(64)
+
+        def fill(token, name=name):
+            if token == "<|im_start|>":
+                return zero
+            if token == "<tool>":
+                return ta[name][va["<|im_end|>"]]
+            if token == "<new>":
+                return tb[name][5]
+            return ta[name][va[token]] if token in va else tb[name][vb[token]]
+
+        def own_a(token, name=name):
+            return None if token == "<|im_start|>" or token not in va else ta[name][va[token]]
+
+        def own_b(token, name=name):
+            return None if token == "<|im_start|>" or token not in vb else tb[name][vb[token]]
+
+        rows_a, rows_b = _rows_by_rule(vocab, rows, own_a, fill), _rows_by_rule(vocab, rows, own_b, fill)
+        assert merged[name].shape == (rows, 64)
+        torch.testing.assert_close(merged[name], rows_a + 0.8 * (rows_b - rows_a), rtol=0, atol=2e-7)
+        assert torch.equal(merged[name][vocab["<|im_start|>"]], zero)
+
+
+def test_blocking_does_not_change_the_result_and_tokenizer_travels_with_the_artifact(tmp_path, vocab_family):
+    """A tight --max-memory (many small gathered blocks, the padding mean summed over many tiles)
+    gives the same bytes; the store artifact carries the merged tokenizer and config to its export."""
+    text = TOKENS_RECIPE.format(**vocab_family)
+    wide = _tensors(_merge(tmp_path / "wide", text, max_memory="1G"))
+    store = Store(str(tmp_path / "store"))
+    art = api.merge(store, text, progress=False, max_memory="64K").artifact
+    exported = tmp_path / "export"
+    api.export(store, art.id, str(exported), progress=False)
+    narrow = _tensors(str(exported))
+    assert wide.keys() == narrow.keys() and all(torch.equal(wide[k], narrow[k]) for k in wide)
+    assert _vocab(str(exported)) == _vocab(_merge(tmp_path / "again", text))
+
+
+def _mergekit(text, out):
+    pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit) — comparison skipped")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True))
+    return str(out)
+
+
+def _logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("recipe,same_ids", [
+    (TOKENS_RECIPE, False),
+    ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {c}\n"
+     "    parameters: {{weight: 0.6}}\nbase_model: {a}\ntokenizer_source: union\n", True),
+    ("merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+     "tokenizer_source: {b}\n", True),
+])
+def test_matches_mergekit(tmp_path, vocab_family, recipe, same_ids):
+    """Same recipe through mergekit (fp32): the same vocabulary (the same ids, except that mergekit
+    numbers several new ordinary tokens in hash order), the same rows and the same logits."""
+    text = recipe.format(**vocab_family) + "dtype: float32\n"
+    ours, theirs = _merge(tmp_path, text), _mergekit(text, tmp_path / "mk")
+    vo, vt = _vocab(ours), _vocab(theirs)
+    assert set(vo) == set(vt)
+    if same_ids:
+        assert vo == vt
+    fixed = set(_vocab(vocab_family["a"])) if "union" in text else set(vo)
+    assert all(vo[t] == vt[t] for t in fixed | ({"<tool>", "<new>"} & set(vo)))
+    order = sorted(vo, key=vo.get)
+    to_theirs = torch.tensor([vt[t] for t in order])
+    mine, other = _tensors(ours), _tensors(theirs)
+    assert mine.keys() == other.keys()
+    for name, value in mine.items():
+        if name in VOCAB_NAMES:
+            assert value.shape == other[name].shape
+            torch.testing.assert_close(value[:len(vo)], other[name][to_theirs], rtol=0, atol=1e-6)
+            torch.testing.assert_close(value[len(vo):], other[name][len(vo):], rtol=0, atol=1e-6)   # padding
+        else:
+            torch.testing.assert_close(value, other[name], rtol=0, atol=1e-6)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(ours)("It was the best of times, <tool> it was the worst")["input_ids"]
+    theirs_ids = [vt[order[i]] for i in ids]
+    torch.testing.assert_close(_logits(ours, ids)[:, :len(vo)], _logits(theirs, theirs_ids)[:, to_theirs], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ("merge_method: linear\nmodels: [{a}, {d}]\ntokenizer_source: union\n", "eos_token is '<|im_end|>' in .* but '<|endoftext|>'"),
+    ("merge_method: linear\nmodels: [{a}, {b}]\ntokenizer: {{tokens: {{x: {{source: {c}}}}}}}\n", "model .* is not in the recipe"),
+    ("merge_method: linear\nmodels: [{a}, {b}]\ntokenizer: {{source: union, tokens: {{'<tool>': {{source: {a}, force: true}}}}}}\n",
+     "token '<tool>': its source model .* does not have this token"),
+    ("merge_method: linear\nmodels: [{a}, {ft1}]\ntokenizer_source: union\n", "model .*ft1 has no tokenizer files"),
+    ("merge_method: linear\nmodels: [{a}, {ft1}]\ntokenizer_source: {ft1}\n", "tokenizer source .*ft1: model .*ft1 has no tokenizer files"),
+])
+def test_bad_tokenizer_settings_fail_before_any_work(tmp_path, vocab_family, tiny_family, cli, recipe, match):
+    text = recipe.format(**vocab_family, ft1=tiny_family["ft1"])
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(TokenizerError, match=match):
+        api.merge(store, text, out_dir=str(tmp_path / "hf"), progress=False)
+    assert store.list() == [] and not (tmp_path / "hf").exists()
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    code, _, err = cli("--store", tmp_path / "s2", "-q", "merge", path, "-o", tmp_path / "hf2")
+    assert code == RecipeError.exit_code and "token" in err.lower()
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_base_without_tokenizer_files_keeps_the_old_meaning(tmp_path, tiny_family):
+    """tokenizer_source: base over models that carry no tokenizer and share one vocabulary size:
+    nothing to map, the same tensors as without the setting."""
+    text = f"merge_method: linear\nmodels: [{tiny_family['ft1']}, {tiny_family['ft2']}]\nparameters: {{weight: 1}}\n"
+    plain = api.merge(Store(str(tmp_path / "a")), text, progress=False).artifact
+    based = api.merge(Store(str(tmp_path / "b")), text + "tokenizer_source: base\n", progress=False).artifact
+    assert based.manifest.tensors == plain.manifest.tensors
+
+
+def test_tied_embeddings(tmp_path, vocab_family):
+    """Models that tie their LM head to the embedding (no lm_head tensor): the embedding is laid
+    out in the union vocabulary, the output stays tied and loads in transformers."""
+    tied = {}
+    for key in ("a", "b"):
+        path = tmp_path / f"tied-{key}"
+        path.mkdir()
+        tensors = {k: v for k, v in _tensors(vocab_family[key]).items() if k != "lm_head.weight"}
+        save_file(tensors, str(path / "model.safetensors"))
+        for f in os.listdir(vocab_family[key]):
+            if not f.endswith(".safetensors"):
+                (path / f).write_bytes(open(os.path.join(vocab_family[key], f), "rb").read())
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        tied[key] = str(path)
+    text = (f"merge_method: linear\nmodels:\n  - model: {tied['a']}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {tied['b']}\n    parameters: {{weight: 0.5}}\ntokenizer_source: union\n")
+    out = _merge(tmp_path, text)
+    merged, vocab, va, vb = _tensors(out), _vocab(out), _vocab(tied["a"]), _vocab(tied["b"])
+    assert "lm_head.weight" not in merged
+    ta, tb = _tensors(tied["a"]), _tensors(tied["b"])
+    name = "model.embed_tokens.weight"
+    for token, i in vocab.items():
+        row_a = ta[name][va[token]] if token in va else tb[name][vb[token]]
+        row_b = tb[name][vb[token]] if token in vb else ta[name][va[token]]
+        torch.testing.assert_close(merged[name][i], 0.5 * row_a + 0.5 * row_b, rtol=0, atol=1e-7)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight, merged[name])
