@@ -298,3 +298,20 @@ def test_tied_embeddings(tmp_path, vocab_family):
 
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     assert torch.equal(model.lm_head.weight, merged[name])
+
+
+def test_gather_rows_equals_indexing(tmp_path):
+    """gather_rows equals plain indexing for any order, repeats and block size."""
+    import numpy as np
+
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.merge.vocab import gather_rows
+
+    table = torch.randn(1000, 3)
+    save_file({"t": table}, str(tmp_path / "t.safetensors"))
+    rng = np.random.default_rng(0)
+    with HFCheckpointSource(str(tmp_path / "t.safetensors")) as source:
+        for count in (1, 7, 64, 300, 1000, 2500):
+            index = rng.integers(0, 1000, count)
+            assert torch.equal(gather_rows(source, "t", index), table[torch.from_numpy(index)])
+        assert torch.equal(gather_rows(source, "t", np.arange(100, 400)), table[100:400])

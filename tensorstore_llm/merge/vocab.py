@@ -6,8 +6,8 @@ the output's rows, each block gathered by index from the model's own rows, the t
 filled by the stated rule (rows of other models, averaged in fp32, or zeros), padding rows set to
 the model's mean row; every other tensor passes through. The engine reads views by rows as it
 reads any source, so a merge over different vocabularies keeps ``--max-memory``: a block of k
-output rows reads at most about 9k rows of each model it draws from (runs of nearby indices are
-read together, gaps over ``GAP`` rows split them). The engine's plans have no gather relation,
+output rows holds, besides itself, at most one read of about k rows of a model it draws from
+(``gather_rows``). The engine's plans have no gather relation,
 so the gather lives here, in a view, as ``slices.LayerView`` renames layers.
 
 The padding mean needs every real row first: :func:`vocabulary_views` asks the engine for it as
@@ -27,7 +27,7 @@ from ..dtypes import by_name
 from ..errors import ShapeMismatch, TokenizerError
 from .tokenizer import Vocabulary
 
-GAP = 8   # index gaps up to this many rows are read through rather than split into two reads
+MIN_CHUNK = 64   # rows: the smallest read unit of a gather
 
 
 def vocab_tensor_names(names, config: dict | None) -> list[str]:
@@ -45,23 +45,23 @@ def vocab_tensor_names(names, config: dict | None) -> list[str]:
 
 
 def gather_rows(source, name: str, index: np.ndarray) -> torch.Tensor:
-    """Rows ``index`` (any order, repeats allowed) of tensor ``name``, read in runs of nearby rows."""
+    """Rows ``index`` (any order, repeats allowed) of tensor ``name``. The tensor is seen as
+    aligned chunks of ``max(len(index), MIN_CHUNK)`` rows; each chunk holding wanted rows is read
+    once, from its first to its last wanted row, so at most one chunk (about the block's own size)
+    is held besides the result, and a block of nearby rows is one read."""
     if len(index) == 0:
         meta = source.meta(name)
         return torch.empty((0, *meta.shape[1:]), dtype=by_name(meta.dtype).torch)
     order = np.unique(index)
-    cuts = np.nonzero(np.diff(order) > GAP)[0] + 1
-    parts, positions = [], {}
-    offset = 0
+    chunk = max(len(index), MIN_CHUNK)
+    groups = order // chunk
+    cuts = np.nonzero(np.diff(groups))[0] + 1
+    parts = []
     for run in np.split(order, cuts):
         lo, hi = int(run[0]), int(run[-1]) + 1
-        block = source.read_rows(name, lo, hi)
-        parts.append(block[torch.from_numpy(run - lo)])
-        for i, row in enumerate(run.tolist()):
-            positions[row] = offset + i
-        offset += len(run)
+        parts.append(source.read_rows(name, lo, hi)[torch.from_numpy(run - lo)])
     taken = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return taken[torch.tensor([positions[int(r)] for r in index], dtype=torch.long)]
+    return taken[torch.from_numpy(np.searchsorted(order, index))]
 
 
 class VocabView:
