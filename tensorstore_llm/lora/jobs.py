@@ -47,8 +47,12 @@ def open_adapter_ref(store: Store, ref: str) -> OpenedAdapter:
     if is_adapter_artifact(store, ref):
         adapter, artifact = read_adapter_artifact(store, ref)
         return OpenedAdapter(adapter, store.open(ref), {"id": artifact.id}, artifact.manifest.info.get("base"), ref)
+    from ..io.hf_dir import HFCheckpointSource
+    from .peft_format import WEIGHTS_FILE
+
     adapter = read_adapter(ref)
-    return OpenedAdapter(adapter, DictSource(adapter.state_dict(), ref),
+    # the engine reads the factors from the file, one module's at a time (neither hashed nor held whole)
+    return OpenedAdapter(adapter, HFCheckpointSource(os.path.join(ref, WEIGHTS_FILE)),
                          {"external": {"type": "peft-adapter", "path": os.path.abspath(ref)}}, None, ref)
 
 
@@ -116,6 +120,7 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, tra
         recipe = {"op": "lora_merge", "scale": scale, "adapter": lora.describe()}
         if transferred:
             recipe["transfer"] = transferred
+        opened.adapter = lora = None   # the plan reads the factors through opened.source: let go of the parsed copy
         result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
                           desc="lora merge", **run_options)
     if out_dir and result.artifact is not None:

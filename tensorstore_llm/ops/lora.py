@@ -77,10 +77,10 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, *, transpose: b
     if not transpose:
         if rows is not None:
             B32 = B32[rows[0]:rows[1]]
-        return (B32 @ A32) * scaling                       # (r1-r0) x in
+        return (B32 @ A32).mul_(scaling)                   # (r1-r0) x in; scaled in place, as * would round
     if rows is not None:
         A32 = A32[:, rows[0]:rows[1]]
-    return (B32 @ A32).T * scaling                          # (r1-r0) x out
+    return (B32 @ A32).mul_(scaling).T                      # (r1-r0) x out
 
 
 def merge_rows(w_rows: torch.Tensor, delta_rows: torch.Tensor, *, out_dtype: torch.dtype | None = None,
@@ -409,11 +409,12 @@ class LoraMergeParams:
             raise ValueError(f"LoRA scaling must be a finite number, got {self.scaling!r}")
 
 
-@op("lora_merge", inputs=("w", "a", "b"), params=LoraMergeParams, temps=3)
+@op("lora_merge", inputs=("w", "a", "b"), params=LoraMergeParams, temps=2)
 def lora_merge_op(ctx, params, w, a, b):
     """Rows of W + s·B·A (or its transpose) in fp32; the executor rounds once to the output dtype.
-    W arrives by rows, A and B whole."""
-    return w + lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop))
+    W arrives by rows, A and B whole. The tile's delta is the only temporary: W is added into it
+    (d + w == w + d bit for bit)."""
+    return lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop)).add_(w)
 
 
 @op("dora_merge", inputs=("w", "a", "b", "magnitude"), params=LoraMergeParams, temps=4)
