@@ -4,7 +4,8 @@ Deterministic methods must agree to fp32 rounding (atol 1e-6 on weights of scale
 magnitude-threshold methods, entries whose magnitude ties the threshold may go either way in
 mergekit (it keeps exactly k by an unstable argsort), so at most 0.5% of entries may differ.
 DARE / DELLA draw from different RNGs by design and are compared by their statistics elsewhere.
-mergekit 0.1.5's SLERP works per output row, ours per tensor as the spec says: not compared.
+SLERP is per tensor in both (mergekit 0.1.5's slerp kernel takes a batch of whole tensors,
+stacked on its leading "output" axis, and flattens each).
 
 With ``arithmetic="mergekit"`` and ``dtype: bfloat16`` we replay mergekit's bf16 operations: then
 linear and task arithmetic must match bit for bit, and TIES / breadcrumbs everywhere except at
@@ -31,10 +32,20 @@ RECIPES = {
     "model_stock_filter_wise": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{filter_wise: true}}\n",
     "nuslerp_rows": "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 3.0}}\nparameters: {{nuslerp_flatten: false}}\n",
     "nuslerp_columns": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 2.0}}\n  - model: {ft2}\n    parameters: {{weight: 1.0}}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.3}}\n",
+    "multislerp": "merge_method: multislerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 2.0}}\n",
+    "multislerp_base": "merge_method: multislerp\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: 0.5}}\nparameters: {{normalize_weights: false}}\n",
+    "karcher": "merge_method: karcher\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {ft1}\nparameters: {{t: 0.005}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {ft1}\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{epsilon: 0.004}}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{epsilon: 0.004, r: 0.5, alpha: 0.6}}\n",
     "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 THRESHOLD_METHODS = {"ties", "breadcrumbs_ties"}
-WHOLE_TENSOR_REPLAYS = {"model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns"}   # need a tensor in memory
+WHOLE_TENSOR_REPLAYS = {"model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns",
+                        "sce", "arcee_fusion"}   # need a tensor in memory
 
 
 def _load_dir(path):
@@ -77,9 +88,12 @@ def _run_mergekit(text, out):
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "model_stock", "nuslerp",
-                                    "nuslerp_base", "nuslerp_rows", "nuslerp_columns", "model_stock_filter_wise"])
+                                    "nuslerp_base", "nuslerp_rows", "nuslerp_columns", "model_stock_filter_wise",
+                                    "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"])
 def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, store, tiny_family, method):
     text = RECIPES[method].format(**tiny_family) + "dtype: bfloat16\n"
+    if method in ("arcee_fusion", "ramplus_tl"):   # their fp32 factors promote mergekit's result: fp32 unless out_dtype
+        text += "out_dtype: bfloat16\n"
     theirs = _run_mergekit(text, tmp_path / "mk")
     replay_budget = "64M" if method in WHOLE_TENSOR_REPLAYS else "32K"
     ours_art = api.merge(store, text, progress=False, max_memory=replay_budget, arithmetic="mergekit").artifact
