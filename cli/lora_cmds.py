@@ -45,6 +45,8 @@ def _print_modules(modules: dict, keys: tuple[str, ...], quiet: bool, limit: int
 
 def _done(ctx, result, verb: str) -> None:
     quiet = ctx.obj["quiet"]
+    if result.report.get("resumed") and not quiet:
+        click.echo(f"resumed: {result.report['resumed']} tensors were already done")
     for a in result.artifacts:
         click.echo(a.id if quiet else f"{verb}: {a.short_id} ({a.kind})")
     if result.output and not quiet:
@@ -69,12 +71,19 @@ def import_cmd(ctx, adapter_dir, base, name):
 @lora_group.command("export")
 @click.argument("ref")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--base", help="Refuse unless REF belongs to this model (checked against its recorded binding).")
 @click.pass_context
-def export_cmd(ctx, ref, out_dir):
+def export_cmd(ctx, ref, out_dir, base):
     """Write adapter artifact REF as a PEFT directory (adapter_config.json +
-    adapter_model.safetensors) that PeftModel.from_pretrained loads."""
+    adapter_model.safetensors) that PeftModel.from_pretrained loads. With --base, first check
+    that REF was made for that model: the weights a LoRA changes, or for a prefix-tuning adapter
+    the config's layers / width / heads and the embedding and attention weights it depends on."""
     from tensorstore_llm.lora.artifacts import export_adapter
 
+    if base:
+        from tensorstore_llm.lora.jobs import check_base
+
+        check_base(store_of(ctx), ref, base)
     path = export_adapter(store_of(ctx), ref, out_dir)
     if not ctx.obj["quiet"]:
         click.echo(f"exported {ref} to {path}")
@@ -138,7 +147,8 @@ def _merge_nf4(ctx, base, adapter, scale, requantize, out_dir):
 
 @lora_group.command("extract")
 @click.argument("ft")
-@click.option("--base", required=True, help="The model FT was fine-tuned from.")
+@click.option("--base", help="The model FT was fine-tuned from (default for a diff artifact or delta-stored "
+              "checkpoint FT: its parent).")
 @click.option("--rank", type=int, help="Rank of every module.")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ||W_ft - W_base||^2.")
 @click.option("--max-rank", default=128, show_default=True, help="Largest rank --energy may choose.")
@@ -152,7 +162,11 @@ def _merge_nf4(ctx, base, adapter, scale, requantize, out_dir):
 def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed):
     """A LoRA adapter approximating the full fine-tune FT (W_ft - W_base per target module),
     streamed one module at a time: randomised SVD (3 power iterations, a 1.5 r sketch). Reports the
-    captured energy per module and in total."""
+    captured energy per module and in total.
+
+    FT may be a diff artifact (tsllm diff) or a delta-stored checkpoint (import --delta-of): its
+    tensors are rebuilt block by block from its parent, which is the base unless --base is given
+    (a diff's --base must be its parent). A killed run resumes to the same adapter."""
     from tensorstore_llm.lora.jobs import extract
 
     result = extract(store_of(ctx), ft, base, rank=rank, energy=energy, max_rank=max_rank,
@@ -267,6 +281,8 @@ def init_cmd(ctx, base, method, rank, experts, alpha, targets, name, out_dir, de
                       targets=targets.split(",") if targets else None, name=name, out_dir=out_dir, device=device,
                       max_memory=max_memory, progress=progress_flag(ctx))
     quiet = ctx.obj["quiet"]
+    if result.report.get("resumed") and not quiet:
+        click.echo(f"resumed: {result.report['resumed']} tensors were already done")
     residual, adapters = result.artifacts[0], result.artifacts[1:]
     click.echo(residual.id if quiet else f"residual base: {residual.short_id}")
     for a in adapters:

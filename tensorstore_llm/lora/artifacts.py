@@ -11,8 +11,9 @@ An adapter artifact holds the PEFT tensors under their PEFT key names (``base_mo
 - ``ranks`` (module -> r), ``alpha``, ``peft_type`` (LORA or PREFIX_TUNING), ``num_params``.
 
 Prefix-tuning (P-Tuning v2) adapters are stored the same way (one ``prompt_embeddings`` tensor,
-no ranks); they are bound to the base's id, and their layer count and width are checked against
-its ``config.json``, but they have no weights to checksum.
+no ranks); they change no weight, so they are bound by what they depend on: the shape fields of
+the base's ``config.json`` (``base.config``) and the checksums of its token embedding and
+attention projections (:mod:`.prefix_binding`).
 """
 from __future__ import annotations
 
@@ -83,30 +84,48 @@ def base_checksums(store: Store | None, source, lineage: dict, names: list[str])
             for n in names}
 
 
-def binding(store: Store | None, source, lineage: dict, adapter) -> dict:
-    """``info["base"]`` of an adapter made for the base opened as (source, lineage)."""
-    return {"id": lineage.get("id"), "external": lineage.get("external"),
-            "checksums": base_checksums(store, source, lineage, weight_names(adapter))}
+def binding(store: Store | None, source, lineage: dict, adapter, files: dict | None = None) -> dict:
+    """``info["base"]`` of an adapter made for the base opened as (source, lineage): the
+    checksums of the weights a LoRA adapter changes; for a prefix adapter, the checksums of the
+    tensors it depends on and the shape fields of the base's ``config.json`` (from ``files``, see
+    :mod:`.prefix_binding`)."""
+    if not isinstance(adapter, PrefixAdapter):
+        return {"id": lineage.get("id"), "external": lineage.get("external"),
+                "checksums": base_checksums(store, source, lineage, weight_names(adapter))}
+    from .prefix_binding import dependencies, read_config, shape_fields
+
+    config = read_config(files)
+    if config is None:
+        raise FormatError(f"{describe_base({'id': lineage.get('id'), 'external': lineage.get('external')})}: no "
+                          "config.json, so a prefix-tuning adapter cannot be bound to this base's layers and heads")
+    return {"id": lineage.get("id"), "external": lineage.get("external"), "config": shape_fields(config),
+            "checksums": base_checksums(store, source, lineage, dependencies(source.keys(), config))}
 
 
-def check_binding(store: Store, bound: dict, source, lineage: dict, *, where: str) -> list[str]:
-    """The base tensors whose checksums differ from the adapter's binding (empty: its own base).
+def check_binding(store: Store, bound: dict, source, lineage: dict, *, where: str, files: dict | None = None) -> list[str]:
+    """The base tensors (and, for a prefix adapter, ``config.json`` fields, read from ``files``)
+    that differ from the adapter's binding; empty: its own base.
 
-    A base with the bound artifact id matches without reading anything; a prefix adapter bound
-    to an artifact matches only that artifact (it has no weights to compare).
+    A base with the bound artifact id matches without reading anything; an adapter bound by id
+    alone (a prefix adapter stored before content binding) matches only that artifact.
     """
     if bound.get("id") is not None and lineage.get("id") == bound["id"]:
         return []
     checksums = bound.get("checksums") or {}
+    differ = []
+    if "config" in bound:
+        from .prefix_binding import config_mismatches, read_config
+
+        differ = config_mismatches(bound["config"], read_config(files))
     if not checksums:
-        if bound.get("id") is None:
-            return []
+        if bound.get("id") is None or "config" in bound:
+            return differ
         return [f"(base artifact {bound['id'][:12]})"]
     missing = [n for n in checksums if n not in set(source.keys())]
     if missing:
-        return missing
+        return differ + missing
     have = base_checksums(store, source, lineage, sorted(checksums))
-    return [n for n, c in checksums.items() if have[n] != c]
+    return differ + [n for n, c in checksums.items() if have[n] != c]
 
 
 def describe_base(bound: dict) -> str:
@@ -151,8 +170,13 @@ def config_bytes(adapter: LoraAdapter | PrefixAdapter) -> bytes:
 
 
 def commit_adapter(store: Store, adapter: LoraAdapter | PrefixAdapter, *, info: dict, parents=(), source=None,
-                   recipe=None, name: str | None = None) -> Artifact:
-    """Write ``adapter`` (in memory) as a ``lora`` artifact through the engine's copy plan."""
+                   recipe=None, name: str | None = None, resumed: list | None = None) -> Artifact:
+    """Write ``adapter`` (in memory) as a ``lora`` artifact through the engine's copy plan.
+
+    The staging is keyed by the adapter's content, lineage and info, so a run killed midway
+    resumes (the names of the tensors it had finished are appended to ``resumed``), an
+    interruption keeps what is staged, and any other failure removes it.
+    """
     from ..engine import Executor, plan_map
 
     tensors = DictSource(adapter.state_dict())
@@ -160,11 +184,17 @@ def commit_adapter(store: Store, adapter: LoraAdapter | PrefixAdapter, *, info: 
     files = {CONFIG_FILE: config_bytes(adapter)}
     key = job_key(KIND, plan.fingerprint(), list(parents), source, recipe, info, files[CONFIG_FILE].decode())
     writer = store.create(key)
+    executor = Executor(plan, writer, device="cpu", max_memory="256M", progress=False)
     try:
-        Executor(plan, writer, device="cpu", max_memory="256M", progress=False).run()
+        executor.run()
+    except KeyboardInterrupt:
+        writer.close()
+        raise
     except BaseException:
         writer.abort()
         raise
+    if resumed is not None:
+        resumed.extend(executor.skipped)
     artifact = writer.commit(kind=KIND, parents=list(parents), source=source, recipe=recipe, files=files,
                              run={"device": "cpu"}, info=info)
     if name:

@@ -182,7 +182,8 @@ def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_op
 def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents, recipe, name, out_dir, run_options):
     """TIES / DARE combination re-factored to ``rank`` per module (randomised SVD of the delta)."""
     from ..engine import Executor
-    from .streamed import MemorySink
+    from .jobs import _device_type
+    from .resumable import StagedFactorSink, run_staged
 
     sources = _sources(loras)
     jobs, kinds = [], {}
@@ -199,9 +200,9 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
                               extra_outputs=(TensorMeta(b, (out_dim, rank), "float32"), TensorMeta(rec, (1,), "float32"))))
     plan = Plan(jobs, sources)
     plan.validate("lora combine")
-    sink = MemorySink()
     options = {k: v for k, v in run_options.items() if k in ("device", "max_memory", "seed", "progress")}
-    Executor(plan, sink, **options).run()
+    sink = StagedFactorSink(store, ("lora_combine", plan.fingerprint(), options.get("seed", 0), _device_type(options)))
+    run_staged(Executor(plan, sink, **options).run, sink)   # staged and journaled: a killed run resumes
     factors, modules = {}, {}
     for job in jobs:
         a, b, rec = factor_names(job.params.module)
@@ -212,8 +213,10 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
         modules[job.params.module] = {"rank": rank, "captured": kept / total if total > 0 else 1.0,
                                       "relative_error": max(0.0, 1 - kept / total) ** 0.5 if total > 0 else 0.0}
     combined = build_adapter(factors, kinds=kinds, fan_in_fan_out=any(m.fan_in_fan_out for ad in loras for m in ad.modules.values()))
-    return _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
-                   report={"modules": modules, "totals": {"num_params": combined.num_params()}})
+    result = _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
+                     report={"modules": modules, "totals": {"num_params": combined.num_params()}}, resumed=sink.resumed)
+    sink.discard()
+    return result
 
 
 __all__ = ["combine", "commit_adapter", "adapter_info"]

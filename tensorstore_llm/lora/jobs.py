@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from ..errors import BaseMismatch, InvalidParameter, RecipeError
 from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Artifact, Store
-from .artifacts import (DictSource, adapter_info, binding, check_binding, commit_adapter, export_adapter,
-                        is_adapter_artifact, read_adapter_artifact, refuse_other_base)
+from .artifacts import (DictSource, adapter_info, base_checksums, binding, check_binding, commit_adapter,
+                        export_adapter, is_adapter_artifact, read_adapter_artifact, refuse_other_base)
 from .peft_format import LoraAdapter, PrefixAdapter, read_adapter
 
 PREFIX_REFUSED = ("a prefix-tuning adapter adds key/value prefixes to attention and cannot be merged into "
@@ -85,7 +85,7 @@ def import_adapter(store: Store, adapter_dir: str, base: str, *, name: str | Non
     source, lineage, files = resolve_input(store, base)
     with source:
         _validate(adapter, source, files, where=base)
-        bound = binding(store, source, lineage, adapter)
+        bound = binding(store, source, lineage, adapter, files)
     artifact = commit_adapter(store, adapter, info=adapter_info(adapter, bound),
                               parents=[{**lineage, "role": "base"}],
                               source={"type": "peft-adapter", "path": os.path.abspath(adapter_dir)},
@@ -131,14 +131,39 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, tra
     return result
 
 
-def _finish(store: Store, adapter: LoraAdapter, bound: dict, *, parents, recipe, name, out_dir, report) -> LoraResult:
-    """Commit ``adapter`` bound to ``bound`` and export it to ``out_dir`` if asked."""
+def check_base(store: Store, adapter: str, base: str) -> None:
+    """BaseMismatch unless adapter artifact ``adapter`` was made for ``base``: the same artifact,
+    or a base whose tensors (and, for a prefix-tuning adapter, ``config.json`` shape fields)
+    match its binding. Reads only what the binding names.
+
+    Example: ``check_base(store, "my-prefix", "./llama-3-8b")``.
+    """
+    opened = open_adapter_ref(store, adapter)
+    opened.source.close()
+    if opened.bound is None:
+        raise InvalidParameter(f"{adapter} is a directory, not an adapter artifact: it has no recorded base to check")
+    source, lineage, files = resolve_input(store, base)
+    with source:
+        mismatched = check_binding(store, opened.bound, source, lineage, where=adapter, files=files)
+    if mismatched:
+        from .artifacts import describe_base
+
+        raise BaseMismatch(f"{adapter}: made for base {describe_base(opened.bound)}; {base} is another base: "
+                           f"{len(mismatched)} of what the adapter depends on differ(s), e.g. {mismatched[0]}")
+
+
+def _finish(store: Store, adapter: LoraAdapter, bound: dict, *, parents, recipe, name, out_dir, report,
+            resumed=()) -> LoraResult:
+    """Commit ``adapter`` bound to ``bound`` and export it to ``out_dir`` if asked;
+    ``report["resumed"]`` counts the tensors an interrupted earlier run had finished (``resumed``:
+    staged factors; the adapter's own commit adds the tensors it resumed)."""
     keep = {n for n in _names(adapter)}
     bound = {**bound, "checksums": {k: v for k, v in (bound.get("checksums") or {}).items() if k in keep}}
+    resumed = list(resumed)
     artifact = commit_adapter(store, adapter, info=adapter_info(adapter, bound), parents=parents, recipe=recipe,
-                              name=name)
+                              name=name, resumed=resumed)
     out = export_adapter(store, artifact.id, out_dir) if out_dir else None
-    return LoraResult([artifact], out, report)
+    return LoraResult([artifact], out, {**report, "resumed": len(resumed)})
 
 
 def _names(adapter: LoraAdapter) -> list[str]:
@@ -157,7 +182,7 @@ def _bound_of(store: Store, opened: OpenedAdapter, base: str | None) -> dict:
     source, lineage, files = resolve_input(store, base)
     with source:
         _validate(opened.adapter, source, files, where=base)
-        return binding(store, source, lineage, opened.adapter)
+        return binding(store, source, lineage, opened.adapter, files)
 
 
 def resize(store: Store, adapter: str, *, rank: int | None = None, energy: float | None = None,
@@ -223,27 +248,82 @@ def _check_rank_energy(rank, energy, where: str, required: bool = True) -> None:
         raise InvalidParameter(f"{where}: --energy must be in (0, 1], got {energy}")
 
 
-def extract(store: Store, ft: str, base: str, *, rank: int | None = None, energy: float | None = None,
+def _diff_parent(store: Store, ft: str, base: str | None) -> tuple[str, bool]:
+    """(the base to extract ``ft`` against, whether ``ft`` is a diff artifact).
+
+    A diff artifact or a delta-stored checkpoint (``tsllm diff`` / ``import --delta-of``) is
+    read through the diff reader, its tensors rebuilt block by block from its parent, and its
+    parent is the base by default. A diff is ``ft - parent``: a ``base`` other than its parent
+    (by id, or by the checksums the diff was stored against) is refused with BaseMismatch. A
+    delta-stored checkpoint is a whole model and may be compared with any base.
+    """
+    from ..diff.store import DeltaSection, is_delta
+
+    artifact = store.get(ft) if store is not None and not os.path.exists(ft) and store.has(ft) else None
+    if artifact is None or not is_delta(artifact):
+        if base is None:
+            raise InvalidParameter(f"lora extract: give --base, the model {ft} was fine-tuned from (it is not a diff "
+                                   "artifact or a delta-stored checkpoint, whose parent would be the base)")
+        return base, False
+    section = DeltaSection.from_info(artifact.manifest.info, f"artifact {artifact.short_id}")
+    is_diff = artifact.kind == "diff"
+    if base is None:
+        return section.base_id, is_diff
+    if is_diff:
+        source, lineage, _ = resolve_input(store, base)
+        with source:
+            if lineage.get("id") != section.base_id:
+                names = sorted(section.base_checksums)
+                missing = [n for n in names if n not in set(source.keys())]
+                have = {} if missing else base_checksums(store, source, lineage, names)
+                differ = missing or [n for n in names if have[n] != section.base_checksums[n]]
+                if differ:
+                    raise BaseMismatch(f"lora extract: diff {artifact.short_id} was taken against artifact "
+                                       f"{section.base_id[:12]}, and --base {base} differs in {len(differ)} of its "
+                                       f"tensors (e.g. {differ[0]!r}); leave --base out to use the diff's parent")
+    return base, is_diff
+
+
+def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None = None, energy: float | None = None,
             max_rank: int = 128, targets: list[str] | None = None, name: str | None = None,
             out_dir: str | None = None, seed: int = 0, **executor_options) -> LoraResult:
     """A LoRA adapter of the fine-tune ``ft`` against ``base``, streamed per target module
     (:func:`.streamed.extract`), committed bound to ``base``.
 
+    ``ft`` may be a diff artifact or a delta-stored checkpoint: its tensors are rebuilt block by
+    block by the diff reader and ``base`` defaults to its parent (see :func:`_diff_parent`); the
+    adapter equals the one extracted from the fine-tune and its base with the same seed. The
+    factors are staged in the store and journaled, so a killed run resumes to the same artifact
+    (``report["resumed"]``: tensors an earlier run had finished).
+
     Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
     """
+    from .resumable import StagedFactorSink, run_staged
     from .streamed import extract as run_extract
 
     _check_rank_energy(rank, energy, "lora extract")
+    base, is_diff = _diff_parent(store, ft, base)
     base_src, base_lineage, _ = resolve_input(store, base)
     ft_src, ft_lineage, _ = resolve_input(store, ft)
     with base_src, ft_src:
-        ex = run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank, targets=targets,
-                         seed=seed, **executor_options)
+        sink = StagedFactorSink(store, ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank,
+                                        targets, seed, _device_type(executor_options)))
+        ex = run_staged(lambda: run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank,
+                                            targets=targets, seed=seed, sink=sink, **executor_options), sink)
         bound = binding(store, base_src, base_lineage, ex.adapter)
-    return _finish(store, ex.adapter, bound, parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "finetuned"}],
-                   recipe={"op": "lora_extract", "rank": rank, "energy": energy, "max_rank": max_rank if energy else None,
-                           "seed": seed, "power_iters": 3}, name=name, out_dir=out_dir,
-                   report={"modules": ex.modules, "totals": ex.totals})
+    result = _finish(store, ex.adapter, bound,
+                     parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "diff" if is_diff else "finetuned"}],
+                     recipe={"op": "lora_extract", "rank": rank, "energy": energy, "max_rank": max_rank if energy else None,
+                             "seed": seed, "power_iters": 3}, name=name, out_dir=out_dir,
+                     report={"modules": ex.modules, "totals": ex.totals}, resumed=sink.resumed)
+    sink.discard()
+    return result
+
+
+def _device_type(options: dict) -> str:
+    from ..engine.devices import resolve_device
+
+    return resolve_device(options.get("device", "auto")).type
 
 
 def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", experts: int = 1,
@@ -252,8 +332,13 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
     """PiSSA / GOAT initialisation: a residual-base checkpoint artifact (targets W0 - s·B·A in
     fp32) and the adapter(s) bound to it, so residual + adapter == W0 to fp32 rounding.
 
+    The factors are staged in the store and journaled, the residual streams like any checkpoint
+    job and each adapter's commit is keyed by its content, so a killed run resumes to the same
+    artifacts (``report["resumed"]``: tensors an earlier run had finished).
+
     Returns: artifacts = [residual base, adapter (or one per GOAT expert)].
     """
+    from .resumable import StagedFactorSink, run_staged
     from .streamed import residual_plan, stacked_factors
     from .streamed import svd_init as run_init
 
@@ -263,26 +348,33 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
         raise InvalidParameter(f"lora init: --rank must be >= 1, got {rank}")
     source, lineage, files = resolve_input(store, base)
     with source:
-        adapters = run_init(source, rank=rank, method=method, experts=experts, alpha=alpha, targets=targets,
-                            **executor_options)
+        sink = StagedFactorSink(store, ("lora_init", source.identity, rank, method, experts, alpha, targets,
+                                        _device_type(executor_options)))
+        adapters = run_staged(lambda: run_init(source, rank=rank, method=method, experts=experts, alpha=alpha,
+                                               targets=targets, sink=sink, **executor_options), sink)
+        resumed = list(sink.resumed)
         plan = residual_plan(source, adapters, DictSource(stacked_factors(adapters)))
         recipe = {"op": "lora_init", "method": method, "rank": rank, "experts": len(adapters), "alpha": alpha}
-        residual = run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "base"}], recipe=recipe,
-                            files=files, name=f"{name}-residual" if name else None, desc=f"lora init {method}",
-                            **executor_options).artifact
+        done = run_plan(store, plan, kind="checkpoint", parents=[{**lineage, "role": "base"}], recipe=recipe,
+                        files=files, name=f"{name}-residual" if name else None, desc=f"lora init {method}",
+                        **executor_options)
+        residual = done.artifact
+        resumed += done.skipped
     out = LoraResult([residual], report={"experts": len(adapters), "rank": rank})
     with store.open(residual.id) as res_src:
         for e, ad in enumerate(adapters):
             bound = binding(store, res_src, {"id": residual.id}, ad)
             tag = (name if len(adapters) == 1 else f"{name}-expert{e}") if name else None
             art = commit_adapter(store, ad, info=adapter_info(ad, bound), parents=[{"id": residual.id, "role": "base"}],
-                                 recipe={**recipe, "expert": e}, name=tag)
+                                 recipe={**recipe, "expert": e}, name=tag, resumed=resumed)
             out.artifacts.append(art)
             if out_dir:
                 export_adapter(store, art.id, out_dir if len(adapters) == 1 else os.path.join(out_dir, f"expert-{e}"))
+    sink.discard()
     out.output = out_dir
+    out.report["resumed"] = len(resumed)
     return out
 
 
-__all__ = ["import_adapter", "lora_merge", "resize", "drop", "extract", "svd_init", "open_adapter_ref",
+__all__ = ["import_adapter", "check_base", "lora_merge", "resize", "drop", "extract", "svd_init", "open_adapter_ref",
            "LoraResult", "BaseMismatch"]

@@ -94,7 +94,7 @@ class Extraction:
 
 def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, energy: float | None = None,
             max_rank: int = 128, targets: list[str] | None = None, where: str = "lora extract",
-            **executor_options) -> Extraction:
+            sink=None, **executor_options) -> Extraction:
     """A LoRA adapter approximating ``ft - base``, streamed one target module at a time.
 
     Each module gets the rank-``rank`` randomised SVD (3 power iterations, seeded per module) of
@@ -131,7 +131,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
                               extra_outputs=(TensorMeta(b, (out_dim, r), "float32"), TensorMeta(rec, (1,), "float32"))))
     plan = Plan(jobs, {"base": base, "ft": ft})
     plan.validate(where)
-    sink = MemorySink()
+    sink = MemorySink() if sink is None else sink   # a StagedFactorSink (lora/resumable.py) resumes
     Executor(plan, sink, **executor_options).run()
     factors, kinds, report = {}, {}, Extraction(adapter=None)
     captured_total = delta_total = 0.0
@@ -162,7 +162,8 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
 
 
 def svd_init(base: TensorSource, *, rank: int, method: str = "pissa", experts: int = 1, alpha: float | None = None,
-             targets: list[str] | None = None, where: str = "lora init", **executor_options) -> list[LoraAdapter]:
+             targets: list[str] | None = None, where: str = "lora init", sink=None,
+             **executor_options) -> list[LoraAdapter]:
     """PiSSA / GOAT adapters of ``base``, one target module at a time (exact fp32 SVD of W0).
 
     Returns one adapter per expert (PiSSA: one); the residual base comes from
@@ -187,7 +188,7 @@ def svd_init(base: TensorSource, *, rank: int, method: str = "pissa", experts: i
                               extra_outputs=tuple(outs[1:])))
     plan = Plan(jobs, {"base": base})
     plan.validate(where)
-    sink = MemorySink()
+    sink = MemorySink() if sink is None else sink   # a StagedFactorSink (lora/resumable.py) resumes
     Executor(plan, sink, **executor_options).run()
     adapters = []
     for e in range(n):
