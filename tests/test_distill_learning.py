@@ -68,12 +68,15 @@ def train(method, T, x, batch, steps=150):
         return float(losses.dense_kd_loss(table[seen][None], torch.log(T[seen])[None]))
 
 
-def test_rs_kd_student_ends_closest_to_the_teacher():
-    T = bigram_teacher()
-    x = sample_text(T)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rs_kd_student_ends_closest_to_the_teacher(seed):
+    """Margins from 8 teacher / text seeds (0-7, 150 Adam steps): top-k minus RS-KD 0.167-0.209 nats
+    (mean 0.187, std 0.016), hard labels minus RS-KD 0.72-0.84; asserted at about half of each minimum."""
+    T = bigram_teacher(seed)
+    x = sample_text(T, seed=seed + 1)
     rs = batch_for("rs-kd", T, x)
     k = int(np.ceil(rs["target_mask"].sum(-1).float().mean().item()))     # top-k with as many ids as RS-KD keeps
     kl = {"rs-kd": train("rs-kd", T, x, rs), "top-k": train("top-k", T, x, batch_for("top-k", T, x, k)),
           "hard": train("hard", T, x, None)}
-    assert kl["rs-kd"] + 0.05 < kl["top-k"], kl
-    assert kl["rs-kd"] + 0.2 < kl["hard"], kl
+    assert kl["rs-kd"] + 0.08 < kl["top-k"], kl
+    assert kl["rs-kd"] + 0.35 < kl["hard"], kl
