@@ -99,7 +99,7 @@ def test_exact_every_bf16_pattern_against_every_distance():
 def test_exact_identical_costs_header_only(dtype, _int, fmt):
     base, _ = _fine_tune_like((256, 64), dtype, seed=4)
     data = _roundtrip(base, base.clone(), fmt)
-    assert len(data) == exact._HEADER.size
+    assert len(data) == exact.header_size()
 
 
 def test_exact_identical_rows_cost_almost_nothing():
@@ -124,26 +124,30 @@ def test_exact_errors():
     with pytest.raises(CodecError):
         exact.encode_delta(base, target, "float32")     # wrong format for the dtype
     corrupt = bytearray(data)
-    corrupt[exact._HEADER.size + 6] ^= 0xFF
+    corrupt[exact.header_size() + 6] ^= 0xFF           # the code table section
     with pytest.raises(CodecError):
         exact.decode_delta(base, bytes(corrupt))
+    with pytest.raises(CodecError):
+        exact.encode_delta(base, target, version=3)     # no such format
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_exact_more_escapes_than_the_header_says_is_an_error(path):
+def test_exact_v1_more_escapes_than_the_header_says_is_an_error(path):
     import zstandard
 
+    from tensorstore_llm.diff import exact_v1
+
     base, target = _fine_tune_like((64, 64), torch.bfloat16, seed=6)
-    fields = list(exact._HEADER.unpack_from(exact.encode_delta(base, target)))
+    fields = list(exact_v1.HEADER.unpack_from(exact.encode_delta(base, target, version=1)))
     b, t = exact._words(base, "bfloat16", "b"), exact._words(target, "bfloat16", "t")
-    sym, _, esc = exact._encode_np(b, t, 16, 7, 0xFF, 0)
+    sym, _, esc = exact_v1._encode_np(b, t, 16, 7, 0xFF, 0)
     sym = sym.copy()
     sym[np.flatnonzero(sym != exact.ESCAPE)[:5]] = exact.ESCAPE   # five escapes more than the stream holds
     blobs = [zstandard.ZstdCompressor().compress(sym.tobytes()), b"",
              zstandard.ZstdCompressor().compress(esc.tobytes()) if esc.size else b""]
     fields[-3:] = [len(x) for x in blobs]
     with pytest.raises(CodecError):
-        exact.decode_delta(base, exact._HEADER.pack(*fields) + b"".join(blobs), use_numba=path)
+        exact.decode_delta(base, exact_v1.HEADER.pack(*fields) + b"".join(blobs), use_numba=path)
 
 
 def _tiny_model(seed=0):

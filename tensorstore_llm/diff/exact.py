@@ -11,18 +11,20 @@ The scheme (measured on a real SmolLM2 fine-tune in docs/benchmarks.md, "Delta c
 3. Zigzag it (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...). ``k`` low bits (a multiple of 8, chosen per
    block: 0 for bf16 fine-tunes, ~16 for fp32) go to byte planes; the high part becomes one byte
    symbol, 255 escaping rarer large values into a separate stream (element order).
-4. Symbols and byte planes are laid out **sorted by the base weight's exponent** (a stable
-   counting sort, so the permutation follows from the base and nothing extra is stored). AdamW
-   moves weights by about the same amount whatever their size, so the delta in ULPs of a weight
-   depends strongly on its exponent (real SmolLM2 fine-tune: order-0 entropy 3.86 bits / weight,
-   3.16 bits conditioned on the exponent). zstd, with its match finder off, codes literals with a
-   fresh Huffman table per 128 KiB block, so after sorting each block sees (mostly) one exponent
-   and its own distribution: a conditional entropy coder from a stock codec (4.76x smaller than
-   raw bf16 there, 94% of the conditional order-0 bound).
+4. The symbols are entropy-coded **conditioned on the base weight's exponent**, which the decoder
+   knows: AdamW moves weights by about the same amount whatever their size, so the delta in ULPs
+   depends strongly on the exponent (real SmolLM2 fine-tune: order-0 entropy 3.86 bits / weight,
+   3.16 bits given the exponent).
 
-Kernels are compiled with numba when it is installed (two passes each way: a vectorised symbol
-pass and the exponent-order scatter / gather); otherwise NumPy (stable argsort) produces the same
-bytes, 10x slower. Blocks of rows are coded independently, so a tensor streams block by block.
+   - Format 2 (written by default, :mod:`.exact_huff`): element order, a canonical Huffman table
+     per exponent, four interleaved bit lanes; decoding is one pass with no permutation.
+   - Format 1 (still read, written on request, :mod:`.exact_v1`): symbols sorted by exponent and
+     zstd-coded, so zstd's per-block Huffman sees one exponent at a time; its decoder pays for
+     the gather back into element order.
+
+Kernels are compiled with numba when it is installed; otherwise NumPy produces the same bytes
+(format 2 then decodes with a Python loop: correct, but ~500x slower). Blocks of rows are coded
+independently, so a tensor streams block by block.
 """
 from __future__ import annotations
 
@@ -31,12 +33,17 @@ import struct
 import numpy as np
 
 from ..errors import CodecError
+from . import exact_huff, exact_v1
+from .exact_lanes import ESCAPE, _numba  # noqa: F401  (re-exported for tests and benchmarks)
+from .exact_lanes import mono_np as _mono  # noqa: F401
+from .exact_lanes import unmono_np as _unmono  # noqa: F401
+from .exact_lanes import zigzag_np as _zigzag_np
 
 MAGIC = b"TSDX"
-VERSION = 1
+VERSION = exact_huff.VERSION           # what new writes use
+VERSIONS = (exact_v1.VERSION, exact_huff.VERSION)
 FLAG_IDENTICAL = 1
-ESCAPE = 255
-_HEADER = struct.Struct("<4sBBBBQQQQQ")   # magic, version, dtype, k, flags, n, n_esc, len sym / low / esc
+_PREFIX = struct.Struct("<4sBBBB")     # magic, version, dtype, k, flags: common to every format
 
 # name -> (code, word bits, exponent shift, exponent mask)
 FORMATS = {
@@ -46,222 +53,6 @@ FORMATS = {
 }
 _BY_CODE = {v[0]: k for k, v in FORMATS.items()}
 _WORD = {16: np.uint16, 32: np.uint32}
-
-try:   # optional accelerator: same bytes, compiled passes
-    import numba as _numba
-except ImportError:   # pragma: no cover - exercised where numba is absent
-    _numba = None
-
-
-def _mono(x: np.ndarray, bits: int) -> np.ndarray:
-    """Bit patterns -> unsigned integers ordered like the floats (NumPy reference)."""
-    sign = np.array(1 << (bits - 1), dtype=x.dtype)
-    return np.where(x & sign, ~x, x | sign)
-
-
-def _unmono(m: np.ndarray, bits: int) -> np.ndarray:
-    sign = np.array(1 << (bits - 1), dtype=m.dtype)
-    return np.where(m & sign, m ^ sign, ~m)
-
-
-def _zigzag_np(base: np.ndarray, target: np.ndarray, bits: int) -> np.ndarray:
-    """Zigzagged wrapped ULP differences as uint64 (NumPy reference)."""
-    full = (1 << bits) - 1
-    d = (_mono(target, bits).astype(np.int64) - _mono(base, bits).astype(np.int64)) & full
-    d = np.where(d >> (bits - 1), d - (1 << bits), d)         # signed
-    return ((d << 1) ^ (d >> 63)).astype(np.uint64)
-
-
-def _encode_np(base, target, bits, eshift, emask, k):
-    z = _zigzag_np(base, target, bits)
-    order = np.argsort((base >> eshift) & emask, kind="stable")
-    zs = z[order]
-    high = zs >> np.uint64(k)
-    sym = np.minimum(high, ESCAPE).astype(np.uint8)
-    esc = (z >> np.uint64(k))
-    esc = esc[esc >= ESCAPE].astype(_WORD[bits])
-    planes = [((zs >> np.uint64(8 * j)) & np.uint64(0xFF)).astype(np.uint8) for j in range(k // 8)]
-    low = np.concatenate(planes) if planes else np.empty(0, np.uint8)
-    return sym, low, esc
-
-
-def _decode_np(base, sym, low, esc, bits, eshift, emask, k):
-    n = base.size
-    order = np.argsort((base >> eshift) & emask, kind="stable")
-    zs = sym.astype(np.uint64)
-    is_esc = np.empty(n, dtype=bool)
-    is_esc[order] = sym == ESCAPE
-    high = np.empty(n, np.uint64)
-    high[order] = zs
-    high[is_esc] = esc.astype(np.uint64)          # escapes are stored in element order
-    z = high << np.uint64(k)
-    for j in range(k // 8):
-        plane = np.empty(n, np.uint64)
-        plane[order] = low[j * n:(j + 1) * n]
-        z |= plane << np.uint64(8 * j)
-    d = (z >> np.uint64(1)).astype(np.int64) ^ -(z & np.uint64(1)).astype(np.int64)
-    full = (1 << bits) - 1
-    m = (_mono(base, bits).astype(np.int64) + d) & full
-    return _unmono(m.astype(_WORD[bits]), bits)
-
-
-if _numba is not None:
-    @_numba.njit(cache=True, nogil=True)
-    def _offsets(base, eshift, emask):
-        """Start of each exponent's run in the sorted layout (4 interleaved histograms: no
-        store-to-load chain when neighbours share an exponent)."""
-        n = base.size
-        hist = np.zeros((4, emask + 2), np.int64)
-        quad = n - n % 4
-        for i in range(0, quad, 4):
-            for j in range(4):
-                hist[j, ((np.int64(base[i + j]) >> eshift) & emask) + 1] += 1
-        for i in range(quad, n):
-            hist[0, ((np.int64(base[i]) >> eshift) & emask) + 1] += 1
-        starts = hist[0] + hist[1] + hist[2] + hist[3]
-        for e in range(1, emask + 2):
-            starts[e] += starts[e - 1]
-        return starts
-
-    @_numba.njit(cache=True, nogil=True)
-    def _encode_nb(base, target, bits, eshift, emask, k):
-        n = base.size
-        pos = _offsets(base, eshift, emask)
-        sign = np.int64(1) << (bits - 1)
-        full = (np.int64(1) << bits) - 1
-        half = full >> 1
-        kb = k // 8
-        sym = np.empty(n, np.uint8)
-        low = np.empty(n * kb, np.uint8)
-        esc = np.empty(n, np.int64)
-        ne = 0
-        for i in range(n):
-            b = np.int64(base[i])
-            f = np.int64(target[i])
-            mb = b ^ (((b >> (bits - 1)) * half) | sign)          # monotonic, branch-free
-            mf = f ^ (((f >> (bits - 1)) * half) | sign)
-            d = (((mf - mb) & full) ^ sign) - sign                # wrapped difference, signed
-            z = (d << 1) ^ (d >> 63)                              # zigzag
-            high = z >> k
-            e = (b >> eshift) & emask
-            p = pos[e]
-            pos[e] = p + 1
-            if high >= 255:
-                sym[p] = 255
-                esc[ne] = high
-                ne += 1
-            else:
-                sym[p] = high
-            for j in range(kb):
-                low[j * n + p] = (z >> (8 * j)) & 0xFF
-        return sym, low, esc[:ne]
-
-    @_numba.njit(cache=True, nogil=True)
-    def _zigzag16_k0(base, target, high):
-        """bf16 / fp16 symbols min(zigzag(ULP difference), 255) in element order; vectorisable."""
-        for i in range(base.size):
-            b = np.int32(base[i])
-            f = np.int32(target[i])
-            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
-            mf = f ^ (((f >> 15) * 0x7FFF) | 0x8000)
-            d = (((mf - mb) & 0xFFFF) ^ 0x8000) - 0x8000
-            z = (d << 1) ^ (d >> 31)
-            high[i] = min(z, 255)
-
-    @_numba.njit(cache=True, nogil=True)
-    def _encode16_k0(base, target, eshift, emask):
-        """Two passes: symbols in element order (SIMD), then scattered into exponent order."""
-        n = base.size
-        high = np.empty(n, np.uint8)
-        _zigzag16_k0(base, target, high)
-        pos = _offsets(base, eshift, emask)
-        sym = np.empty(n, np.uint8)
-        esc = np.empty(n, np.int64)
-        ne = 0
-        for i in range(n):
-            e = (np.int64(base[i]) >> eshift) & emask
-            p = pos[e]
-            pos[e] = p + 1
-            h = high[i]
-            sym[p] = h
-            if h == 255:                                      # rare: keep the full value
-                b = np.int64(base[i])
-                f = np.int64(target[i])
-                mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
-                mf = f ^ (((f >> 15) * 0x7FFF) | 0x8000)
-                d = (((mf - mb) & 0xFFFF) ^ 0x8000) - 0x8000
-                esc[ne] = (d << 1) ^ (d >> 63)
-                ne += 1
-        return sym, np.empty(0, np.uint8), esc[:ne]
-
-    @_numba.njit(cache=True, nogil=True)
-    def _unpermute_nb(base, sym, low, kb, eshift, emask, n_esc):
-        """Symbols and low byte planes back in element order; positions of the escapes."""
-        n = base.size
-        pos = _offsets(base, eshift, emask)
-        high = np.empty(n, np.uint8)
-        lows = np.empty(n * kb, np.uint8)
-        esc_at = np.empty(n_esc, np.int64)
-        ne = 0
-        for i in range(n):
-            e = (np.int64(base[i]) >> eshift) & emask
-            p = pos[e]
-            pos[e] = p + 1
-            h = sym[p]
-            high[i] = h
-            if h == 255:
-                if ne < n_esc:                                # corrupt payloads must not write past the end
-                    esc_at[ne] = i
-                ne += 1
-            for j in range(kb):
-                lows[j * n + i] = low[j * n + p]
-        return high, lows, esc_at, ne
-
-    @_numba.njit(cache=True, nogil=True)
-    def _apply16_k0(base, high, out):
-        """bf16 / fp16 without low planes: base + unzigzag(high), vectorisable (no branches)."""
-        for i in range(base.size):
-            b = np.int32(base[i])
-            h = np.int32(high[i])
-            d = (h >> 1) ^ -(h & 1)
-            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
-            m = (mb + d) & 0xFFFF
-            out[i] = m ^ (((1 - (m >> 15)) * 0x7FFF) | 0x8000)
-
-    @_numba.njit(cache=True, nogil=True)
-    def _apply_one(b, z, bits):
-        sign = np.int64(1) << (bits - 1)
-        full = (np.int64(1) << bits) - 1
-        half = full >> 1
-        d = (z >> 1) ^ -(z & 1)
-        mb = b ^ (((b >> (bits - 1)) * half) | sign)
-        m = (mb + d) & full
-        return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
-
-    @_numba.njit(cache=True, nogil=True)
-    def _apply_nb(base, high, lows, kb, esc, esc_at, bits, out):
-        n = base.size
-        k = 8 * kb
-        if bits == 16 and kb == 0:
-            _apply16_k0(base, high, out)
-        else:
-            for i in range(n):
-                z = np.int64(high[i]) << k
-                for j in range(kb):
-                    z |= np.int64(lows[j * n + i]) << (8 * j)
-                out[i] = _apply_one(np.int64(base[i]), z, bits)
-        for t in range(esc_at.size):                          # rare: large deltas
-            i = esc_at[t]
-            z = np.int64(esc[t]) << k
-            for j in range(kb):
-                z |= np.int64(lows[j * n + i]) << (8 * j)
-            out[i] = _apply_one(np.int64(base[i]), z, bits)
-
-    def _decode_nb(base, sym, low, esc, bits, eshift, emask, k, out):
-        high, lows, esc_at, found = _unpermute_nb(base, sym, low, k // 8, eshift, emask, esc.size)
-        if found != esc.size:
-            raise CodecError(f"exact delta: {found} escapes in the payload, header says {esc.size}")
-        _apply_nb(base, high, lows, k // 8, esc, esc_at, bits, out)
 
 
 def _choose_k(z_sample: np.ndarray) -> int:
@@ -303,16 +94,39 @@ def _compressor(level: int | None):
     return zstandard.ZstdCompressor(compression_params=params)
 
 
-def encode_delta(base, target, fmt: str = "bfloat16", level: int | None = None, use_numba: bool = True) -> bytes:
+def _decompressor():
+    """(blob, count, dtype) -> ``count`` items of ``dtype`` from a zstd frame; CodecError if corrupt."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+
+    def decompress(blob: bytes, count: int, dtype) -> np.ndarray:
+        try:
+            return np.frombuffer(dctx.decompress(blob, max_output_size=count * np.dtype(dtype).itemsize), dtype)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"exact delta: corrupt payload ({exc})") from exc
+
+    return decompress
+
+
+def header_size(version: int = VERSION) -> int:
+    """Bytes of a block's header in ``version``: all that an identical block costs."""
+    return exact_huff.HEADER.size if version == exact_huff.VERSION else exact_v1.HEADER.size
+
+
+def encode_delta(base, target, fmt: str = "bfloat16", level: int | None = None, use_numba: bool = True,
+                 version: int = VERSION) -> bytes:
     """Encode ``target`` exactly as a delta of ``base`` (same shape, ``fmt`` bit patterns).
 
     Args:
         base, target: torch tensors of dtype ``fmt``, or NumPy arrays of its bit patterns (uint16 /
             uint32, or any dtype of that width); rows of a block, any shape, equal shapes.
         fmt: "bfloat16", "float16" or "float32".
-        level: None (default): zstd as a Huffman literal coder, no match search (smallest and
-            fastest here); or a zstd level (1 beats 3 and 9 on a real fine-tune; see benchmarks).
-        use_numba: use the compiled kernel when numba is installed (same bytes either way).
+        level: zstd level of the zstd-framed streams (format 2: low byte planes and escapes;
+            format 1: every stream); None (default): zstd as a Huffman literal coder, no match
+            search.
+        use_numba: use the compiled kernels when numba is installed (same bytes either way).
+        version: the block format, 2 (default) or 1 (the exponent-sorted zstd layout).
     Returns:
         bytes that :func:`decode_delta` turns back into ``target``'s exact bit patterns.
 
@@ -324,84 +138,56 @@ def encode_delta(base, target, fmt: str = "bfloat16", level: int | None = None, 
     """
     if fmt not in FORMATS:
         raise CodecError(f"exact delta: unsupported format {fmt!r}; supported: {sorted(FORMATS)}")
+    if version not in VERSIONS:
+        raise CodecError(f"exact delta: unknown format version {version}; known: {VERSIONS}")
     code, bits, eshift, emask = FORMATS[fmt]
     if tuple(getattr(base, "shape", ())) != tuple(getattr(target, "shape", ())):
         raise CodecError(f"exact delta: base shape {tuple(base.shape)} != target shape {tuple(target.shape)}")
     b, t = _words(base, fmt, "base"), _words(target, fmt, "target")
     if np.array_equal(b, t):
-        return _HEADER.pack(MAGIC, VERSION, code, 0, FLAG_IDENTICAL, b.size, 0, 0, 0, 0)
+        if version == exact_v1.VERSION:
+            return exact_v1.HEADER.pack(MAGIC, version, code, 0, FLAG_IDENTICAL, b.size, 0, 0, 0, 0)
+        return exact_huff.identical_header(code, b.size, FLAG_IDENTICAL)
     step = max(1, b.size // 4096)
     k = _choose_k(_zigzag_np(b[::step], t[::step], bits))
-    if use_numba and _numba is not None:
-        if bits == 16 and k == 0:
-            sym, low, esc = _encode16_k0(b, t, eshift, emask)
-        else:
-            sym, low, esc = _encode_nb(b, t, bits, eshift, emask, k)
-        esc = esc.astype(_WORD[bits])
-    else:
-        sym, low, esc = _encode_np(b, t, bits, eshift, emask, k)
-    cctx = _compressor(level)
-    parts = [cctx.compress(sym.tobytes()), cctx.compress(low.tobytes()) if low.size else b"",
-             cctx.compress(esc.tobytes()) if esc.size else b""]
-    head = _HEADER.pack(MAGIC, VERSION, code, k, 0, b.size, esc.size, *(len(p) for p in parts))
-    return head + b"".join(parts)
+    compress = _compressor(level).compress
+    if version == exact_v1.VERSION:
+        return exact_v1.encode_v1(b, t, code, bits, eshift, emask, k, compress, use_numba)
+    rows = int(base.shape[0]) if len(getattr(base, "shape", ())) >= 2 else 1
+    return exact_huff.encode_v2(b, t, code, bits, eshift, emask, k, _WORD[bits], compress, use_numba, rows)
 
 
 def decode_delta(base, data: bytes, use_numba: bool = True):
-    """Rebuild the target from ``base`` and :func:`encode_delta`'s bytes, bit for bit.
+    """Rebuild the target from ``base`` and :func:`encode_delta`'s bytes (format 1 or 2), bit for bit.
 
     Args:
         base: the same base block given to :func:`encode_delta` (torch tensor or NumPy words).
         data: the encoded bytes.
-        use_numba: use the compiled kernel when numba is installed.
+        use_numba: use the compiled kernels when numba is installed.
     Returns:
-        the target, same type (torch tensor of ``fmt`` or NumPy words) and shape as ``base``.
+        the target, same type (torch tensor of ``fmt``, or NumPy words) and shape as ``base``.
     Raises:
         CodecError: bytes that are not an exact delta, or a base of the wrong size or format.
     """
-    fmt, k, flags, n, n_esc, lens = _parse_header(data)
-    code, bits, eshift, emask = FORMATS[fmt]
+    if len(data) < _PREFIX.size:
+        raise CodecError(f"exact delta: {len(data)} bytes is shorter than the header")
+    magic, version, code, _, _ = _PREFIX.unpack_from(data)
+    if magic != MAGIC or version not in VERSIONS or code not in _BY_CODE:
+        raise CodecError(f"exact delta: not an exact delta (magic {magic!r}, version {version}, dtype {code})")
+    parsed = exact_v1.parse_v1(data) if version == exact_v1.VERSION else exact_huff.parse_v2(data)
+    fmt = _BY_CODE[code]
+    _, bits, eshift, emask = FORMATS[fmt]
+    flags, n = parsed[2], parsed[3]
     b = _words(base, fmt, "base")
     if b.size != n:
         raise CodecError(f"exact delta: encoded for {n} elements, base has {b.size}")
     if flags & FLAG_IDENTICAL:
         out = b.copy()
+    elif version == exact_v1.VERSION:
+        out = exact_v1.decode_v1(b, parsed, bits, eshift, emask, _WORD[bits], _decompressor(), use_numba)
     else:
-        import zstandard
-
-        dctx = zstandard.ZstdDecompressor()
-        start = _HEADER.size
-        blobs = []
-        for length in lens:
-            blobs.append(data[start:start + length])
-            start += length
-        try:
-            sym = np.frombuffer(dctx.decompress(blobs[0], max_output_size=n), np.uint8)
-            low = np.frombuffer(dctx.decompress(blobs[1], max_output_size=n * (k // 8)), np.uint8) if lens[1] else np.empty(0, np.uint8)
-            esc = np.frombuffer(dctx.decompress(blobs[2], max_output_size=n_esc * bits // 8), _WORD[bits]) if lens[2] else np.empty(0, _WORD[bits])
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"exact delta: corrupt payload ({exc})") from exc
-        if sym.size != n or low.size != n * (k // 8) or esc.size != n_esc:
-            raise CodecError("exact delta: payload sizes do not match the header")
-        if use_numba and _numba is not None:   # counts the escapes while it unpermutes
-            out = np.empty(n, _WORD[bits])
-            _decode_nb(b, sym, low, esc, bits, eshift, emask, k, out)
-        else:
-            if int(np.count_nonzero(sym == ESCAPE)) != n_esc:
-                raise CodecError("exact delta: escapes in the payload do not match the header")
-            out = _decode_np(b, sym, low, esc, bits, eshift, emask, k)
+        out = exact_huff.decode_v2(b, parsed, bits, eshift, emask, _WORD[bits], _decompressor(), use_numba)
     return _like(base, out, fmt)
-
-
-def _parse_header(data: bytes):
-    if len(data) < _HEADER.size:
-        raise CodecError(f"exact delta: {len(data)} bytes is shorter than the header")
-    magic, version, code, k, flags, n, n_esc, *lens = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION or code not in _BY_CODE:
-        raise CodecError(f"exact delta: not an exact delta (magic {magic!r}, version {version}, dtype {code})")
-    if _HEADER.size + sum(lens) != len(data):
-        raise CodecError(f"exact delta: header promises {_HEADER.size + sum(lens)} bytes, got {len(data)}")
-    return _BY_CODE[code], k, flags, n, n_esc, lens
 
 
 def _like(base, words: np.ndarray, fmt: str):

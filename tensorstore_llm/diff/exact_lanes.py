@@ -1,0 +1,416 @@
+"""Kernels of the exact delta's format 2: symbols, per-exponent Huffman bit lanes, decode + apply.
+
+Element ``i`` of a block goes to bit lane ``i % LANES``; each lane is an LSB-first bit stream of
+64-bit little-endian words. A symbol is coded with the Huffman table of its context, the exponent
+of the base weight ``base[i]`` (the decoder knows it before it decodes), so no permutation of the
+elements is needed: the decoder writes every weight where it belongs, in one pass. Decoding looks
+up the next ``MAX_LEN`` bits of a lane in the context's table (``(symbol << 8) | length``, a
+uint16 per entry); the lanes are independent dependency chains, so the CPU overlaps their table
+look-ups (the interleaved-streams idea of zstd's Huffman decoder and of interleaved rANS).
+
+Compiled with numba when it is installed; the NumPy / Python fallbacks below produce the same
+bytes (encoding vectorised; decoding is a Python loop, correct but ~500x slower).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LANES = 4
+MAX_LEN = 11                      # longest code, bits; decode tables have 2**MAX_LEN entries
+TABLE_SIZE = 1 << MAX_LEN
+ESCAPE = 255
+CHUNK = 1 << 14             # elements decoded and applied at a time (stays in L1 / L2)
+
+try:   # optional accelerator: same bytes, compiled passes
+    import numba as _numba
+except ImportError:   # pragma: no cover - exercised where numba is absent
+    _numba = None
+
+
+# --- NumPy reference ------------------------------------------------------------------------------
+
+def mono_np(x: np.ndarray, bits: int) -> np.ndarray:
+    """Bit patterns -> unsigned integers ordered like the floats (positive: set the sign bit;
+    negative: invert every bit)."""
+    sign = np.array(1 << (bits - 1), dtype=x.dtype)
+    return np.where(x & sign, ~x, x | sign)
+
+
+def unmono_np(m: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`mono_np`."""
+    sign = np.array(1 << (bits - 1), dtype=m.dtype)
+    return np.where(m & sign, m ^ sign, ~m)
+
+
+def zigzag_np(base: np.ndarray, target: np.ndarray, bits: int) -> np.ndarray:
+    """Zigzagged wrapped ULP differences ``target - base`` as uint64 (0, -1, 1, -2 -> 0, 1, 2, 3)."""
+    full = (1 << bits) - 1
+    d = (mono_np(target, bits).astype(np.int64) - mono_np(base, bits).astype(np.int64)) & full
+    d = np.where(d >> (bits - 1), d - (1 << bits), d)         # signed
+    return ((d << 1) ^ (d >> 63)).astype(np.uint64)
+
+
+def apply_np(base: np.ndarray, z: np.ndarray, bits: int, word) -> np.ndarray:
+    """``base`` moved by the zigzagged ULP differences ``z`` (uint64), as ``word`` bit patterns."""
+    d = (z >> np.uint64(1)).astype(np.int64) ^ -(z & np.uint64(1)).astype(np.int64)
+    m = (mono_np(base, bits).astype(np.int64) + d) & ((1 << bits) - 1)
+    return unmono_np(m.astype(word), bits)
+
+
+def symbols_np(base, target, bits: int, k: int, word):
+    """(symbols min(z >> k, 255) uint8, k/8 low byte planes of z (plane-major, element order),
+    escapes: z >> k of the symbols that are 255, element order, as ``word``)."""
+    z = zigzag_np(base, target, bits)
+    high = z >> np.uint64(k)
+    sym = np.minimum(high, ESCAPE).astype(np.uint8)
+    esc = high[high >= ESCAPE].astype(word)
+    planes = [((z >> np.uint64(8 * j)) & np.uint64(0xFF)).astype(np.uint8) for j in range(k // 8)]
+    return sym, (np.concatenate(planes) if planes else np.empty(0, np.uint8)), esc
+
+
+def pack_np(sym: np.ndarray, table_of: np.ndarray, codes: np.ndarray, lengths: np.ndarray):
+    """Bit lanes as (one uint64 array, lane start word, lane bit counts): element i's code (table
+    ``table_of[i]``) appended LSB first to lane i % LANES. Same words as the numba kernel."""
+    index = table_of.astype(np.int64) * 256 + sym
+    lanes, bit_counts = [], []
+    for lane in range(LANES):
+        code, length = codes[index[lane::LANES]], lengths[index[lane::LANES]].astype(np.int64)
+        total = int(length.sum())
+        owner = np.repeat(np.arange(code.size), length)
+        offset = np.arange(total) - np.repeat(np.cumsum(length) - length, length)
+        bits = ((code[owner] >> offset.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
+        packed = np.packbits(bits, bitorder="little")
+        padded = np.zeros(-(-packed.size // 8) * 8, np.uint8)
+        padded[:packed.size] = packed
+        lanes.append(padded.view("<u8"))
+        bit_counts.append(total)
+    return _join(lanes, bit_counts)
+
+
+def _join(lanes, bit_counts):
+    starts = np.cumsum([0] + [w.size for w in lanes])[:-1].astype(np.int64)
+    return np.concatenate(lanes).astype("<u8"), starts, np.array(bit_counts, np.int64)
+
+
+def decode_py(words, starts, bit_counts, dec, ctx_off, exps, n):
+    """Symbols of every element (uint8) from the lanes; None when a lane does not end exactly at
+    its recorded bit count (a corrupt payload). The Python-loop fallback of the numba kernel."""
+    w = [int(x) for x in words] + [0, 0]
+    table = dec.tolist()
+    offsets = ctx_off[exps].tolist()
+    sym = np.empty(n, np.uint8)
+    out = [0] * n
+    for lane in range(LANES):
+        p = int(starts[lane]) * 64
+        end = p + int(bit_counts[lane])
+        for i in range(lane, n, LANES):
+            if p > end:
+                return None
+            q = p >> 6
+            entry = table[offsets[i] + (((w[q] | (w[q + 1] << 64)) >> (p & 63)) & (TABLE_SIZE - 1))]
+            out[i] = entry >> 8
+            p += entry & 0xFF
+        if p != end:
+            return None
+    sym[:] = out
+    return sym
+
+
+# --- numba kernels ----------------------------------------------------------------------------------
+
+if _numba is not None:
+    @_numba.njit(cache=True, nogil=True)
+    def symbols16_nb(base, target, eshift, emask, sym, hist):
+        """bf16 / fp16, k = 0: symbols min(zigzag, 255) and the (exponent, symbol) histogram;
+        returns the escapes (full zigzag values, element order)."""
+        n = base.size
+        esc = np.empty(n, np.uint16)
+        ne = 0
+        for i in range(n):
+            b = np.int32(base[i])
+            f = np.int32(target[i])
+            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+            mf = f ^ (((f >> 15) * 0x7FFF) | 0x8000)
+            d = (((mf - mb) & 0xFFFF) ^ 0x8000) - 0x8000
+            z = (d << 1) ^ (d >> 31)
+            s = min(z, 255)
+            sym[i] = s
+            hist[((b >> eshift) & emask) * 256 + s] += 1
+            if s == 255:
+                esc[ne] = z
+                ne += 1
+        return esc[:ne]
+
+    @_numba.njit(cache=True, nogil=True)
+    def symbols_nb(base, target, bits, k, eshift, emask, sym, low, hist):
+        """Any width and k: symbols, low byte planes (plane-major), histogram; returns escapes
+        (z >> k, element order, int64)."""
+        n = base.size
+        sign = np.int64(1) << (bits - 1)
+        full = (np.int64(1) << bits) - 1
+        half = full >> 1
+        kb = k // 8
+        esc = np.empty(n, np.int64)
+        ne = 0
+        for i in range(n):
+            b = np.int64(base[i])
+            f = np.int64(target[i])
+            mb = b ^ (((b >> (bits - 1)) * half) | sign)
+            mf = f ^ (((f >> (bits - 1)) * half) | sign)
+            d = (((mf - mb) & full) ^ sign) - sign
+            z = (d << 1) ^ (d >> 63)
+            high = z >> k
+            s = min(high, 255)
+            sym[i] = s
+            hist[((b >> eshift) & emask) * 256 + s] += 1
+            if s == 255:
+                esc[ne] = high
+                ne += 1
+            for j in range(kb):
+                low[j * n + i] = (z >> (8 * j)) & 0xFF
+        return esc[:ne]
+
+    @_numba.njit(cache=True, nogil=True)
+    def pack_nb(sym, base, eshift, emask, table_id, codes, lengths):
+        """Lanes as (words, lane start word, lane bit counts); the codes of element i from the table
+        of its base exponent, appended LSB first to lane i % LANES."""
+        n = sym.size
+        per_lane = (n + LANES - 1) // LANES
+        cap = (per_lane * MAX_LEN) // 64 + 2
+        out = np.zeros(LANES * cap, np.uint64)
+        acc = np.zeros(LANES, np.uint64)
+        filled = np.zeros(LANES, np.int64)
+        used = np.zeros(LANES, np.int64)
+        for i in range(n):
+            lane = i & (LANES - 1)
+            t = np.int64(table_id[(np.int64(base[i]) >> eshift) & emask])
+            c = codes[t * 256 + sym[i]]
+            length = np.int64(lengths[t * 256 + sym[i]])
+            nb = filled[lane]
+            acc[lane] |= c << np.uint64(nb)
+            nb += length
+            if nb >= 64:
+                out[lane * cap + used[lane]] = acc[lane]
+                used[lane] += 1
+                nb -= 64
+                acc[lane] = (c >> np.uint64(length - nb)) if nb > 0 else np.uint64(0)
+            filled[lane] = nb
+        starts = np.zeros(LANES, np.int64)
+        bit_counts = np.zeros(LANES, np.int64)
+        total = 0
+        for lane in range(LANES):
+            words = used[lane] + (1 if filled[lane] else 0)
+            starts[lane] = total
+            bit_counts[lane] = used[lane] * 64 + filled[lane]
+            total += words
+        joined = np.empty(total, np.uint64)
+        for lane in range(LANES):
+            for w in range(used[lane]):
+                joined[starts[lane] + w] = out[lane * cap + w]
+            if filled[lane]:
+                joined[starts[lane] + used[lane]] = acc[lane]
+        return joined, starts, bit_counts
+
+    @_numba.njit(inline="always")
+    def _window(words, p):
+        """64 bits of ``words`` from bit ``p`` on (LSB first); reads words[p // 64 + 1]."""
+        q = np.uint64(p) >> np.uint64(6)
+        r = np.uint64(p) & np.uint64(63)
+        return (words[q] >> r) | ((words[q + np.uint64(1)] << np.uint64(1)) << (np.uint64(63) - r))
+
+    @_numba.njit(nogil=True)
+    def _lanes_chunk(words, ends, dec, ctx_off, base, eshift, emask, sym, pos, i0, i1):
+        """Symbols of elements ``i0:i1`` (i0 a multiple of 16) into ``sym[0:i1 - i0]``, lane bit
+        positions carried in ``pos``. A table entry is ``(symbol << 8) | length``. Returns False
+        as soon as a lane is past its end: each group of 4 symbols per lane reads one 64-bit
+        window (4 x MAX_LEN = 44 bits) and starts only while every lane is within its own bits,
+        so reads never leave ``words`` (which carries one zero word past the last lane)."""
+        mask = np.uint64(TABLE_SIZE - 1)
+        sh, em = np.uint64(eshift), np.uint64(emask)         # unsigned indices: no wraparound checks
+        p0, p1, p2, p3 = pos[0], pos[1], pos[2], pos[3]
+        full = i0 + (i1 - i0) // 16 * 16
+        for g in range(i0, full, 16):
+            if p0 > ends[0] or p1 > ends[1] or p2 > ends[2] or p3 > ends[3]:
+                return False
+            w0, w1, w2, w3 = _window(words, p0), _window(words, p1), _window(words, p2), _window(words, p3)
+            c0 = c1 = c2 = c3 = np.uint64(0)
+            for r in range(4):
+                i = np.uint64(g + r * 4)
+                j = np.uint64(g - i0 + r * 4)
+                x0 = np.uint64(dec[ctx_off[(np.uint64(base[i]) >> sh) & em] + (w0 & mask)])
+                x1 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(1)]) >> sh) & em] + (w1 & mask)])
+                x2 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(2)]) >> sh) & em] + (w2 & mask)])
+                x3 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(3)]) >> sh) & em] + (w3 & mask)])
+                l0, l1, l2, l3 = x0 & np.uint64(63), x1 & np.uint64(63), x2 & np.uint64(63), x3 & np.uint64(63)
+                w0, w1, w2, w3 = w0 >> l0, w1 >> l1, w2 >> l2, w3 >> l3
+                c0, c1, c2, c3 = c0 + l0, c1 + l1, c2 + l2, c3 + l3
+                sym[j] = x0 >> np.uint64(8)
+                sym[j + np.uint64(1)] = x1 >> np.uint64(8)
+                sym[j + np.uint64(2)] = x2 >> np.uint64(8)
+                sym[j + np.uint64(3)] = x3 >> np.uint64(8)
+            p0, p1, p2, p3 = p0 + np.int64(c0), p1 + np.int64(c1), p2 + np.int64(c2), p3 + np.int64(c3)
+        pos[0], pos[1], pos[2], pos[3] = p0, p1, p2, p3
+        for i in range(full, i1):                                 # the block's tail, one at a time
+            lane = i & 3
+            if pos[lane] > ends[lane]:
+                return False
+            x = np.uint64(dec[ctx_off[(np.uint64(base[i]) >> sh) & em] + (_window(words, pos[lane]) & mask)])
+            pos[lane] += np.int64(x & np.uint64(0xFF))
+            sym[i - i0] = x >> 8
+        return True
+
+    @_numba.njit(nogil=True)
+    def _escapes_chunk(sym, m, i0, esc_at, ne):
+        """Positions (offset ``i0``) of the ESCAPE symbols in ``sym[:m]`` appended to ``esc_at``
+        from ``ne`` on (up to its size); returns the new count. Eight symbols at a time: a word
+        with no 0xFF byte is passed in a few operations."""
+        ones, highs = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
+        eights = sym[:m - m % 8].view(np.uint64)
+        for q in range(np.uint64(eights.size)):
+            v = ~eights[q]
+            if (v - ones) & ~v & highs:
+                for i in range(np.uint64(8) * q, np.uint64(8) * q + np.uint64(8)):
+                    if sym[i] == ESCAPE:
+                        if ne < esc_at.size:
+                            esc_at[ne] = i0 + np.int64(i)
+                        ne += 1
+        for i in range(m - m % 8, m):
+            if sym[i] == ESCAPE:
+                if ne < esc_at.size:
+                    esc_at[ne] = i0 + i
+                ne += 1
+        return ne
+
+    @_numba.njit(cache=True, nogil=True)
+    def undelta_nb(words, starts, bit_counts, dec, ctx_off, base, eshift, emask, low, kb, esc, bits, out):
+        """The target's words into ``out``: per chunk of CHUNK elements (kept in cache), decode the
+        symbols from the lanes, find the escapes, apply base + unzigzag((symbol << 8kb) | low),
+        then the escaped elements. Returns (ok, escapes found): ok is False when a lane runs
+        past or stops short of its recorded bit count (a corrupt payload)."""
+        n = base.size
+        pos = starts * 64
+        ends = pos + bit_counts
+        sym = np.empty(CHUNK, np.uint8)
+        esc_at = np.empty(CHUNK, np.int64)
+        found = 0
+        for i0 in range(0, n, CHUNK):
+            i1 = min(n, i0 + CHUNK)
+            if not _lanes_chunk(words, ends, dec, ctx_off, base, eshift, emask, sym, pos, i0, i1):
+                return False, found
+            ne = _escapes_chunk(sym, i1 - i0, i0, esc_at, 0)
+            if bits == 16 and kb == 0:
+                apply16_nb(base[i0:i1], sym[:i1 - i0], out[i0:i1])
+            else:
+                apply_nb(base[i0:i1], sym[:i1 - i0], low, kb, bits, out[i0:i1], n, i0)
+            if found + ne <= esc.size:
+                fix_escapes_nb(base, low, kb, esc[found:found + ne], esc_at[:ne], bits, out)
+            found += ne
+        for lane in range(LANES):
+            if pos[lane] != ends[lane]:
+                return False, found
+        return True, found
+
+    @_numba.njit(nogil=True)
+    def apply16_nb(base, sym, out):
+        """16-bit patterns, k = 0: out = base moved by unzigzag(symbol) ULPs; branch-free, SIMD."""
+        for i in range(base.size):
+            b = np.int32(base[i])
+            s = np.int32(sym[i])
+            d = (s >> 1) ^ -(s & 1)
+            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+            m = (mb + d) & 0xFFFF
+            out[i] = m ^ (((1 - (m >> 15)) * 0x7FFF) | 0x8000)
+
+    @_numba.njit(inline="always")
+    def _apply_one(b, z, bits):
+        sign = np.int64(1) << (bits - 1)
+        full = (np.int64(1) << bits) - 1
+        half = full >> 1
+        d = (z >> 1) ^ -(z & 1)
+        mb = b ^ (((b >> (bits - 1)) * half) | sign)
+        m = (mb + d) & full
+        return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
+
+    @_numba.njit(nogil=True)
+    def apply_nb(base, sym, low, kb, bits, out, n, i0):
+        """out = base moved by z = (symbol << 8kb) | low planes of elements i0 + (0, 1, ...) of a
+        block of ``n`` (plane-major planes); escaped elements are fixed afterwards."""
+        for i in range(base.size):
+            z = np.int64(sym[i]) << (8 * kb)
+            for j in range(kb):
+                z |= np.int64(low[j * n + i0 + i]) << (8 * j)
+            out[i] = _apply_one(np.int64(base[i]), z, bits)
+
+    @_numba.njit(nogil=True)
+    def fix_escapes_nb(base, low, kb, esc, esc_at, bits, out):
+        """The escaped elements: z = (escape value << 8kb) | low planes."""
+        n = base.size
+        for t in range(esc_at.size):
+            i = esc_at[t]
+            z = np.int64(esc[t]) << (8 * kb)
+            for j in range(kb):
+                z |= np.int64(low[j * n + i]) << (8 * j)
+            out[i] = _apply_one(np.int64(base[i]), z, bits)
+
+    @_numba.njit(cache=True, nogil=True)
+    def parse_tables_nb(section, emask, max_tables, reversed_bits):
+        """The table section (see exact_huff) as (table offset per exponent uint64[emask + 1],
+        decode tables uint16[T * TABLE_SIZE], status): status 0 ok, 1 truncated or malformed,
+        2 code lengths that are not a complete prefix code. Same checks as exact_huff.parse_tables."""
+        size = section.size
+        offsets = np.zeros(emask + 1, np.uint64)
+        if size < 1:
+            return offsets, np.zeros(0, np.uint16), 1
+        n_own = np.int64(section[0])
+        if n_own >= max_tables or size < 1 + n_own:
+            return offsets, np.zeros(0, np.uint16), 1
+        dec = np.empty((n_own + 1) * TABLE_SIZE, np.uint16)
+        for e in range(emask + 1):
+            offsets[e] = np.uint64(n_own * TABLE_SIZE)
+        for t in range(n_own):
+            e = np.int64(section[1 + t])
+            if e > emask or offsets[e] != np.uint64(n_own * TABLE_SIZE):
+                return offsets, dec, 1
+            offsets[e] = np.uint64(t * TABLE_SIZE)
+        at = 1 + n_own
+        lengths = np.zeros(256, np.int64)
+        for t in range(n_own + 1):
+            if at + 2 > size:
+                return offsets, dec, 1
+            m = np.int64(section[at]) | (np.int64(section[at + 1]) << 8)
+            at += 2
+            table = dec[t * TABLE_SIZE:(t + 1) * TABLE_SIZE]
+            if m == 0:
+                if at + 1 > size:
+                    return offsets, dec, 1
+                table[:] = np.uint16(np.int64(section[at]) << 8)
+                at += 1
+                continue
+            if m > 256 or at + (m + 1) // 2 > size:
+                return offsets, dec, 1
+            kraft = 0
+            for s in range(256):
+                length = 0
+                if s < m:
+                    byte = np.int64(section[at + s // 2])
+                    length = (byte >> (4 * (s & 1))) & 0xF
+                if length > MAX_LEN:
+                    return offsets, dec, 2
+                lengths[s] = length
+                if length:
+                    kraft += 1 << (MAX_LEN - length)
+            at += (m + 1) // 2
+            if kraft != TABLE_SIZE:
+                return offsets, dec, 2
+            left = 0                                          # canonical: (length, symbol) order
+            for length in range(1, MAX_LEN + 1):
+                span = 1 << (MAX_LEN - length)
+                for s in range(256):
+                    if lengths[s] == length:
+                        entry = np.uint16((s << 8) | length)
+                        for v in range(left, left + span):
+                            table[reversed_bits[v]] = entry
+                        left += span
+        if at != size:
+            return offsets, dec, 1
+        return offsets, dec, 0
