@@ -79,6 +79,11 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
         if any(m.magnitude is not None for m in ad.modules.values()) or ad.saved_modules:
             raise RecipeError(f"lora combine: {o.ref} has DoRA magnitudes or modules_to_save, which are not "
                               "low-rank updates; merge it into its base instead")
+        if rank is not None and merge_into is None:
+            from .streamed import check_rank
+
+            for k, m in ad.modules.items():
+                check_rank(rank, (m.B.shape[0], m.A.shape[1]), k, "lora combine")
     bound = _same_base([_bound_of(store, o, base) for o in opened], adapters)
     parents = [{**o.lineage, "role": "adapter"} for o in opened]
     recipe = {"op": "lora_combine", "method": method, "weights": list(weights), "density": density,
