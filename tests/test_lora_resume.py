@@ -50,6 +50,15 @@ def test_extract_from_a_diff_equals_extract_from_the_finetune(tmp_path, cli, tin
     assert cli("-q", "--store", s, "lora", "extract", "d1", "--base", "b0", "--rank", "4", "--seed", "3",
                "--name", "with-base")[0] == 0
     assert store.get("with-base").manifest.tensors == direct.manifest.tensors
+    # a directory with the parent's bytes is the parent (by the checksums the diff was stored against)
+    code, _, err = cli("-q", "--store", s, "lora", "extract", "d1", "--base", tiny_family["base"], "--rank", "4",
+                       "--seed", "3", "--name", "dir-base")
+    assert code == 0, err
+    assert store.get("dir-base").manifest.tensors == direct.manifest.tensors
+    # a delta-stored checkpoint is a whole model: it may be compared with another base
+    code, _, err = cli("-q", "--store", s, "lora", "extract", "ft1d", "--base", "other", "--rank", "4", "--name", "vs-other")
+    assert code == 0, err
+    assert store.get("vs-other").manifest.info["base"]["id"] == store.get("other").id
     # a diff whose parent is not --base is refused, and nothing is written
     count = len(store.list())
     code, _, err = cli("--store", s, "lora", "extract", "d1", "--base", "other", "--rank", "4")
