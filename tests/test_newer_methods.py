@@ -111,6 +111,7 @@ def ram_golden(base, models, epsilon, r=None, alpha=None):
 # -- the ops through the conformance base ------------------------------------------------------
 
 class TestMultiSlerp(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "multislerp"
     params = {"weights": [1.0, 2.0, 0.5]}
     atol = 2e-6
@@ -123,6 +124,7 @@ class TestMultiSlerp(OpConformance):
 
 
 class TestMultiSlerpDelta(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "multislerp_delta"
     params = {"weights": [0.7, 0.4], "normalize_weights": False}
     atol = 1e-6
@@ -137,6 +139,7 @@ class TestMultiSlerpDelta(OpConformance):
 
 
 class TestKarcher(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "karcher"
     params = {"max_iter": 20, "tol": 1e-9}
     atol = 1e-6
@@ -149,6 +152,7 @@ class TestKarcher(OpConformance):
 
 
 class TestSce(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "sce"
     params = {"select_topk": 0.4}
     atol = 1e-6
@@ -185,6 +189,7 @@ class TestNearSwap(OpConformance):
 
 
 class TestArceeFusion(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "arcee_fusion"
     atol = 1e-6
     small_budget = "1M"
@@ -205,6 +210,7 @@ class TestArceeFusion(OpConformance):
 
 
 class TestRam(OpConformance):
+    cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "ram"
     params = {"epsilon": 0.004}
     atol = 1e-6

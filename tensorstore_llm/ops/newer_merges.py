@@ -19,7 +19,8 @@ same order of operations, so that with ``--arithmetic mergekit`` (compute dtype 
   αi = 1/N. Also from the Gram matrix.
 - ``sce`` (SCE: Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models", arXiv 2408.07990):
   Select the top ``select_topk`` fraction of entries by the variance of the τi across models
-  (of the entries whose variance is not 0; ties by flat index), Calculate per-model weights
+  (k = count of nonzero variances · select_topk as an fp32 product, as mergekit, which can
+  exceed the exact floor by one above 2^24 entries; ties by flat index), Calculate per-model weights
   mean(τi²) / Σj mean(τj²), Erase entries whose sign disagrees with the sign of Σi τi; the result
   is θ0 + Σ wi' τi / max(Σ wi', 1e-6) over the kept entries. Whole tensors.
 - ``nearswap`` (NearSwap, alchemonaut 2024, "QuartetAnemoi-70B-t0.0001"): per entry
@@ -236,7 +237,7 @@ def sce(ctx, params, base, models):
     taus = torch.stack([m - base for m in models], dim=0)
     if params.select_topk < 1:
         variance = torch.var(taus, dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(variance)) * params.select_topk)
+        k = int(torch.count_nonzero(variance) * params.select_topk)   # as mergekit: an fp32 product
         taus = taus * top_by_value(variance, k).to(base.dtype).unsqueeze(0)
     sign = taus.sign()
     majority = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
