@@ -169,22 +169,34 @@ class Vocabulary:
 
     ``rows`` output rows, of which the first ``tokens`` are real tokens (the rest padding);
     ``own[ref]``: per output id, the model's own row, or -1 where it takes a fill row;
-    ``fills``: output id -> ((ref, row), ...) averaged in order (empty: zeros);
     ``files``: the output tokenizer's files (name -> bytes), None to keep the base's.
+    ``fills_for(models)`` gives the fill rows when ``models`` are merged into a tensor.
     """
 
     tokens: int
     rows: int
     own: dict[str, np.ndarray]
-    fills: dict[int, tuple]
     files: dict[str, bytes] | None
     pad_to_multiple_of: int | None = None
+    rules: tuple = ()   # (spec, base, token -> id, ref -> vocab, ref -> vocab_size, where, ref -> row before forcing)
+    _fills: dict = field(default_factory=dict)
+
+    def fills_for(self, models) -> dict[int, tuple]:
+        """Output id -> ((ref, row), ...) averaged in order (empty: zeros), for every token one of
+        ``models`` (the models merged into one tensor, recipe order) lacks or that is forced. As in
+        mergekit, only those models count: in a sliced recipe the embedding's fill rows come from
+        the first slice's models, the LM head's from the last slice's."""
+        models = tuple(models)
+        if models not in self._fills:
+            spec, base, vocab, vocabs, sizes, where, present = self.rules
+            self._fills[models] = _fills(spec, base, list(models), vocab, present, vocabs, sizes, where)
+        return self._fills[models]
 
     def unchanged(self, sizes: Mapping[str, int]) -> bool:
         """Whether every model's rows are already the output's (``sizes``: ref -> its rows)."""
         identity = np.arange(self.rows)
-        return not self.fills and all(sizes[ref] == self.rows and np.array_equal(own, identity)
-                                      for ref, own in self.own.items())
+        return not self.fills_for(self.own) and all(sizes[ref] == self.rows and np.array_equal(own, identity)
+                                                   for ref, own in self.own.items())
 
 
 def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], files: Mapping[str, Mapping],
@@ -242,18 +254,21 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
             if old is not None and old < sizes[ref]:
                 mapped[new_id] = old
         own[ref] = mapped
-    fills = _fills(spec, base, order, vocab, own, vocabs, sizes, where)
+    present = {ref: mapped.copy() for ref, mapped in own.items()}   # before forcing: who has which token
     for token, rule in spec.tokens.items():
         if rule.force:
             for mapped in own.values():
                 mapped[vocab[token]] = -1
     changed = spec.source != "base" or extra or any(tokens != sizes[ref] for ref in order) or any(
         not np.array_equal(m[:tokens], np.arange(tokens)) for m in own.values())
-    return Vocabulary(tokens, rows, own, fills, _saved(out) if changed else None, spec.pad_to_multiple_of)
+    result = Vocabulary(tokens, rows, own, _saved(out) if changed else None, spec.pad_to_multiple_of,
+                        (spec, base, vocab, vocabs, sizes, where, present))
+    result.fills_for(order)   # every rule checked now, before any work
+    return result
 
 
 def _fills(spec, base, order, vocab, own, vocabs, sizes, where) -> dict[int, tuple]:
-    """Output id -> the rows averaged for it, for every token some model lacks or that is forced."""
+    """Output id -> the rows averaged for it, for every token one of ``order`` lacks or that is forced."""
     fills = {}
     for token, new_id in vocab.items():
         rule = spec.tokens.get(token)

@@ -66,15 +66,18 @@ def gather_rows(source, name: str, index: np.ndarray) -> torch.Tensor:
 
 class VocabView:
     """Model ``ref`` (``source``) with its vocabulary tensors in the output vocabulary; ``sources``
-    holds every model (fills read from them); ``means`` name -> fp32 mean row for padding rows."""
+    holds every model (fills read from them); ``means`` name -> fp32 mean row for padding rows;
+    ``contributors(name)`` the models merged into tensor ``name`` (default: all), whose rows
+    the fill rules choose from."""
 
     def __init__(self, source, ref: str, vocab: Vocabulary, names: list[str], sources: Mapping, means=None,
-                 padded: bool = True):
+                 padded: bool = True, contributors=None):
         self.source, self.ref, self.vocab, self.sources = source, ref, vocab, sources
         self.names, self.means, self.padded = set(names), dict(means or {}), padded
+        self.fills = {name: vocab.fills_for(contributors(name) if contributors else list(vocab.own)) for name in self.names}
         self.rows = vocab.rows if padded else vocab.tokens
         self.path = getattr(source, "path", None)
-        digest = hashlib.sha256(vocab.own[ref].tobytes() + repr(sorted(vocab.fills.items())).encode()
+        digest = hashlib.sha256(vocab.own[ref].tobytes() + repr(sorted((n, sorted(f.items())) for n, f in self.fills.items())).encode()
                                 + repr(sorted((k, v) for k, v in self.means.items())).encode()).hexdigest()[:16]
         self.identity = f"{source.identity}|vocab[{self.rows}]:{digest}"
         for name in self.names:
@@ -83,9 +86,9 @@ class VocabView:
             if mapped.max(initial=-1) >= have:
                 raise ShapeMismatch(f"tensor {name!r} of model {ref} has {have} rows, but its tokenizer / config "
                                     f"vocab_size ({int(mapped.max()) + 1} rows used) says more")
-        for fill in vocab.fills.values():
-            for donor, row in fill:
-                for name in self.names:
+        for name, fills in self.fills.items():
+            for fill in fills.values():
+                for donor, row in fill:
                     if name in sources[donor].keys() and row >= sources[donor].meta(name).rows:
                         raise TokenizerError(f"token row {row} of model {donor} is past its tensor {name!r} "
                                              f"({sources[donor].meta(name).rows} rows)")
@@ -127,7 +130,7 @@ class VocabView:
     def _fill(self, name: str, out: torch.Tensor, start: int, filled: list[int]) -> None:
         wanted: dict[str, list[int]] = {}
         for i in filled:
-            for donor, row in self.vocab.fills.get(start + i, ()):
+            for donor, row in self.fills[name].get(start + i, ()):
                 wanted.setdefault(donor, []).append(row)
         rows = {}
         for donor, index in wanted.items():
@@ -135,7 +138,7 @@ class VocabView:
             block = gather_rows(self.sources[donor], name, index).float()
             rows[donor] = {int(r): block[k] for k, r in enumerate(index)}
         for i in filled:
-            fill = self.vocab.fills.get(start + i, ())
+            fill = self.fills[name].get(start + i, ())
             if not fill:
                 continue
             total = None
@@ -150,10 +153,12 @@ class VocabView:
         """Nothing: the underlying sources belong to the caller."""
 
 
-def vocabulary_views(vocab: Vocabulary, sources: Mapping, configs: Mapping[str, dict], options, where: str) -> dict:
+def vocabulary_views(vocab: Vocabulary, sources: Mapping, configs: Mapping[str, dict], options, where: str,
+                     contributors=None) -> dict:
     """``sources`` (ref -> TensorSource) with every model seen through its token map; the padding
-    means come from reduction jobs run under ``options`` (a RunOptions). Unchanged sources when
-    every model's rows already are the output's."""
+    means come from reduction jobs run under ``options`` (a RunOptions); ``contributors(name)``:
+    the models merged into tensor ``name`` (default: all). Unchanged sources when every model's
+    rows already are the output's."""
     from ..engine.executor import Executor
     from ..engine.plan import InputRef, Plan, TensorJob
     from ..ops import vocab as _vocab_ops  # noqa: F401  (registers row_mean)
@@ -167,7 +172,8 @@ def vocabulary_views(vocab: Vocabulary, sources: Mapping, configs: Mapping[str, 
             raise TokenizerError(f"{where}: model {ref} has no embedding / lm_head tensor to lay out in the merged vocabulary")
     means: dict[str, dict] = {ref: {} for ref in sources}
     if vocab.rows > vocab.tokens:
-        unpadded = {ref: VocabView(src, ref, vocab, names[ref], sources, padded=False) for ref, src in sources.items()}
+        unpadded = {ref: VocabView(src, ref, vocab, names[ref], sources, padded=False, contributors=contributors)
+                    for ref, src in sources.items()}
         jobs, owners = [], []
         for ref, view in unpadded.items():
             for name in names[ref]:
@@ -179,7 +185,8 @@ def vocabulary_views(vocab: Vocabulary, sources: Mapping, configs: Mapping[str, 
         executor.run()
         for job, (ref, name) in zip(jobs, owners):
             means[ref][name] = executor.records[job.output.name]["mean"]
-    return {ref: VocabView(src, ref, vocab, names[ref], sources, means[ref]) for ref, src in sources.items()}
+    return {ref: VocabView(src, ref, vocab, names[ref], sources, means[ref], contributors=contributors)
+            for ref, src in sources.items()}
 
 
 def merged_vocabulary(recipe, sources: Mapping, files_of: Mapping[str, Mapping], files: dict, where: str,
@@ -212,7 +219,13 @@ def merged_vocabulary(recipe, sources: Mapping, files_of: Mapping[str, Mapping],
         entry = files_of[ref].get("config.json")
         if entry is not None:
             configs[ref] = json.loads(file_bytes(entry))
-    views = vocabulary_views(vocab, {ref: sources[ref] for ref in refs}, configs, options, where)
+    contributors = None
+    if recipe.slices:   # as slices.py: embeddings from the first slice's models, the rest from the last's
+        first, last = ([s.ref for s in recipe.slices[i].sources] for i in (0, -1))
+
+        def contributors(name):
+            return list(dict.fromkeys(first if "embed" in name else last))
+    views = vocabulary_views(vocab, {ref: sources[ref] for ref in refs}, configs, options, where, contributors)
     out = with_vocabulary(files, vocab)
     if vocab.files is not None:
         out = with_chat_template(out, recipe.chat_template, [files_of[ref] for ref in refs], where)
