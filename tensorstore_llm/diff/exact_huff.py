@@ -27,7 +27,6 @@ decode table has 2,048 entries.
 """
 from __future__ import annotations
 
-import heapq
 import struct
 
 import numpy as np
@@ -48,37 +47,48 @@ MIN_OWN = 1024             # elements an exponent needs in a block to get its ow
 def code_lengths(freq: np.ndarray) -> np.ndarray:
     """Huffman code lengths (uint8[256], 0 = symbol absent) of ``freq``, at most MAX_LEN bits:
     frequencies are halved (keeping them >= 1) until the code fits. A single used symbol gets
-    length 0 (it costs no bits). Deterministic: ties break by symbol and node creation order."""
-    used = [int(s) for s in np.flatnonzero(freq)]
+    length 0 (it costs no bits). Deterministic: leaves sorted by (frequency, symbol), ties
+    between a leaf and an inner node go to the leaf; numba and Python run the same code."""
+    symbols = np.flatnonzero(freq)
     lengths = np.zeros(256, np.uint8)
-    if len(used) <= 1:
+    if symbols.size <= 1:
         return lengths
-    f = {s: int(freq[s]) for s in used}
+    weights = freq[symbols].astype(np.int64)
+    depths = _depths_fast(np.ascontiguousarray(symbols), weights)
+    lengths[symbols] = depths
+    return lengths
+
+
+def _depths(symbols, weights):
+    """Huffman depths of ``symbols`` (ascending) with ``weights`` > 0, limited to MAX_LEN by halving."""
+    m = symbols.size
     while True:
-        depth = _huffman_depths(f)
-        if max(depth.values()) <= MAX_LEN:
-            for s, d in depth.items():
-                lengths[s] = d
-            return lengths
-        f = {s: max(1, w >> 1) for s, w in f.items()}
-
-
-def _huffman_depths(f: dict) -> dict:
-    heap = [(w, s) for s, w in sorted(f.items())]
-    heapq.heapify(heap)
-    parent = {}
-    node = 256
-    while len(heap) > 1:
-        w1, a = heapq.heappop(heap)
-        w2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = node
-        heapq.heappush(heap, (w1 + w2, node))
-        node += 1
-    depth = {node - 1: 0}
-    for x in range(node - 2, -1, -1):
-        if x in parent:
+        order = np.argsort(weights * 512 + symbols)            # (weight, symbol), both exact in int64
+        wt = np.zeros(2 * m - 1, np.int64)
+        wt[:m] = weights[order]
+        parent = np.zeros(2 * m - 1, np.int64)
+        leaf, inner = 0, m                                     # two-queue Huffman: inner nodes come sorted
+        for node in range(m, 2 * m - 1):
+            for _ in range(2):
+                if leaf < m and (inner >= node or wt[leaf] <= wt[inner]):
+                    x = leaf
+                    leaf += 1
+                else:
+                    x = inner
+                    inner += 1
+                parent[x] = node
+                wt[node] += wt[x]
+        depth = np.zeros(2 * m - 1, np.int64)
+        for x in range(2 * m - 3, -1, -1):
             depth[x] = depth[parent[x]] + 1
-    return {s: depth[s] for s in f}
+        if depth[:m].max() <= MAX_LEN:
+            out = np.zeros(m, np.int64)
+            out[order] = depth[:m]
+            return out
+        weights = np.maximum(1, weights >> 1)
+
+
+_depths_fast = lanes._numba.njit(cache=True)(_depths) if lanes._numba is not None else _depths
 
 
 _REVERSED = np.array([int(format(x, f"0{MAX_LEN}b")[::-1], 2) for x in range(TABLE_SIZE)], np.int64)
@@ -231,7 +241,7 @@ def identical_header(code: int, n: int, flag: int) -> bytes:
 
 
 def parse_v2(data: bytes):
-    """(dtype code, k, flags, n, escapes, table section, lane words with a zero word appended,
+    """(dtype code, k, flags, n, escapes, table section, lane words with two zero words appended,
     lane starts, lane bit counts, low blob, escape blob); CodecError on inconsistent sizes."""
     if len(data) < HEADER.size:
         raise CodecError(f"exact delta: {len(data)} bytes is shorter than the format-2 header")
@@ -243,8 +253,8 @@ def parse_v2(data: bytes):
     at = HEADER.size
     section = data[at:at + n_tab]
     at += n_tab
-    words = np.zeros(sum(lane_words) + 1, np.uint64)
-    words[:-1] = np.frombuffer(data, "<u8", sum(lane_words), at)
+    words = np.zeros(sum(lane_words) + 2, np.uint64)      # two zero words: a window at a lane's end stays inside
+    words[:-2] = np.frombuffer(data, "<u8", sum(lane_words), at)
     at += 8 * sum(lane_words)
     starts = np.cumsum([0] + lane_words)[:-1].astype(np.int64)
     low_blob, esc_blob = data[at:at + n_low], data[at + n_low:]

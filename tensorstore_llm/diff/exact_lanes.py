@@ -95,7 +95,7 @@ def _join(lanes, bit_counts):
 def decode_py(words, starts, bit_counts, dec, ctx_off, exps, n):
     """Symbols of every element (uint8) from the lanes; None when a lane does not end exactly at
     its recorded bit count (a corrupt payload). The Python-loop fallback of the numba kernel."""
-    w = [int(x) for x in words] + [0, 0]
+    w = [int(x) for x in words]
     table = dec.tolist()
     offsets = ctx_off[exps].tolist()
     sym = np.empty(n, np.uint8)
@@ -224,7 +224,8 @@ if _numba is not None:
         positions carried in ``pos``. A table entry is ``(symbol << 8) | length``. Returns False
         as soon as a lane is past its end: each group of 4 symbols per lane reads one 64-bit
         window (4 x MAX_LEN = 44 bits) and starts only while every lane is within its own bits,
-        so reads never leave ``words`` (which carries one zero word past the last lane)."""
+        so reads never leave ``words`` (which carries two zero words past the last lane: a window
+        read at a lane's very end, bit position a multiple of 64, reads the word after next)."""
         mask = np.uint64(TABLE_SIZE - 1)
         sh, em = np.uint64(eshift), np.uint64(emask)         # unsigned indices: no wraparound checks
         p0, p1, p2, p3 = pos[0], pos[1], pos[2], pos[3]

@@ -1,0 +1,217 @@
+"""Exact delta format 2 (issue 11): per-exponent Huffman lanes. Bit-exact round trips for random bit
+patterns under any blocking, both kernel paths writing the same bytes, format 1 still read, the
+coded size checked against the code lengths it claims, and corrupt payloads refused without a crash."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tensorstore_llm.diff import exact, exact_huff, exact_lanes
+from tensorstore_llm.errors import CodecError
+
+FMTS = {"bfloat16": (torch.bfloat16, 16), "float16": (torch.float16, 16), "float32": (torch.float32, 32)}
+PATHS = [True, False] if exact._numba is not None else [False]
+SPECIALS16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x007F, 0x03FF, 0x7F80, 0xFF80, 0x7C00, 0xFC00, 0x7FC0,
+              0xFFC1, 0x7E00, 0x7F81, 0x7FFF, 0xFFFF, 0x7F7F, 0xFF7F, 0x7BFF, 0x0400]
+SPECIALS32 = [0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001,
+              0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000]
+
+
+def _tensor(words: np.ndarray, fmt: str, shape) -> torch.Tensor:
+    dtype, bits = FMTS[fmt]
+    return torch.from_numpy(words.view(np.int16 if bits == 16 else np.int32).copy()).view(dtype).reshape(shape)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _pair(fmt: str, n: int, seed: int, mix: str):
+    """Base and target bit patterns: a fine-tune-like move of a few ULPs, specials (NaN, inf, -0,
+    subnormals, extremes), unrelated random words, unchanged elements, in a mixture."""
+    bits = FMTS[fmt][1]
+    word = np.uint16 if bits == 16 else np.uint32
+    rng = np.random.default_rng(seed)
+    specials = np.array(SPECIALS16 if bits == 16 else SPECIALS32, word)
+    if mix == "weights":
+        base = (rng.standard_normal(n) * 0.05).astype(np.float32)
+        b = _tensor(base.view(np.uint32), "float32", (n,)).to(FMTS[fmt][0])
+        b = _bits(b).numpy().view(word)
+    else:
+        b = rng.integers(0, 1 << bits, n, dtype=np.uint64).astype(word)
+        b = np.where(rng.random(n) < 0.3, specials[rng.integers(0, specials.size, n)], b)
+    m = exact._mono(b, bits).astype(np.int64)
+    moves = np.round(rng.standard_normal(n) * rng.choice([0.5, 2, 30, 3000], n)).astype(np.int64)
+    t = exact._unmono(((m + moves) & ((1 << bits) - 1)).astype(word), bits)
+    pick = rng.random(n)
+    t = np.where(pick < 0.2, b, t)                                               # unchanged
+    t = np.where((pick > 0.9) & (pick < 0.95), rng.integers(0, 1 << bits, n, dtype=np.uint64).astype(word), t)
+    t = np.where(pick >= 0.95, specials[rng.integers(0, specials.size, n)], t)   # to NaN / inf / -0 ...
+    return b, t
+
+
+def _check(base, target, fmt, **kw):
+    """Both kernel paths: same bytes; every decoder (both paths) gives the target's exact bits."""
+    blobs = [exact.encode_delta(base, target, fmt, use_numba=p, **kw) for p in PATHS]
+    assert all(x == blobs[0] for x in blobs)
+    for p in PATHS:
+        out = exact.decode_delta(base, blobs[0], use_numba=p)
+        if isinstance(target, torch.Tensor):
+            assert out.dtype == target.dtype and out.shape == target.shape
+            assert torch.equal(_bits(out), _bits(target))
+        else:
+            assert np.array_equal(out, target)
+    return blobs[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(sorted(FMTS)), rows=st.integers(1, 40), cols=st.integers(1, 70),
+       seed=st.integers(0, 2**32 - 1), mix=st.sampled_from(["weights", "random"]))
+def test_random_bit_patterns_round_trip_bit_for_bit(fmt, rows, cols, seed, mix):
+    b, t = _pair(fmt, rows * cols, seed, mix)
+    base, target = _tensor(b, fmt, (rows, cols)), _tensor(t, fmt, (rows, cols))
+    data = _check(base, target, fmt)
+    assert data[4] == exact_huff.VERSION
+    assert np.array_equal(exact.decode_delta(b, data), t)                        # NumPy words in, words out
+
+
+@pytest.mark.parametrize("fmt", sorted(FMTS))
+def test_any_blocking_rebuilds_the_tensor(fmt):
+    b, t = _pair(fmt, 600 * 37, seed=7, mix="weights")
+    base, target = _tensor(b, fmt, (600, 37)), _tensor(t, fmt, (600, 37))
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        cuts = np.unique(np.concatenate([[0, 600], rng.integers(1, 600, rng.integers(1, 9))]))
+        parts = [exact.decode_delta(base[a:z], exact.encode_delta(base[a:z], target[a:z], fmt))
+                 for a, z in zip(cuts[:-1], cuts[1:])]
+        assert torch.equal(_bits(torch.cat(parts)), _bits(target))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 15, 16, 17, 31, 33, 100, 16 * 1024 + 5, 3 * 16 * 1024])
+def test_lane_tails_and_chunk_edges(n):
+    b, t = _pair("bfloat16", n, seed=n, mix="weights")
+    _check(b, t, "bfloat16")
+
+
+@pytest.mark.parametrize("fmt", sorted(FMTS))
+def test_format_1_payloads_still_decode(fmt):
+    b, t = _pair(fmt, 3000, seed=3, mix="weights")
+    base, target = _tensor(b, fmt, (60, 50)), _tensor(t, fmt, (60, 50))
+    v1 = _check(base, target, fmt, version=1)
+    assert v1[4] == 1
+    identical = exact.encode_delta(base, base.clone(), fmt, version=1)
+    assert len(identical) == exact.header_size(1)
+    assert torch.equal(_bits(exact.decode_delta(base, identical)), _bits(base))
+
+
+def test_one_symbol_per_context_costs_no_lane_bits():
+    """Every weight moved by exactly +1 ULP: each table has one symbol, coded in zero bits."""
+    b, _ = _pair("bfloat16", 5000, seed=4, mix="weights")
+    b = b[(b & 0x7F80) != 0x7F80]                                               # no NaN / inf at the edge
+    t = exact._unmono((exact._mono(b, 16).astype(np.int64) + 1).astype(np.uint16), 16)
+    data = _check(b, t, "bfloat16")
+    fields = exact_huff.parse_v2(data)
+    assert list(fields[8]) == [0] * exact_lanes.LANES and len(data) < exact.header_size() + 100
+
+
+def test_lane_bits_are_the_sum_of_the_code_lengths():
+    """The coded size equals what the tables say: sum over elements of the length of the code of
+    min(zigzag(ULP difference), 255) in the table of the base's exponent (computed here with NumPy)."""
+    b, t = _pair("bfloat16", 20000, seed=5, mix="weights")
+    data = exact.encode_delta(b, t, "bfloat16")
+    fields = exact_huff.parse_v2(data)
+    sym = np.minimum(exact._zigzag_np(b, t, 16), 255).astype(np.int64)
+    exps = ((b >> 7) & 0xFF).astype(np.int64)
+    hist = np.bincount(exps * 256 + sym, minlength=256 * 256)
+    table_of, lengths, _, section = exact_huff.build_tables(hist, 0xFF)
+    assert section == fields[5]
+    assert int(fields[8].sum()) == int(lengths[table_of[exps], sym].astype(np.int64).sum())
+    # and per context it is within 5% of that context's order-0 entropy
+    h = 0.0
+    for e in np.unique(exps):
+        p = np.bincount(sym[exps == e]) / np.count_nonzero(exps == e)
+        p = p[p > 0]
+        h -= np.count_nonzero(exps == e) * float((p * np.log2(p)).sum())
+    assert h <= int(fields[8].sum()) <= 1.05 * h + 64 * 2
+
+
+def test_code_lengths_are_limited_and_complete():
+    freq = np.zeros(256, np.int64)
+    freq[:60] = [int(1.6 ** i) + 1 for i in range(60)]                          # would need ~50-bit codes
+    lengths = exact_huff.code_lengths(freq)
+    assert lengths.max() <= exact_lanes.MAX_LEN and np.count_nonzero(lengths) == 60
+    assert sum(2.0 ** -int(x) for x in lengths if x) == 1.0
+    rng = np.random.default_rng(6)                                               # and such data round-trips
+    b = np.full(40000, 0x3C00, np.uint16)
+    z = np.minimum(rng.geometric(0.35, b.size) - 1, 300)
+    d = np.where(z & 1, -(z >> 1) - 1, z >> 1)
+    t = exact._unmono(((exact._mono(b, 16).astype(np.int64) + d) & 0xFFFF).astype(np.uint16), 16)
+    _check(b, t, "bfloat16")
+
+
+def test_unchanged_rows_are_not_coded():
+    b, t = _pair("float32", 512 * 64, seed=8, mix="weights")
+    base, target = _tensor(b, "float32", (512, 64)), _tensor(t, "float32", (512, 64))
+    mixed = target.clone()
+    mixed[100:400] = base[100:400]
+    full, part = _check(base, target, "float32"), _check(base, mixed, "float32")
+    assert part[7] & exact_huff.FLAG_ROWS and len(part) < 0.5 * len(full)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_corrupt_payloads_are_refused_or_caught_never_a_crash(path):
+    """Random byte flips and truncations: a CodecError, or a (wrong) result of the right size that
+    the store's per-block checksum rejects; the decoder never reads or writes out of bounds."""
+    b, t = _pair("bfloat16", 4000 if path else 600, seed=9, mix="weights")
+    data = exact.encode_delta(b, t, "bfloat16")
+    rng = np.random.default_rng(10)
+    refused = 0
+    for trial in range(300 if path else 40):
+        bad = bytearray(data)
+        if trial % 5 == 0:
+            bad = bad[:rng.integers(0, len(bad))]
+        for at in rng.integers(0, len(bad), rng.integers(1, 4)) if len(bad) else []:
+            bad[at] ^= int(rng.integers(1, 256))
+        try:
+            out = exact.decode_delta(b, bytes(bad), use_numba=path)
+        except CodecError:
+            refused += 1
+            continue
+        assert out.shape == b.shape
+    assert refused > 0
+
+
+def test_more_escapes_in_the_lanes_than_the_header_says_is_an_error():
+    b, t = _pair("bfloat16", 3000, seed=11, mix="random")
+    data = exact.encode_delta(b, t, "bfloat16")
+    code, k, flags, n, n_esc, *_ = exact_huff.parse_v2(data)
+    esc = exact._zigzag_np(b, t, 16)
+    esc = esc[esc >= 255].astype(np.uint16)
+    assert n_esc == esc.size > 1
+    head = list(exact_huff.HEADER.unpack_from(data))
+    old_blob = data[len(data) - head[9]:]
+    new_blob = exact._compressor(None).compress(esc[:-1].tobytes())
+    head[6], head[9] = n_esc - 1, len(new_blob)
+    forged = exact_huff.HEADER.pack(*head) + data[exact_huff.HEADER.size:len(data) - len(old_blob)] + new_blob
+    for p in PATHS:
+        with pytest.raises(CodecError, match="escapes"):
+            exact.decode_delta(b, forged, use_numba=p)
+
+
+def test_an_incomplete_prefix_code_is_refused():
+    lengths = np.zeros(256, np.uint8)
+    lengths[:3] = [1, 2, 3]                                                      # Kraft sum 7/8
+    with pytest.raises(CodecError, match="prefix code"):
+        exact_huff.decode_table(lengths, 0, "test")
+    b, t = _pair("bfloat16", 2000, seed=12, mix="weights")
+    data = bytearray(exact.encode_delta(b, t, "bfloat16"))
+    section_at = exact_huff.HEADER.size
+    n_own = data[section_at]
+    first_lengths = section_at + 1 + n_own + 2                                   # first table's nibbles
+    data[first_lengths] = (data[first_lengths] & 0xF0) | 0x1                     # one code made 1 bit long
+    for p in PATHS:
+        with pytest.raises(CodecError):
+            exact.decode_delta(b, bytes(data), use_numba=p)
