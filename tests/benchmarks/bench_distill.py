@@ -3,7 +3,7 @@
     python tests/benchmarks/bench_distill.py bytes  [--seq-len 512] [--threads 1]
     python tests/benchmarks/bench_distill.py overhead [--seq-len 512] [--sequences 8] [--device cuda --dtype bfloat16]
     python tests/benchmarks/bench_distill.py rss    [--seq-len 512] [--sequences 16] [--batch-size 2]
-    python tests/benchmarks/bench_distill.py learn  [--steps 150] [--seeds 0,1,2] [--methods rs-kd,top-k,hard,full]
+    python tests/benchmarks/bench_distill.py learn  [--seq-len 128] [--steps 150] [--seeds 0,1,2] [--methods rs-kd,top-k,hard,full]
 
 bytes:    RS-KD (N = 50) datasets in the shipped codec, against alternative encodings of the same
           pairs (plain Parquet list<struct<id uint32, count uint8>>, ids without gaps, varint gaps)
@@ -288,7 +288,7 @@ def main():
     parser.add_argument("what", choices=["bytes", "overhead", "learn", "rss", "rss-precompute", "rss-read"])
     parser.add_argument("--out", help="rss-precompute / rss-read: the dataset directory")
     parser.add_argument("--workdir", help="learn: keep (and reuse) the caches here")
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, help="tokens per packed sequence (learn: 128, the others: 512)")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
@@ -302,6 +302,8 @@ def main():
     parser.add_argument("--tokenizer-dir", help="with --random-shape: where SmolLM2's tokenizer files are")
     parser.add_argument("--repeat-corpus", type=int, default=1, help="overhead: the corpus this many times over")
     args = parser.parse_args()
+    if args.seq_len is None:
+        args.seq_len = 128 if args.what == "learn" else 512
     torch.set_num_threads(args.threads)
     {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn, "rss": cmd_rss, "rss-precompute": cmd_rss_precompute,
      "rss-read": cmd_rss_read}[args.what](args)
