@@ -94,8 +94,8 @@ def export_cmd(ctx, ref, out_dir, base):
 @click.argument("adapter")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Extra factor on every update (1 = PEFT's merge).")
 @click.option("--transfer", is_flag=True, help="Allow merging an adapter artifact into a base other than its own (reported).")
-@click.option("--base-quant", type=click.Choice(["nf4"]), help="QLoRA: merge into dequant(NF4(W)), the weights the adapter was trained against.")
-@click.option("--requantize", type=click.Choice(["nf4"]), help="With --base-quant: report the error of requantising the merged weights to NF4.")
+@click.option("--base-quant", type=click.Choice(["nf4"]), help="QLoRA: merge into dequant(NF4(W)), the weights the adapter was trained against (streamed; an already quantised base is dequantised in memory into -o DIR).")
+@click.option("--requantize", type=click.Choice(["nf4"]), help="With --base-quant: write dequant(NF4(W')) of every merged weight and report that error.")
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
 @click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the export with -o.")
@@ -112,37 +112,59 @@ def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name,
     An adapter artifact bound to another base is refused unless --transfer. Prefix-tuning
     adapters cannot be merged (they are not weight updates).
     """
-    if base_quant:
-        return _merge_nf4(ctx, base, adapter, scale, requantize, out_dir)
-    if requantize:
+    if requantize and not base_quant:
         raise click.UsageError("--requantize needs --base-quant nf4")
+    if base_quant and _quantized_dir(base):
+        return _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir)
     from tensorstore_llm.lora.jobs import lora_merge
+    from tensorstore_llm.lora.qlora import qlora_merge
 
-    result = lora_merge(store_of(ctx), base, adapter, scale=scale, transfer=transfer, name=name, out_dir=out_dir,
-                        max_shard_size=max_shard_size, device=device, max_memory=max_memory,
-                        compression=compression, progress=progress_flag(ctx), dry_run=dry_run)
+    options = dict(scale=scale, transfer=transfer, name=name, out_dir=out_dir, max_shard_size=max_shard_size,
+                   device=device, max_memory=max_memory, compression=compression, progress=progress_flag(ctx),
+                   dry_run=dry_run)
+    if base_quant:
+        result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize == "nf4", **options)
+    else:
+        result = lora_merge(store_of(ctx), base, adapter, **options)
     if dry_run:
         return print_estimate(result.estimate)
     moved = (result.analysis or {}).get("transfer")
     if moved and not ctx.obj["quiet"]:
         click.echo(f"transfer: {adapter} was made for another base; {len(moved['mismatched'])} of its base tensors "
                    f"differ in {base} (e.g. {moved['mismatched'][0]}); recorded in the lineage", err=True)
-    report(result, f"merged {adapter} into {base}", ctx.obj["quiet"])
+    if base_quant:
+        _print_modules(result.analysis["modules"], ("rank", "q_over_delta") + (("requant_error",) if requantize else ()),
+                       ctx.obj["quiet"], limit=1000)
+    report(result, f"merged {adapter} into {'dequant(NF4(' + base + '))' if base_quant else base}", ctx.obj["quiet"])
 
 
-def _merge_nf4(ctx, base, adapter, scale, requantize, out_dir):
+def _quantized_dir(base: str) -> bool:
+    """Whether BASE is a Hugging Face directory of an already quantised model (quantization_config)."""
+    import json
     import os
 
-    if not out_dir or not os.path.isdir(base) or not os.path.isdir(adapter):
-        raise click.UsageError("--base-quant nf4 merges a Hugging Face directory BASE with a PEFT directory "
-                               "ADAPTER into -o DIR (one base shard in memory at a time)")
+    config = os.path.join(base, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config, encoding="utf-8") as f:
+        return "quantization_config" in json.load(f)
+
+
+def _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir):
+    """A base that is already quantised (bitsandbytes NF4, GPTQ, AWQ) is dequantised shard by shard
+    in memory and written to -o DIR."""
+    import os
+
+    if not out_dir or not os.path.isdir(adapter):
+        raise click.UsageError("a quantised BASE (bitsandbytes / GPTQ / AWQ) is dequantised one shard at a time in "
+                               "memory: give a PEFT directory ADAPTER and -o DIR")
     from tensorstore_llm.lora.api import merge_adapter
 
     rep = merge_adapter(base, adapter, out_dir, scale=scale, base_quant="nf4", requantize=requantize)
     _print_modules(rep["modules"], ("rank", "q_over_delta") + (("requant_error",) if requantize else ()),
                    ctx.obj["quiet"], limit=1000)
     if not ctx.obj["quiet"]:
-        click.echo(f"merged {adapter} into dequant(NF4({base})): {out_dir}")
+        click.echo(f"merged {adapter} into dequant({base}): {out_dir}")
 
 
 @lora_group.command("extract")

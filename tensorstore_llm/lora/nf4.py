@@ -167,6 +167,23 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return out
 
 
+def double_quantized_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> torch.Tensor:
+    """The fp32 absmax per 64-block that dequantisation multiplies by when ``quantize_nf4`` stored
+    ``absmax`` double-quantised: offset = mean(absmax), 8-bit dynamic codes of absmax - offset in
+    blocks of ``blocksize2``, decoded and offset again (the same operations, so the same bits).
+
+    >>> x = torch.randn(64 * 300)
+    >>> torch.equal(double_quantized_absmax(quantize_nf4(x, double_quant=False).absmax), quantize_nf4(x).block_absmax())
+    True
+    """
+    if absmax.numel() == 0:
+        return absmax.float()
+    offset = absmax.mean()
+    code2 = dynamic_map(signed=True)
+    q2, absmax2 = _blockwise(absmax - offset, code2, blocksize2)
+    return _scale_blocks(code2[q2.to(torch.uint8).long()], absmax2, blocksize2) + offset
+
+
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """code[index] * absmax in fp32, rounded once to ``dtype`` (default: the original dtype).
 

@@ -441,4 +441,4 @@ def lora_bias_merge_op(ctx, params, w, bias):
 
 
 # the whole-tensor ops streamed per module (extract, combine, SVD init) register with this module
-from . import lora_streamed  # noqa: E402,F401
+from . import lora_streamed, nf4_merge  # noqa: E402,F401

@@ -119,6 +119,10 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1gb")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--max-memory", default="1G", help="tsllm --max-memory")
+    ap.add_argument("--merge-memory", default="32M",
+                    help="a second merge row at this --max-memory: above the interpreter and torch (~220 MiB), "
+                         "a merge holds about its budget plus ~55 MiB of runtime, so the RSS goal needs a small one")
+    ap.add_argument("--only", choices=["merge", "all"], default="all", help="merge: skip extract and resize")
     args = ap.parse_args()
 
     root = os.path.join(args.workdir, f"lora-{args.size}")
@@ -138,8 +142,17 @@ def main() -> None:
     ours_store = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", *mm])
     shutil.rmtree(store)
     ours_export = timed([*tsllm, "lora", "merge", base, adapter, "-o", fresh(f"{root}/out-ours"), *mm])
+    shutil.rmtree(store)
+    ours_small = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", "--max-memory", args.merge_memory])
     rows.append(_row(f"lora merge r{args.rank} -> store artifact", ours_store, peft_merge))
     rows.append(_row(f"lora merge r{args.rank} -> store + HF dir (-o)", ours_export, peft_merge))
+    rows.append(_row(f"lora merge r{args.rank} -> store artifact, --max-memory {args.merge_memory}", ours_small,
+                     peft_merge, f"load average {os.getloadavg()[0]:.1f}"))
+    if args.only == "merge":
+        print(rows.header)
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return
 
     mk_out = fresh(f"{root}/extract-mergekit")
     mergekit = timed(["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", mk_out,

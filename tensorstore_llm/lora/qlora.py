@@ -1,0 +1,135 @@
+"""QLoRA merge, streamed: merge an adapter into dequant(NF4(W)), the weights it was trained against.
+
+``tsllm lora merge BASE ADAPTER --base-quant nf4`` runs the plain merge's plan
+(:func:`.plans.plan_lora_merge`: every base tensor, merged where the adapter targets it) with the
+targeted weights' jobs swapped for the NF4 ops of :mod:`tensorstore_llm.ops.nf4_merge`: one
+statistics pass over W for its per-block absmaxes, then row blocks of dequant(NF4(W)) + s·B·A,
+within ``--max-memory`` like any streamed job. The result equals the in-memory path
+(:func:`.api.merge_adapter` with ``base_quant="nf4"``) bit for bit.
+
+The report (‖q‖/‖Δ‖ per module, q = W − dequant(NF4(W)), and with ``requantize`` the error of
+requantising the merged weight) comes from a reduction run over the same tensors before the merge.
+Bases that are already quantised (bitsandbytes NF4 checkpoints, GPTQ / AWQ packed weights) are
+dequantised by the in-memory path instead, one shard at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..engine.plan import Plan, TensorJob
+from ..errors import RecipeError
+from ..io.base import TensorMeta, TensorSource
+from ..ops.nf4_merge import Nf4MergeParams
+from .peft_format import LoraAdapter
+
+_SWAP = {"lora_merge": ("nf4_lora_merge", "nf4_merge_error"), "dora_merge": ("nf4_dora_merge", "nf4_dora_merge_error"),
+         "dora_merge_transposed": ("nf4_dora_merge_transposed", "nf4_dora_transposed_error")}
+QUANTIZED_SUFFIXES = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".qweight")
+
+
+def is_quantized(source: TensorSource) -> bool:
+    """Whether ``source`` holds bitsandbytes / GPTQ / AWQ quantised weights (not streamed here)."""
+    return any(k.endswith(QUANTIZED_SUFFIXES) for k in source.keys())
+
+
+def nf4_plans(plan: Plan, adapter: LoraAdapter, *, requantize: bool = False) -> tuple[Plan, Plan]:
+    """(merge plan, report plan) from the plain merge's ``plan``: each targeted weight's job becomes
+    its QLoRA op, and the report plan holds one reduction per targeted weight.
+
+    Args:
+        plan: :func:`.plans.plan_lora_merge` of the same base and adapter.
+        requantize: write dequant(NF4(W')) instead of W' and report its error.
+    Returns:
+        two validated plans over the same sources.
+    """
+    jobs, reports = [], []
+    for job in plan.jobs:
+        swap = _SWAP.get(job.op)
+        if swap is None:
+            jobs.append(job)
+            continue
+        w_ref = dict(job.inputs)["w"]
+        params = Nf4MergeParams(scaling=job.params.scaling, transpose=job.params.transpose,
+                                base_dtype=plan.input_meta(w_ref).dtype, out_dtype=job.output.dtype,
+                                dora=job.op != "lora_merge", requantize=requantize)
+        jobs.append(dataclasses.replace(job, op=swap[0], params=params))
+        inputs = job.inputs if params.dora else tuple((r, ref) for r, ref in job.inputs if r != "magnitude")
+        record = TensorMeta(job.output.name, job.output.shape, job.output.dtype)
+        reports.append(TensorJob(record, swap[1], inputs, params, reduce_only=True))
+    merge_plan, report_plan = Plan(jobs, plan.sources), Plan(reports, plan.sources)
+    merge_plan.validate("lora merge --base-quant nf4")
+    report_plan.validate("lora merge --base-quant nf4")
+    return merge_plan, report_plan
+
+
+def nf4_report(report_plan: Plan, adapter: LoraAdapter, *, scale: float = 1.0, options=None, **run_options) -> dict:
+    """Run the report plan; module -> ``rank``, ``scaling``, ``q_over_delta`` (and
+    ``requant_error``), as :func:`.api.merge_adapter` reports them."""
+    from ..engine import Executor
+
+    executor = Executor(report_plan, None, options, desc="nf4 report", **run_options)
+    executor.run()
+    by_weight = {m.weight_name: m for m in adapter.modules.values()}
+    out = {}
+    for job in report_plan.jobs:
+        rec, m = executor.records[job.output.name], by_weight[job.output.name]
+        delta = math.sqrt(rec["delta_sq"])
+        info = {"rank": m.r, "scaling": m.scaling * scale,
+                "q_over_delta": math.sqrt(rec["q_sq"]) / delta if delta > 0 else math.inf}
+        if "requant_sq" in rec:
+            info["requant_error"] = math.sqrt(rec["requant_sq"]) / delta if delta > 0 else math.inf
+        out[m.module] = info
+    return out
+
+
+def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantize: bool = False,
+                transfer: bool = False, name: str | None = None, out_dir: str | None = None,
+                max_shard_size="5G", **run_options):
+    """Merge a QLoRA adapter into dequant(NF4(``base``)), streamed into a checkpoint artifact.
+
+    Same references, binding checks and export as :func:`.jobs.lora_merge`; ``requantize``
+    writes dequant(NF4(W')) for every merged weight. Returns the ``JobResult`` with
+    ``analysis = {"transfer": ..., "modules": per-module report}`` (``q_over_delta``: ‖q‖/‖Δ‖).
+
+    Raises:
+        RecipeError for a base that is already quantised (use :func:`.api.merge_adapter`, which
+        dequantises it) or a prefix-tuning adapter; BaseMismatch for an adapter bound to another
+        base without ``transfer``. Nothing is written then.
+    Example: ``qlora_merge(store, "base", "./qlora-adapter", name="merged")``.
+    """
+    from ..runs import JobResult, export, resolve_input, run_plan
+    from .artifacts import check_binding, refuse_other_base
+    from .jobs import _lora_only, open_adapter_ref
+    from .plans import plan_lora_merge
+
+    where = f"lora merge {adapter} --base-quant nf4"
+    opened = open_adapter_ref(store, adapter)
+    lora = _lora_only(opened, "lora merge")
+    source, lineage, files = resolve_input(store, base)
+    with source, opened.source:
+        if is_quantized(source):
+            raise RecipeError(f"{where}: {base} is already quantised (bitsandbytes / GPTQ / AWQ weights); "
+                              "merge it into -o DIR with the in-memory path, which dequantises it")
+        transferred = None
+        if opened.bound is not None:
+            mismatched = check_binding(store, opened.bound, source, lineage, where=where)
+            transferred = refuse_other_base(mismatched, opened.bound, base, where=where, transfer=transfer)
+        plan, report_plan = nf4_plans(plan_lora_merge(source, lora, opened.source, scale=scale, where=where), lora,
+                                      requantize=requantize)
+        parents = [{**lineage, "role": "base"}, {**opened.lineage, "role": "adapter"}]
+        recipe = {"op": "lora_merge", "scale": scale, "base_quant": "nf4", "requantize": "nf4" if requantize else None,
+                  "adapter": lora.describe()}
+        if transferred:
+            recipe["transfer"] = transferred
+        report = {} if run_options.get("dry_run") else nf4_report(
+            report_plan, lora, scale=scale, **{k: v for k, v in run_options.items() if k != "compression"})
+        opened.adapter = lora = None     # the plan reads the factors through opened.source
+        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
+                          desc="lora merge (nf4)", **run_options)
+    if out_dir and result.artifact is not None:
+        export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
+               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
+    result.analysis = {"transfer": transferred, "modules": report}
+    return result
