@@ -14,14 +14,47 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
 
-from ..dtypes import by_name
-from ..io.base import TensorMeta
-from ..io.zarr_tensors import ZarrTensorSource
+from ..dtypes import by_name, from_bytes
+from ..io.base import TensorMeta, check_tensor_name
+from ..io.staged import StagedSink
 from ..store.store import ArtifactWriter, Store, job_key
+
+
+class _FlatSink(StagedSink):
+    """Staged factors as one raw little-endian file per output under ``<staging>/factors``.
+
+    Journaled and re-verified on resume like every staged sink (:class:`StagedSink`); never
+    published, so no zarr layout and no fdatasync: a file torn by a crash fails its journaled
+    checksum on resume and is recomputed. One file per output keeps the staging of a model's
+    few hundred small factors cheap to write and to remove.
+    """
+
+    def _prepare_storage(self, metas: list[TensorMeta]) -> None:
+        for meta in metas:
+            check_tensor_name(meta.name, self.where)
+        os.makedirs(os.path.join(self.staging_dir, "factors"), exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.staging_dir, "factors", name)
+
+    def _write_block(self, meta: TensorMeta, start: int, block, raw) -> None:
+        offset = start * meta.row_numel * by_name(meta.dtype).itemsize if meta.shape else 0
+        path = self._path(meta.name)
+        with open(path, "r+b" if start and os.path.exists(path) else "wb") as f:
+            f.seek(offset)
+            f.write(raw)
+
+    def _read_back(self, meta: TensorMeta, start: int, stop: int):
+        row_bytes = meta.row_numel * by_name(meta.dtype).itemsize
+        with open(self._path(meta.name), "rb") as f:
+            f.seek(start * row_bytes)
+            data = bytearray(f.read((stop - start) * row_bytes if meta.shape else row_bytes))
+        return from_bytes(data, meta.dtype, (stop - start, *meta.shape[1:]) if meta.shape else ())
 
 
 class _StagedTensors(Mapping):
@@ -34,8 +67,7 @@ class _StagedTensors(Mapping):
         meta = self._sink.metas[name]
         if name not in self._sink.completed():
             raise KeyError(name)
-        source = ZarrTensorSource(self._sink.writer.staging_dir, {name: meta}, "")
-        value = source.read_rows(name, 0, meta.shape[0]) if meta.shape else source.read_rows(name, 0, 0)
+        value = self._sink.writer.payload._read_back(meta, 0, meta.shape[0] if meta.shape else 0)
         return value.reshape(meta.shape).to(by_name(meta.dtype).torch)
 
     def __iter__(self):
@@ -67,7 +99,7 @@ class StagedFactorSink:
         metas = list(metas)
         self.metas = {m.name: m for m in metas}
         key = job_key("lora-factors", list(self.key_parts), [[m.name, list(m.shape), m.dtype] for m in metas])
-        self.writer = self.store.create(key)
+        self.writer = self.store.create_with(key, _FlatSink)
         self.writer.prepare(metas)
         self.resumed = sorted(self.writer.completed())
 
