@@ -44,24 +44,29 @@ def vocab_tensor_names(names, config: dict | None) -> list[str]:
     return [n for n in names if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
 
 
-def gather_rows(source, name: str, index: np.ndarray) -> torch.Tensor:
-    """Rows ``index`` (any order, repeats allowed) of tensor ``name``. The tensor is seen as
+def gather_rows(source, name: str, index: np.ndarray, out: torch.Tensor | None = None,
+                positions: np.ndarray | None = None) -> torch.Tensor:
+    """Rows ``index`` (any order, repeats allowed) of tensor ``name``, written into ``out`` at
+    ``positions`` (default: a new tensor, row i = row ``index[i]``). The tensor is seen as
     aligned chunks of ``max(len(index), MIN_CHUNK)`` rows; each chunk holding wanted rows is read
     once, from its first to its last wanted row, so at most one chunk (about the block's own size)
-    is held besides the result, and a block of nearby rows is one read."""
-    if len(index) == 0:
+    is held besides ``out``, and a block of nearby rows is one read."""
+    if out is None:
         meta = source.meta(name)
-        return torch.empty((0, *meta.shape[1:]), dtype=by_name(meta.dtype).torch)
-    order = np.unique(index)
+        out = torch.empty((len(index), *meta.shape[1:]), dtype=by_name(meta.dtype).torch)
+        positions = np.arange(len(index))
+    if len(index) == 0:
+        return out
+    sorter = np.argsort(index, kind="stable")
+    ordered = index[sorter]
     chunk = max(len(index), MIN_CHUNK)
-    groups = order // chunk
-    cuts = np.nonzero(np.diff(groups))[0] + 1
-    parts = []
-    for run in np.split(order, cuts):
-        lo, hi = int(run[0]), int(run[-1]) + 1
-        parts.append(source.read_rows(name, lo, hi)[torch.from_numpy(run - lo)])
-    taken = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return taken[torch.from_numpy(np.searchsorted(order, index))]
+    cuts = np.nonzero(np.diff(ordered // chunk))[0] + 1
+    for lo_at, hi_at in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ordered)]):
+        lo, hi = int(ordered[lo_at]), int(ordered[hi_at - 1]) + 1
+        block = source.read_rows(name, lo, hi)
+        out[torch.from_numpy(positions[sorter[lo_at:hi_at]])] = block[torch.from_numpy(ordered[lo_at:hi_at] - lo)]
+        del block
+    return out
 
 
 class VocabView:
@@ -116,8 +121,7 @@ class VocabView:
         out = torch.zeros((stop - start, *meta.shape[1:]), dtype=by_name(meta.dtype).torch)
         mapped = self.vocab.own[self.ref][start:stop]
         mine = np.nonzero(mapped >= 0)[0]
-        if len(mine):
-            out[torch.from_numpy(mine)] = gather_rows(self.source, name, mapped[mine])
+        gather_rows(self.source, name, mapped[mine], out, mine)
         tokens = self.vocab.tokens
         filled = [i for i in np.nonzero(mapped < 0)[0].tolist() if start + i < tokens]
         if filled:
