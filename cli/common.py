@@ -31,33 +31,66 @@ def options_of(ctx, *, device: str = "auto", max_memory="2G", seed: int = 0, com
 def size_option(ctx, param, value):
     """Click callback: ``value`` must read as a size (else a usage error, exit 2) and be positive
     (else InvalidParameter, exit 7): the same rule as every option, parse first, then domain."""
-    from tensorstore_llm.errors import InvalidParameter, TsllmError
+    from tensorstore_llm.errors import InvalidParameter
     from tensorstore_llm.units import parse_size
 
     if value is None:
         return value
     try:
         size = parse_size(value)
-    except TsllmError as e:
+    except InvalidParameter as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
     if size <= 0:
         raise InvalidParameter(f"--{param.name.replace('_', '-')} must be a positive size, got {value!r}")
     return value
 
 
-def _options(*, device: bool, seed: bool):
-    options = []
-    if device:
-        options.append(click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."))
-    options.append(click.option("--max-memory", default="2G", show_default=True, metavar="SIZE", callback=size_option,
-                                help="Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split into row blocks."))
+# -- the run options, each declared once; a command takes only those that mean something to it ----
+
+def device_option(default: str = "auto"):
+    """--device: where kernels run (only for commands that compute)."""
+    return click.option("--device", default=default, show_default=True, help="auto, cpu, cuda or cuda:N.")
+
+
+def max_memory_option(default: str = "2G", help: str = "Budget for tensor data held at once (e.g. 512M, 4G); "
+                                                        "big tensors are split into row blocks."):
+    """--max-memory SIZE, checked by ``size_option`` (a usage error if it is not a size)."""
+    return click.option("--max-memory", default=default, show_default=True, metavar="SIZE", callback=size_option, help=help)
+
+
+def seed_option(help: str = "Run seed for ops that draw random numbers."):
+    """--seed (only for commands that draw random numbers; ``help`` says which)."""
+    return click.option("--seed", default=0, show_default=True, type=int, help=help)
+
+
+def compression_option():
+    """--compression of a new store artifact (only for commands that write one)."""
+    return click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True,
+                        help="Chunk compression of the new artifact (float weights barely compress; see docs/formats.md).")
+
+
+def dry_run_option(help: str = "Print the plan, its I/O and memory need; do nothing."):
+    """--dry-run (only for commands that can estimate without running)."""
+    return click.option("--dry-run", is_flag=True, help=help)
+
+
+def stream_options(*, device: bool = True, seed: bool = True, compression: bool = True, dry_run: bool = True,
+                   seed_help: str | None = None):
+    """The run options a streamed command takes, in the usual order (--device, --max-memory,
+    --seed, --compression, --dry-run), each as declared above; leave out what the command ignores.
+
+    Example:
+        >>> @stream_options(seed=False, dry_run=False)                      # doctest: +SKIP
+        ... def init_cmd(ctx, base, device, max_memory, compression): ...
+    """
+    options = [device_option()] if device else []
+    options.append(max_memory_option())
     if seed:
-        options.append(click.option("--seed", default=0, show_default=True, help="Run seed for ops that draw random numbers."))
-    options += [
-        click.option("--compression", type=click.Choice(["none", "zstd", "lz4"]), default="none", show_default=True,
-                     help="Chunk compression of the new artifact (float weights barely compress; see docs/formats.md)."),
-        click.option("--dry-run", is_flag=True, help="Print the plan, its I/O and memory need; do nothing."),
-    ]
+        options.append(seed_option(seed_help) if seed_help else seed_option())
+    if compression:
+        options.append(compression_option())
+    if dry_run:
+        options.append(dry_run_option())
 
     def decorate(fn):
         for option in reversed(options):
@@ -68,17 +101,17 @@ def _options(*, device: bool, seed: bool):
 
 def run_options(fn):
     """--device / --max-memory / --seed / --compression / --dry-run for streamed commands that compute."""
-    return _options(device=True, seed=True)(fn)
+    return stream_options()(fn)
 
 
 def compute_options(fn):
     """run_options without --seed: for streamed commands that draw no random numbers."""
-    return _options(device=True, seed=False)(fn)
+    return stream_options(seed=False)(fn)
 
 
 def copy_options(fn):
     """--max-memory / --compression / --dry-run: for commands that only move stored values (import)."""
-    return _options(device=False, seed=False)(fn)
+    return stream_options(device=False, seed=False)(fn)
 
 
 def print_estimate(estimate, limit: int = 20) -> None:

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .common import progress_flag, size_option, store_of
+from .common import max_memory_option, options_of, store_of
 
 
 def store_as_delta(ctx, src: str, parent_ref: str, *, kind: str, name, codec="exact", codec_params=None,
@@ -61,7 +61,7 @@ def _parse_params(pairs) -> dict:
               help="Delta codec: exact (bit for bit) or a lossy one: bf16, low-rank, top-k, dare, bitdelta, mixed-svd.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Codec parameter, e.g. --param rank=64 or --param density=0.1 (repeatable).")
-@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for blocks in flight.")
+@max_memory_option(help="Budget for blocks in flight.")
 @click.pass_context
 def diff_cmd(ctx, ft, base, name, codec, params, max_memory):
     """Store FT as a diff artifact against BASE, bound to BASE's exact tensors.
@@ -91,7 +91,7 @@ def diff_cmd(ctx, ft, base, name, codec, params, max_memory):
               help="Allow a base other than DIFF's own: fine-tuning transfer, recorded in the lineage.")
 @click.option("--name", help="Tag to point at the result.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Also export the result to this directory.")
-@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
+@max_memory_option()
 @click.pass_context
 def apply_cmd(ctx, diff, onto, alpha, transfer, name, out_dir, max_memory):
     """Apply DIFF onto ONTO: its own base gives the fine-tune back (bit for bit, checked).
@@ -124,6 +124,6 @@ def apply_cmd(ctx, diff, onto, alpha, transfer, name, out_dir, max_memory):
     if out_dir:
         from tensorstore_llm.api import export
 
-        export(store_of(ctx), result.artifact.id, out_dir, max_memory=max_memory, progress=progress_flag(ctx))
+        export(store_of(ctx), result.artifact.id, out_dir, options=options_of(ctx, device="cpu", max_memory=max_memory))
         if not quiet:
             click.echo(f"exported to {out_dir}")

@@ -6,7 +6,13 @@ import json
 
 import click
 
-from .common import progress_flag, size_option, store_of
+from .common import (
+    device_option,
+    max_memory_option,
+    progress_flag,
+    seed_option,
+    store_of,
+)
 
 
 def _open(store, ref: str, stack, what: str):
@@ -42,10 +48,9 @@ def _delta_parent(store, ref: str) -> str | None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Draw a per-layer figure (needs matplotlib: pip install 'tensorstore-llm[plot]').")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="FILE", help="Also write every figure as JSON.")
-@click.option("--max-memory", default="2G", show_default=True, metavar="SIZE", callback=size_option,
-              help="Budget for tensor data held at once; big tensors are read in row blocks.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the randomised SVD's sketch.")
+@max_memory_option()
+@device_option()
+@seed_option("Seed of the randomised SVD's sketch.")
 @click.pass_context
 def diff_stats_cmd(ctx, diffs, base_ref, rank, power_iters, layers_only, plot_path, json_path, max_memory, device, seed):
     """What fine-tuning changed: per tensor and per layer, for each DIFF.

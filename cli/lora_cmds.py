@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import compute_options, print_estimate, progress_flag, report, run_options, size_option, store_of
+from .common import (compute_options, device_option, max_memory_option, print_estimate, progress_flag, report, seed_option,
+                     store_of, stream_options)
 
 
 @click.group("lora")
@@ -177,9 +178,9 @@ def _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir):
 @click.option("--targets", help="Comma-separated module names or suffixes (default: every 2-D weight but embeddings and lm_head).")
 @click.option("--name", help="Tag for the adapter artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter to this PEFT directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random projections.")
+@device_option()
+@max_memory_option()
+@seed_option("Seed of the random projections.")
 @click.pass_context
 def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed):
     """A LoRA adapter approximating the full fine-tune FT (W_ft - W_base per target module),
@@ -257,10 +258,10 @@ def drop_cmd(ctx, adapter, layers, base, name, out_dir):
 @click.option("--base", help="For PEFT directory ADAPTERS: the model they belong to.")
 @click.option("--name", help="Tag for the result.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the result to this directory.")
-@run_options
+@stream_options(dry_run=False)
 @click.pass_context
 def combine_cmd(ctx, adapters, weights, method, density, rank, energy, merge_into, base, name, out_dir, device,
-                max_memory, seed, compression, dry_run):
+                max_memory, seed, compression):
     """Combine ADAPTERS of one base on their full deltas B*A (never A and B separately).
 
     linear without --rank is exact (the scaled factors concatenated, rank sum r_i); with --rank
@@ -270,8 +271,6 @@ def combine_cmd(ctx, adapters, weights, method, density, rank, energy, merge_int
     """
     from tensorstore_llm.lora.combine import combine
 
-    if dry_run:
-        raise click.UsageError("--dry-run is not supported by lora combine")
     result = combine(store_of(ctx), list(adapters), _weights(weights), method=method, density=density, rank=rank,
                      energy=energy, merge_into=merge_into, base=base, name=name, out_dir=out_dir, device=device,
                      max_memory=max_memory, seed=seed, compression=compression, progress=progress_flag(ctx))
@@ -290,8 +289,8 @@ def combine_cmd(ctx, adapters, weights, method, density, rank, energy, merge_int
 @click.option("--targets", help="Comma-separated module names or suffixes (default: every 2-D weight but embeddings and lm_head).")
 @click.option("--name", help="Tag for the adapter; the residual base is tagged NAME-residual.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter(s) to this PEFT directory.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
+@device_option()
+@max_memory_option()
 @click.pass_context
 def init_cmd(ctx, base, method, rank, experts, alpha, targets, name, out_dir, device, max_memory):
     """SVD initialisation for training: PiSSA (top-r singular triplets) or GOAT (one SVD segment

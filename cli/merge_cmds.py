@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import options_of, print_estimate, report, run_options, size_option, store_of
+from .common import device_option, max_memory_option, options_of, print_estimate, report, run_options, size_option, store_of
 
 
 @click.command("merge")
@@ -90,8 +90,8 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
               help="Command scoring a candidate: run on its exported HF directory ({path}, else appended), "
                    "it prints a number (higher is better) on its last line.")
 @click.option("--name", help="Tag for the final soup.")
-@click.option("--max-memory", default="2G", show_default=True, callback=size_option, help="Budget for tensor data held at once.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@max_memory_option()
+@device_option()
 @click.pass_context
 def soup_cmd(ctx, refs, score_cmd, name, max_memory, device):
     """Greedy model soup of REFS: add models best-first, keep each only if the average improves.

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import click
 
+from .common import max_memory_option
+
 
 @click.command("quickstart")
 @click.option("--workdir", default="tsllm-quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Where models, the demo store and the export go.")
 @click.option("--size", "preset", default="tiny", show_default=True,
               type=click.Choice(["tiny", "small", "100m", "1gb"]), help="Size of the generated models.")
-@click.option("--max-memory", default="256K", show_default=True, help="Budget for the streamed jobs.")
+@max_memory_option(default="256K", help="Budget for the streamed jobs.")
 @click.pass_context
 def quickstart_cmd(ctx, workdir, preset, max_memory):
     """Generate models, import, stream, export and verify: all offline, in a minute.

@@ -6,7 +6,15 @@ import os
 
 import click
 
-from .common import copy_options, print_estimate, progress_flag, report, store_of
+from .common import (
+    copy_options,
+    dry_run_option,
+    max_memory_option,
+    options_of,
+    print_estimate,
+    report,
+    store_of,
+)
 
 
 @click.command("import")
@@ -37,9 +45,9 @@ def import_cmd(ctx, src, name, revision, dtype, delta_of, max_chain, max_memory,
                                "which binds it to the model it belongs to")
     if delta_of and not _import_as_delta(ctx, src, delta_of, name, revision, dtype, max_chain, max_memory, dry_run):
         return
-    result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype, device="cpu",
-                               max_memory=max_memory, compression=compression,
-                               progress=progress_flag(ctx), dry_run=dry_run)
+    result = import_checkpoint(src, store_of(ctx), name=name, revision=revision, dtype=dtype,
+                               options=options_of(ctx, device="cpu", max_memory=max_memory, compression=compression,
+                                                  dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
     report(result, f"imported {src} as", ctx.obj["quiet"])
@@ -79,8 +87,8 @@ def _import_as_delta(ctx, src, parent, name, revision, dtype, max_chain, max_mem
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--max-shard-size", default="5G", show_default=True, help="Largest safetensors shard (e.g. 2G).")
 @click.option("--dtype", help="Cast float tensors on the way out (bf16, fp16, fp32).")
-@click.option("--max-memory", default="2G", show_default=True, help="Budget for tensor data held at once.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@max_memory_option()
+@dry_run_option("Print the plan; write nothing.")
 @click.pass_context
 def export_cmd(ctx, ref, out_dir, max_shard_size, dtype, max_memory, dry_run):
     """Write artifact REF to OUT_DIR as a Hugging Face checkpoint directory.
@@ -92,7 +100,7 @@ def export_cmd(ctx, ref, out_dir, max_shard_size, dtype, max_memory, dry_run):
     from tensorstore_llm.api import export
 
     result = export(store_of(ctx), ref, out_dir, max_shard_size=max_shard_size, dtype=dtype,
-                    max_memory=max_memory, progress=progress_flag(ctx), dry_run=dry_run)
+                    options=options_of(ctx, device="cpu", max_memory=max_memory, dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
     report(result, f"exported {ref} to", ctx.obj["quiet"])
