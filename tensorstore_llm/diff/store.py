@@ -36,6 +36,7 @@ from ..io.base import ChunkDigests, RowHasher, TensorMeta, check_tensor_name
 from ..io.fsutil import storage_errors
 from ..io.zarr_tensors import chunk_shape
 from ..store.store import Store, job_key
+from . import exact as exact_format
 from .codecs import codec_from_dict, get_codec
 
 DELTA_DIR = "deltas"
@@ -44,7 +45,9 @@ BLOCK_BYTES = 8 * 1024 * 1024          # = the zarr chunk size, so parent blocks
 DELTA_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_CHAIN = 3                  # the depth rule (needs_snapshot); measured in docs/benchmarks.md
 RAW_LEVEL = 3
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                     # of the manifest's delta section
+EXACT_BLOCK_FORMAT = exact_format.VERSION   # what exact blocks are written in (format 1 still read);
+                                            # in the resume key, so a resumed run never mixes formats
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def store_delta(store: Store, target, parent_ref: str, *, kind: str = "checkpoin
     with store.open(parent.id) as base_source:
         plan = {m.name: _plan_tensor(m, base_source, exact, block_bytes) for m in metas}
         key = job_key("delta", kind, getattr(target, "identity", ""), target_id, parent.id, spec.to_dict(),
-                      block_bytes, source, list(parents))
+                      block_bytes, source, list(parents), {"exact-block-format": EXACT_BLOCK_FORMAT})
         writer = store.create_with(key, DeltaPayload)
         payload = writer.payload
         try:

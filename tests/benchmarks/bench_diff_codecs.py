@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from tensorstore_llm.diff import exact
+from tensorstore_llm.diff import exact, exact_huff, exact_lanes, exact_v1
 from tensorstore_llm.diff.codecs import get_codec
 from tensorstore_llm.diff.quality import codec_report, delta_kl, reference_log_probs
 
@@ -111,13 +111,15 @@ def representations(base: dict, ft: dict, bits: int, eshift: int, emask: int, fm
         add("ULP diff (zigzag): byte-grouped zstd-3", sum(zstd(p, 3) for p in byte_planes(ulp)))
         add("ULP diff (zigzag): blosc-zstd-5 bit shuffle", blosc(ulp, Blosc.BITSHUFFLE))
         for level in (None, 1, 3, 9):
-            what = "zstd literals only, no match search (codec `exact`, default)" if level is None else \
-                f"zstd-{level} (codec `exact`, level={level})"
-            add(f"ULP diff, sorted by base exponent, {what}", len(exact.encode_delta(b, f, fmt, level=level)))
-        sym, low, esc = exact._encode_np(b, f, bits, eshift, emask, 0)
+            what = "zstd literals only, no match search (codec `exact` format 1)" if level is None else \
+                f"zstd-{level} (codec `exact` format 1, level={level})"
+            add(f"ULP diff, sorted by base exponent, {what}", len(exact.encode_delta(b, f, fmt, level=level, version=1)))
+        add("ULP diff, element order, Huffman table per base exponent (codec `exact` format 2, default)",
+            len(exact.encode_delta(b, f, fmt)))
+        sym, low, esc = exact_v1._encode_np(b, f, bits, eshift, emask, 0)
         unsorted = np.minimum(exact._zigzag_np(b, f, bits), 255).astype(np.uint8)
         add("ULP diff, byte symbols + escapes, element order, zstd-1 (no sort)",
-            zstd(unsorted.tobytes(), 1) + zstd(esc.tobytes(), 1) + exact._HEADER.size)
+            zstd(unsorted.tobytes(), 1) + zstd(esc.tobytes(), 1) + exact.header_size(1))
     return list(rows.items())
 
 
@@ -145,28 +147,39 @@ def raw_read(ft_path: str, repeat: int) -> dict:
     return {"read_gbps": statistics.median(wall), "read_cpu_gbps": statistics.median(cpu)}
 
 
-def decode_stages(base: dict, ft: dict, repeat: int = 7) -> dict:
-    """bf16 decode split into its stages (numba path), ns per weight per CPU-second, best of ``repeat``,
-    on the down_proj and q_proj of every third layer."""
-    import zstandard
+def decode_stages(base: dict, ft: dict, repeat: int = 7, block_bytes: int = 8 << 20) -> dict:
+    """bf16 format-2 decode split into its stages (numba path), ns per weight per CPU-second, best of
+    ``repeat``, over every tensor in the store's row blocks."""
+    import numba
 
-    names = [k for k in sorted(base) if k.endswith(("mlp.down_proj.weight", "self_attn.q_proj.weight"))
-             and int(k.split(".")[2]) % 3 == 0]
-    eshift, emask = 7, 0xFF
+    base, ft = row_blocks(base, ft, block_bytes)
+    names = sorted(k for k in base if not torch.equal(base[k].view(torch.int16), ft[k].view(torch.int16)))
     words_of = {k: exact._words(base[k], "bfloat16", "base") for k in names}
-    blobs = {k: exact.encode_delta(base[k], ft[k]) for k in names}
-    heads = {k: exact._parse_header(blobs[k]) for k in names}
-    dctx = zstandard.ZstdDecompressor()
-    sym_blob = {k: blobs[k][exact._HEADER.size:exact._HEADER.size + heads[k][5][0]] for k in names}
-    syms = {k: np.frombuffer(dctx.decompress(sym_blob[k], max_output_size=heads[k][3]), np.uint8) for k in names}
-    none = np.empty(0, np.uint8)
-    highs = {k: exact._unpermute_nb(words_of[k], syms[k], none, 0, eshift, emask, heads[k][4])[0] for k in names}
+    parsed = {k: exact_huff.parse_v2(exact.encode_delta(base[k], ft[k])) for k in names}
+    tables = {k: exact_lanes.parse_tables_nb(np.frombuffer(parsed[k][5], np.uint8), 0xFF, exact_huff.MAX_TABLES,
+                                             exact_huff._REVERSED)[:2] for k in names}
     weights = sum(words_of[k].size for k in names)
+    chunk = exact_lanes.CHUNK
+    lanes_chunk = exact_lanes._lanes_chunk
+
+    @numba.njit(nogil=True)
+    def lanes_only(words, starts, bit_counts, dec, ctx_off, b):
+        pos = starts * 64
+        ends = pos + bit_counts
+        sym = np.empty(chunk, np.uint8)
+        for i0 in range(0, b.size, chunk):
+            lanes_chunk(words, ends, dec, ctx_off, b, 7, 0xFF, sym, pos, i0, min(b.size, i0 + chunk))
+
+    def whole(k):
+        p = parsed[k]
+        exact_lanes.undelta_nb(p[6], p[7], p[8], tables[k][1], tables[k][0], words_of[k], 7, 0xFF,
+                               np.empty(0, np.uint8), 0, np.zeros(p[4], np.uint16), 16, np.empty(words_of[k].size, np.uint16))
+
     stages = {
-        "zstd literal decode": lambda k: dctx.decompress(sym_blob[k], max_output_size=heads[k][3]),
-        "exponent histogram": lambda k: exact._offsets(words_of[k], eshift, emask),
-        "histogram + gather (unpermute)": lambda k: exact._unpermute_nb(words_of[k], syms[k], none, 0, eshift, emask, heads[k][4]),
-        "vectorised apply": lambda k: exact._apply16_k0(words_of[k], highs[k], np.empty(words_of[k].size, np.uint16)),
+        "header + tables": lambda k: exact_lanes.parse_tables_nb(np.frombuffer(parsed[k][5], np.uint8), 0xFF,
+                                                                 exact_huff.MAX_TABLES, exact_huff._REVERSED),
+        "lanes (symbols)": lambda k: lanes_only(parsed[k][6], parsed[k][7], parsed[k][8], tables[k][1], tables[k][0], words_of[k]),
+        "lanes + escapes + apply": whole,
     }
     out = {}
     for stage, fn in stages.items():
@@ -196,19 +209,20 @@ def row_blocks(base: dict, ft: dict, block_bytes: int) -> tuple[dict, dict]:
     return b_out, f_out
 
 
-def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool, block_bytes: int = 0) -> dict:
+def throughput(base: dict, ft: dict, fmt: str, repeat: int, use_numba: bool, block_bytes: int = 0,
+               version: int = exact.VERSION) -> dict:
     """Single-thread encode / decode of the whole model, GB/s of the target's raw bytes (median);
-    tensors coded in row blocks of ``block_bytes`` (0: whole tensors)."""
+    tensors coded in row blocks of ``block_bytes`` (0: whole tensors), in exact format ``version``."""
     base, ft = row_blocks(base, ft, block_bytes)
     names = sorted(base)
     raw = sum(ft[k].numel() * ft[k].element_size() for k in names)
-    blobs = {k: exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba) for k in names}   # warm-up / JIT
+    blobs = {k: exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba, version=version) for k in names}
     exact.decode_delta(base[names[0]], blobs[names[0]], use_numba=use_numba)
     enc, dec, enc_cpu, dec_cpu = [], [], [], []
     for _ in range(repeat):
         c0, t0 = time.thread_time(), time.perf_counter()
         for k in names:
-            exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba)
+            exact.encode_delta(base[k], ft[k], fmt, use_numba=use_numba, version=version)
         c1, t1 = time.thread_time(), time.perf_counter()
         for k in names:
             exact.decode_delta(base[k], blobs[k], use_numba=use_numba)
@@ -292,7 +306,9 @@ def main(argv=None) -> int:
                          "weights by ~0.56%% of their norm)")
     ap.add_argument("--block-bytes", type=int, default=8 << 20,
                     help="throughput: code tensors in row blocks of this many bytes, as the store does (0: whole tensors)")
-    ap.add_argument("--stages", action="store_true", help="bf16: also time the decode stages (zstd, histogram, gather, apply)")
+    ap.add_argument("--stages", action="store_true", help="bf16: also time the decode stages (tables, lanes, escapes + apply)")
+    ap.add_argument("--numpy-weights", type=int, default=3_000_000,
+                    help="throughput of the NumPy fallback on the first tensors up to this many weights")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -319,10 +335,17 @@ def main(argv=None) -> int:
             print(f"  {name:80s} {n / 1e6:8.2f} MB  {raw / n:5.2f}x raw  {alone / n:5.2f}x vs best alone", flush=True)
         torch.set_num_threads(1)   # per-core figures
         block = args.block_bytes
-        tp = {"numba": throughput(base, ft, fmt, args.repeat, True, block)} if exact._numba is not None else {}
-        tp["numpy"] = throughput(base, ft, fmt, max(1, args.repeat // 2), False, block)
+        tp = {}
+        if exact._numba is not None:
+            tp["numba"] = throughput(base, ft, fmt, args.repeat, True, block)
+            tp["numba, format 1"] = throughput(base, ft, fmt, args.repeat, True, block, version=1)
+        few = {}                       # the NumPy path decodes format 2 with a Python loop: a few tensors
+        for k in sorted(base):
+            if sum(v.numel() for v in few.values()) + base[k].numel() <= args.numpy_weights:
+                few[k] = base[k]
+        tp["numpy"] = throughput(few, {k: ft[k] for k in few}, fmt, 1, False, block)
         if args.stages and fmt == "bfloat16" and exact._numba is not None:
-            tp["stages_ns_per_weight"] = decode_stages(base, ft)
+            tp["stages_ns_per_weight"] = decode_stages(base, ft, block_bytes=block or (1 << 62))
             print("  decode stages, ns / weight per CPU-s: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in tp["stages_ns_per_weight"].items()), flush=True)
         ft_files = [os.path.join(ft_dir, n) for n in sorted(os.listdir(ft_dir)) if n.endswith(".safetensors")]

@@ -3,6 +3,7 @@ raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS a
 512M, bytes on disk, and the read cost of each link of a chain.
 
     python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain N [--chain-preset 100m]] [--repeat 3]
+    python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reads-only --repeat 5
 
 Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
 tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
@@ -130,6 +131,32 @@ def bench_pair(kind: str, workdir: str, repeat: int) -> dict:
     return out
 
 
+def bench_reads(kind: str, workdir: str, repeat: int) -> dict:
+    """Only the read comparison: import the base, the fine-tune whole and as a delta (untimed),
+    then read both ``repeat`` times, alternating, so both see the same load."""
+    base, ft = pair(kind, workdir)
+    ft_bytes = sum(os.path.getsize(os.path.join(ft, f)) for f in os.listdir(ft) if f.endswith(".safetensors"))
+    store = fresh(os.path.join(workdir, f"store-{kind}-reads"))
+    for args in (("import", base, "--name", "base"), ("import", ft, "--delta-of", "base", "--name", "ft-delta"),
+                 ("import", ft, "--name", "ft-full")):
+        subprocess.run(tsllm(store, *args), check=True, stdout=subprocess.DEVNULL)
+    runs = {"ft-full": [], "ft-delta": []}
+    for _ in range(repeat):
+        for ref in runs:
+            runs[ref].append(read_all(store, ref))
+    out = {"pair": kind, "finetune_bytes": ft_bytes, "load_average_after": os.getloadavg()[0],
+           "bytes_exact_delta": dir_bytes(os.path.join(artifact_dir(store, "ft-delta"), "deltas"))}
+    for ref, rs in runs.items():
+        out[f"read_{ref}_s"] = statistics.median(r[0] for r in rs)
+        out[f"read_{ref}_cpu_s"] = statistics.median(r[2] for r in rs)
+        out[f"read_{ref}_rss_mib"] = max(r[1] for r in rs)
+    out["read_delta_vs_full"] = out["read_ft-delta_s"] / out["read_ft-full_s"]
+    out["read_delta_vs_full_cpu"] = out["read_ft-delta_cpu_s"] / out["read_ft-full_cpu_s"]
+    out["ratio_raw_over_delta"] = ft_bytes / out["bytes_exact_delta"]
+    fresh(store)
+    return out
+
+
 def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m") -> dict:
     """Read time of each link of base -> ft1 -> ... -> ftN (each a delta of the last)."""
     root = os.path.join(workdir, f"chain-models-{preset}")
@@ -159,12 +186,14 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0, metavar="N", help="also measure reads through a chain of N deltas")
     parser.add_argument("--chain-preset", default="100m")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--reads-only", action="store_true",
+                        help="per pair, only the delta read against the full read (imports untimed)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {"load_average": os.getloadavg()[0]}
     for kind in filter(None, args.pairs.split(",")):
-        results[kind] = bench_pair(kind, args.workdir, args.repeat)
+        results[kind] = (bench_reads if args.reads_only else bench_pair)(kind, args.workdir, args.repeat)
         print(json.dumps(results[kind], indent=1), flush=True)
     if args.chain:
         results["chain"] = bench_chain(args.workdir, args.repeat, args.chain, args.chain_preset)
