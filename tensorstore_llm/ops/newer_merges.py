@@ -231,24 +231,32 @@ def top_by_value(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(values.shape)
 
 
-@op("sce", inputs=("base", "models*"), params=SceParams, rowwise=False, temps=lambda n: 4 * n + 6)
+@op("sce", inputs=("base", "models*"), params=SceParams, rowwise=False, temps=lambda n: 3 * n + 5)
 def sce(ctx, params, base, models):
-    """SCE: variance-selected, sign-erased, energy-weighted mean of the task vectors (whole tensor)."""
-    taus = torch.stack([m - base for m in models], dim=0)
+    """SCE: variance-selected, sign-erased, energy-weighted mean of the task vectors (whole tensor;
+    mergekit's operations, in place where that gives the same values)."""
+    taus = base.new_empty((len(models), *base.shape))
+    for i, m in enumerate(models):
+        torch.sub(m, base, out=taus[i])
     if params.select_topk < 1:
         variance = torch.var(taus, dim=0, unbiased=False)
         k = int(torch.count_nonzero(variance) * params.select_topk)   # as mergekit: an fp32 product
-        taus = taus * top_by_value(variance, k).to(base.dtype).unsqueeze(0)
-    sign = taus.sign()
+        selected = top_by_value(variance, k).to(base.dtype)
+        del variance
+        taus.mul_(selected)
+        del selected
     majority = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-    keep = sign == majority
+    keep = taus.sign() == majority
+    del majority
     energy = taus.square().reshape(len(models), -1).mean(dim=1)
     energy_sum = torch.sum(energy).item()
     weights = torch.ones_like(energy) / len(models) if abs(energy_sum) < 1e-6 else energy / energy_sum
-    weights = weights.reshape(-1, *([1] * (taus.dim() - 1)))
-    kept_weights = weights * keep
-    merged = (taus * kept_weights).sum(dim=0) / torch.sum(kept_weights, dim=0).clamp(min=1e-6)
-    return base + merged
+    kept_weights = weights.reshape(-1, *([1] * (taus.dim() - 1))) * keep
+    del keep
+    denominator = torch.sum(kept_weights, dim=0).clamp(min=1e-6)
+    merged = taus.mul_(kept_weights).sum(dim=0)
+    del taus, kept_weights
+    return merged.div_(denominator).add_(base)
 
 
 # -- NearSwap ----------------------------------------------------------------------------------
