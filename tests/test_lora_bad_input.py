@@ -88,7 +88,7 @@ CASES = [
 def test_bad_input_is_a_clear_error_with_nothing_written(env, cli, args, code, words):
     tmp, s, bad = env
     before = sorted(a.id for a in Store(s).list())
-    got, out, err = cli("--store", s, "lora", *[a.format(tmp=tmp, **bad) for a in args])
+    got, _, err = cli("--store", s, "lora", *[a.format(tmp=tmp, **bad) for a in args])
     assert got == code and words in err and err.count("\n") == 1, (got, err)
     assert sorted(a.id for a in Store(s).list()) == before
     assert glob.glob(os.path.join(s, "staging", "*")) == []

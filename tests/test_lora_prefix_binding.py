@@ -35,8 +35,11 @@ def _edited_copy(src, dst, *, tensor=None, config=None):
         tensors[tensor] = tensors[tensor] + 0.01
         save_file(tensors, path, metadata={"format": "pt"})
     if config is not None:
-        cfg = json.loads(open(os.path.join(dst, "config.json")).read())
-        open(os.path.join(dst, "config.json"), "w").write(json.dumps({**cfg, **config}))
+        path = os.path.join(dst, "config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**cfg, **config}, f)
     return dst
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from ..errors import FormatError
 
@@ -51,7 +51,7 @@ def shape_fields(config: Mapping) -> dict:
 def dependencies(names: Iterable[str], config: Mapping | None) -> list[str]:
     """The base tensors a prefix adapter depends on: the token embedding and every attention
     projection, by the roles of :mod:`tensorstore_llm.arch` for a known family, by name otherwise."""
-    from ..arch import FAMILIES, ALIASES, Architecture
+    from ..arch import ALIASES, FAMILIES, Architecture
 
     names = list(names)
     model_type = str((config or {}).get("model_type", ""))
