@@ -157,3 +157,39 @@ def test_streamed_qlora_merge_peak_rss_is_bounded(tmp_path):
     assert model_mib > 80
     # 16 MiB of blocks + the runtime (code pages, thread arenas, per-block NF4 statistics) < 100 MiB
     assert held < 100 and held < model_mib, (held, model_mib, streamed, baseline)
+
+
+def test_cli_sends_an_already_quantised_base_to_the_in_memory_path(tmp_path, cli):
+    """A bitsandbytes NF4 checkpoint (quantization_config in config.json): the CLI dequantises it in
+    memory into -o DIR, the same bytes as ``merge_adapter``; without -o it says what it needs."""
+    import json
+
+    from safetensors.torch import save_file
+
+    _base(tmp_path / "dense")
+    _adapter(tmp_path / "dense", tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    tensors = _load(tmp_path / "dense")
+    for layer in range(SIZES["num_hidden_layers"]):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        q = N.quantize_nf4(tensors.pop(name))
+        state = {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(q.shape),
+                 "nested_blocksize": 256, "nested_offset": float(q.offset)}
+        tensors.update({name: q.packed, name + ".absmax": q.absmax, name + ".quant_map": N.NF4_CODE.clone(),
+                        name + ".nested_absmax": q.absmax2, name + ".nested_quant_map": q.code2.clone(),
+                        name + ".quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(state).encode()),
+                                                                              dtype=torch.uint8)})
+    os.makedirs(tmp_path / "bnb")
+    save_file(tensors, str(tmp_path / "bnb" / "model.safetensors"))
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "bnb" / "config.json").write_text(json.dumps(config))
+    code, out, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "bnb", tmp_path / "adapter",
+                         "--base-quant", "nf4", "-o", tmp_path / "out")
+    assert code == 0, err
+    merge_adapter(str(tmp_path / "bnb"), str(tmp_path / "adapter"), str(tmp_path / "ref"), base_quant="nf4")
+    merged, expected = _load(tmp_path / "out"), _load(tmp_path / "ref")
+    assert set(merged) == set(expected) and all(torch.equal(merged[k], v) for k, v in expected.items())
+    assert "model.layers.0.self_attn.q_proj.weight.absmax" not in merged
+    code, _, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "bnb", tmp_path / "adapter",
+                       "--base-quant", "nf4")
+    assert code == 2 and "-o DIR" in err
