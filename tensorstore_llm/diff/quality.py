@@ -145,7 +145,7 @@ def plan_lossy(base, target, codec: str, params: dict | None = None, names=None)
         codec: one of ``bf16``, ``low-rank``, ``top-k``, ``dare``, ``bitdelta``, ``mixed-svd``.
         params: the op's parameters (the codec's, except DARE's seed, which is the run seed).
     Returns:
-        a Plan to run with ``Executor(plan, sink, max_memory=..., seed=...)``.
+        a Plan to run with ``Executor(plan, sink, RunOptions(max_memory=..., seed=...))``.
 
     Example:
         >>> plan = plan_lossy(base_src, ft_src, "low-rank", {"rank": 64})     # doctest: +SKIP
@@ -170,6 +170,7 @@ def reconstruction_error(base, target, recon, *, names=None, max_memory="2G", de
          "weight2"}}, "delta_rel", "weight_rel" (totals pool the squared errors over tensors)}.
     """
     from ..engine.executor import Executor
+    from ..engine.options import RunOptions
     from ..engine.plan import InputRef, Plan, TensorJob
     from ..ops import delta as _delta_ops  # noqa: F401  (registers delta_error)
 
@@ -177,7 +178,7 @@ def reconstruction_error(base, target, recon, *, names=None, max_memory="2G", de
     jobs = [TensorJob(target.meta(name), "delta_error",
                       tuple((role, InputRef(role, name)) for role in ("base", "target", "recon")), reduce_only=True)
             for name in (names if names is not None else target.keys())]
-    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, progress=progress,
+    executor = Executor(Plan(jobs, sources), None, RunOptions(device=device, max_memory=max_memory, progress=progress),
                         desc="reconstruction error")
     executor.run()
     rows, tot = {}, {"err2": 0.0, "delta2": 0.0, "weight2": 0.0}

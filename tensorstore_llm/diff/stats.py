@@ -63,6 +63,7 @@ def diff_stats(bases: list[TensorSource], targets: list[TensorSource], *, base_o
         True
     """
     from ..engine.executor import Executor
+    from ..engine.options import RunOptions
     from ..engine.plan import InputRef, Plan, TensorJob
     from ..ops import delta as _delta_ops  # noqa: F401  (registers diff_stats)
     from ..ops.delta import DiffStatsParams
@@ -83,8 +84,8 @@ def diff_stats(bases: list[TensorSource], targets: list[TensorSource], *, base_o
         inputs = (("bases", tuple(InputRef(f"base{j}", name) for j in range(len(bases)))),
                   ("targets", tuple(InputRef(f"target{i}", name) for i in range(len(targets)))))
         jobs.append(TensorJob(meta, "diff_stats", inputs, params, reduce_only=True))
-    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, seed=seed,
-                        progress=progress, desc="diff stats")
+    executor = Executor(Plan(jobs, sources), None,
+                        RunOptions(device=device, max_memory=max_memory, seed=seed, progress=progress), desc="diff stats")
     executor.run()
     out = DiffStats(labels, rank)
     for job in jobs:

@@ -40,6 +40,7 @@ def conflict_table(base: TensorSource, models: list[TensorSource], names: list[s
     holds at most ``max_memory`` of tensor data and runs on ``device``.
     """
     from ..engine.executor import Executor
+    from ..engine.options import RunOptions
     from ..engine.plan import InputRef, Plan, TensorJob
 
     sources = {"base": base, **{f"model{i}": m for i, m in enumerate(models)}}
@@ -50,7 +51,7 @@ def conflict_table(base: TensorSource, models: list[TensorSource], names: list[s
             continue
         inputs = (("base", InputRef("base", name)), ("models", tuple(InputRef(f"model{i}", name) for i in range(len(models)))))
         jobs.append(TensorJob(meta, "sign_conflicts", inputs, reduce_only=True))
-    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, progress=progress,
+    executor = Executor(Plan(jobs, sources), None, RunOptions(device=device, max_memory=max_memory, progress=progress),
                         desc="mediator conflicts")
     executor.run()
     counts: dict[str, list[int]] = {}

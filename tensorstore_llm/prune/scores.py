@@ -77,6 +77,7 @@ def unit_scores(source, arch: Architecture, metric: str, norms: dict[str, torch.
     Returns layer -> float64 tensor of intermediate_size / num_key_value_heads scores.
     """
     from ..engine.executor import Executor
+    from ..engine.options import RunOptions
     from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
     from ..ops.prune import ScoreParams
 
@@ -98,7 +99,7 @@ def unit_scores(source, arch: Architecture, metric: str, norms: dict[str, torch.
                 op = "unit_scores_wanda"
             jobs.append(TensorJob(source.meta(name), op, tuple(inputs), params, reduce_only=True))
             weights.append((name, role))
-    executor = Executor(Plan(jobs, sources), None, device=device, max_memory=max_memory, progress=progress,
+    executor = Executor(Plan(jobs, sources), None, RunOptions(device=device, max_memory=max_memory, progress=progress),
                         desc="pruning scores")
     executor.run()
     channels = {i: torch.zeros(arch.intermediate_size, dtype=torch.float64) for i in range(arch.num_layers)}

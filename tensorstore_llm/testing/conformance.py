@@ -234,16 +234,18 @@ class OpConformance:
     def _run(self, tmp_path, store, per_name, sources, *, budget, order=None, key="job-out", device="cpu",
              stop_after=None):
         from tensorstore_llm.engine.executor import Executor
+        from tensorstore_llm.engine.options import RunOptions
 
+        options = RunOptions(max_memory=budget, progress=False, device=device)
         plan, _ = self._plan(per_name, sources, order or self.names)
         sink = store.create(key)
         if stop_after is not None:   # an interrupted run: only some jobs finish, the staging stays
             partial, _ = self._plan(per_name, sources, order[:stop_after])
             partial_sink = sink
-            Executor(partial, partial_sink, max_memory=budget, progress=False, device=device).run()
+            Executor(partial, partial_sink, options).run()
             partial_sink.close()
             sink = store.create(key)
-        executor = Executor(plan, sink, max_memory=budget, progress=False, device=device)
+        executor = Executor(plan, sink, options)
         executor.run()
         artifact = sink.commit(kind="checkpoint")
         with store.open(artifact.id) as out:

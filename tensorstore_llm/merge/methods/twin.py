@@ -103,8 +103,7 @@ def expert_adapters(recipe, shared_plan: Plan, inputs, options) -> dict:
     plan = Plan(jobs, dict(inputs.sources))
     plan.validate(inputs.where)
     sink = MemorySink()
-    Executor(plan, sink, device=options.device, max_memory=options.max_memory, seed=options.seed,
-             progress=options.progress, desc="twin experts").run()
+    Executor(plan, sink, options, desc="twin experts").run()
     reports = {}
     for k, (m, target) in enumerate(expert_dirs(recipe).items()):
         factors, energy, kept = {}, 0.0, 0.0
