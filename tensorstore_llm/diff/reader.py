@@ -8,9 +8,14 @@ IntegrityError (BaseMismatch-free: a delta never meets a base other than its own
 block is compared with the per-block checksum recorded when the delta was stored, so a corrupted
 parent chunk, a damaged coded block or a codec fault fails the read that meets it.
 
+Reads that fall in one block (a whole small tensor, or rows of a big one) also start rebuilding
+the block that follows (the next block of the tensor, or the first block of the next tensor) on a
+worker thread, so a reader going through the model in order keeps two cores busy: its own thread
+rebuilds one block while a worker rebuilds the next (the parent's read included).
+
 Memory: a read of ``R`` rows holds, per block being rebuilt, the parent's block, the coded
-bytes and the rebuilt rows: about three blocks of ``BLOCK_BYTES`` per worker beyond what the
-caller asked for; a chain of depth ``d`` holds that once per link.
+bytes and the rebuilt rows: about three blocks of ``BLOCK_BYTES`` per worker, plus the block read
+ahead, beyond what the caller asked for; a chain of depth ``d`` holds that once per link.
 """
 from __future__ import annotations
 
@@ -58,7 +63,8 @@ class DeltaTensorSource(SourceBase):
     """Tensors of a delta-stored artifact: each block rebuilt from the parent's rows and verified.
 
     Reads that span several blocks rebuild them on ``DECODE_WORKERS`` threads (the codecs release
-    the GIL). The last rebuilt block is kept, so row-by-row reads decode each block once.
+    the GIL). A read within one block starts rebuilding the next block on a worker (read-ahead).
+    The last rebuilt block is kept, so row-by-row reads decode each block once.
     """
 
     def __init__(self, artifact, section: DeltaSection, parent_source):
@@ -72,6 +78,8 @@ class DeltaTensorSource(SourceBase):
         self._chunks = artifact.manifest.chunk_digests()
         self._pool: ThreadPoolExecutor | None = None
         self._cache: tuple | None = None
+        self._ahead: tuple | None = None                 # ((name, index), future) of the block read ahead
+        self._order = {name: i for i, name in enumerate(self._metas)}
         self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
@@ -88,14 +96,21 @@ class DeltaTensorSource(SourceBase):
 
     def extra_read_bytes(self, name: str) -> int:
         """Memory a read of ``name`` holds beyond the rows it returns: per block in flight (up to
-        DECODE_WORKERS + 1) the parent's rows, the coded bytes and the rebuilt rows, and the same
-        again for each link of the parent's own chain. For a memory model to add to its budget."""
+        DECODE_WORKERS + 1, and the block read ahead, at most the size of the largest block of the
+        artifact) the parent's rows, the coded bytes and the rebuilt rows, and the same again for
+        each link of the parent's own chain. For a memory model to add to its budget."""
         meta = self.meta(name)
         entry = self._entry(name)
         block = min(meta.rows, entry.rows) * meta.row_numel * by_name(meta.dtype).itemsize
-        own = (DECODE_WORKERS + 1) * 3 * block
+        own = (DECODE_WORKERS + 1) * 3 * block + 3 * self._largest_block()
         parent_extra = getattr(self.parent, "extra_read_bytes", None)
         return own + (parent_extra(name) if parent_extra and entry.mode == "delta" else 0)
+
+    def _largest_block(self) -> int:
+        if not hasattr(self, "_largest"):
+            self._largest = max((min(m.rows, self._entry(n).rows) * m.row_numel * by_name(m.dtype).itemsize
+                                 for n, m in self._metas.items()), default=0)
+        return self._largest
 
     def _entry(self, name: str):
         entry = self.section.tensors.get(name)
@@ -145,13 +160,40 @@ class DeltaTensorSource(SourceBase):
         return out
 
     def _block(self, meta: TensorMeta, index: int):
+        """Block ``index`` of ``meta``'s tensor, rebuilt here (or taken from the read-ahead), while
+        a worker starts on the block after it."""
+        key = (meta.name, index)
         with self._lock:
-            if self._cache is not None and self._cache[0] == (meta.name, index):
+            if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        values = self._rebuild(meta, index, *self._inputs(meta, index))
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] != key:
+            ahead[1].cancel()                            # a stale guess: dropped (or left to finish)
+            ahead = None
+        self._read_ahead(meta, index)
+        values = ahead[1].result() if ahead is not None else self._rebuild(meta, index, *self._inputs(meta, index))
         with self._lock:
-            self._cache = ((meta.name, index), values)
+            self._cache = (key, values)
         return values
+
+    def _read_ahead(self, meta: TensorMeta, index: int) -> None:
+        """Start rebuilding the block after ``index`` (or the next tensor's first) on a worker."""
+        blocks = -(-meta.rows // self._entry(meta.name).rows) if meta.shape else 1
+        if index + 1 < blocks:
+            nxt = (meta, index + 1)
+        else:
+            names = list(self._metas)
+            at = self._order[meta.name] + 1
+            while at < len(names) and not self._metas[names[at]].numel:
+                at += 1
+            if at == len(names):
+                return
+            nxt = (self._metas[names[at]], 0)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
+        future = self._pool.submit(lambda m, i: self._rebuild(m, i, *self._inputs(m, i)), *nxt)
+        with self._lock:
+            self._ahead = ((nxt[0].name, nxt[1]), future)
 
     def _bounds(self, meta: TensorMeta, index: int) -> tuple[int, int]:
         rows = self._entry(meta.name).rows
@@ -193,6 +235,9 @@ class DeltaTensorSource(SourceBase):
         return values
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
