@@ -2,7 +2,7 @@
 combine, resize, init, export), each a one-line error with its exit code, naming the file / tensor
 and what was expected, with no artifact and no staging left behind: a target module missing from
 the base, factor shapes that do not fit it, an adapter bound to another base, a pickled
-``adapter_model.bin``, rank 0, and a rank above min(out, in)."""
+``adapter_model.bin``, rank 0, a rank above min(out, in), and an existing ``-o`` directory."""
 from __future__ import annotations
 
 import glob
@@ -81,6 +81,10 @@ CASES = [
     (("extract", "{tmp}/other", "--base", "base", "--rank", "33"), 7, "min(out, in) = 32"),
     (("combine", "ad", "ad", "--weights", "1,1", "--rank", "33"), 7, "min(out, in) = 32"),
     (("combine", "ad", "ad", "--weights", "1,1", "--method", "ties", "--rank", "33"), 7, "min(out, in) = 32"),
+    # an existing output directory: refused before any work
+    (("extract", "{tmp}/other", "--base", "base", "--rank", "2", "-o", "{tmp}/good"), 8, "already exists"),
+    (("combine", "ad", "ad", "--weights", "1,1", "--rank", "2", "-o", "{tmp}/good"), 8, "already exists"),
+    (("init", "base", "--rank", "2", "-o", "{tmp}/good"), 8, "already exists"),
 ]
 
 

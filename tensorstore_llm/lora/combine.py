@@ -18,7 +18,7 @@ from ..ops.lora_streamed import COMBINE_METHODS, LoraCombineParams, factor_names
 from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Store
 from .artifacts import DictSource, commit_adapter, adapter_info
-from .jobs import _bound_of, _finish, _lora_only, open_adapter_ref
+from .jobs import _bound_of, _check_out_dir, _finish, _lora_only, open_adapter_ref
 from .peft_format import LoraAdapter, build_adapter
 
 
@@ -71,6 +71,7 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
     if merge_into is None and method != "linear" and rank is None:
         raise InvalidParameter(f"lora combine: a {method} combination is full-rank; give --rank to re-factor it "
                                "as an adapter, or --merge-into BASE")
+    _check_out_dir(out_dir)
     opened = [open_adapter_ref(store, a) for a in adapters]
     for o in opened:
         o.source.close()
@@ -188,7 +189,7 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
     """TIES / DARE combination re-factored to ``rank`` per module (randomised SVD of the delta)."""
     from ..engine import Executor
     from .jobs import _device_type
-    from .resumable import StagedFactorSink, run_staged
+    from .resumable import StagedFactorSink
 
     sources = _sources(loras)
     jobs, kinds = [], {}
@@ -206,22 +207,22 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
     plan = Plan(jobs, sources)
     plan.validate("lora combine")
     options = {k: v for k, v in run_options.items() if k in ("device", "max_memory", "seed", "progress")}
-    sink = StagedFactorSink(store, ("lora_combine", plan.fingerprint(), options.get("seed", 0), _device_type(options)))
-    run_staged(Executor(plan, sink, **options).run, sink)   # staged and journaled: a killed run resumes
-    factors, modules = {}, {}
-    for job in jobs:
-        a, b, rec = factor_names(job.params.module)
-        A, B = sink.tensors[a], sink.tensors[b]
-        total = float(sink.tensors[rec][0])
-        kept = float(A.double().square().sum(dim=1).square().sum())
-        factors[job.params.module] = (A, B)
-        modules[job.params.module] = {"rank": rank, "captured": kept / total if total > 0 else 1.0,
-                                      "relative_error": max(0.0, 1 - kept / total) ** 0.5 if total > 0 else 0.0}
-    combined = build_adapter(factors, kinds=kinds, fan_in_fan_out=any(m.fan_in_fan_out for ad in loras for m in ad.modules.values()))
-    result = _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
-                     report={"modules": modules, "totals": {"num_params": combined.num_params()}}, resumed=sink.resumed)
-    sink.discard()
-    return result
+    key = ("lora_combine", plan.fingerprint(), options.get("seed", 0), _device_type(options))
+    with StagedFactorSink(store, key) as sink:   # staged and journaled: a killed run resumes
+        Executor(plan, sink, **options).run()
+        factors, modules = {}, {}
+        for job in jobs:
+            a, b, rec = factor_names(job.params.module)
+            A, B = sink.tensors[a], sink.tensors[b]
+            total = float(sink.tensors[rec][0])
+            kept = float(A.double().square().sum(dim=1).square().sum())
+            factors[job.params.module] = (A, B)
+            modules[job.params.module] = {"rank": rank, "captured": kept / total if total > 0 else 1.0,
+                                          "relative_error": max(0.0, 1 - kept / total) ** 0.5 if total > 0 else 0.0}
+        combined = build_adapter(factors, kinds=kinds,
+                                 fan_in_fan_out=any(m.fan_in_fan_out for ad in loras for m in ad.modules.values()))
+        return _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
+                       report={"modules": modules, "totals": {"num_params": combined.num_params()}}, resumed=sink.resumed)
 
 
 __all__ = ["combine", "commit_adapter", "adapter_info"]

@@ -198,6 +198,7 @@ def resize(store: Store, adapter: str, *, rank: int | None = None, energy: float
     from .adapters import resize_adapter
 
     _check_rank_energy(rank, energy, "lora resize", required=budget is None)
+    _check_out_dir(out_dir)
     if budget is not None and budget < 1:
         raise InvalidParameter(f"lora resize: --budget must be a positive parameter count, got {budget}")
     opened = open_adapter_ref(store, adapter)
@@ -227,6 +228,7 @@ def drop(store: Store, adapter: str, *, lowest: int | None = None, modules: list
 
     if lowest is not None and lowest < 0:
         raise InvalidParameter(f"lora drop: --layers must be >= 0, got {lowest}")
+    _check_out_dir(out_dir)
     opened = open_adapter_ref(store, adapter)
     lora = _lora_only(opened, "lora drop")
     bound = _bound_of(store, opened, base)
@@ -298,26 +300,34 @@ def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None 
 
     Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
     """
-    from .resumable import StagedFactorSink, run_staged
+    from .resumable import StagedFactorSink
     from .streamed import extract as run_extract
 
     _check_rank_energy(rank, energy, "lora extract")
+    _check_out_dir(out_dir)
     base, is_diff = _diff_parent(store, ft, base)
     base_src, base_lineage, _ = resolve_input(store, base)
     ft_src, ft_lineage, _ = resolve_input(store, ft)
-    with base_src, ft_src:
-        sink = StagedFactorSink(store, ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank,
-                                        targets, seed, _device_type(executor_options)))
-        ex = run_staged(lambda: run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank,
-                                            targets=targets, seed=seed, sink=sink, **executor_options), sink)
+    key = ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank, targets, seed,
+           _device_type(executor_options))
+    with base_src, ft_src, StagedFactorSink(store, key) as sink:
+        ex = run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank, targets=targets, seed=seed,
+                         sink=sink, **executor_options)
         bound = binding(store, base_src, base_lineage, ex.adapter)
-    result = _finish(store, ex.adapter, bound,
-                     parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "diff" if is_diff else "finetuned"}],
-                     recipe={"op": "lora_extract", "rank": rank, "energy": energy, "max_rank": max_rank if energy else None,
-                             "seed": seed, "power_iters": 3}, name=name, out_dir=out_dir,
-                     report={"modules": ex.modules, "totals": ex.totals}, resumed=sink.resumed)
-    sink.discard()
-    return result
+        return _finish(store, ex.adapter, bound,
+                       parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "diff" if is_diff else "finetuned"}],
+                       recipe={"op": "lora_extract", "rank": rank, "energy": energy,
+                               "max_rank": max_rank if energy else None, "seed": seed, "power_iters": 3},
+                       name=name, out_dir=out_dir, report={"modules": ex.modules, "totals": ex.totals},
+                       resumed=sink.resumed)
+
+
+def _check_out_dir(out_dir: str | None) -> None:
+    """OutputExists before any work when ``-o DIR`` exists and is not empty."""
+    if out_dir and os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        from ..errors import OutputExists
+
+        raise OutputExists(f"{out_dir} already exists and is not empty")
 
 
 def _device_type(options: dict) -> str:
@@ -338,7 +348,7 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
 
     Returns: artifacts = [residual base, adapter (or one per GOAT expert)].
     """
-    from .resumable import StagedFactorSink, run_staged
+    from .resumable import StagedFactorSink
     from .streamed import residual_plan, stacked_factors
     from .streamed import svd_init as run_init
 
@@ -346,12 +356,12 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
         raise InvalidParameter(f"lora init: --method must be pissa or goat, got {method!r}")
     if rank < 1:
         raise InvalidParameter(f"lora init: --rank must be >= 1, got {rank}")
+    _check_out_dir(out_dir)
     source, lineage, files = resolve_input(store, base)
-    with source:
-        sink = StagedFactorSink(store, ("lora_init", source.identity, rank, method, experts, alpha, targets,
-                                        _device_type(executor_options)))
-        adapters = run_staged(lambda: run_init(source, rank=rank, method=method, experts=experts, alpha=alpha,
-                                               targets=targets, sink=sink, **executor_options), sink)
+    key = ("lora_init", source.identity, rank, method, experts, alpha, targets, _device_type(executor_options))
+    with source, StagedFactorSink(store, key) as sink:
+        adapters = run_init(source, rank=rank, method=method, experts=experts, alpha=alpha, targets=targets, sink=sink,
+                            **executor_options)
         resumed = list(sink.resumed)
         plan = residual_plan(source, adapters, DictSource(stacked_factors(adapters)))
         recipe = {"op": "lora_init", "method": method, "rank": rank, "experts": len(adapters), "alpha": alpha}
@@ -360,18 +370,16 @@ def svd_init(store: Store, base: str, *, rank: int, method: str = "pissa", exper
                         **executor_options)
         residual = done.artifact
         resumed += done.skipped
-    out = LoraResult([residual], report={"experts": len(adapters), "rank": rank})
-    with store.open(residual.id) as res_src:
-        for e, ad in enumerate(adapters):
-            bound = binding(store, res_src, {"id": residual.id}, ad)
-            tag = (name if len(adapters) == 1 else f"{name}-expert{e}") if name else None
-            art = commit_adapter(store, ad, info=adapter_info(ad, bound), parents=[{"id": residual.id, "role": "base"}],
-                                 recipe={**recipe, "expert": e}, name=tag, resumed=resumed)
-            out.artifacts.append(art)
-            if out_dir:
-                export_adapter(store, art.id, out_dir if len(adapters) == 1 else os.path.join(out_dir, f"expert-{e}"))
-    sink.discard()
-    out.output = out_dir
+        out = LoraResult([residual], output=out_dir, report={"experts": len(adapters), "rank": rank})
+        with store.open(residual.id) as res_src:
+            for e, ad in enumerate(adapters):
+                bound = binding(store, res_src, {"id": residual.id}, ad)
+                tag = (name if len(adapters) == 1 else f"{name}-expert{e}") if name else None
+                art = commit_adapter(store, ad, info=adapter_info(ad, bound), parents=[{"id": residual.id, "role": "base"}],
+                                     recipe={**recipe, "expert": e}, name=tag, resumed=resumed)
+                out.artifacts.append(art)
+                if out_dir:
+                    export_adapter(store, art.id, out_dir if len(adapters) == 1 else os.path.join(out_dir, f"expert-{e}"))
     out.report["resumed"] = len(resumed)
     return out
 

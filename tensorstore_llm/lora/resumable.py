@@ -5,12 +5,13 @@ post-processed (truncated, folded, assembled) before the adapter artifact is com
 staged in the store like any other job's tensors: a :class:`StagedFactorSink` writes each output
 into a staging directory keyed by everything that decides the factors, journals it when it is
 finished, and a re-run of the same job after a kill (even ``kill -9``) re-checks the journaled
-tensors and computes only the rest. Once the adapter is committed, :meth:`StagedFactorSink.discard`
-removes the staging directory.
+tensors and computes only the rest. Used as a context manager around the computation and the
+commit of what it feeds, the sink removes its staging at the end (or on an error), and keeps it
+on an interruption.
 
 Example:
-    >>> sink = StagedFactorSink(store, ("lora-extract", base.identity, ft.identity, rank, seed, "cpu"))  # doctest: +SKIP
-    >>> Executor(plan, sink).run(); A = sink.tensors["layers.0.q_proj.A"]; sink.discard()           # doctest: +SKIP
+    >>> with StagedFactorSink(store, ("lora-extract", base.identity, ft.identity, rank, seed)) as sink:  # doctest: +SKIP
+    ...     Executor(plan, sink).run(); A = sink.tensors["layers.0.q_proj.A"]; commit(...)
 """
 from __future__ import annotations
 
@@ -129,18 +130,16 @@ class StagedFactorSink:
         """Remove the staging once its outputs are committed elsewhere (the adapter artifact)."""
         self.abort()
 
+    def __enter__(self) -> StagedFactorSink:
+        return self
 
-def run_staged(step, sink: StagedFactorSink):
-    """``step()`` (an executor run into ``sink``): an interruption keeps the staging to resume
-    from, any other failure removes it (the store's rule for every job, see ``runs.run_plan``)."""
-    try:
-        return step()
-    except KeyboardInterrupt:
-        sink.close()
-        raise
-    except BaseException:
-        sink.abort()
-        raise
+    def __exit__(self, kind, error, tb) -> None:
+        """The store's rule for every job: an interruption keeps the staging to resume from, any
+        other failure removes it, and so does success (the outputs are committed by then)."""
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.close()
+        else:
+            self.discard()
 
 
-__all__ = ["StagedFactorSink", "run_staged"]
+__all__ = ["StagedFactorSink"]
