@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from .common import options_of, print_estimate, report, run_options, store_of
+from .common import compute_options, options_of, print_estimate, report, store_of
 
 
 @click.command("convert")
 @click.argument("ref")
 @click.option("--dtype", required=True, help="Target dtype of float tensors: bf16, fp16 or fp32 (float dtypes only).")
 @click.option("--name", help="Tag for the new artifact.")
-@run_options
+@compute_options
 @click.pass_context
-def convert_cmd(ctx, ref, dtype, name, device, max_memory, seed, compression, dry_run):
+def convert_cmd(ctx, ref, dtype, name, device, max_memory, compression, dry_run):
     """Cast the float tensors of REF to --dtype (round to nearest even) as a new artifact.
 
     Integer and bool tensors are kept as they are; config.json's torch_dtype follows.
@@ -20,7 +20,7 @@ def convert_cmd(ctx, ref, dtype, name, device, max_memory, seed, compression, dr
     from tensorstore_llm.api import convert
 
     result = convert(store_of(ctx), ref, dtype, name=name,
-                     options=options_of(ctx, device=device, max_memory=max_memory, seed=seed, compression=compression,
+                     options=options_of(ctx, device=device, max_memory=max_memory, compression=compression,
                                         dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
@@ -33,9 +33,9 @@ def convert_cmd(ctx, ref, dtype, name, device, max_memory, seed, compression, dr
 @click.option("--normalize", is_flag=True, help="Divide by the sum of the weights.")
 @click.option("--dtype", help="Output dtype (default: that of the first model).")
 @click.option("--name", help="Tag for the new artifact.")
-@run_options
+@compute_options
 @click.pass_context
-def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_memory, seed, compression, dry_run):
+def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_memory, compression, dry_run):
     """sum_i w_i * REF_i over every tensor, computed in fp32 and stored in the models' dtype.
 
     REFs are store artifacts, HF directories or hub repos; all must have the same tensors and shapes.
@@ -47,8 +47,8 @@ def weighted_sum_cmd(ctx, refs, weights, normalize, dtype, name, device, max_mem
     except ValueError:
         raise click.BadParameter(f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights")
     result = weighted_sum(store_of(ctx), list(refs), values, normalize=normalize, dtype=dtype, name=name,
-                          options=options_of(ctx, device=device, max_memory=max_memory, seed=seed,
-                                             compression=compression, dry_run=dry_run))
+                          options=options_of(ctx, device=device, max_memory=max_memory, compression=compression,
+                                             dry_run=dry_run))
     if dry_run:
         return print_estimate(result.estimate)
     report(result, "weighted sum", ctx.obj["quiet"])

@@ -40,3 +40,67 @@ def test_the_cli_builds_one_options_object(cli, tmp_path, tiny_family):
 
     again = api.merge(Store(str(tmp_path / "s")), _dare(tiny_family), options=RunOptions(seed=3, progress=False))
     assert out.strip() == again.artifact.id
+
+
+def test_the_executor_takes_a_run_options(tiny_family):
+    """Executor(plan, sink, RunOptions(...)): its device, budget, seed and progress come from it;
+    keywords still override a field, an unknown one is refused."""
+    from tensorstore_llm.engine import Executor, plan_map
+    from tensorstore_llm.io import HFCheckpointSource
+    from tensorstore_llm.units import parse_size
+
+    with HFCheckpointSource(tiny_family["base"]) as source:
+        plan = plan_map("copy", {"src": source}, {"x": "src"})
+        executor = Executor(plan, None, RunOptions(device="cpu", max_memory="64K", seed=5, progress=False))
+        assert (executor.device.type, executor.budget, executor.seed, executor.progress_enabled) == \
+            ("cpu", parse_size("64K"), 5, False)
+        assert executor.options == RunOptions(device="cpu", max_memory="64K", seed=5, progress=False)
+        assert Executor(plan, None, RunOptions(max_memory="64K"), max_memory="1M", device="cpu").budget == parse_size("1M")
+        with pytest.raises(TypeError, match="unknown run option"):
+            Executor(plan, None, max_memroy="1M")
+
+
+def _commands():
+    """(path, click command) of every tsllm command, groups expanded."""
+    import click
+
+    from tensorstore_llm_cli import cli
+
+    out = []
+
+    def walk(group, prefix):
+        ctx = click.Context(group)
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+            else:
+                out.append((prefix + name, command))
+    walk(cli, "")
+    return out
+
+
+def test_cli_run_options_are_declared_once_and_only_where_they_mean_something():
+    from tensorstore_llm_cli.common import size_option
+
+    commands = dict(_commands())
+    options = {path: {p.name: p for p in command.params} for path, command in commands.items()}
+    for path, params in options.items():
+        if "max_memory" in params:   # one declaration: checked as a size everywhere
+            assert params["max_memory"].callback is size_option, path
+    # commands that only move stored values draw nothing and compute nothing on a device
+    for path in ("import", "export"):
+        assert "device" not in options[path] and "seed" not in options[path], path
+    for path in ("convert", "weighted-sum", "lora merge", "lora init", "prune", "soup"):
+        assert "seed" not in options[path] or path == "prune", path    # prune's --seed seeds its search
+    assert "dry_run" not in options["lora combine"]                     # it cannot estimate; it used to refuse the flag
+    for path in ("merge", "lora combine", "lora extract", "diff-stats"):
+        assert "seed" in options[path] and "device" in options[path], path
+
+
+def test_api_reexports_the_lower_run_module():
+    """Domain packages import tensorstore_llm.runs; users keep importing the names from api."""
+    from tensorstore_llm import runs
+
+    for name in ("JobResult", "open_store", "resolve_input", "run_plan", "export"):
+        assert getattr(api, name) is getattr(runs, name), name
