@@ -320,3 +320,32 @@ def test_gather_rows_equals_indexing(tmp_path):
             index = rng.integers(0, 1000, count)
             assert torch.equal(gather_rows(source, "t", index), table[torch.from_numpy(index)])
         assert torch.equal(gather_rows(source, "t", np.arange(100, 400)), table[100:400])
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, vocab_family, method):
+    """bf16 models, ``dtype: bfloat16`` and ``arithmetic="mergekit"`` over a union: every tensor,
+    the gathered and filled vocabulary rows included, equals mergekit's bit for bit."""
+    paths = {}
+    for key in ("a", "b"):
+        path = tmp_path / key
+        path.mkdir()
+        save_file({k: v.to(torch.bfloat16) for k, v in _tensors(vocab_family[key]).items()}, str(path / "model.safetensors"))
+        for f in os.listdir(vocab_family[key]):
+            if not f.endswith(".safetensors"):
+                (path / f).write_bytes(open(os.path.join(vocab_family[key], f), "rb").read())
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+        paths[key] = str(path)
+    models = (f"  - model: {paths['a']}\n    parameters: {{weight: 0.3}}\n" if method == "linear" else "")
+    text = (f"merge_method: {method}\nbase_model: {paths['a']}\nmodels:\n{models}  - model: {paths['b']}\n"
+            f"    parameters: {{weight: 0.7}}\ntokenizer_source: union\ndtype: bfloat16\n")
+    ours, theirs = _merge(tmp_path, text, arithmetic="mergekit"), _mergekit(text, tmp_path / "mk")
+    vo, vt = _vocab(ours), _vocab(theirs)
+    assert set(vo) == set(vt)
+    to_theirs = torch.tensor([vt[t] for t in sorted(vo, key=vo.get)])
+    mine, other = _tensors(ours), _tensors(theirs)
+    assert mine.keys() == other.keys()
+    for name, value in mine.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, other[name][to_theirs] if name in VOCAB_NAMES else other[name]), name
