@@ -27,27 +27,29 @@ READ_ALL = """
 import sys, time
 from tensorstore_llm.store import Store
 store = Store(sys.argv[1])
-total = 0
 if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba, zstd) loads once per process
     import tensorstore_llm.diff.reader
-began, cpu = time.perf_counter(), time.process_time()
-with store.open(sys.argv[2]) as src:
-    for name in src.keys():
-        meta = src.meta(name)
-        step = max(1, (64 << 20) // max(1, meta.row_numel * 2))
-        align = getattr(src, "preferred_rows", lambda n: 1)(name)
-        step = max(align, step - step % align)
-        for start in range(0, meta.rows, step):
-            total += src.read_rows(name, start, min(meta.rows, start + step)).numel()
-print(time.perf_counter() - began, time.process_time() - cpu)
+for _ in range(int(sys.argv[3])):
+    total = 0
+    began, cpu = time.perf_counter(), time.process_time()
+    with store.open(sys.argv[2]) as src:
+        for name in src.keys():
+            meta = src.meta(name)
+            step = max(1, (64 << 20) // max(1, meta.row_numel * 2))
+            align = getattr(src, "preferred_rows", lambda n: 1)(name)
+            step = max(align, step - step % align)
+            for start in range(0, meta.rows, step):
+                total += src.read_rows(name, start, min(meta.rows, start + step)).numel()
+    print(time.perf_counter() - began, time.process_time() - cpu, flush=True)
 """
 
 
-def read_all(store: str, ref: str) -> tuple[float, float, float]:
+def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float]:
     """(seconds spent reading every tensor of ``ref`` in ~64 MiB blocks, without interpreter
-    start-up; peak RSS MiB of the reading process; CPU seconds of the reading loop, all threads)."""
+    start-up; peak RSS MiB of the reading process; CPU seconds of the reading loop, all threads),
+    of the last of ``passes`` reads in one process (passes > 1: compiled kernels already loaded)."""
     os.sync()
-    proc = subprocess.Popen([sys.executable, "-c", READ_ALL, store, ref], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", READ_ALL, store, ref, str(passes)], stdout=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"reading {ref} failed")
@@ -140,18 +142,20 @@ def bench_reads(kind: str, workdir: str, repeat: int) -> dict:
     for args in (("import", base, "--name", "base"), ("import", ft, "--delta-of", "base", "--name", "ft-delta"),
                  ("import", ft, "--name", "ft-full")):
         subprocess.run(tsllm(store, *args), check=True, stdout=subprocess.DEVNULL)
-    runs = {"ft-full": [], "ft-delta": []}
-    for _ in range(repeat):
-        for ref in runs:
-            runs[ref].append(read_all(store, ref))
-    out = {"pair": kind, "finetune_bytes": ft_bytes, "load_average_after": os.getloadavg()[0],
+    out = {"pair": kind, "finetune_bytes": ft_bytes, "load_average_before": os.getloadavg()[0],
            "bytes_exact_delta": dir_bytes(os.path.join(artifact_dir(store, "ft-delta"), "deltas"))}
-    for ref, rs in runs.items():
-        out[f"read_{ref}_s"] = statistics.median(r[0] for r in rs)
-        out[f"read_{ref}_cpu_s"] = statistics.median(r[2] for r in rs)
-        out[f"read_{ref}_rss_mib"] = max(r[1] for r in rs)
-    out["read_delta_vs_full"] = out["read_ft-delta_s"] / out["read_ft-full_s"]
-    out["read_delta_vs_full_cpu"] = out["read_ft-delta_cpu_s"] / out["read_ft-full_cpu_s"]
+    for passes, what in ((1, ""), (2, "steady_")):          # a fresh process; the second read in one process
+        runs = {"ft-full": [], "ft-delta": []}
+        for _ in range(repeat):
+            for ref in runs:
+                runs[ref].append(read_all(store, ref, passes))
+        for ref, rs in runs.items():
+            out[f"{what}read_{ref}_s"] = statistics.median(r[0] for r in rs)
+            out[f"{what}read_{ref}_cpu_s"] = statistics.median(r[2] for r in rs)
+            out[f"{what}read_{ref}_rss_mib"] = max(r[1] for r in rs)
+        out[f"{what}read_delta_vs_full"] = out[f"{what}read_ft-delta_s"] / out[f"{what}read_ft-full_s"]
+        out[f"{what}read_delta_vs_full_cpu"] = out[f"{what}read_ft-delta_cpu_s"] / out[f"{what}read_ft-full_cpu_s"]
+    out["load_average_after"] = os.getloadavg()[0]
     out["ratio_raw_over_delta"] = ft_bytes / out["bytes_exact_delta"]
     fresh(store)
     return out
