@@ -86,9 +86,6 @@ def test_weighted_sum_peak_stays_within_budget_plus_allowance(tmp_path, family, 
     assert abs(peak - predicted) <= 0.10 * peak, f"predicted {predicted / MIB:.0f} MiB, measured {peak / MIB:.0f} MiB"
 
 
-@pytest.mark.xfail(reason="TIES's exact top-k tie pass (513b865) holds ~110-150 MiB the memory model does not "
-                          "see: the prediction is now within 10% but the peak is ~10 MiB over 128M + 300 MiB "
-                          "(docs/benchmarks.md, Honest budget)", strict=False)
 def test_ties_dry_run_predicts_the_peak_within_10_percent(tmp_path, family):
     """TIES (its statistics passes and the merge, three inputs) at 128M: the dry run's predicted
     peak RSS is within 10% of the run's measured peak."""

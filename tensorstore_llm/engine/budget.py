@@ -14,6 +14,7 @@ from ..io.zarr_tensors import chunk_shape
 from ..ops.registry import get_op
 from ..units import format_size
 from .plan import ROWS, WHOLE, TensorJob
+from .memory import HeapGuard, process_rss
 from .records import Estimate, JobEstimate, RssPrediction
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
@@ -21,8 +22,10 @@ OUT_BLOCKS_HELD = 3   # being produced, queued, being written
 # What a run holds besides tensor data (measured with tests/benchmarks/bench_budget.py, see
 # docs/benchmarks.md "Honest budget"): code pages of the kernels and libraries first touched
 # while running, thread stacks and malloc arenas of the pipeline threads, and per tile worker
-# its arena and the partial records of the statistics passes.
-RUNTIME_BYTES = 40 << 20
+# its arena and the partial records of the statistics passes. With glibc's thread cache on
+# (a library caller's process; the CLI turns it off) the arenas hold more: engine/memory.py
+# HeapGuard trims them at this ceiling.
+RUNTIME_BYTES = 24 << 20
 WORKER_BYTES = 8 << 20
 CUDA_RUNTIME_BYTES = 600 << 20
 BASELINE_BYTES = 230 << 20   # interpreter + torch + tensorstore_llm, where /proc/self/status cannot be read
@@ -83,6 +86,7 @@ class MemoryPlanning:
         (e.g. a ``[1, 2**31]`` fp32 tensor at 64 MiB) cannot be streamed within it. Raises
         InvalidParameter (exit 7) naming the tensor, its input and the bytes the run would need.
         """
+        self._start_rss = process_rss()
         for job in self.plan.jobs:
             need = self.min_block_bytes(job)
             if need > self.budget:
@@ -160,11 +164,19 @@ class MemoryPlanning:
             ahead = sum(step[0] for step in steps[k + 1:k + IN_BLOCKS_HELD])
             peak = max(peak, in_bytes + ahead + pool + fixed)
         baseline = process_rss()
+        return RssPrediction(baseline or BASELINE_BYTES, self.runtime_bytes(), peak, baseline is not None)
+
+    def runtime_bytes(self) -> int:
+        """What a run holds besides tensor data and the process it started in (RUNTIME_BYTES)."""
         if self.device.type == "cuda":   # the CUDA context and its libraries
-            runtime = RUNTIME_BYTES + CUDA_RUNTIME_BYTES
-        else:
-            runtime = RUNTIME_BYTES + WORKER_BYTES * self.tile_workers
-        return RssPrediction(baseline or BASELINE_BYTES, runtime, peak, baseline is not None)
+            return RUNTIME_BYTES + CUDA_RUNTIME_BYTES
+        return RUNTIME_BYTES + WORKER_BYTES * self.tile_workers
+
+    def heap_guard(self) -> HeapGuard:
+        """A guard for the host RSS this run promised: its RSS when the executor was made, plus
+        the runtime, plus the budget (the tensor data never exceeds it; see ``predict_rss``)."""
+        start = getattr(self, "_start_rss", None)
+        return HeapGuard(None if start is None else start + self.runtime_bytes() + self.budget)
 
     def _replay(self, jobs: list[JobEstimate]):
         """(input bytes, output bytes, kernel and whole-input bytes) of every block, in run order."""
@@ -190,15 +202,3 @@ class MemoryPlanning:
                     # of their own, and the input slots bound them (engine/pipeline.py BlockSlots)
                     out_bytes = 0 if pass_index is not None or not spec.compute else out_row * n
                     yield in_row * n, out_bytes, temps + whole
-
-
-def process_rss() -> int | None:
-    """Resident bytes of this process now (VmRSS), or None where /proc is not available."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

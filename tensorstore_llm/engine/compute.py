@@ -44,6 +44,7 @@ class TileCompute:
         if self.tile_workers <= 1:
             for tile in tiles:
                 yield fn(*tile)
+                self._guard_heap()
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.tile_workers, thread_name_prefix="tsllm-tile")
@@ -53,8 +54,10 @@ class TileCompute:
                 window.append(self._pool.submit(fn, *tile))
                 if len(window) >= self.tile_workers:
                     yield window.popleft().result()
+                    self._guard_heap()
             while window:
                 yield window.popleft().result()
+                self._guard_heap()
         finally:
             for future in window:
                 future.cancel()
@@ -72,6 +75,7 @@ class TileCompute:
             return stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, job, part))
 
         for partial in self._map_tiles(one_tile, self._tiles(job, start, stop, tensors)):
+            partial = _owned(partial)
             if stats_pass.fold is not None and self._partials:
                 self._partials = [stats_pass.fold(self._partials[0], partial)]
             else:
@@ -80,6 +84,7 @@ class TileCompute:
             ctx = self._context(job, 0, job.output.rows)
             self._stats = {**(self._stats or {}), **stats_pass.reduce(job.params, self._partials, ctx)}
             self._partials = []
+        self._guard_heap()
 
     def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict) -> dict:
         """The output rows ``start:stop`` of every output of ``job`` (name -> tensor): the kernel
@@ -119,7 +124,14 @@ class TileCompute:
         if stop == job.output.rows:
             self.computed.extend(m.name for m in outputs)
             self._stats = None
+        self._guard_heap()
         return {name: value.contiguous() for name, value in values.items()}
+
+    def _guard_heap(self) -> None:
+        guard = getattr(self, "_heap", None)
+        if guard is None:
+            guard = self._heap = self.heap_guard()
+        guard.after_block()
 
     def _as_outputs(self, job: TensorJob, produced) -> dict:
         """A kernel's result as output name -> tensor (a single tensor is ``job.output``)."""
@@ -157,6 +169,22 @@ def _plain(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"a reduction record holds {type(value).__name__}, which has no JSON form")
+
+
+def _owned(value):
+    """``value`` with its tensors copied by this thread.
+
+    A partial that a tile worker made and the compute stage keeps until the reduce (per-row counts,
+    a few kB) would sit in the worker's malloc arena between that worker's 2 MiB tile temporaries,
+    so the arena could neither reuse nor trim the free space around it: measured ~100 MiB of free,
+    resident heap at TIES's peak (its tie-count pass keeps one partial per tile)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.device.type == "cpu" else value
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v) for v in value)
+    return value
 
 
 def _whole_roles(job: TensorJob) -> set[str]:
