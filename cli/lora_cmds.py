@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import (compute_options, device_option, max_memory_option, print_estimate, progress_flag, report, seed_option,
-                     store_of, stream_options)
+                     size_option, store_of, stream_options)
 
 
 @click.group("lora")
@@ -99,7 +99,7 @@ def export_cmd(ctx, ref, out_dir, base):
 @click.option("--requantize", type=click.Choice(["nf4"]), help="With --base-quant: write dequant(NF4(W')) of every merged weight and report that error.")
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
-@click.option("--max-shard-size", default="5G", show_default=True, help="Shard size of the export with -o.")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the export with -o.")
 @compute_options
 @click.pass_context
 def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name, out_dir, max_shard_size, device,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import compute_options, print_estimate, progress_flag, store_of
+from .common import compute_options, print_estimate, progress_flag, size_option, store_of
 
 
 @click.command("prune")
@@ -32,7 +32,7 @@ from .common import compute_options, print_estimate, progress_flag, store_of
 @click.option("--search-state", type=click.Path(dir_okay=False), help="Resume file of the search (default: none).")
 @click.option("--name", help="Tag of the pruned checkpoint (the plan gets NAME-plan).")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the pruned checkpoint as an HF directory.")
-@click.option("--max-shard-size", default="5G", show_default=True)
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the export with -o.")
 @compute_options
 @click.pass_context
 def prune_cmd(ctx, base, method, pattern, ratio, head_ratio, per_layer, keep_first, keep_last, calibration,

@@ -13,6 +13,7 @@ from .common import (
     options_of,
     print_estimate,
     report,
+    size_option,
     store_of,
 )
 
@@ -85,7 +86,7 @@ def _import_as_delta(ctx, src, parent, name, revision, dtype, max_chain, max_mem
 @click.command("export")
 @click.argument("ref")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--max-shard-size", default="5G", show_default=True, help="Largest safetensors shard (e.g. 2G).")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Largest safetensors shard (e.g. 2G).")
 @click.option("--dtype", help="Cast float tensors on the way out (bf16, fp16, fp32).")
 @max_memory_option()
 @dry_run_option("Print the plan; write nothing.")

@@ -86,8 +86,9 @@ def test_cli_run_options_are_declared_once_and_only_where_they_mean_something():
     commands = dict(_commands())
     options = {path: {p.name: p for p in command.params} for path, command in commands.items()}
     for path, params in options.items():
-        if "max_memory" in params:   # one declaration: checked as a size everywhere
-            assert params["max_memory"].callback is size_option, path
+        for size in ("max_memory", "max_shard_size"):   # checked as sizes everywhere (a usage error if not)
+            if size in params:
+                assert params[size].callback is size_option, (path, size)
     # commands that only move stored values draw nothing and compute nothing on a device
     for path in ("import", "export"):
         assert "device" not in options[path] and "seed" not in options[path], path
@@ -104,3 +105,17 @@ def test_api_reexports_the_lower_run_module():
 
     for name in ("JobResult", "open_store", "resolve_input", "run_plan", "export"):
         assert getattr(api, name) is getattr(runs, name), name
+
+
+def test_codec_parameters_of_the_wrong_type_or_domain_are_codec_errors(cli, tmp_path, tiny_family):
+    """--param values reach the codec checked: a string or fraction for a rank, a number for a
+    flag, a rank below 1 are exit 4 with the parameter named, not a traceback or a silent
+    rank-(k-1) result."""
+    s = str(tmp_path / "s")
+    for name, ref in (("base", tiny_family["base"]), ("ft", tiny_family["ft1"])):
+        assert cli("--store", s, "-q", "import", ref, "--name", name)[0] == 0
+    for codec, param, named in (("low-rank", "rank=abc", "rank"), ("low-rank", "rank=2.5", "rank"),
+                                ("low-rank", "rank=-1", "rank"), ("low-rank", "energy=1.5", "energy"),
+                                ("bitdelta", "per_row=1", "per_row")):
+        code, out, err = cli("--store", s, "diff", "ft", "--base", "base", "--codec", codec, "--param", param)
+        assert code == 4 and named in err and "Traceback" not in err, (codec, param, code, err)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import ClassVar
@@ -56,10 +57,29 @@ def get_codec(name: str, **params):
     """An instance of codec ``name`` with ``params``; CodecError naming the known codecs otherwise."""
     if name not in _REGISTRY:
         raise CodecError(f"unknown delta codec {name!r}; known: {', '.join(list_codecs())}")
+    _check_types(name, _REGISTRY[name], params)
     try:
         return _REGISTRY[name](**params)
     except TypeError as exc:
         raise CodecError(f"codec {name!r}: {exc}") from None
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_types(name: str, cls: type, params: dict) -> None:
+    """Numbers and flags where the codec's fields declare them (CodecError naming the parameter),
+    so ``--param rank=abc`` fails here and not deep inside an encode."""
+    for f in dataclasses.fields(cls):
+        if f.name not in params:
+            continue
+        value, allowed = params[f.name], [t.strip() for t in str(f.type).split("|")]
+        kinds = tuple(k for t in allowed for k in _KINDS.get(t, ()))
+        if not kinds or (value is None and "None" in allowed):
+            continue   # other types (tuples of groups) are checked by the codec itself
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds) or (isinstance(value, float) and not math.isfinite(value)):
+            raise CodecError(f"codec {name!r}: parameter {f.name} must be {f.type}, got {value!r}")
 
 
 def codec_from_dict(d: dict):
@@ -209,6 +229,10 @@ class LowRankDelta(_LossyCodec):
     def __post_init__(self):
         if (self.rank is None) == (self.energy is None):
             raise CodecError("low-rank: give exactly one of rank or energy")
+        if self.rank is not None and self.rank < 1:
+            raise CodecError(f"low-rank: rank must be >= 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise CodecError(f"low-rank: energy must be in (0, 1], got {self.energy}")
 
     def approximate(self, delta, tensor="", start=0):
         d2 = delta.reshape(delta.shape[0], -1)
