@@ -349,3 +349,19 @@ def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, vocab_family
     for name, value in mine.items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, other[name][to_theirs] if name in VOCAB_NAMES else other[name]), name
+
+
+def test_base_tokenizer_past_its_vocab_size_is_refused(tmp_path, vocab_family):
+    """A base whose tokenizer has ids past its config vocab_size: mergekit rewrites the tokenizer
+    without them; tsllm refuses, naming the model and a token, before any work."""
+    import shutil
+
+    short_a = tmp_path / "short-a"
+    shutil.copytree(vocab_family["a"], short_a)
+    config = json.loads((short_a / "config.json").read_text())
+    (short_a / "config.json").write_text(json.dumps({**config, "vocab_size": 390}))
+    text = f"merge_method: linear\nmodels: [{short_a}, {vocab_family['b']}]\ntokenizer_source: union\n"
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(TokenizerError, match="10 token.* at or past its vocab_size 390"):
+        api.merge(store, text, out_dir=str(tmp_path / "hf"), progress=False)
+    assert store.list() == [] and not (tmp_path / "hf").exists()

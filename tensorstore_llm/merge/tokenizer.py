@@ -12,7 +12,9 @@ The rules (mergekit 0.1.5's, restated; differences named):
   then their added tokens (the first model's settings of a token win). mergekit walks ordinary
   tokens in hash order, so the ids it gives to more than one new ordinary token vary between
   runs; here they are fixed. Tokens named under ``tokens:`` that are still missing come last.
-  A model's tokens with ids at or past its ``config.json`` ``vocab_size`` are not part of it.
+  A model's tokens with ids at or past its ``config.json`` ``vocab_size`` are not part of it
+  (for the base of ``base`` / ``union`` such tokens are refused: mergekit rewrites the tokenizer
+  without them, tsllm does not).
 - **Rows.** Output token t of model m is m's row of the same token string. A token some model
   lacks (or whose ``tokens:`` entry says ``force: true``) gets a fill row: the entry's source if
   given (``{kind: zero}``: zeros; a model: that model's row of the token; ``{kind: model_token,
@@ -229,6 +231,11 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
     if spec.source == "union":
         _check_special_tokens(loaded, where)
     out_ref = first if spec.source in ("base", "union") else spec.source
+    past = [t for t, i in loaded[out_ref].get_vocab().items() if i >= sizes[out_ref]]
+    if spec.source in ("base", "union") and past:
+        raise TokenizerError(f"{where}: the tokenizer of {out_ref} has {len(past)} token(s) with ids at or past its "
+                             f"vocab_size {sizes[out_ref]} (e.g. {past[0]!r}); mergekit strips them from a BPE "
+                             f"tokenizer, tsllm does not: remove them from its tokenizer first")
     out = _load(files[out_ref], out_ref, where)   # a fresh copy: tokens are added to it
     if spec.source == "union":
         _add_union_tokens(out, loaded, sizes, order)
