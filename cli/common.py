@@ -47,9 +47,9 @@ def size_option(ctx, param, value):
 
 # -- the run options, each declared once; a command takes only those that mean something to it ----
 
-def device_option(default: str = "auto"):
+def device_option(default: str = "auto", help: str = "auto, cpu, cuda or cuda:N."):
     """--device: where kernels run (only for commands that compute)."""
-    return click.option("--device", default=default, show_default=True, help="auto, cpu, cuda or cuda:N.")
+    return click.option("--device", default=default, show_default=True, help=help)
 
 
 def max_memory_option(default: str = "2G", help: str = "Budget for tensor data held at once (e.g. 512M, 4G); "

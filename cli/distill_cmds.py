@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .common import device_option, seed_option
+
 
 @click.group("logits")
 def logits_group():
@@ -74,8 +76,8 @@ def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None, str | None]:
 @click.option("--shard-sequences", default=64, show_default=True, help="Sequences per Parquet shard (unit of resume).")
 @click.option("--max-sequences", type=int, help="Only the first N packed sequences.")
 @click.option("--alignment", is_flag=True, help="Also store teacher NLL, text and character offsets (for other tokenizers).")
-@click.option("--seed", default=0, show_default=True, help="Run seed of the per-sequence RS-KD generators.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@seed_option("Run seed of the per-sequence RS-KD generators.")
+@device_option("cpu", help="cpu, cuda or cuda:N.")
 @click.option("--dtype", default="float32", show_default=True, help="Compute dtype of the teacher (float32, bfloat16).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: teacher actors on Ray Data (pip install 'tensorstore-llm[ray]'), same dataset.")

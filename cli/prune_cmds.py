@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import compute_options, print_estimate, progress_flag, size_option, store_of
+from .common import compute_options, print_estimate, progress_flag, seed_option, size_option, store_of
 
 
 @click.command("prune")
@@ -28,7 +28,7 @@ from .common import compute_options, print_estimate, progress_flag, size_option,
 @click.option("--generations", default=10, show_default=True)
 @click.option("--offspring", default=16, show_default=True)
 @click.option("--levels", default=20, show_default=True, help="Sparsity levels per layer (level l removes l/levels).")
-@click.option("--seed", default=0, show_default=True, help="Search seed.")
+@seed_option("Search seed.")
 @click.option("--search-state", type=click.Path(dir_okay=False), help="Resume file of the search (default: none).")
 @click.option("--name", help="Tag of the pruned checkpoint (the plan gets NAME-plan).")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the pruned checkpoint as an HF directory.")

@@ -296,7 +296,7 @@ def verify_cmd(ctx, refs, upgrade):
 
 
 @click.command("gc")
-@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@dry_run_option("Only list what would be removed.")
 @click.pass_context
 def gc_cmd(ctx, dry_run):
     """Remove staging leftovers of interrupted or failed jobs that no running process holds, and

@@ -99,6 +99,28 @@ def test_cli_run_options_are_declared_once_and_only_where_they_mean_something():
         assert "seed" in options[path] and "device" in options[path], path
 
 
+def test_no_command_module_declares_a_run_option_of_its_own():
+    """--device, --max-memory, --seed, --compression and --dry-run come from cli/common.py only."""
+    import ast
+    import os
+
+    import tensorstore_llm_cli
+
+    run_flags = {"--device", "--max-memory", "--seed", "--compression", "--dry-run"}
+    folder = os.path.dirname(tensorstore_llm_cli.__file__)
+    offenders = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py") or name == "common.py":
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "option":
+                flags = {a.value for a in node.args if isinstance(a, ast.Constant)}
+                offenders += [f"{name}:{node.lineno} {flag}" for flag in sorted(flags & run_flags)]
+    assert not offenders, offenders
+
+
 def test_api_reexports_the_lower_run_module():
     """Domain packages import tensorstore_llm.runs; users keep importing the names from api."""
     from tensorstore_llm import runs
