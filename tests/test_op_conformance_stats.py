@@ -1,5 +1,6 @@
 """The reduction ops through the op conformance base: ``delta_error``, ``diff_stats``,
-``sign_conflicts`` (Mediator), ``unit_scores`` and ``unit_scores_wanda`` (pruning).
+``sign_conflicts`` (Mediator), ``unit_scores`` and ``unit_scores_wanda`` (pruning), ``row_mean``
+(the padding rows of a merged vocabulary).
 
 A reduction job writes no tensor: its statistics passes stream over the inputs and the last
 pass's record is ``Executor.records[name]``. ``ReductionConformance`` runs the base's checks on
@@ -235,3 +236,17 @@ class TestDiffStats(ReductionConformance):
         d0, d1 = (t.double() - base.double() for t in inputs["targets"])
         pairs = [{"dot": float((d0 * d1).sum()), "conflicts": int((torch.sign(d0) * torch.sign(d1) < 0).sum())}]
         return {"numel": base.numel(), "per": per, "pairs": pairs}
+
+
+class TestRowMean(ReductionConformance):
+    op = "row_mean"
+    rel = 1e-6                # the mean is rounded once to float32
+    blocking_exact = False    # fp64 sums per tile (see the note at the top), then that rounding
+    blocking_rel = 1e-6
+
+    def make_inputs(self, gen):
+        return {"x": _randn(gen)}
+
+    def golden(self, inputs, params):
+        x = inputs["x"].double()
+        return {"mean": x.mean(dim=0).tolist(), "rows": x.shape[0]}

@@ -165,7 +165,6 @@ def vocabulary_views(vocab: Vocabulary, sources: Mapping, configs: Mapping[str, 
     rows already are the output's."""
     from ..engine.executor import Executor
     from ..engine.plan import InputRef, Plan, TensorJob
-    from ..ops import vocab as _vocab_ops  # noqa: F401  (registers row_mean)
 
     names = {ref: vocab_tensor_names(src.keys(), configs.get(ref)) for ref, src in sources.items()}
     sizes = {ref: source.meta(n).rows for ref, source in sources.items() for n in names[ref][:1]}

@@ -20,7 +20,8 @@ _REGISTRY: dict[str, OpSpec] = {}
 _BUILTIN_MODULES = ("tensorstore_llm.ops.basic", "tensorstore_llm.ops.merge", "tensorstore_llm.ops.geometry",
                     "tensorstore_llm.ops.replay", "tensorstore_llm.ops.lora", "tensorstore_llm.ops.stats",
                     "tensorstore_llm.ops.delta", "tensorstore_llm.ops.lora_streamed", "tensorstore_llm.ops.prune",
-                    "tensorstore_llm.ops.seed_merges", "tensorstore_llm.ops.newer_merges")
+                    "tensorstore_llm.ops.seed_merges", "tensorstore_llm.ops.newer_merges",
+                    "tensorstore_llm.ops.vocab")
 _loaded = False
 
 
