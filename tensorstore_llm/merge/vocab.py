@@ -92,11 +92,14 @@ class VocabView:
                 raise ShapeMismatch(f"tensor {name!r} of model {ref} has {have} rows, but its tokenizer / config "
                                     f"vocab_size ({int(mapped.max()) + 1} rows used) says more")
         for name, fills in self.fills.items():
+            highest: dict[str, int] = {}
             for fill in fills.values():
                 for donor, row in fill:
-                    if name in sources[donor].keys() and row >= sources[donor].meta(name).rows:
-                        raise TokenizerError(f"token row {row} of model {donor} is past its tensor {name!r} "
-                                             f"({sources[donor].meta(name).rows} rows)")
+                    highest[donor] = max(highest.get(donor, -1), row)
+            for donor, row in highest.items():
+                have = sources[donor].meta(name).rows
+                if row >= have:
+                    raise TokenizerError(f"token row {row} of model {donor} is past its tensor {name!r} ({have} rows)")
 
     def keys(self) -> list[str]:
         return list(self.source.keys())
