@@ -10,6 +10,7 @@ same logits (fp32) with the same vocabulary.
 """
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,8 +62,8 @@ def vocab_family(tmp_path_factory):
     """a: BPE on literature (400); b: BPE on docstrings (360) + added <tool>; c: a's tokenizer +
     added <tool>, <c_only>; d: like a but another eos token. Each a model of its vocabulary."""
     root = tmp_path_factory.mktemp("vocab-family")
-    literature = open(os.path.join(CORPUS, "literature.txt"), encoding="utf-8").read()
-    docstrings = open(os.path.join(CORPUS, "docstrings.jsonl"), encoding="utf-8").read()
+    literature = Path(CORPUS, "literature.txt").read_text(encoding="utf-8")
+    docstrings = Path(CORPUS, "docstrings.jsonl").read_text(encoding="utf-8")
     tok_a, tok_b, tok_c = _bpe(literature, 400), _bpe(docstrings, 360), _bpe(literature, 400)
     tok_b.add_tokens(["<tool>"], special_tokens=True)
     tok_c.add_tokens(["<tool>", "<c_only>"], special_tokens=True)
@@ -97,7 +98,7 @@ def test_union_linear_rows_follow_the_rules(tmp_path, vocab_family):
     vocab, va, vb = _vocab(out), _vocab(a), _vocab(b)
     assert set(vocab) == set(va) | set(vb)
     assert all(vocab[t] == i for t, i in va.items())               # the base (first) model's ids stay
-    assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == len(vocab)
+    assert json.loads(Path(out, "config.json").read_text())["vocab_size"] == len(vocab)
     merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
     for name in VOCAB_NAMES:
         assert merged[name].shape == (len(vocab), 64)
@@ -143,10 +144,10 @@ def test_tokens_block_force_sources_and_padding(tmp_path, vocab_family):
     vocab, va, vb = _vocab(out), _vocab(a), _vocab(b)
     assert set(vocab) == set(va) | set(vb) | {"<new>"}
     rows = -(-len(vocab) // 64) * 64
-    assert rows > len(vocab) and json.load(open(os.path.join(out, "config.json")))["vocab_size"] == rows
+    assert rows > len(vocab) and json.loads(Path(out, "config.json").read_text())["vocab_size"] == rows
     merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+    zero = torch.zeros(64)
     for name in VOCAB_NAMES:
-        zero = torch.zeros(64)
 
         def fill(token, name=name):
             if token == "<|im_start|>":
@@ -204,12 +205,12 @@ def _logits(path, ids):
 
 @pytest.mark.parametrize("recipe,same_ids", [
     (TOKENS_RECIPE, False),
-    ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {c}\n"
-     "    parameters: {{weight: 0.6}}\nbase_model: {a}\ntokenizer_source: union\n", True),
-    ("merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
-     "tokenizer_source: {b}\n", True),
-    ("merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 2]}}]\n"
-     "  - sources: [{{model: {b}, layer_range: [1, 2]}}]\ntokenizer_source: union\n", False),   # a frankenmerge
+    (("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {c}\n"
+      "    parameters: {{weight: 0.6}}\nbase_model: {a}\ntokenizer_source: union\n"), True),
+    (("merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+      "tokenizer_source: {b}\n"), True),
+    (("merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 2]}}]\n"
+      "  - sources: [{{model: {b}, layer_range: [1, 2]}}]\ntokenizer_source: union\n"), False),   # a frankenmerge
 ])
 def test_matches_mergekit(tmp_path, vocab_family, recipe, same_ids):
     """Same recipe through mergekit (fp32): the same vocabulary (the same ids, except that mergekit
@@ -284,7 +285,7 @@ def test_tied_embeddings(tmp_path, vocab_family):
         save_file(tensors, str(path / "model.safetensors"))
         for f in os.listdir(vocab_family[key]):
             if not f.endswith(".safetensors"):
-                (path / f).write_bytes(open(os.path.join(vocab_family[key], f), "rb").read())
+                (path / f).write_bytes(Path(vocab_family[key], f).read_bytes())
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
         tied[key] = str(path)
@@ -333,7 +334,7 @@ def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, vocab_family
         save_file({k: v.to(torch.bfloat16) for k, v in _tensors(vocab_family[key]).items()}, str(path / "model.safetensors"))
         for f in os.listdir(vocab_family[key]):
             if not f.endswith(".safetensors"):
-                (path / f).write_bytes(open(os.path.join(vocab_family[key], f), "rb").read())
+                (path / f).write_bytes(Path(vocab_family[key], f).read_bytes())
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
         paths[key] = str(path)

@@ -40,8 +40,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -239,8 +240,8 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
     out = _load(files[out_ref], out_ref, where)   # a fresh copy: tokens are added to it
     if spec.source == "union":
         _add_union_tokens(out, loaded, sizes, order)
-    present = set(out.get_vocab())
-    extra = [t for t in spec.tokens if t not in present]
+    known = set(out.get_vocab())
+    extra = [t for t in spec.tokens if t not in known]
     if extra:
         out.add_tokens(extra)
     vocab = out.get_vocab()
@@ -360,7 +361,7 @@ def _load(files: Mapping, ref: str, where: str):
                     f.write(file_bytes(files[name]))
         try:
             return AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=False)
-        except Exception as e:   # transformers raises many kinds; the user needs the model and the reason
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the user needs the model and the reason)
             raise TokenizerError(f"{where}: cannot load the tokenizer of model {ref}: {type(e).__name__}: {e}") from None
 
 

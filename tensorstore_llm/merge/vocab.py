@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from ..arch import FAMILIES, Architecture
 from ..dtypes import by_name
-from ..errors import ShapeMismatch, TokenizerError
+from ..errors import FormatError, ShapeMismatch, TokenizerError
 from .tokenizer import Vocabulary
 
 MIN_CHUNK = 64   # rows: the smallest read unit of a gather
@@ -37,7 +37,7 @@ def vocab_tensor_names(names, config: dict | None) -> list[str]:
     if config and config.get("model_type") in FAMILIES:
         try:
             arch = Architecture.from_config(config)
-        except Exception:   # an unusual config: fall back to the names
+        except (FormatError, KeyError, TypeError, ValueError):   # an unusual config: fall back to the names
             arch = None
     if arch is not None:
         return [n for n in names if arch.role(n).role in ("embed", "lm_head") and arch.role(n).kind == "weight"]
@@ -225,14 +225,18 @@ def merged_vocabulary(recipe, sources: Mapping, files_of: Mapping[str, Mapping],
         entry = files_of[ref].get("config.json")
         if entry is not None:
             configs[ref] = json.loads(file_bytes(entry))
-    contributors = None
-    if recipe.slices:   # as slices.py: embeddings from the first slice's models, the rest from the last's
-        first, last = ([s.ref for s in recipe.slices[i].sources] for i in (0, -1))
-
-        def contributors(name):
-            return list(dict.fromkeys(first if "embed" in name else last))
-    views = vocabulary_views(vocab, {ref: sources[ref] for ref in refs}, configs, options, where, contributors)
+    views = vocabulary_views(vocab, {ref: sources[ref] for ref in refs}, configs, options, where,
+                             _slice_contributors(recipe) if recipe.slices else None)
     out = with_vocabulary(files, vocab)
     if vocab.files is not None:
         out = with_chat_template(out, recipe.chat_template, [files_of[ref] for ref in refs], where)
     return {**sources, **views}, out
+
+
+def _slice_contributors(recipe):
+    """As slices.py: a sliced recipe's embeddings merge the first slice's models, the rest the last's."""
+    first, last = ([s.ref for s in recipe.slices[i].sources] for i in (0, -1))
+
+    def contributors(name: str) -> list[str]:
+        return list(dict.fromkeys(first if "embed" in name else last))
+    return contributors
