@@ -138,11 +138,11 @@ def test_matches_mergekit_multi_source_slices(tmp_path, tiny_family):
     ("[{sources: [{model: FT1, layer_range: [0, 3]}]}]", r"slices\[0\].sources\[0\].layer_range \[0, 3\) is out of range: .* has 2 layers"),
     ("[{sources: [{model: FT1, layer_range: [1, 1]}]}]", r"layer_range must be \[start, stop\) with 0 <= start < stop"),
     ("[{sources: [{model: FT1, layer_range: [2, 3]}]}]", r"slices\[0\].sources\[0\].layer_range \[2, 3\) is out of range"),
-    ("[{sources: [{model: FT1, layer_range: [0, 1]}]}, {sources: [{model: FT2, layer_range: [0, 2]}, "
-     "{model: FT1, layer_range: [1, 3]}]}]", r"slices\[1\].sources\[1\].layer_range \[1, 3\) is out of range: .*ft1 has 2 layers"),
+    (("[{sources: [{model: FT1, layer_range: [0, 1]}]}, {sources: [{model: FT2, layer_range: [0, 2]}, "
+      "{model: FT1, layer_range: [1, 3]}]}]"), r"slices\[1\].sources\[1\].layer_range \[1, 3\) is out of range: .*ft1 has 2 layers"),
     ("[{sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 1]}]}]",
-     r"slices\[0\].sources\[1\] \(.*ft2\) layer_range \[0, 1\) spans 1 layer\(s\), but sources\[0\] \(.*ft1\) "
-     r"\[0, 2\) spans 2: every source of a slice must span the same number of layers"),
+     (r"slices\[0\].sources\[1\] \(.*ft2\) layer_range \[0, 1\) spans 1 layer\(s\), but sources\[0\] \(.*ft1\) "
+      r"\[0, 2\) spans 2: every source of a slice must span the same number of layers")),
     ("[{sources: [{model: FT1, layer_range: [-1, 1]}]}]", r"slices\[0\].sources\[0\].layer_range must be .* got \[-1, 1\]"),
     ("[{sources: [{model: FT1, layer_range: [2, 1]}]}]", r"slices\[0\].sources\[0\].layer_range must be .* got \[2, 1\]"),
     ("[{sources: [{model: FT1, layer_range: [0, 1]}]}, {sources: [{model: FT1, layer_range: [1, 0]}]}]",
