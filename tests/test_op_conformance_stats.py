@@ -17,11 +17,13 @@ from tensorstore_llm.testing.conformance import OpConformance
 
 SHAPE = (96, 160)
 
-# Float sums over whole tiles (delta_error, diff_stats' norms and dot products, column scores)
-# are summed per kernel tile of 2^19 elements; tiles sit on a fixed grid only while a block holds
-# whole tiles, and these test tensors are smaller than one tile, so a budget that splits them
-# moves the tile boundaries and the fp64 sums may differ in their last bit. Those classes set
-# ``blocking_exact = False`` (agreement to 1e-12); integer counts and per-row sums stay exact.
+# Float sums (delta_error, diff_stats' norms and dot products, column scores) are summed per
+# kernel tile of 2^19 elements on a fixed row grid. The engine gives a job with statistics passes
+# blocks of whole tiles whenever the budget holds one tile, so those sums are bit-identical under
+# any such blocking (the *OverWholeTiles classes). These small test tensors are smaller than one
+# tile, so a budget that splits them must split a tile too and the fp64 sums may differ in their
+# last bit: those classes set ``blocking_exact = False`` (agreement to 1e-12); integer counts and
+# per-row sums stay exact at any budget.
 
 
 def _same(a, b, path="record"):
@@ -250,3 +252,28 @@ class TestRowMean(ReductionConformance):
     def golden(self, inputs, params):
         x = inputs["x"].double()
         return {"mean": x.mean(dim=0).tolist(), "rows": x.shape[0]}
+
+
+class TestDeltaErrorOverWholeTiles(TestDeltaError):
+    """Tensors of several 2^19-element tiles: blocks of whole tiles (engine/budget.py aligns the
+    blocks of a job with statistics passes to the tile grid), so the float sums are bit-identical
+    at any budget that holds a tile."""
+
+    blocking_exact = True
+    small_budget = "40M"
+
+    def make_inputs(self, gen):
+        shape = (2048, 1024)   # 4 tiles of 512 rows
+        base = _randn(gen, shape)
+        target = base + 0.02 * _randn(gen, shape)
+        return {"base": base, "target": target, "recon": target + 0.001 * _randn(gen, shape)}
+
+
+class TestUnitScoresColumnsOverWholeTiles(TestUnitScoresColumns):
+    """Column sums over the rows of each tile: exact under blocking once blocks hold whole tiles."""
+
+    blocking_exact = True
+    small_budget = "24M"
+
+    def make_inputs(self, gen):
+        return {"w": _randn(gen, (2048, 1024))}

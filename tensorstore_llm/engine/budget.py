@@ -127,6 +127,14 @@ class MemoryPlanning:
         for ref in (r for r in job.refs() if r.relation == ROWS):   # whole verified chunks: none read twice
             source_rows = getattr(self.plan.sources[ref.source], "preferred_rows", None)
             align = math.lcm(align, source_rows(ref.name) if source_rows else 1)
+        if job.reduce_only or get_op(job.op).passes_for(job.params):
+            # statistics add floats per tile: blocks of whole tiles give the same tiles, hence
+            # bit-identical statistics, under any budget that holds a tile
+            with_tiles = math.lcm(align, tile)
+            if rows >= with_tiles:
+                align = with_tiles
+            elif rows < align and rows >= tile:   # blocks below a chunk: whole tiles at least
+                align = tile
         if rows < meta.rows and rows > align:
             rows -= rows % align
         return rows
