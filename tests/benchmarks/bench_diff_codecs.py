@@ -116,7 +116,7 @@ def representations(base: dict, ft: dict, bits: int, eshift: int, emask: int, fm
             add(f"ULP diff, sorted by base exponent, {what}", len(exact.encode_delta(b, f, fmt, level=level, version=1)))
         add("ULP diff, element order, Huffman table per base exponent (codec `exact` format 2, default)",
             len(exact.encode_delta(b, f, fmt)))
-        sym, low, esc = exact_v1._encode_np(b, f, bits, eshift, emask, 0)
+        esc = exact_v1._encode_np(b, f, bits, eshift, emask, 0)[2]
         unsorted = np.minimum(exact._zigzag_np(b, f, bits), 255).astype(np.uint8)
         add("ULP diff, byte symbols + escapes, element order, zstd-1 (no sort)",
             zstd(unsorted.tobytes(), 1) + zstd(esc.tobytes(), 1) + exact.header_size(1))

@@ -147,8 +147,8 @@ def bench_reads(kind: str, workdir: str, repeat: int) -> dict:
     for passes, what in ((1, ""), (2, "steady_")):          # a fresh process; the second read in one process
         runs = {"ft-full": [], "ft-delta": []}
         for _ in range(repeat):
-            for ref in runs:
-                runs[ref].append(read_all(store, ref, passes))
+            for ref, rs in runs.items():
+                rs.append(read_all(store, ref, passes))
         for ref, rs in runs.items():
             out[f"{what}read_{ref}_s"] = statistics.median(r[0] for r in rs)
             out[f"{what}read_{ref}_cpu_s"] = statistics.median(r[2] for r in rs)
