@@ -220,7 +220,7 @@ def _sums(params, partials, ctx):
 
 
 def _drop_scales(params, partials, ctx):
-    return {**_sums(params, partials, ctx), "w": None, "merged": None}   # records stay small
+    return {**_sums(params, partials, ctx), "w": {}, "merged": {}}   # records stay small (and JSON)
 
 
 def _error_passes(params) -> tuple[StatsPass, ...]:
