@@ -1,9 +1,11 @@
 """Merge a PEFT adapter into a Hugging Face safetensors checkpoint: the in-memory path.
 
-This is the path users have today, until the streamed engine job (block by block within
-``--max-memory``, artifacts bound to their base) lands: it holds one shard of the base at a time
-(plus the adapter), merges with the same kernels, and writes a checkpoint directory with the same
-shard layout. It reads safetensors only (pickle checkpoints are refused) and never leaves a
+The streamed merges (block by block within ``--max-memory``, into artifacts bound to their base)
+are :func:`.jobs.lora_merge` and, for QLoRA, :func:`.qlora.qlora_merge`; this directory-to-directory
+path remains for bases that are already quantised (the CLI sends them here) and as the reference
+the streamed QLoRA merge is tested against. It holds one shard of the base at a time (plus the
+adapter), merges with the same kernels, and writes a checkpoint directory with the same shard
+layout. It reads safetensors only (pickle checkpoints are refused) and never leaves a
 half-written output: files are staged next to ``out_dir`` and renamed into place.
 
 Bases that are already quantised are dequantised first: bitsandbytes NF4 weights
@@ -119,7 +121,7 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
                   peft_compat: bool = False, overwrite: bool = False, requantize: str | None = None) -> dict:
     """Merge the PEFT adapter in ``adapter_dir`` into the checkpoint in ``base_dir``; write ``out_dir``.
 
-    In-memory path (one base shard at a time), until the streamed engine job lands. The merge is
+    In-memory path (one base shard at a time; streamed: ``lora.qlora.qlora_merge``). The merge is
     W + s B A (DoRA: m (W + s B A) / ||W + s B A||) in fp32 with one rounding to the base dtype,
     equal to PEFT's ``merge_and_unload()`` for fp32 weights (``peft_compat`` for PEFT's double
     rounding of half-precision adapters).
