@@ -14,8 +14,10 @@ worker thread, so a reader going through the model in order keeps two cores busy
 rebuilds one block while a worker rebuilds the next (the parent's read included).
 
 Memory: a read of ``R`` rows holds, per block being rebuilt, the parent's block, the coded
-bytes and the rebuilt rows: about three blocks of ``BLOCK_BYTES`` per worker, plus the block read
-ahead, beyond what the caller asked for; a chain of depth ``d`` holds that once per link.
+bytes, the decoder's copy of its lanes and the rebuilt rows (and, in blocks with a row map, the
+changed rows gathered twice): up to ``BUFFERS_PER_BLOCK`` blocks of ``BLOCK_BYTES`` per worker,
+plus the block read ahead, beyond what the caller asked for (``extra_read_bytes``); a chain of
+depth ``d`` holds that once per link.
 """
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ from ..io.base import SourceBase, TensorMeta
 from .store import DeltaSection, block_path, decode_block
 
 DECODE_WORKERS = 2
+# What rebuilding one block holds, in block-sized buffers: the parent's rows, the coded bytes, the
+# exact decoder's copy of its bit lanes (no larger than the coded bytes), the rebuilt rows, and, in
+# a block with a row map (exact_huff.FLAG_ROWS), its changed rows gathered from the parent and
+# rebuilt before they are scattered into place (at most 15/16 of a block each).
+BUFFERS_PER_BLOCK = 6
 
 
 def open_delta(store, artifact) -> DeltaTensorSource:
@@ -97,12 +104,12 @@ class DeltaTensorSource(SourceBase):
     def extra_read_bytes(self, name: str) -> int:
         """Memory a read of ``name`` holds beyond the rows it returns: per block in flight (up to
         DECODE_WORKERS + 1, and the block read ahead, at most the size of the largest block of the
-        artifact) the parent's rows, the coded bytes and the rebuilt rows, and the same again for
-        each link of the parent's own chain. For a memory model to add to its budget."""
+        artifact) BUFFERS_PER_BLOCK block-sized buffers, and the same again for each link of the
+        parent's own chain. For a memory model to add to its budget."""
         meta = self.meta(name)
         entry = self._entry(name)
         block = min(meta.rows, entry.rows) * meta.row_numel * by_name(meta.dtype).itemsize
-        own = (DECODE_WORKERS + 1) * 3 * block + 3 * self._largest_block()
+        own = BUFFERS_PER_BLOCK * ((DECODE_WORKERS + 1) * block + self._largest_block())
         parent_extra = getattr(self.parent, "extra_read_bytes", None)
         return own + (parent_extra(name) if parent_extra and entry.mode == "delta" else 0)
 
