@@ -160,17 +160,33 @@ class MemoryPlanning:
         overhead, and the tensor data of the fullest moment of a replay of the blocks in run order.
 
         The replay holds, while block k is computed: the inputs of blocks k, k+1 (queued) and k+2
-        (being read), the output buffers (recycled: as many as ``OUT_BLOCKS_HELD`` of the largest
-        output block so far, since a recycled buffer keeps its size), the kernel tiles in flight
-        and the job's whole inputs. Mapped input pages count here like read ones: a mapped file
-        page is resident in this process while its block is alive.
+        (being read), the output buffers of blocks k, k-1 (queued) and k-2 (being written) plus
+        the free ones kept for reuse, exactly as ``memory.BlockBuffers`` recycles them (a reused
+        buffer keeps its size; one that fits nothing drops the free ones), the kernel tiles in
+        flight and the job's whole inputs. Mapped input pages count here like read ones: a mapped
+        file page is resident in this process while its block is alive.
         """
         steps = list(self._replay(jobs))
-        peak = pool = 0
+        peak = 0
+        in_flight: list[int] = []   # output buffer bytes of the blocks not yet written, oldest first
+        free: list[int] = []
         for k, (in_bytes, out_bytes, fixed) in enumerate(steps):
-            pool = max(pool, OUT_BLOCKS_HELD * out_bytes)
+            if len(in_flight) >= OUT_BLOCKS_HELD:   # block k-3 is written: its buffer comes back
+                size = in_flight.pop(0)
+                if size and sum(1 for b in in_flight if b) + len(free) < OUT_BLOCKS_HELD:
+                    free.append(size)
+            size = 0
+            if out_bytes:
+                fitting = [b for b in free if b >= out_bytes]
+                if fitting:
+                    size = min(fitting)
+                    free.remove(size)
+                else:
+                    free.clear()
+                    size = out_bytes
+            in_flight.append(size)
             ahead = sum(step[0] for step in steps[k + 1:k + IN_BLOCKS_HELD])
-            peak = max(peak, in_bytes + ahead + pool + fixed)
+            peak = max(peak, in_bytes + ahead + sum(in_flight) + sum(free) + fixed)
         baseline = process_rss()
         return RssPrediction(baseline or BASELINE_BYTES, self.runtime_bytes(), peak, baseline is not None)
 
@@ -178,6 +194,8 @@ class MemoryPlanning:
         """What a run holds besides tensor data and the process it started in (RUNTIME_BYTES)."""
         if self.device.type == "cuda":   # the CUDA context and its libraries
             return RUNTIME_BYTES + CUDA_RUNTIME_BYTES
+        if not any(get_op(job.op).compute for job in self.plan.jobs):   # copies: no tile worker runs
+            return RUNTIME_BYTES
         return RUNTIME_BYTES + WORKER_BYTES * self.tile_workers
 
     def heap_guard(self) -> HeapGuard:
