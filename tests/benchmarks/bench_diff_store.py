@@ -4,6 +4,7 @@ raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS a
 
     python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain N [--chain-preset 100m]] [--repeat 3]
     python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reads-only --repeat 5
+    python tests/benchmarks/bench_diff_store.py --pairs real,1gb --cold --repeat 3
 
 Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
 tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
@@ -29,9 +30,12 @@ from tensorstore_llm.store import Store
 store = Store(sys.argv[1])
 if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba, zstd) loads once per process
     import tensorstore_llm.diff.reader
+def disk_read_bytes():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
 for _ in range(int(sys.argv[3])):
     total = 0
-    began, cpu = time.perf_counter(), time.process_time()
+    began, cpu, disk = time.perf_counter(), time.process_time(), disk_read_bytes()
     with store.open(sys.argv[2]) as src:
         for name in src.keys():
             meta = src.meta(name)
@@ -40,7 +44,7 @@ for _ in range(int(sys.argv[3])):
             step = max(align, step - step % align)
             for start in range(0, meta.rows, step):
                 total += src.read_rows(name, start, min(meta.rows, start + step)).numel()
-    print(time.perf_counter() - began, time.process_time() - cpu, flush=True)
+    print(time.perf_counter() - began, time.process_time() - cpu, disk_read_bytes() - disk, flush=True)
 """
 
 
@@ -53,8 +57,67 @@ def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"reading {ref} failed")
-    wall, cpu = (float(x) for x in proc.stdout.read().decode().split()[-2:])
+    wall, cpu, _ = (float(x) for x in proc.stdout.read().decode().split()[-3:])
     return wall, usage.ru_maxrss / 1024, cpu
+
+
+def read_all_io(store: str, ref: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of all threads, bytes the process read from disk per
+    /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1"], check=True, stdout=subprocess.PIPE)
+    wall, cpu, disk = out.stdout.decode().split()[-3:]
+    return float(wall), float(cpu), int(disk)
+
+
+def store_files(path: str) -> list[str]:
+    return [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+
+
+def evict(files: list[str]) -> None:
+    """Write back and drop every page of ``files`` from the page cache (fsync, then
+    POSIX_FADV_DONTNEED over the whole file)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_bytes(files: list[str]) -> tuple[int, int]:
+    """(bytes of ``files`` in the page cache, their total size), by mincore(2) over a read-only
+    mapping of each file (what `fincore` reports)."""
+    import ctypes
+    import mmap as mm
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mm.PAGESIZE
+    resident = total = 0
+    for path in files:
+        size = os.path.getsize(path)
+        total += size
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mm.PROT_READ, mm.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap {path}")
+            pages = (size + page - 1) // page
+            vec = (ctypes.c_ubyte * pages)()
+            try:
+                if libc.mincore(addr, size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore {path}")
+            finally:
+                libc.munmap(addr, size)
+            resident += min(size, sum(b & 1 for b in vec) * page)
+        finally:
+            os.close(fd)
+    return resident, total
 
 
 def pair(kind: str, workdir: str) -> tuple[str, str]:
@@ -161,6 +224,66 @@ def bench_reads(kind: str, workdir: str, repeat: int) -> dict:
     return out
 
 
+def artifact_files(store: str, tag: str) -> list[str]:
+    return store_files(artifact_dir(store, tag))
+
+
+def bench_cold(kind: str, workdir: str, repeat: int) -> dict:
+    """Read cost as a user meets it, one case after another, alternating full and delta reads:
+    ``cold`` (every file of the store evicted before each read), ``parent_warm`` (everything
+    evicted, then the base read once, so only the fine-tune's own files come from disk) and
+    ``warm`` (everything read once before). Per read: wall, CPU and /proc/self/io read_bytes of
+    the reading process; per eviction: the bytes still resident (mincore) and the bandwidth of
+    `dd` reading the full fine-tune's files just after an eviction."""
+    base, ft = pair(kind, workdir)
+    ft_bytes = sum(os.path.getsize(os.path.join(ft, f)) for f in os.listdir(ft) if f.endswith(".safetensors"))
+    store = fresh(os.path.join(workdir, f"store-{kind}-cold"))
+    for args in (("import", base, "--name", "base"), ("import", ft, "--delta-of", "base", "--name", "ft-delta"),
+                 ("import", ft, "--name", "ft-full")):
+        subprocess.run(tsllm(store, *args), check=True, stdout=subprocess.DEVNULL)
+    os.sync()
+    everything = store_files(store)
+    out = {"pair": kind, "finetune_bytes": ft_bytes, "store_bytes": sum(map(os.path.getsize, everything)),
+           "artifact_bytes": {ref: sum(map(os.path.getsize, artifact_files(store, ref)))
+                              for ref in ("base", "ft-full", "ft-delta")},
+           "load_average_before": os.getloadavg()[0]}
+    full_files = artifact_files(store, "ft-full")
+    evict(everything)
+    out["resident_after_evict"] = resident_bytes(everything)[0]
+    dd = f"for f in {' '.join(repr(p) for p in full_files)}; do dd if=\"$f\" of=/dev/null bs=16M status=none; done"
+    out["dd_cold_s"] = timed(["sh", "-c", dd])[0]
+    out["dd_cold_gb_s"] = out["artifact_bytes"]["ft-full"] / 1e9 / out["dd_cold_s"]
+    out["dd_warm_s"] = timed(["sh", "-c", dd])[0]
+    out["resident_after_dd"] = resident_bytes(full_files)
+    cases = {}
+    for case in ("cold", "parent_warm", "warm"):
+        runs = {"ft-full": [], "ft-delta": []}
+        residency = []
+        for _ in range(repeat):
+            for ref, rs in runs.items():
+                if case != "warm":
+                    evict(everything)
+                if case == "parent_warm":
+                    read_all_io(store, "base")
+                if case == "warm":
+                    read_all_io(store, ref)
+                residency.append(resident_bytes(everything)[0])
+                rs.append(read_all_io(store, ref))
+        row = {"resident_before_read_max": max(residency), "resident_before_read_min": min(residency)}
+        for ref, rs in runs.items():
+            row[f"{ref}_wall_s"] = statistics.median(r[0] for r in rs)
+            row[f"{ref}_cpu_s"] = statistics.median(r[1] for r in rs)
+            row[f"{ref}_disk_bytes"] = statistics.median(r[2] for r in rs)
+        row["delta_vs_full_wall"] = row["ft-delta_wall_s"] / row["ft-full_wall_s"]
+        row["delta_vs_full_cpu"] = row["ft-delta_cpu_s"] / row["ft-full_cpu_s"]
+        row["load_average_after"] = os.getloadavg()[0]
+        cases[case] = row
+        print(case, json.dumps(row), flush=True)
+    out["cases"] = cases
+    fresh(store)
+    return out
+
+
 def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m") -> dict:
     """Read time of each link of base -> ft1 -> ... -> ftN (each a delta of the last)."""
     root = os.path.join(workdir, f"chain-models-{preset}")
@@ -192,12 +315,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--reads-only", action="store_true",
                         help="per pair, only the delta read against the full read (imports untimed)")
+    parser.add_argument("--cold", action="store_true",
+                        help="per pair, full against delta read with the page cache cold, parent warm, and warm")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {"load_average": os.getloadavg()[0]}
     for kind in filter(None, args.pairs.split(",")):
-        results[kind] = (bench_reads if args.reads_only else bench_pair)(kind, args.workdir, args.repeat)
+        bench = bench_cold if args.cold else bench_reads if args.reads_only else bench_pair
+        results[kind] = bench(kind, args.workdir, args.repeat)
         print(json.dumps(results[kind], indent=1), flush=True)
     if args.chain:
         results["chain"] = bench_chain(args.workdir, args.repeat, args.chain, args.chain_preset)
