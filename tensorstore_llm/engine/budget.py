@@ -57,16 +57,28 @@ class MemoryPlanning:
 
     def whole_bytes(self, job: TensorJob) -> int:
         """Bytes held for the whole of ``job``: its WHOLE inputs (as stored, plus the fp32 copy
-        the kernel reads) and the outputs that are not split into row blocks."""
+        the kernel reads), the outputs that are not split into row blocks, and what its sources
+        hold beyond the rows they return (``extra_read_bytes``: a delta-stored input's decode
+        buffers and read-ahead)."""
         spec = get_op(job.op)
         total = 0
         for ref in job.refs():
             if ref.relation == WHOLE:
                 meta = self.plan.input_meta(ref)
                 total += meta.nbytes + (meta.numel * 4 if spec.compute else 0)
+        total += self.source_extra_bytes(job)
         for meta in job.extra_outputs:
             if not job.row_aligned(meta):
                 total += meta.nbytes + meta.numel * 4
+        return total
+
+    def source_extra_bytes(self, job: TensorJob) -> int:
+        """What ``job``'s sources hold beyond the rows they return while it reads them."""
+        total = 0
+        for source, name in {(r.source, r.name) for r in job.refs()}:
+            extra = getattr(self.plan.sources[source], "extra_read_bytes", None)
+            if extra is not None:
+                total += extra(name)
         return total
 
     def min_block_bytes(self, job: TensorJob) -> int:
@@ -94,6 +106,9 @@ class MemoryPlanning:
                 unit = "one row" if get_op(job.op).rowwise and meta.shape else "the whole tensor"
                 inputs = sorted({str(getattr(self.plan.sources[r.source], "path", r.source)) for r in job.refs()})
                 origin = f" (from {', '.join(inputs[:2])})" if inputs else ""
+                extra = self.source_extra_bytes(job)
+                if extra:
+                    unit += f" (with {format_size(extra)} of decode buffers of its delta-stored inputs)"
                 raise InvalidParameter(f"tensor {meta.name!r}{origin} of shape {list(meta.shape)} {meta.dtype}: {unit} of "
                                   f"op {job.op!r} needs {format_size(need)} ({need} bytes) in memory at once, more than "
                                   f"the budget of {format_size(self.budget)} ({self.budget} bytes); rows are not split "
