@@ -31,7 +31,9 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
     file, or computed from a calibration corpus), passthrough (with slices: frankenmerges),
     lore (LoRE-Merging: low-rank task vectors, base optional), aim (activation-informed:
     weights that matter to the base are protected), twin (Twin-Merging: a shared model plus
-    per-task expert adapters written to experts_dir).
+    per-task expert adapters written to experts_dir), multislerp, karcher (Karcher mean), sce,
+    nearswap, arcee_fusion, ram, ramplus_tl (mergekit's newer methods, same keys and defaults).
+    tokenizer_source (base, union or a model) and tokenizer: blocks build the output vocabulary.
     slices: (sources with layer_range, per-slice parameters) work with every method that does
     not analyse whole models first. Model references are store refs (tags, ids),
     Hugging Face directories or hub repos. Parameters may be scalars, per-layer gradient lists
