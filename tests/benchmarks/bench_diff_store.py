@@ -70,7 +70,17 @@ def read_all_io(store: str, ref: str) -> tuple[float, float, int]:
 
 
 def store_files(path: str) -> list[str]:
-    return [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+    """Every file under ``path``, one path per inode (the store hardlinks deduplicated chunks
+    into objects/, so a walk meets them twice)."""
+    seen, files = set(), []
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            inode = os.stat(full).st_ino
+            if inode not in seen:
+                seen.add(inode)
+                files.append(full)
+    return files
 
 
 def evict(files: list[str]) -> None:
