@@ -5,8 +5,8 @@ import torch
 
 from tensorstore_llm.testing.conformance import SinkConformance
 from tensorstore_llm.engine.executor import Executor
-from tensorstore_llm.engine.plan import WHOLE, InputRef, Plan, TensorJob
-from tensorstore_llm.errors import OpError, RecipeError
+from tensorstore_llm.engine.plan import GATHER, WHOLE, InputRef, Plan, TensorJob
+from tensorstore_llm.errors import OpError, RecipeError, ShapeMismatch
 from tensorstore_llm.io.base import TensorMeta
 from tensorstore_llm.ops.registry import OpSpec, Role, StatsPass, register_op
 
@@ -44,6 +44,7 @@ def _row_stats_reduce(params, partials, ctx):
 
 register_op(OpSpec("test_sign_scale", _sign_and_scale, (Role("x"),)), clobber=True)
 register_op(OpSpec("test_lora_like", _lora_like, (Role("w"), Role("b"), Role("a")), temps=3), clobber=True)
+register_op(OpSpec("test_add_gathered", lambda ctx, params, y, g: y + g, (Role("y"), Role("g"))), clobber=True)
 register_op(OpSpec("test_factors", _factors, (Role("x"),), rowwise=False), clobber=True)
 register_op(OpSpec("test_row_stats", lambda ctx, params, x: x, (Role("x"),),
                    passes=(StatsPass(_row_stats_map, _row_stats_reduce, _row_stats_fold),)), clobber=True)
@@ -93,6 +94,30 @@ def test_whole_side_input_read_once_and_counted(store):
     assert est.blocks > 1 and est.peak_bytes <= ex.budget
     assert ex.whole_bytes(job) == a.numel() * 4 * 2                 # stored fp32 + its fp32 copy
     assert est.read_bytes == (w.numel() + b.numel()) * 4 + a.numel() * 4   # A read once
+
+
+def test_gathered_input_reads_the_rows_its_index_names(store):
+    """A GATHER input (a vocabulary remap, a pruning gather): output row r gets input row index[r],
+    block by block, repeated and reordered rows included, the same at any budget."""
+    x, y = torch.randn(1000, 64), torch.randn(1500, 64)
+    gen = torch.Generator().manual_seed(0)
+    index = torch.cat([torch.arange(200, 700), torch.randint(0, 1000, (1000,), generator=gen)])
+    src = _artifact(store, {"x": x, "y": y}, "job-in")
+    ref = InputRef("s", "x", GATHER, tuple(index.tolist()))
+    job = TensorJob(TensorMeta("y", (1500, 64), "float32"), "test_add_gathered", (("y", InputRef("s", "y")), ("g", ref)))
+    plan = Plan([job], {"s": src})
+    results = []
+    for i, budget in enumerate(("64M", "96K")):
+        out, ex = _run(store, plan, f"job-gather-{i}", budget)
+        assert torch.equal(out["y"], y + x[index])
+        results.append(out["y"])
+    assert ex.estimate().jobs[0].blocks > 1                        # the small budget split the job
+    assert torch.equal(results[0], results[1])
+    assert "index=<1500 rows sha256:" in repr(ref)                  # the index is part of the plan's fingerprint
+    for bad, what in (((0,) * 10, "needs an index of 1500 rows"), ((1000,) * 1500, "names row 1000")):
+        wrong = TensorJob(job.output, job.op, (("y", InputRef("s", "y")), ("g", InputRef("s", "x", GATHER, bad))))
+        with pytest.raises(ShapeMismatch, match=what):
+            Plan([wrong], {"s": src}).validate()
 
 
 def test_whole_tensor_job_with_outputs_of_other_shapes(store):

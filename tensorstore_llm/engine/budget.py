@@ -13,7 +13,7 @@ from ..errors import InvalidParameter
 from ..io.zarr_tensors import chunk_shape
 from ..ops.registry import get_op
 from ..units import format_size
-from .plan import ROWS, WHOLE, TensorJob
+from .plan import ROW_RELATIONS, ROWS, WHOLE, TensorJob
 from .memory import HeapGuard, process_rss
 from .records import Estimate, JobEstimate, RssPrediction
 
@@ -37,11 +37,11 @@ class MemoryPlanning:
     def _memory_model(self, job: TensorJob) -> tuple[int, int, int]:
         """(bytes per block row held by the pipeline, fixed bytes of the kernel calls in flight, input bytes per row)."""
         spec = get_op(job.op)
-        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation == ROWS]
+        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation in ROW_RELATIONS]
         in_row, out_row = self._row_bytes(job)
         if not spec.compute:
             return IN_BLOCKS_HELD * in_row + OUT_BLOCKS_HELD * out_row, 0, in_row
-        eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple) and refs.relation == ROWS)
+        eager = sum(1 for _role, refs in job.inputs if not isinstance(refs, tuple) and refs.relation in ROW_RELATIONS)
         temps = spec.temps(len(metas)) if callable(spec.temps) else spec.temps
         fp32_row = job.output.row_numel * 4 * (eager + temps)
         if not spec.rowwise or not job.output.shape:
@@ -50,7 +50,7 @@ class MemoryPlanning:
 
     def _row_bytes(self, job: TensorJob) -> tuple[int, int]:
         """(bytes of one row of the ROWS inputs, bytes of one row of the row-split outputs)."""
-        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation == ROWS]
+        metas = [self.plan.input_meta(r) for r in job.refs() if r.relation in ROW_RELATIONS]
         in_row = sum(m.row_numel * by_name(m.dtype).itemsize for m in metas)
         row_outputs = [] if job.reduce_only else [job.output, *(m for m in job.extra_outputs if job.row_aligned(m))]
         return in_row, sum(m.row_numel * by_name(m.dtype).itemsize for m in row_outputs)

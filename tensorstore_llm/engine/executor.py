@@ -28,7 +28,7 @@ from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
 from .options import RunOptions
 from .pipeline import DONE, Pipeline
-from .plan import WHOLE, Plan, TensorJob
+from .plan import GATHER, WHOLE, Plan, TensorJob
 from .progress import Progress
 from .records import Block, Estimate, JobEstimate, Result  # noqa: F401
 
@@ -232,7 +232,10 @@ class Executor(MemoryPlanning, TileCompute):
         pipeline.put(pipeline.inputs, DONE)
 
     def _read(self, ref, start, stop, upload: bool = False):
-        block = self.plan.sources[ref.source].read_rows(ref.name, start, stop)
+        if ref.relation == GATHER:
+            block = gather_rows(self.plan.sources[ref.source], ref.name, ref.index[start:stop])
+        else:
+            block = self.plan.sources[ref.source].read_rows(ref.name, start, stop)
         return self._uploader.upload(block) if upload else block
 
     def _write_all(self, results: dict, pipeline: Pipeline, progress: Progress) -> None:
@@ -259,3 +262,18 @@ def _row_inputs(job: TensorJob, tensors: dict):
             yield from ((r, t) for r, t in zip(refs, tensors[role]) if r.relation != WHOLE)
         elif refs.relation != WHOLE:
             yield refs, tensors[role]
+
+
+def gather_rows(source, name: str, rows) -> torch.Tensor:
+    """Rows ``rows`` (input row numbers, in output order) of ``name``: each run of consecutive
+    rows is one ``read_rows``, so an identity or shifted index reads as plain blocks do."""
+    parts, i = [], 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            j += 1
+        parts.append(source.read_rows(name, rows[i], rows[i] + (j - i)))
+        i = j
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([torch.as_tensor(p) for p in parts])

@@ -18,21 +18,32 @@ from ..ops.registry import OpSpec, get_op
 
 ROWS = "rows"     # the input's rows start:stop arrive with the output's rows start:stop
 WHOLE = "whole"   # the whole input arrives with every block (read once per job, held for it)
-RELATIONS = (ROWS, WHOLE)
+GATHER = "gather"  # the input's rows index[start:stop] arrive with the output's rows start:stop
+RELATIONS = (ROWS, WHOLE, GATHER)
+ROW_RELATIONS = (ROWS, GATHER)   # read block by block, with the output's rows
 
 
 @dataclass(frozen=True)
 class InputRef:
     """Tensor ``name`` of the source registered under key ``source`` in the plan, and how it
-    relates to the output's rows (``relation``: ROWS or WHOLE; e.g. a LoRA merge reads W and B
-    by rows and A whole)."""
+    relates to the output's rows (``relation``: ROWS, WHOLE or GATHER; e.g. a LoRA merge reads W
+    and B by rows and A whole; a vocabulary remap or a pruning gather reads the rows ``index``
+    names, in that order, block by block).
+
+    Example: ``InputRef("m", "model.embed_tokens.weight", GATHER, (7, 3, 3, 0))`` gives output
+    row 0 the input's row 7, rows 1 and 2 its row 3, row 3 its row 0.
+    """
 
     source: str
     name: str
     relation: str = ROWS
+    index: tuple[int, ...] | None = None   # GATHER only: the input row of each output row
 
     def __repr__(self) -> str:   # the plan fingerprint (and so resume keys) of row inputs stays as it was
         extra = "" if self.relation == ROWS else f", relation={self.relation!r}"
+        if self.index is not None:
+            digest = hashlib.sha256(",".join(map(str, self.index)).encode()).hexdigest()[:16]
+            extra += f", index=<{len(self.index)} rows sha256:{digest}>"
         return f"InputRef(source={self.source!r}, name={self.name!r}{extra})"
 
 
@@ -117,6 +128,8 @@ class Plan:
                 if ref.relation == ROWS and meta.rows != job.output.rows and job.output.numel:
                     raise ShapeMismatch(f"{where}: input {ref.name!r} ({meta.rows} rows) is read by rows for "
                                         f"{job.output.name!r}, which has {job.output.rows}")
+                if ref.relation == GATHER:
+                    _check_index(ref, meta, job, where)
             for meta in job.outputs():
                 if meta.name in seen:
                     raise RecipeError(f"{where}: two jobs write tensor {meta.name!r}")
@@ -212,3 +225,16 @@ def _meta_of(sources: Mapping[str, TensorSource], ref: InputRef) -> TensorMeta:
 def _describe(sources: Mapping[str, TensorSource], key: str) -> str:
     path = getattr(sources[key], "path", None)
     return f"input {key} ({path})" if path else f"input {key}"
+
+
+def _check_index(ref: InputRef, meta: TensorMeta, job: TensorJob, where: str) -> None:
+    """A GATHER input names one input row per output row, each within the input."""
+    index = ref.index
+    if index is None or len(index) != job.output.rows:
+        raise ShapeMismatch(f"{where}: gathered input {ref.name!r} of {job.output.name!r} needs an index of "
+                            f"{job.output.rows} rows (one per output row), got "
+                            f"{'none' if index is None else len(index)}")
+    bad = next((i for i in index if not 0 <= i < meta.rows), None)
+    if bad is not None:
+        raise ShapeMismatch(f"{where}: gathered input {ref.name!r} of {job.output.name!r} has {meta.rows} rows; "
+                            f"its index names row {bad}")
