@@ -19,6 +19,7 @@ from .records import Estimate, JobEstimate, RssPrediction
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
+COPY_BLOCKS_ALIVE = 2   # a copy: the block being written and the one being read (measured; the third slot rarely fills)
 # What a run holds besides tensor data (measured with tests/benchmarks/bench_budget.py, see
 # docs/benchmarks.md "Honest budget"): code pages of the kernels and libraries first touched
 # while running, thread stacks and malloc arenas of the pipeline threads, and per tile worker
@@ -185,7 +186,7 @@ class MemoryPlanning:
         peak = 0
         in_flight: list[int] = []   # output buffer bytes of the blocks not yet written, oldest first
         free: list[int] = []
-        for k, (in_bytes, out_bytes, fixed) in enumerate(steps):
+        for k, (in_bytes, out_bytes, fixed, window) in enumerate(steps):
             if len(in_flight) >= OUT_BLOCKS_HELD:   # block k-3 is written: its buffer comes back
                 size = in_flight.pop(0)
                 if size and sum(1 for b in in_flight if b) + len(free) < OUT_BLOCKS_HELD:
@@ -200,7 +201,7 @@ class MemoryPlanning:
                     free.clear()
                     size = out_bytes
             in_flight.append(size)
-            ahead = sum(step[0] for step in steps[k + 1:k + IN_BLOCKS_HELD])
+            ahead = sum(step[0] for step in steps[k + 1:k + window])
             peak = max(peak, in_bytes + ahead + sum(in_flight) + sum(free) + fixed)
         baseline = process_rss()
         return RssPrediction(baseline or BASELINE_BYTES, self.runtime_bytes(), peak, baseline is not None)
@@ -242,4 +243,4 @@ class MemoryPlanning:
                     # an op that does not compute passes its input blocks on as outputs: no buffers
                     # of their own, and the input slots bound them (engine/pipeline.py BlockSlots)
                     out_bytes = 0 if pass_index is not None or not spec.compute else out_row * n
-                    yield in_row * n, out_bytes, temps + whole
+                    yield in_row * n, out_bytes, temps + whole, IN_BLOCKS_HELD if spec.compute else COPY_BLOCKS_ALIVE
