@@ -13,8 +13,8 @@ from ..errors import InvalidParameter
 from ..io.zarr_tensors import chunk_shape
 from ..ops.registry import get_op
 from ..units import format_size
-from .plan import ROW_RELATIONS, ROWS, WHOLE, TensorJob
 from .memory import HeapGuard, process_rss
+from .plan import ROW_RELATIONS, ROWS, WHOLE, TensorJob
 from .records import Estimate, JobEstimate, RssPrediction
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed

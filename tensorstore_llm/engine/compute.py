@@ -84,7 +84,6 @@ class TileCompute:
             ctx = self._context(job, 0, job.output.rows)
             self._stats = {**(self._stats or {}), **stats_pass.reduce(job.params, self._partials, ctx)}
             self._partials = []
-        self._guard_heap()
 
     def _compute(self, job: TensorJob, start: int, stop: int, tensors: dict) -> dict:
         """The output rows ``start:stop`` of every output of ``job`` (name -> tensor): the kernel
@@ -103,6 +102,7 @@ class TileCompute:
         if not spec.compute or not spec.rowwise or not job.output.shape:
             values = self._as_outputs(job, self._kernel(spec, job, start, stop, tensors))
             values = {m.name: values[m.name].to(dtype=by_name(m.dtype).torch).to("cpu") for m in outputs}
+            self._guard_heap()   # a kernel on the whole block (tiled kernels are checked per tile)
         else:
             values = {m.name: (self._outputs.take if m is job.output else _empty)(
                 (stop - start, *m.shape[1:]), by_name(m.dtype).torch) for m in outputs}
@@ -124,7 +124,6 @@ class TileCompute:
         if stop == job.output.rows:
             self.computed.extend(m.name for m in outputs)
             self._stats = None
-        self._guard_heap()
         return {name: value.contiguous() for name, value in values.items()}
 
     def _guard_heap(self) -> None:

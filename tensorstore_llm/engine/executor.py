@@ -14,11 +14,13 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from ..dtypes import by_name
 from ..errors import InvalidParameter
 from ..io.base import TensorSink
+from ..io.gather import gather_rows
 from ..ops.registry import get_op
 from ..seeding import RNG_GROUP_ELEMENTS
 from ..units import parse_size
@@ -233,7 +235,7 @@ class Executor(MemoryPlanning, TileCompute):
 
     def _read(self, ref, start, stop, upload: bool = False):
         if ref.relation == GATHER:
-            block = gather_rows(self.plan.sources[ref.source], ref.name, ref.index[start:stop])
+            block = gather_rows(self.plan.sources[ref.source], ref.name, np.asarray(ref.index[start:stop]))
         else:
             block = self.plan.sources[ref.source].read_rows(ref.name, start, stop)
         return self._uploader.upload(block) if upload else block
@@ -262,18 +264,3 @@ def _row_inputs(job: TensorJob, tensors: dict):
             yield from ((r, t) for r, t in zip(refs, tensors[role]) if r.relation != WHOLE)
         elif refs.relation != WHOLE:
             yield refs, tensors[role]
-
-
-def gather_rows(source, name: str, rows) -> torch.Tensor:
-    """Rows ``rows`` (input row numbers, in output order) of ``name``: each run of consecutive
-    rows is one ``read_rows``, so an identity or shifted index reads as plain blocks do."""
-    parts, i = [], 0
-    while i < len(rows):
-        j = i + 1
-        while j < len(rows) and rows[j] == rows[j - 1] + 1:
-            j += 1
-        parts.append(source.read_rows(name, rows[i], rows[i] + (j - i)))
-        i = j
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([torch.as_tensor(p) for p in parts])

@@ -69,14 +69,10 @@ def tune_allocator() -> None:
     if _allocator_limited:
         return
     _allocator_limited = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
         libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def process_rss() -> int | None:
@@ -101,9 +97,9 @@ class HeapGuard:
     of free heap, more or less from run to run (--max-memory 128M: 430-545 MiB peak RSS; 512M on
     1 GB models: 890-1210 MiB against 795 predicted). Trimming after every block keeps the peak at
     the prediction but costs ~9 ms a call and the page faults of the temporaries touched again
-    (+55% CPU on that merge), so the guard reads VmRSS after each kernel tile and block (~20 us)
-    and trims only above ``ceiling``; a trim that frees little makes it wait longer before the next. Changes where
-    memory comes from, never results. No-op off glibc or without /proc.
+    (+55% CPU on that merge), so the guard reads VmRSS after each kernel tile (~20 us) and trims
+    only above ``ceiling``; a trim that frees little makes it wait longer before the next. Changes
+    where memory comes from, never results. No-op off glibc or without /proc.
     """
 
     MIN_RELEASED = 8 << 20
@@ -119,29 +115,32 @@ class HeapGuard:
         """Called after each tile and block computed: trim the arenas if the process is above the
         ceiling (from one thread: the compute stage's)."""
         self._blocks += 1
-        if self.ceiling is None or self._blocks < self._next or _malloc_trim() is None:
+        libc = _glibc()
+        if self.ceiling is None or self._blocks < self._next or libc is None:
             return
         before = process_rss()
         if before is None or before <= self.ceiling:
             return
-        _malloc_trim()(0)
+        libc.malloc_trim(0)
         self.trims += 1
         after = process_rss() or before
         self._backoff = 1 if before - after >= self.MIN_RELEASED else min(64, 2 * self._backoff)
         self._next = self._blocks + self._backoff
 
 
-def _malloc_trim():
-    global _trim
-    if _trim is False:
+def _glibc():
+    """glibc loaded through ctypes (mallopt, malloc_trim), or None off glibc."""
+    global _libc
+    if _libc is False:
         try:
             import ctypes
 
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.mallopt, _libc.malloc_trim   # noqa: B018  (both must exist)
         except (OSError, AttributeError):
-            _trim = None
-    return _trim
+            _libc = None
+    return _libc
 
 
 _allocator_limited = False
-_trim = False
+_libc = False

@@ -15,7 +15,6 @@ from ..errors import DTypeError, RecipeError, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import OpSpec, get_op
 
-
 ROWS = "rows"     # the input's rows start:stop arrive with the output's rows start:stop
 WHOLE = "whole"   # the whole input arrives with every block (read once per job, held for it)
 GATHER = "gather"  # the input's rows index[start:stop] arrive with the output's rows start:stop

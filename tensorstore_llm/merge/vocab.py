@@ -7,8 +7,9 @@ filled by the stated rule (rows of other models, averaged in fp32, or zeros), pa
 the model's mean row; every other tensor passes through. The engine reads views by rows as it
 reads any source, so a merge over different vocabularies keeps ``--max-memory``: a block of k
 output rows holds, besides itself, at most one read of about k rows of a model it draws from
-(``gather_rows``). The engine's plans have no gather relation,
-so the gather lives here, in a view, as ``slices.LayerView`` renames layers.
+(``io.gather.gather_rows``, which the engine's GATHER inputs use too). The fill rules and the
+padding rows are more than a gather, so they live here, in a view, as ``slices.LayerView``
+renames layers.
 
 The padding mean needs every real row first: :func:`vocabulary_views` asks the engine for it as
 a reduction job (op ``row_mean``) over the unpadded views, under the run's memory budget.
@@ -25,9 +26,8 @@ import torch
 from ..arch import FAMILIES, Architecture
 from ..dtypes import by_name
 from ..errors import FormatError, ShapeMismatch, TokenizerError
+from ..io.gather import gather_rows
 from .tokenizer import Vocabulary
-
-MIN_CHUNK = 64   # rows: the smallest read unit of a gather
 
 
 def vocab_tensor_names(names, config: dict | None) -> list[str]:
@@ -42,31 +42,6 @@ def vocab_tensor_names(names, config: dict | None) -> list[str]:
     if arch is not None:
         return [n for n in names if arch.role(n).role in ("embed", "lm_head") and arch.role(n).kind == "weight"]
     return [n for n in names if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
-
-
-def gather_rows(source, name: str, index: np.ndarray, out: torch.Tensor | None = None,
-                positions: np.ndarray | None = None) -> torch.Tensor:
-    """Rows ``index`` (any order, repeats allowed) of tensor ``name``, written into ``out`` at
-    ``positions`` (default: a new tensor, row i = row ``index[i]``). The tensor is seen as
-    aligned chunks of ``max(len(index), MIN_CHUNK)`` rows; each chunk holding wanted rows is read
-    once, from its first to its last wanted row, so at most one chunk (about the block's own size)
-    is held besides ``out``, and a block of nearby rows is one read."""
-    if out is None:
-        meta = source.meta(name)
-        out = torch.empty((len(index), *meta.shape[1:]), dtype=by_name(meta.dtype).torch)
-        positions = np.arange(len(index))
-    if len(index) == 0:
-        return out
-    sorter = np.argsort(index, kind="stable")
-    ordered = index[sorter]
-    chunk = max(len(index), MIN_CHUNK)
-    cuts = np.nonzero(np.diff(ordered // chunk))[0] + 1
-    for lo_at, hi_at in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ordered)]):
-        lo, hi = int(ordered[lo_at]), int(ordered[hi_at - 1]) + 1
-        block = source.read_rows(name, lo, hi)
-        out[torch.from_numpy(positions[sorter[lo_at:hi_at]])] = block[torch.from_numpy(ordered[lo_at:hi_at] - lo)]
-        del block
-    return out
 
 
 class VocabView:
