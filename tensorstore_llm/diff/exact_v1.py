@@ -60,6 +60,8 @@ def _decode_np(base, sym, low, esc, bits, eshift, emask, k):
 
 
 if _numba is not None:
+    from .exact_lanes import _apply_one, apply16_nb   # the same per-element kernels as format 2
+
     @_numba.njit(cache=True, nogil=True)
     def _offsets(base, eshift, emask):
         """Start of each exponent's run in the sorted layout (4 interleaved histograms: no
@@ -172,32 +174,11 @@ if _numba is not None:
         return high, lows, esc_at, ne
 
     @_numba.njit(cache=True, nogil=True)
-    def _apply16_k0(base, high, out):
-        """bf16 / fp16 without low planes: base + unzigzag(high), vectorisable (no branches)."""
-        for i in range(base.size):
-            b = np.int32(base[i])
-            h = np.int32(high[i])
-            d = (h >> 1) ^ -(h & 1)
-            mb = b ^ (((b >> 15) * 0x7FFF) | 0x8000)
-            m = (mb + d) & 0xFFFF
-            out[i] = m ^ (((1 - (m >> 15)) * 0x7FFF) | 0x8000)
-
-    @_numba.njit(cache=True, nogil=True)
-    def _apply_one(b, z, bits):
-        sign = np.int64(1) << (bits - 1)
-        full = (np.int64(1) << bits) - 1
-        half = full >> 1
-        d = (z >> 1) ^ -(z & 1)
-        mb = b ^ (((b >> (bits - 1)) * half) | sign)
-        m = (mb + d) & full
-        return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
-
-    @_numba.njit(cache=True, nogil=True)
     def _apply_nb(base, high, lows, kb, esc, esc_at, bits, out):
         n = base.size
         k = 8 * kb
         if bits == 16 and kb == 0:
-            _apply16_k0(base, high, out)
+            apply16_nb(base, high, out)
         else:
             for i in range(n):
                 z = np.int64(high[i]) << k
