@@ -26,7 +26,8 @@ def logits_group():
 
 def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None, str | None]:
     """(HF directory or hub id, artifact id or None, label or None): a store artifact is exported
-    once to a temporary directory and recorded by its artifact id, not by that directory."""
+    to a temporary directory, removed when the command ends, and recorded by its artifact id, not
+    by that directory."""
     import os
 
     from tensorstore_llm.io.hub import parse_hub_ref
@@ -45,9 +46,12 @@ def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None, str | None]:
         from tensorstore_llm.errors import DatasetMismatch
 
         raise DatasetMismatch(f"teacher {teacher!r} is a {artifact.kind!r} artifact, not a checkpoint")
-    out = os.path.join(tempfile.gettempdir(), f"tsllm-teacher-{artifact.id[:16]}")
-    if not os.path.isfile(os.path.join(out, "config.json")):
-        export(store, teacher, out, progress=False)          # atomic: complete or absent
+    import shutil
+
+    scratch = tempfile.mkdtemp(prefix=f"tsllm-teacher-{artifact.id[:16]}-")
+    ctx.call_on_close(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    out = os.path.join(scratch, "model")
+    export(store, teacher, out, progress=False)
     return out, artifact.id, f"artifact {artifact.id}"
 
 

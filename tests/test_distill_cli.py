@@ -58,3 +58,31 @@ def test_cli_errors(cli, teacher_dir, tmp_path):
     assert code == 4 and "not a committed dataset" in err
     code, _, err = cli("--store", str(tmp_path / "store"), "logits", "show", "nothing-here")
     assert code == 3 and "no artifact or tag named 'nothing-here'" in err
+
+
+def test_store_artifact_teacher_is_exported_to_scratch_and_removed(cli, teacher_dir, tmp_path, monkeypatch):
+    """A teacher given as a store artifact is recorded by its id; its temporary export is gone afterwards."""
+    import tempfile
+
+    import torch
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    store = str(tmp_path / "store")
+    code, _, err = cli("--store", store, "import", teacher_dir, "--name", "teacher")
+    assert code == 0, err
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, stdout, err = cli("--store", store, "-q", "logits", "precompute", "--teacher", "teacher", "--data", CORPUS,
+                                "--seq-len", "16", "--max-sequences", "1", "--draws", "10")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    code, shown, err = cli("--store", store, "logits", "show", stdout.strip(), "--json")
+    assert code == 0, err
+    code, teacher_id, _ = cli("--store", store, "-q", "show", "teacher", "--json")
+    assert json.loads(shown)["info"]["teacher_source"].startswith("artifact ")
+    assert json.loads(shown)["info"]["teacher_source"].split()[1] in teacher_id
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("tsllm-teacher-")] == []
