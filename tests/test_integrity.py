@@ -272,3 +272,19 @@ def test_import_and_export_refuse_int8_casts_of_float_weights(tmp_path, small_fa
     assert cli("-q", "--store", s, "import", small_family["base"], "--name", "base")[0] == 0
     code, _, err = cli("--store", s, "export", "base", str(tmp_path / "out"), "--dtype", "int8")
     assert code == 6 and "not a float dtype" in err and not (tmp_path / "out").exists()
+
+
+def test_verify_hashes_each_chunk_once(store, monkeypatch):
+    """verify leaves chunk digests to the reader (which checks them as it reads); the flipped chunk is still caught."""
+    from tensorstore_llm.io import base
+
+    w = torch.randn(9000, 512)
+    art = _commit(store, {"w": w})
+    calls = []
+    real = base.RowHasher._update_chunks
+    monkeypatch.setattr(base.RowHasher, "_update_chunks", lambda self, *a: calls.append(1) or real(self, *a))
+    store.verify(art.id)
+    assert calls == []
+    _flip(_chunks(art, "w")[1])
+    with pytest.raises(IntegrityError, match="chunk 1"):
+        store.verify(art.id)

@@ -240,12 +240,13 @@ class RowHasher:
 
 
 def digest_rows(meta: TensorMeta, read_rows, where: str, chunk_rows: int | None = None,
-                block_bytes: int = 64 * 1024 * 1024) -> tuple[str, ChunkDigests | None]:
+                block_bytes: int = 64 * 1024 * 1024, chunk_digests: bool = True) -> tuple[str, ChunkDigests | None]:
     """(sha256 checksum, chunk digests) of a stored tensor, read back ``block_bytes`` at a time
-    with ``read_rows(start, stop)`` (blocks aligned to ``chunk_rows`` when given)."""
+    with ``read_rows(start, stop)`` (blocks aligned to ``chunk_rows`` when given). Without
+    ``chunk_digests`` the blocks are still aligned but no chunk digests are computed (None)."""
     from ..dtypes import by_name, raw_bytes
 
-    hasher = RowHasher(meta, where, chunk_rows)
+    hasher = RowHasher(meta, where, chunk_rows if chunk_digests else None)
     step = max(1, block_bytes // max(1, meta.row_numel * by_name(meta.dtype).itemsize))
     if chunk_rows and step > chunk_rows:
         step -= step % chunk_rows

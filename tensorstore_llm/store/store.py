@@ -332,8 +332,10 @@ class Store:
                 if record.chunks is None and upgrade:
                     chunk_rows = chunk_shape(meta)[0] if meta.shape else 1
                 try:
+                    # the reader checks recorded chunk digests as it reads; only an upgrade computes them here
                     actual, chunks = digest_rows(meta, lambda a, b, n=name: source.read_rows(n, a, b), source.path,
-                                                 chunk_rows or (record.chunks.rows if record.chunks else None))
+                                                 chunk_rows or (record.chunks.rows if record.chunks else None),
+                                                 chunk_digests=chunk_rows is not None)
                 except TsllmError as e:
                     problems.append(str(e))
                     continue
