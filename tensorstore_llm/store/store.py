@@ -14,25 +14,19 @@ chunk and the manifest, so a writer killed at any instant leaves nothing that lo
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 
-from .. import __version__
-from ..errors import ArtifactNotFound, FormatError, IntegrityError, RefError, StorageError, TsllmError
-from ..io.base import checksum_bytes, digest_rows
-from ..io.fsutil import fsync_path, fsync_tree, remove_tree, storage_errors, write_file_atomic
-from ..io.zarr_tensors import chunk_shape
+from ..errors import ArtifactNotFound, FormatError, IntegrityError, RefError, TsllmError
+from ..io.fsutil import fsync_path, remove_tree, storage_errors, write_file_atomic
 from ..io.zarr_tensors import ZarrTensorSink, ZarrTensorSource
 from .datasets import DatasetPayload, DatasetSource
-from .dedup import dedup_blocks, dedup_staged, gc_objects
-from .info import check_info
-from .manifest import KINDS, Manifest, now_utc, record_from
+from .dedup import gc_objects
+from .manifest import Manifest
+from .writer import ArtifactWriter, job_key, try_lock  # noqa: F401  (job_key: callers import it from here)
 
 STORE_FORMAT = "tsllm-store/1"
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -107,20 +101,20 @@ class Store:
                 write_file_atomic(marker, json.dumps({"format": STORE_FORMAT}).encode())
 
     # -- writing --------------------------------------------------------------------------------
-    def create(self, job_key: str, compression: str = "none") -> ArtifactWriter:
-        """A writer staging a new tensor artifact; the same ``job_key`` resumes an interrupted write."""
+    def create(self, key: str, compression: str = "none") -> ArtifactWriter:
+        """A writer staging a new tensor artifact; the same ``key`` resumes an interrupted write."""
         self._ensure()
-        return ArtifactWriter(self, self._dir("staging", job_key),
+        return ArtifactWriter(self, self._dir("staging", key),
                               lambda staging, where: ZarrTensorSink(staging, where, compression))
 
-    def create_with(self, job_key: str, make_payload) -> ArtifactWriter:
+    def create_with(self, key: str, make_payload) -> ArtifactWriter:
         """A writer staging a new artifact around ``make_payload(staging_dir, where)`` (e.g. the
-        delta payload of diff/store.py); the same ``job_key`` resumes an interrupted write."""
+        delta payload of diff/store.py); the same ``key`` resumes an interrupted write."""
         self._ensure()
-        return ArtifactWriter(self, self._dir("staging", job_key), make_payload)
+        return ArtifactWriter(self, self._dir("staging", key), make_payload)
 
-    def create_dataset(self, job_key: str) -> ArtifactWriter:
-        """A writer staging a new dataset artifact (Parquet shards); the same ``job_key`` resumes.
+    def create_dataset(self, key: str) -> ArtifactWriter:
+        """A writer staging a new dataset artifact (Parquet shards); the same ``key`` resumes.
 
         Example:
             >>> writer = store.create_dataset(job_key("logits", fingerprint))   # doctest: +SKIP
@@ -129,7 +123,7 @@ class Store:
             >>> writer.commit(kind="logits", info={"fingerprint": fingerprint})
         """
         self._ensure()
-        return ArtifactWriter(self, self._dir("staging", job_key), DatasetPayload)
+        return ArtifactWriter(self, self._dir("staging", key), DatasetPayload)
 
     def _publish(self, staging: str, manifest: Manifest) -> Artifact:
         manifest.id = manifest.content_id()
@@ -320,56 +314,9 @@ class Store:
         not change. Returns the (possibly upgraded) artifact; raises IntegrityError listing what
         does not match.
         """
-        artifact = self.get(ref)
-        problems = []
-        manifest = artifact.manifest
-        metas = manifest.metas()
-        added = {}
-        with (self.open(artifact.id) if metas else contextlib.nullcontext()) as source:
-            for name, meta in metas.items():
-                record = manifest.tensors[name]
-                chunk_rows = None
-                if record.chunks is None and upgrade:
-                    chunk_rows = chunk_shape(meta)[0] if meta.shape else 1
-                try:
-                    # the reader checks recorded chunk digests as it reads; only an upgrade computes them here
-                    actual, chunks = digest_rows(meta, lambda a, b, n=name: source.read_rows(n, a, b), source.path,
-                                                 chunk_rows or (record.chunks.rows if record.chunks else None),
-                                                 chunk_digests=chunk_rows is not None)
-                except TsllmError as e:
-                    problems.append(str(e))
-                    continue
-                except Exception as e:  # a corrupt chunk can fail inside zarr's decoders
-                    problems.append(f"tensor {name!r}: unreadable ({e.__class__.__name__}: {e})")
-                    continue
-                if actual != record.checksum:
-                    problems.append(f"tensor {name!r}: checksum {actual[:20]}... != recorded {record.checksum[:20]}...")
-                elif chunk_rows is not None:
-                    added[name] = chunks
-                if progress:
-                    progress(meta.nbytes)
-        if manifest.shards:
-            problems.extend(self.open_dataset(artifact.id).verify())
-        for name, checksum in manifest.files.items():
-            path = os.path.join(artifact.path, "files", name)
-            if not os.path.isfile(path):
-                problems.append(f"file {name!r}: missing")
-                continue
-            with open(path, "rb") as f:
-                if checksum_bytes(f.read()) != checksum:
-                    problems.append(f"file {name!r}: checksum mismatch")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise IntegrityError(f"artifact {artifact.short_id} in {self.root}: {len(problems)} problem(s): {shown}")
-        if added:
-            for name, chunks in added.items():
-                r = manifest.tensors[name]
-                manifest.tensors[name] = record_from(metas[name], r.checksum, chunks)
-            manifest.check_id(artifact.id, artifact.path)   # chunk digests are not part of the id
-            with storage_errors(f"manifest of artifact {artifact.short_id} in store {self.root}"):
-                write_file_atomic(os.path.join(artifact.path, "manifest.json"), manifest.to_json())
-            artifact = self.get(artifact.id)
-        return artifact
+        from .verify import verify_artifact
+
+        return verify_artifact(self, self.get(ref), progress, upgrade)
 
     def needs_upgrade(self, ref: str) -> list[str]:
         """Tensors of artifact ``ref`` that have no chunk digests (see ``verify(upgrade=True)``)."""
@@ -392,7 +339,7 @@ class Store:
                         os.unlink(path)
                 removed.append(path)
                 continue
-            lock = _try_lock(path)
+            lock = try_lock(path)
             if lock is None:
                 continue  # a live job owns it
             try:
@@ -404,139 +351,3 @@ class Store:
         return removed + remove_export_partials(self.root, dry_run=dry_run) + gc_objects(self.root, dry_run=dry_run)
 
 
-def _try_lock(path: str) -> int | None:
-    """Take the job lock of a staging dir without waiting; None if another process holds it."""
-    lock_path = os.path.join(path, ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
-
-
-class ArtifactWriter:
-    """Stages one artifact around a payload writer; ``commit`` publishes it, ``abort`` discards it.
-
-    The payload is a Zarr tensor sink (checkpoints, diffs, adapters: the TensorSink verbs below
-    are its) or a dataset payload (Parquet shards: ``write_shard`` / ``completed_shards``). Holds
-    an exclusive lock on its staging directory for its lifetime, so a second process running the
-    same job, or ``gc``, cannot interfere.
-    """
-
-    def __init__(self, store: Store, staging_dir: str, make_payload):
-        where = f"store {store.root}"
-        with storage_errors(where):
-            os.makedirs(staging_dir, exist_ok=True)
-        self._lock = _try_lock(staging_dir)
-        if self._lock is None:
-            raise StorageError(f"store {store.root}: job {os.path.basename(staging_dir)[:16]} is already running in another process")
-        self.store = store
-        self.staging_dir = staging_dir
-        self.where = where
-        self.payload = make_payload(staging_dir, where)
-
-    # -- TensorSink, for tensor payloads ---------------------------------------------------------
-    @property
-    def metas(self):
-        return self.payload.metas
-
-    def prepare(self, metas) -> None:
-        self.payload.prepare(metas)
-
-    def preferred_rows(self, meta) -> int:
-        return self.payload.preferred_rows(meta)
-
-    def completed(self) -> dict[str, str]:
-        return self.payload.completed()
-
-    def write_rows(self, name: str, start: int, block) -> None:
-        self.payload.write_rows(name, start, block)
-
-    def finish(self, name: str) -> str:
-        return self.payload.finish(name)
-
-    def chunk_digests(self, name: str):
-        return self.payload.chunk_digests(name)
-
-    # -- datasets --------------------------------------------------------------------------------
-    def completed_shards(self) -> dict[str, str]:
-        """Shards of a dataset payload already finished (by an interrupted run too): name -> sha256."""
-        return self.payload.completed_shards()
-
-    def write_shard(self, name: str, table, **options) -> str:
-        """Write one Parquet shard of a dataset payload (see DatasetPayload.write_shard)."""
-        return self.payload.write_shard(name, table, **options)
-
-    # -- publishing ------------------------------------------------------------------------------
-    def commit(self, *, kind: str, parents=(), source=None, recipe=None, files=None, run=None,
-               info: dict | None = None) -> Artifact:
-        """Publish the staged payload as an artifact of ``kind``; every declared tensor must be finished.
-
-        Args:
-            files: carried file name -> path or bytes (config, tokenizer, ...).
-            info: kind-specific facts (e.g. a logits dataset's fingerprint); part of the id.
-        Returns:
-            The committed Artifact (an existing one if identical content was committed before).
-        """
-        if kind not in KINDS:
-            raise FormatError(f"{self.where}: unknown artifact kind {kind!r}; expected one of {', '.join(KINDS)}")
-        schema = check_info(kind, dict(info or {}), self.where)
-        tensors, shards = {}, {}
-        if isinstance(self.payload, DatasetPayload):
-            shards = self.payload.records()
-            if not shards:
-                raise StorageError(f"{self.where}: cannot commit a dataset without shards")
-        else:
-            done = self.completed()
-            missing = [n for n in self.metas if n not in done]
-            if missing:
-                # a caller's bug, not bad input: never reached from the CLI
-                raise ValueError(f"{self.where}: cannot commit, {len(missing)} tensor(s) unfinished, e.g. {missing[0]!r}")
-            tensors = {n: record_from(m, done[n], self.chunk_digests(n)) for n, m in self.metas.items()}
-        carried = {}
-        with storage_errors(self.where):
-            files_dir = os.path.join(self.staging_dir, "files")
-            os.makedirs(files_dir, exist_ok=True)
-            for name, content in (files or {}).items():
-                data = content if isinstance(content, bytes) else open(content, "rb").read()
-                with open(os.path.join(files_dir, name), "wb") as f:
-                    f.write(data)
-                carried[name] = checksum_bytes(data)
-            self.payload.seal()
-            if tensors:   # identical tensors and coded blocks stored once across the store (store/dedup.py)
-                dedup_staged(self.store.root, self.staging_dir, {n: r.checksum for n, r in tensors.items()})
-                dedup_blocks(self.store.root, self.staging_dir)
-            fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
-        manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
-                            recipe=recipe, run=dict(run or {}), created_at=now_utc(),
-                            tool={"name": "tensorstore_llm", "version": __version__},
-                            shards=shards, info=dict(info or {}), info_schema=schema)
-        try:
-            return self.store._publish(self.staging_dir, manifest)
-        finally:
-            self._release()
-
-    def close(self) -> None:
-        """Stop writing but keep the staging directory, so the same job can resume later."""
-        self.payload.close()
-        self._release()
-
-    def abort(self) -> None:
-        """Throw away everything staged."""
-        self.close()
-        remove_tree(self.staging_dir)
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
-
-
-def job_key(*parts) -> str:
-    """A stable staging-directory name for a job from its identifying parts."""
-    return "job-" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
