@@ -10,24 +10,29 @@ layer, so a faithful merge dequantises first. The format, as bitsandbytes writes
 - one absmax (fp32) per block of 64 consecutive elements of the flattened tensor; values are
   scaled by 1/absmax and clamped to [-1, 1]; two 4-bit indices per byte, first one in the high
   nibble;
-- double quantisation (``compress_statistics``): offset = mean(absmax); absmax - offset is
-  quantised to 8 bits with bitsandbytes' signed dynamic map, blocks of 256, one fp32 absmax per
-  block, each value to its nearest code (bitsandbytes' reference torch kernel and its CUDA
-  kernel's rule). bitsandbytes' compiled CPU kernel for this 8-bit step uses an approximate
-  search that, for values within a fraction of a percent of the gap from a midpoint between two
-  codes, sometimes picks the farther code; those absmax codes (and then their 64-blocks) differ
-  from bitsandbytes-on-CPU by one code step. Dequantising a stored bitsandbytes state
-  (:func:`from_bnb_state_dict`) is exact whatever kernel made it.
+- double quantisation (``compress_statistics``): offset = mean(absmax) (torch's mean, as
+  bitsandbytes takes it); absmax - offset is quantised to 8 bits with bitsandbytes' signed dynamic
+  map in blocks of 256, one fp32 absmax per block, by the rule of bitsandbytes' compiled CPU
+  kernel (``quantize_cpu_impl`` in csrc/cpu_ops.cpp, 0.50): each value v, scaled by 1/absmax and
+  clamped to [-1, 1], is mapped to u = (v + 1) * 0.5 * 65535 + 0.5 truncated to 16 bits, and
+  u picks its code from a 65536-entry table whose entry i is the first code whose midpoint with
+  the next code is not below -1 + 2i/65535 (all in fp32). That is the nearest code except for
+  values within ~1/65535 of a midpoint, where the table's grid decides; a block whose absmax is 0
+  gets code 0. (bitsandbytes' CUDA kernel searches the map instead, so a GPU-made state can differ
+  from this in such near-midpoint codes; dequantising a stored state, :func:`from_bnb_state_dict`,
+  is exact whatever made it.)
 
 Dequantisation: absmax = code8[q8] * absmax2 + offset (fp32), W = code4[q4] * absmax (fp32), then
 one rounding to the output dtype.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import FormatError
@@ -97,6 +102,48 @@ def _blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[tor
     return torch.bucketize(scaled, bounds, out_int32=True), absmax
 
 
+LUT_SIZE = 65536
+
+
+@functools.cache
+def _dynamic_lut() -> torch.Tensor:
+    """bitsandbytes' CPU lookup table for the 8-bit dynamic map (``build_quantize_lut``): entry i
+    is the number of code midpoints below -1 + 2i / 65535, all in fp32 (numpy float32 ops)."""
+    code = dynamic_map(signed=True).numpy()
+    mid = np.float32(0.5) * (code[:-1] + code[1:])                       # 255 midpoints, fp32
+    grid = np.float32(-1.0) + (np.float32(2.0) * np.arange(LUT_SIZE, dtype=np.float32)) / np.float32(LUT_SIZE - 1)
+    return torch.from_numpy(np.searchsorted(mid, grid, side="left").astype(np.uint8))
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic-map codes and fp32 absmax per block of ``x`` (flattened), as bitsandbytes'
+    ``quantize_blockwise(x, blocksize=blocksize)`` computes them on CPU (its compiled kernel's
+    lookup-table rule, see the module note), bit for bit.
+
+    Args:
+        x: fp32 tensor (NF4's double quantisation passes absmax - offset).
+    Returns:
+        (uint8 codes, one per element, shape of ``x``; fp32 absmax per block).
+
+    >>> q, absmax = quantize_blockwise_8bit(torch.tensor([0.5, -1.0, 0.0]))
+    >>> q, absmax                     # 0 maps to code 131 (2.1e-5): the table's grid, as in bitsandbytes
+    (tensor([219,   0, 131], dtype=torch.uint8), tensor([1.]))
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32)    # zeros never raise a block's absmax
+    padded[:n] = flat
+    blocks = padded.view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    inv = 1.0 / absmax                                                  # fp32, as the kernel's 1.0f / absmax
+    v = torch.clamp(blocks * inv.view(-1, 1), -1, 1)
+    u = ((v + 1.0) * 0.5 * float(LUT_SIZE - 1) + 0.5).to(torch.int32)  # fp32 ops, truncated like the uint16 cast
+    q = _dynamic_lut()[u.clamp(0, LUT_SIZE - 1).long()]
+    q[absmax == 0] = 0                                                  # the kernel writes 0 for an all-zero block
+    return q.reshape(-1)[:n].reshape(x.shape), absmax
+
+
 def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = values.numel()
     full = n - n % blocksize
@@ -161,9 +208,8 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     out = NF4Tensor(packed=packed, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
-        code2 = dynamic_map(signed=True)
-        q2, absmax2 = _blockwise(absmax - offset, code2, 256)
-        out.absmax, out.offset, out.absmax2, out.code2 = q2.to(torch.uint8), offset, absmax2, code2
+        q2, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
+        out.absmax, out.offset, out.absmax2, out.code2 = q2, offset, absmax2, dynamic_map(signed=True)
     return out
 
 
@@ -179,9 +225,8 @@ def double_quantized_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> torc
     if absmax.numel() == 0:
         return absmax.float()
     offset = absmax.mean()
-    code2 = dynamic_map(signed=True)
-    q2, absmax2 = _blockwise(absmax - offset, code2, blocksize2)
-    return _scale_blocks(code2[q2.to(torch.uint8).long()], absmax2, blocksize2) + offset
+    q2, absmax2 = quantize_blockwise_8bit(absmax - offset, blocksize2)
+    return _scale_blocks(dynamic_map(signed=True)[q2.long()], absmax2, blocksize2) + offset
 
 
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
