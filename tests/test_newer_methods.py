@@ -156,7 +156,6 @@ class TestSce(OpConformance):
     op = "sce"
     params = {"select_topk": 0.4}
     atol = 1e-6
-    small_budget = "1M"      # a whole-tensor op: the small budget must still hold one tensor
 
     def make_inputs(self, gen):
         base = _randn(gen)
@@ -171,6 +170,41 @@ class TestSceKeepsAll(TestSce):
 
     def golden(self, inputs, params):
         return sce_golden(inputs["base"], inputs["models"], 1.0)
+
+
+class TestSceTiedVariances(TestSce):
+    """Task vectors on a coarse grid: the variances take a few values, so the top-k cut falls
+    inside a run of tied entries that spans rows and blocks (the tie-count pass decides)."""
+
+    params = {"select_topk": 0.35}
+
+    def make_inputs(self, gen):
+        base = _randn(gen)
+        return {"base": base, "models": [base + torch.randint(-3, 4, SHAPE, generator=gen) / 256 for _ in range(3)]}
+
+    def golden(self, inputs, params):
+        base, models = inputs["base"], inputs["models"]
+        variance = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(variance)) * params["select_topk"])
+        cut = variance.reshape(-1).sort(descending=True).values[k - 1]
+        assert k < int((variance >= cut).sum()) and int((variance > cut).sum()) < k   # a tie straddles the cut
+        # the kept set from the fp32 variances the op ranks (fp64 ones would break the ties),
+        # ordered by (variance descending, flat index ascending)
+        flat = variance.reshape(-1).tolist()
+        keep = torch.zeros(len(flat))
+        keep[sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]] = 1
+        return sce_golden(base, models, params["select_topk"], keep.reshape(variance.shape))
+
+
+class TestSce1D(TestSce):
+    """A 1-D tensor (a norm): its rows are single entries, the top-k and the energies span it."""
+
+    params = {"select_topk": 0.5}
+    small_budget = "8K"
+
+    def make_inputs(self, gen):
+        base = _randn(gen, (3000,))
+        return {"base": base, "models": [base + _randn(gen, (3000,), 0.01) for _ in range(2)]}
 
 
 class TestNearSwap(OpConformance):
@@ -192,7 +226,6 @@ class TestArceeFusion(OpConformance):
     cuda_exact = False   # reductions (sums, norms, softmax, sort) may add in another order on a GPU; not checked on one yet
     op = "arcee_fusion"
     atol = 1e-6
-    small_budget = "1M"
 
     def make_inputs(self, gen):
         base = _randn(gen)
@@ -207,6 +240,28 @@ class TestArceeFusion(OpConformance):
         keep = importance >= median + 1.5 * (q3 - q1)
         assert 0 < int(keep.sum()) < keep.numel()
         return torch.where(keep, model, base)
+
+
+class TestArceeFusion1D(TestArceeFusion):
+    """A 1-D tensor: one softmax over all of it (gathered in a pass when the tensor is split)."""
+
+    params = {"whole_tensor_kl": True}
+    small_budget = "16K"
+
+    def make_inputs(self, gen):
+        base = _randn(gen, (3000,))
+        return {"base": base, "model": base + _randn(gen, (3000,), 0.3)}
+
+
+def test_arcee_fusion_1d_split_without_its_gather_pass_is_an_error():
+    from tensorstore_llm.errors import OpError
+    from tensorstore_llm.ops.registry import OpContext, get_op
+
+    spec = get_op("arcee_fusion")
+    x = torch.randn(100)
+    ctx = OpContext("arcee_fusion", "norm", (100,), 0, 50, 0, stats={"quantiles": [0.0, 0.0, 0.0]})
+    with pytest.raises(OpError, match="whole_tensor_kl"):
+        spec.fn(ctx, spec.make_params({}, "t"), base=x[:50], model=x[:50] + 1)
 
 
 class TestRam(OpConformance):

@@ -44,8 +44,8 @@ RECIPES = {
     "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.5, gamma: 0.05}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
 }
 THRESHOLD_METHODS = {"ties", "breadcrumbs_ties"}
-WHOLE_TENSOR_REPLAYS = {"model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_rows", "nuslerp_columns",
-                        "sce", "arcee_fusion"}   # need a tensor in memory
+WHOLE_TENSOR_REPLAYS = {"model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_rows",
+                        "nuslerp_columns"}   # need a tensor in memory (sce and arcee_fusion stream: statistics passes)
 
 
 def _load_dir(path):

@@ -17,25 +17,17 @@ same order of operations, so that with ``--arithmetic mergekit`` (compute dtype 
   normalised mean of the unit vectors, at most ``max_iter`` times, until the step is below
   ``tol``; inputs with norm <= tol are left out of the mean; the result is (Σ αi |xi|) m with
   αi = 1/N. Also from the Gram matrix.
-- ``sce`` (SCE: Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models", arXiv 2408.07990):
-  Select the top ``select_topk`` fraction of entries by the variance of the τi across models
-  (k = count of nonzero variances · select_topk as an fp32 product, as mergekit, which can
-  exceed the exact floor by one above 2^24 entries; ties by flat index), Calculate per-model weights
-  mean(τi²) / Σj mean(τj²), Erase entries whose sign disagrees with the sign of Σi τi; the result
-  is θ0 + Σ wi' τi / max(Σ wi', 1e-6) over the kept entries. Whole tensors.
 - ``nearswap`` (NearSwap, alchemonaut 2024, "QuartetAnemoi-70B-t0.0001"): per entry
   w = clamp(t / max(|θ0 − θ1|, 1e-6), 0, 1), result w·θ1 + (1 − w)·θ0: entries where the two
   models are within t of each other take the second model's value. Element-wise.
-- ``arcee_fusion`` (Arcee Fusion, arcee.ai 2025): importance |θ1 − θ0| · KL(softmax(θ1) ||
-  softmax(θ0)) per row (softmax over the last axis, + 1e-8), threshold median + 1.5·IQR of the
-  importances (quantile q is the sorted value at index ⌊q·(n − 1)⌋, exact here; mergekit samples
-  10⁶ entries with replacement above that size), θ0 + (θ1 − θ0)·[importance >= threshold].
-  Whole tensors.
 - ``ram`` / ``ramplus_tl`` (RAM: Reinforced Agent Merging, arXiv 2601.13572): entries where
   |τi| > ε count as contributed; an entry one model contributes is kept as is, one that several
   contribute is their mean. RAM+ (tensor-local) scales model i's unique entries by
   λi = 1 + r·clamp(ρi, 0, α), ρi = (its shared entries) / max(its unique entries, ε), counted
   over the tensor (a statistics pass of integer counts).
+
+``sce`` and ``arcee_fusion`` (whole-tensor selections made streamable by exact order statistics)
+are in ``sce_fusion.py``, registered from here.
 """
 from __future__ import annotations
 
@@ -43,10 +35,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .geometry import row_dots, sum_row_partials
 from .registry import StatsPass, op
+from .sce_fusion import FusionParams, SceParams, arcee_fusion, sce  # noqa: F401  (registers these two ops)
 
 
 def _finite(*values) -> bool:
@@ -206,59 +198,6 @@ def karcher(ctx, params, models):
     return _combine(ctx.stats["c"], models)
 
 
-# -- SCE ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SceParams:
-    """``select_topk``: the fraction of entries kept by variance; ``int8_mask`` only changes the
-    dtype of mergekit's masks (not the result) and is accepted for that."""
-
-    select_topk: float = 1.0
-    int8_mask: bool = False
-
-    def __post_init__(self):
-        if not (_finite(self.select_topk) and 0 <= self.select_topk <= 1):
-            raise ValueError(f"select_topk must be in [0, 1], got {self.select_topk}")
-
-
-def top_by_value(values: torch.Tensor, k: int) -> torch.Tensor:
-    """A mask of the k largest entries of ``values``; equal values by flat index, lowest first."""
-    flat = values.reshape(-1)
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=values.device)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        mask[order[:k]] = True
-    return mask.reshape(values.shape)
-
-
-@op("sce", inputs=("base", "models*"), params=SceParams, rowwise=False, temps=lambda n: 3 * n + 5)
-def sce(ctx, params, base, models):
-    """SCE: variance-selected, sign-erased, energy-weighted mean of the task vectors (whole tensor;
-    mergekit's operations, in place where that gives the same values)."""
-    taus = base.new_empty((len(models), *base.shape))
-    for i, m in enumerate(models):
-        torch.sub(m, base, out=taus[i])
-    if params.select_topk < 1:
-        variance = torch.var(taus, dim=0, unbiased=False)
-        k = int(torch.count_nonzero(variance) * params.select_topk)   # as mergekit: an fp32 product
-        selected = top_by_value(variance, k).to(base.dtype)
-        del variance
-        taus.mul_(selected)
-        del selected
-    majority = (taus.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-    keep = taus.sign() == majority
-    del majority
-    energy = taus.square().reshape(len(models), -1).mean(dim=1)
-    energy_sum = torch.sum(energy).item()
-    weights = torch.ones_like(energy) / len(models) if abs(energy_sum) < 1e-6 else energy / energy_sum
-    kept_weights = weights.reshape(-1, *([1] * (taus.dim() - 1))) * keep
-    del keep
-    denominator = torch.sum(kept_weights, dim=0).clamp(min=1e-6)
-    merged = taus.mul_(kept_weights).sum(dim=0)
-    del taus, kept_weights
-    return merged.div_(denominator).add_(base)
-
-
 # -- NearSwap ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -276,31 +215,6 @@ def nearswap(ctx, params, base, model):
     distance = torch.abs(base - model)
     weight = (params.t / distance.clamp(min=1e-6)).clamp(min=0, max=1)
     return weight * model + (1 - weight) * base
-
-
-# -- Arcee Fusion ------------------------------------------------------------------------------
-
-def fusion_importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|θ1 − θ0| times the per-row KL divergence of softmax(θ1) from softmax(θ0) (+ 1e-8 each)."""
-    p = F.softmax(model, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    return (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-
-
-def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
-    """median + 1.5 · (q3 − q1), quantile q being the sorted value at ⌊q · (n − 1)⌋ (all entries)."""
-    ordered = torch.sort(importance.reshape(-1)).values
-    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)
-    q1, median, q3 = ordered[at]
-    return median + 1.5 * (q3 - q1)
-
-
-@op("arcee_fusion", inputs=("base", "model"), rowwise=False, temps=10)
-def arcee_fusion(ctx, params, base, model):
-    """θ0 + (θ1 − θ0) where the entry's importance reaches the tensor's outlier threshold (whole tensor)."""
-    importance = fusion_importance(model, base)
-    mask = (importance >= fusion_threshold(importance)).float()
-    return base + (model - base) * mask
 
 
 # -- RAM and RAM+ ------------------------------------------------------------------------------

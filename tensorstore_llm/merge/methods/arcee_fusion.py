@@ -9,9 +9,10 @@ from .base import JobSpec, MergeMethod, others_of
 
 
 class ArceeFusion(MergeMethod):
-    """base_model and exactly one other model; no parameters. Whole tensors (op
-    ``arcee_fusion``): the threshold is a quantile of the whole tensor, computed exactly (mergekit
-    estimates it from 10⁶ random entries in tensors larger than that)."""
+    """base_model and exactly one other model; no parameters. Streamed by rows (op
+    ``arcee_fusion``): the threshold's quantiles of the whole tensor are exact order statistics
+    from two statistics passes (mergekit estimates them from 10⁶ random entries in tensors larger
+    than that); a 1-D tensor's softmax spans it, so its entries are gathered in one more pass."""
 
     name = "arcee_fusion"
     replayable = True   # the op computes in the compute dtype with mergekit's operations
@@ -26,7 +27,8 @@ class ArceeFusion(MergeMethod):
 
     def job(self, recipe, tensor, state):
         return JobSpec("arcee_fusion", (("base", InputRef(tensor.base, tensor.name)),
-                                        ("model", InputRef(tensor.others[0].ref, tensor.name))))
+                                        ("model", InputRef(tensor.others[0].ref, tensor.name))),
+                       {"whole_tensor_kl": len(tensor.shape) == 1})
 
 
 METHODS = (ArceeFusion(),)

@@ -9,8 +9,9 @@ from .base import BOOL, JobSpec, MergeMethod, Param, interval, model_inputs
 
 class Sce(MergeMethod):
     """base_model and at least one other model; ``select_topk`` (default 1: keep every entry)
-    and ``int8_mask`` (mergekit's mask dtype; the result is the same) as mergekit. Whole tensors
-    (op ``sce``): the variance top-k and the weights span the tensor."""
+    and ``int8_mask`` (mergekit's mask dtype; the result is the same) as mergekit. Streamed by
+    rows (op ``sce``): the variance top-k (exact, ties by flat index) and the weights span the
+    tensor, so they are statistics passes before the rows are merged."""
 
     name = "sce"
     replayable = True   # the op computes in the compute dtype with mergekit's operations
