@@ -360,7 +360,8 @@ def test_a_single_model_is_copied(store, tiny_family):
 @pytest.mark.parametrize("method, models, base, params, message", [
     ("nearswap", ("ft1", "ft2"), True, "t: 0.001", "exactly one other model"),
     ("nearswap", ("ft1",), True, "", "needs parameter 't'"),
-    ("nearswap", ("ft1",), True, "t: 2", "t must be a number in"),
+    ("nearswap", ("ft1",), True, "t: -0.5", "t must be a finite number >= 0, got -0.5"),
+    ("slerp", ("ft1",), True, "t: 2", "t must be a number in \\[0, 1\\], got 2"),
     ("arcee_fusion", ("ft1",), False, "", "needs base_model"),
     ("sce", ("ft1", "ft2"), False, "", "needs base_model"),
     ("sce", ("ft1", "ft2"), True, "select_topk: 1.5", "select_topk must be a number in"),
@@ -375,6 +376,27 @@ def test_bad_recipes_are_refused_before_any_work(store, tiny_family, method, mod
     with pytest.raises(RecipeError, match=message):
         api.merge(store, text, progress=False)
     assert not store.list()
+
+
+def test_nearswap_takes_any_distance_t_as_mergekit(store, tiny_family):
+    """nearswap's t is a distance, so t > 1 is valid (mergekit takes any t); slerp's t stays a
+    fraction in [0, 1] (refused above): each method has its own domain for the name."""
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.merge.recipe import PARAMETER_DOMAINS
+
+    assert PARAMETER_DOMAINS[("nearswap", "t")].text != PARAMETER_DOMAINS[("slerp", "t")].text
+    name = "model.layers.0.mlp.up_proj.weight"
+    with HFCheckpointSource(tiny_family["base"]) as b, HFCheckpointSource(tiny_family["ft1"]) as x:
+        base, ft1 = b.read(name).double(), x.read(name).double()
+    distance = (base - ft1).abs()
+    t = float(distance.flatten().kthvalue(distance.numel() // 2).values) * 2 + 1.0   # > 1: beyond slerp's domain
+    for value in (t, 0.0):
+        art = api.merge(store, _recipe("nearswap", tiny_family, ("ft1",), params=f"t: {value!r}"), progress=False).artifact
+        with store.open(art.id) as out:
+            merged = out.read(name).double()
+        w = (value / distance.clamp(min=1e-6)).clamp(0, 1)
+        assert torch.allclose(merged, w * ft1 + (1 - w) * base, atol=1e-6, rtol=0), value
+    assert torch.equal(merged, base)    # t = 0: every entry keeps the base
 
 
 def test_sce_top_k_matches_mergekit_except_at_variance_ties(tmp_path, store, tiny_family):

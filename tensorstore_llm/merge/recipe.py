@@ -49,7 +49,9 @@ UNSUPPORTED = {"modules": "multi-module recipes (modules:) are not supported"}
 # Views of the method registry, for documentation and tests.
 METHODS = method_names()
 KNOWN_PARAMS = {m.name: set(m.parameters) for m in all_methods()}
-PARAMETER_DOMAINS = {key: param.domain for m in all_methods() for key, param in m.parameters.items()}
+# (method, key) -> Domain: a name may mean different things to different methods (slerp's t is a
+# fraction in [0, 1], nearswap's a distance >= 0), so each method declares its own
+PARAMETER_DOMAINS = {(m.name, key): param.domain for m in all_methods() for key, param in m.parameters.items()}
 MERGEKIT_ARITHMETIC = tuple(m.name for m in all_methods() if m.replayable)
 
 

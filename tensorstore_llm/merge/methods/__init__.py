@@ -31,18 +31,13 @@ _loaded = False
 def register_method(method: MergeMethod, clobber: bool = False) -> None:
     """Add ``method`` under ``method.name``; an existing name is an error unless ``clobber``.
 
-    Its parameters must keep the domain other methods give the same name (one table for users).
+    Its parameters' domains are its own: another method may give the same name another domain
+    (slerp's ``t`` is a fraction in [0, 1], nearswap's a distance >= 0), as mergekit does.
     """
     if not isinstance(method, MergeMethod) or not method.name:
         raise RecipeError(f"a merge method must be a named MergeMethod instance, got {method!r}")
     if method.name in _REGISTRY and not clobber and _REGISTRY[method.name] is not method:
         raise RecipeError(f"merge method {method.name!r} is already registered; pass clobber=True to replace it")
-    for key, param in method.parameters.items():
-        for other in _REGISTRY.values():
-            known = other.parameters.get(key)
-            if other.name != method.name and known is not None and known.domain.text != param.domain.text:
-                raise RecipeError(f"merge method {method.name!r}: parameter {key!r} is {param.domain.text}, but "
-                                  f"{other.name!r} has it as {known.domain.text}")
     _REGISTRY[method.name] = method
 
 

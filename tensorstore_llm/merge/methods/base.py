@@ -68,7 +68,8 @@ class Param:
     per_tensor: bool = True
 
 
-# The parameters several methods share, defined once so that a name has one domain everywhere.
+# The parameters several methods share, defined once; a method may still give a name its own
+# domain (nearswap's t is a distance, slerp's a fraction): domains are per method.
 WEIGHT = Param(REAL, per_model=True)
 DENSITY = Param(interval(0, 1), per_model=True)
 GAMMA = Param(interval(0, 1), per_model=True)
