@@ -217,3 +217,40 @@ def test_an_incomplete_prefix_code_is_refused():
     for p in PATHS:
         with pytest.raises(CodecError):
             exact.decode_delta(b, bytes(data), use_numba=p)
+
+
+@pytest.mark.parametrize("scale", [0, 3, 2**11, 2**19, 2**27])
+def test_fp32_every_low_plane_count_round_trips(scale):
+    """fp32 moved by ~``scale`` ULPs: the block's k (low byte planes, chosen from the typical move)
+    is 0, 8, 16 or 24, each with its own vectorised apply loop (exact_lanes.apply32_nb); the
+    elements straddle three decode chunks, and 2% are escapes or specials."""
+    rng = np.random.default_rng(13)
+    n = 2 * exact_lanes.CHUNK + 123
+    b, _ = _pair("float32", n, seed=14, mix="weights")
+    b[::50] = np.array(SPECIALS32, np.uint32)[rng.integers(0, len(SPECIALS32), b[::50].size)]
+    moves = np.round(rng.standard_normal(n) * scale).astype(np.int64) if scale else rng.integers(-1, 2, n)
+    moves[::49] = rng.integers(-(1 << 31), 1 << 31, moves[::49].size)         # escapes at any k
+    t = exact._unmono(((exact._mono(b, 32).astype(np.int64) + moves) & 0xFFFFFFFF).astype(np.uint32), 32)
+    data = _check(b, t, "float32")
+    assert exact_huff.parse_v2(data)[1] == {0: 0, 3: 0, 2**11: 8, 2**19: 16, 2**27: 24}[scale]
+
+
+@pytest.mark.skipif(exact._numba is None, reason="numba kernels")
+@pytest.mark.parametrize("kb", [0, 1, 2, 3])
+def test_apply32_equals_the_numpy_formula(kb):
+    """The uint32 apply kernel against exact_ref.apply_np (int64 NumPy) on random words, every
+    symbol and random low planes, over a chunk at an offset inside a larger block."""
+    from tensorstore_llm.diff import exact_ref
+
+    rng = np.random.default_rng(15 + kb)
+    n, i0, m = 9000, 1234, 5000
+    base = rng.integers(0, 1 << 32, m, dtype=np.uint64).astype(np.uint32)
+    base[:len(SPECIALS32)] = SPECIALS32
+    sym = rng.integers(0, 256, m).astype(np.uint8)
+    low = rng.integers(0, 256, n * kb).astype(np.uint8)
+    out = np.empty(m, np.uint32)
+    exact_lanes.apply32_nb(base, sym, low, kb, out, n, i0)
+    z = sym.astype(np.uint64) << np.uint64(8 * kb)
+    for j in range(kb):
+        z |= low[j * n + i0:j * n + i0 + m].astype(np.uint64) << np.uint64(8 * j)
+    assert np.array_equal(out, exact_ref.apply_np(base, z, 32, np.uint32))

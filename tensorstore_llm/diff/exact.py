@@ -35,9 +35,9 @@ import numpy as np
 from ..errors import CodecError
 from . import exact_huff, exact_v1
 from .exact_lanes import ESCAPE, _numba  # noqa: F401  (re-exported for tests and benchmarks)
-from .exact_lanes import mono_np as _mono  # noqa: F401
-from .exact_lanes import unmono_np as _unmono  # noqa: F401
-from .exact_lanes import zigzag_np as _zigzag_np
+from .exact_ref import mono_np as _mono  # noqa: F401
+from .exact_ref import unmono_np as _unmono  # noqa: F401
+from .exact_ref import zigzag_np as _zigzag_np
 
 MAGIC = b"TSDX"
 VERSION = exact_huff.VERSION           # what new writes use

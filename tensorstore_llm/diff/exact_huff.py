@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import CodecError
 from . import exact_lanes as lanes
+from . import exact_ref
 from .exact_lanes import ESCAPE, LANES, MAX_LEN, TABLE_SIZE
 
 VERSION = 2
@@ -222,7 +223,7 @@ def _encode_core(b, t, bits, eshift, emask, k, word, use_numba):
             esc = lanes.symbols_nb(b, t, bits, k, eshift, emask, sym, low, hist)
         esc = esc.astype(word)
     else:
-        sym, low, esc = lanes.symbols_np(b, t, bits, k, word)
+        sym, low, esc = exact_ref.symbols_np(b, t, bits, k, word)
         exps = ((b >> eshift) & emask).astype(np.int64)
         hist = np.bincount(exps * 256 + sym, minlength=(emask + 1) * 256)
     table_of, lengths, _, section = build_tables(hist, emask)
@@ -231,7 +232,7 @@ def _encode_core(b, t, bits, eshift, emask, k, word, use_numba):
     if fast:
         words, _, bit_counts = lanes.pack_nb(sym, b, eshift, emask, table_of, codes, flat_lengths)
     else:
-        words, _, bit_counts = lanes.pack_np(sym, table_of[(b >> eshift) & emask], codes, flat_lengths)
+        words, _, bit_counts = exact_ref.pack_np(sym, table_of[(b >> eshift) & emask], codes, flat_lengths)
     return section, words, bit_counts, low, esc
 
 
@@ -309,7 +310,7 @@ def decode_v2(b, parsed, bits, eshift, emask, word, decompress, use_numba: bool)
             raise CodecError(f"exact delta: {found} escapes in the payload, header says {n_esc}")
         return out
     exps = ((b >> eshift) & emask).astype(np.int64)
-    sym = lanes.decode_py(words, starts, bit_counts, dec, ctx_off, exps, n)
+    sym = exact_ref.decode_py(words, starts, bit_counts, dec, ctx_off, exps, n)
     if sym is None:
         raise CodecError("exact delta: corrupt payload (a bit lane does not end where its header says)")
     is_esc = sym == ESCAPE
@@ -320,4 +321,4 @@ def decode_v2(b, parsed, bits, eshift, emask, word, decompress, use_numba: bool)
     z = high << np.uint64(k)
     for j in range(kb):
         z |= low[j * n:(j + 1) * n].astype(np.uint64) << np.uint64(8 * j)
-    return lanes.apply_np(b, z, bits, word)
+    return exact_ref.apply_np(b, z, bits, word)

@@ -8,8 +8,11 @@ up the next ``MAX_LEN`` bits of a lane in the context's table (``(symbol << 8) |
 uint16 per entry); the lanes are independent dependency chains, so the CPU overlaps their table
 look-ups (the interleaved-streams idea of zstd's Huffman decoder and of interleaved rANS).
 
-Compiled with numba when it is installed; the NumPy / Python fallbacks below produce the same
-bytes (encoding vectorised; decoding is a Python loop, correct but ~500x slower).
+Compiled with numba when it is installed; the NumPy / Python fallbacks in :mod:`.exact_ref`
+produce the same bytes (encoding vectorised; decoding is a Python loop, correct but ~500x slower).
+The per-element apply kernels live here too, beside the decoder that calls them, so that numba's
+on-disk cache of the decoder is rebuilt whenever one of them changes (the cache is keyed by the
+file of the function compiled).
 """
 from __future__ import annotations
 
@@ -25,96 +28,6 @@ try:   # optional accelerator: same bytes, compiled passes
     import numba as _numba
 except ImportError:   # pragma: no cover - exercised where numba is absent
     _numba = None
-
-
-# --- NumPy reference ------------------------------------------------------------------------------
-
-def mono_np(x: np.ndarray, bits: int) -> np.ndarray:
-    """Bit patterns -> unsigned integers ordered like the floats (positive: set the sign bit;
-    negative: invert every bit)."""
-    sign = np.array(1 << (bits - 1), dtype=x.dtype)
-    return np.where(x & sign, ~x, x | sign)
-
-
-def unmono_np(m: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of :func:`mono_np`."""
-    sign = np.array(1 << (bits - 1), dtype=m.dtype)
-    return np.where(m & sign, m ^ sign, ~m)
-
-
-def zigzag_np(base: np.ndarray, target: np.ndarray, bits: int) -> np.ndarray:
-    """Zigzagged wrapped ULP differences ``target - base`` as uint64 (0, -1, 1, -2 -> 0, 1, 2, 3)."""
-    full = (1 << bits) - 1
-    d = (mono_np(target, bits).astype(np.int64) - mono_np(base, bits).astype(np.int64)) & full
-    d = np.where(d >> (bits - 1), d - (1 << bits), d)         # signed
-    return ((d << 1) ^ (d >> 63)).astype(np.uint64)
-
-
-def apply_np(base: np.ndarray, z: np.ndarray, bits: int, word) -> np.ndarray:
-    """``base`` moved by the zigzagged ULP differences ``z`` (uint64), as ``word`` bit patterns."""
-    d = (z >> np.uint64(1)).astype(np.int64) ^ -(z & np.uint64(1)).astype(np.int64)
-    m = (mono_np(base, bits).astype(np.int64) + d) & ((1 << bits) - 1)
-    return unmono_np(m.astype(word), bits)
-
-
-def symbols_np(base, target, bits: int, k: int, word):
-    """(symbols min(z >> k, 255) uint8, k/8 low byte planes of z (plane-major, element order),
-    escapes: z >> k of the symbols that are 255, element order, as ``word``)."""
-    z = zigzag_np(base, target, bits)
-    high = z >> np.uint64(k)
-    sym = np.minimum(high, ESCAPE).astype(np.uint8)
-    esc = high[high >= ESCAPE].astype(word)
-    planes = [((z >> np.uint64(8 * j)) & np.uint64(0xFF)).astype(np.uint8) for j in range(k // 8)]
-    return sym, (np.concatenate(planes) if planes else np.empty(0, np.uint8)), esc
-
-
-def pack_np(sym: np.ndarray, table_of: np.ndarray, codes: np.ndarray, lengths: np.ndarray):
-    """Bit lanes as (one uint64 array, lane start word, lane bit counts): element i's code (table
-    ``table_of[i]``) appended LSB first to lane i % LANES. Same words as the numba kernel."""
-    index = table_of.astype(np.int64) * 256 + sym
-    lanes, bit_counts = [], []
-    for lane in range(LANES):
-        code, length = codes[index[lane::LANES]], lengths[index[lane::LANES]].astype(np.int64)
-        total = int(length.sum())
-        owner = np.repeat(np.arange(code.size), length)
-        offset = np.arange(total) - np.repeat(np.cumsum(length) - length, length)
-        bits = ((code[owner] >> offset.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
-        packed = np.packbits(bits, bitorder="little")
-        padded = np.zeros(-(-packed.size // 8) * 8, np.uint8)
-        padded[:packed.size] = packed
-        lanes.append(padded.view("<u8"))
-        bit_counts.append(total)
-    return _join(lanes, bit_counts)
-
-
-def _join(lanes, bit_counts):
-    starts = np.cumsum([0] + [w.size for w in lanes])[:-1].astype(np.int64)
-    return np.concatenate(lanes).astype("<u8"), starts, np.array(bit_counts, np.int64)
-
-
-def decode_py(words, starts, bit_counts, dec, ctx_off, exps, n):
-    """Symbols of every element (uint8) from the lanes; None when a lane does not end exactly at
-    its recorded bit count (a corrupt payload). The Python-loop fallback of the numba kernel."""
-    w = [int(x) for x in words]
-    table = dec.tolist()
-    offsets = ctx_off[exps].tolist()
-    sym = np.empty(n, np.uint8)
-    out = [0] * n
-    for lane in range(LANES):
-        p = int(starts[lane]) * 64
-        end = p + int(bit_counts[lane])
-        for i in range(lane, n, LANES):
-            if p > end:
-                return None
-            q = p >> 6
-            entry = table[offsets[i] + (((w[q] | (w[q + 1] << 64)) >> (p & 63)) & (TABLE_SIZE - 1))]
-            out[i] = entry >> 8
-            p += entry & 0xFF
-        if p != end:
-            return None
-    sym[:] = out
-    return sym
-
 
 # --- numba kernels ----------------------------------------------------------------------------------
 
@@ -301,6 +214,8 @@ if _numba is not None:
             ne = _escapes_chunk(sym, i1 - i0, i0, esc_at, 0)
             if bits == 16 and kb == 0:
                 apply16_nb(base[i0:i1], sym[:i1 - i0], out[i0:i1])
+            elif bits == 32:
+                apply32_nb(base[i0:i1], sym[:i1 - i0], low, kb, out[i0:i1], n, i0)
             else:
                 apply_nb(base[i0:i1], sym[:i1 - i0], low, kb, bits, out[i0:i1], n, i0)
             if found + ne <= esc.size:
@@ -324,6 +239,7 @@ if _numba is not None:
 
     @_numba.njit(inline="always")
     def _apply_one(b, z, bits):
+        """One word ``b`` (int64) moved by zigzagged ``z`` ULPs at width ``bits``."""
         sign = np.int64(1) << (bits - 1)
         full = (np.int64(1) << bits) - 1
         half = full >> 1
@@ -332,10 +248,45 @@ if _numba is not None:
         m = (mb + d) & full
         return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
 
+    @_numba.njit(inline="always")
+    def _move32(b, z):
+        """``_apply_one(b, z, 32)`` in uint32 arithmetic (every step truncated to 32 bits, so
+        LLVM keeps 8 lanes per AVX2 register): unzigzag, to monotonic, add, back."""
+        u = np.uint32
+        d = u((z >> u(1)) ^ u(u(0) - (z & u(1))))
+        mb = u(b ^ ((u(u(0) - (b >> u(31))) >> u(1)) | u(0x80000000)))
+        m = u(mb + d)
+        return u(m ^ ((u(u(m >> u(31)) - u(1)) >> u(1)) | u(0x80000000)))
+
+    @_numba.njit(nogil=True)
+    def apply32_nb(base, sym, low, kb, out, n, i0):
+        """32-bit patterns: out = base moved by z = (symbol << 8kb) | the kb low planes of
+        elements i0 + (0, 1, ...) of a block of ``n`` (plane-major); one branch-free loop per kb
+        (0-3), so each vectorises. Escaped elements are fixed afterwards."""
+        m = base.size
+        u = np.uint32
+        if kb == 2:
+            lo0, lo1 = low[i0:i0 + m], low[n + i0:n + i0 + m]
+            for i in range(m):
+                out[i] = _move32(base[i], (u(sym[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i]))
+        elif kb == 1:
+            lo0 = low[i0:i0 + m]
+            for i in range(m):
+                out[i] = _move32(base[i], (u(sym[i]) << u(8)) | u(lo0[i]))
+        elif kb == 0:
+            for i in range(m):
+                out[i] = _move32(base[i], u(sym[i]))
+        else:
+            lo0, lo1, lo2 = low[i0:i0 + m], low[n + i0:n + i0 + m], low[2 * n + i0:2 * n + i0 + m]
+            for i in range(m):
+                z = (u(sym[i]) << u(24)) | (u(lo2[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i])
+                out[i] = _move32(base[i], z)
+
     @_numba.njit(nogil=True)
     def apply_nb(base, sym, low, kb, bits, out, n, i0):
-        """out = base moved by z = (symbol << 8kb) | low planes of elements i0 + (0, 1, ...) of a
-        block of ``n`` (plane-major planes); escaped elements are fixed afterwards."""
+        """Any width: out = base moved by z = (symbol << 8kb) | low planes of elements
+        i0 + (0, 1, ...) of a block of ``n`` (plane-major planes); escaped elements are fixed
+        afterwards."""
         for i in range(base.size):
             z = np.int64(sym[i]) << (8 * kb)
             for j in range(kb):

@@ -17,9 +17,9 @@ import numpy as np
 
 from ..errors import CodecError
 from .exact_lanes import ESCAPE, _numba
-from .exact_lanes import mono_np as _mono
-from .exact_lanes import unmono_np as _unmono
-from .exact_lanes import zigzag_np as _zigzag_np
+from .exact_ref import mono_np as _mono
+from .exact_ref import unmono_np as _unmono
+from .exact_ref import zigzag_np as _zigzag_np
 
 VERSION = 1
 HEADER = struct.Struct("<4sBBBBQQQQQ")   # magic, version, dtype, k, flags, n, n_esc, len sym / low / esc
