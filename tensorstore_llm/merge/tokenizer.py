@@ -32,14 +32,13 @@ The rules (mergekit 0.1.5's, restated; differences named):
   Without tokenizer files anywhere, ``base`` over models of equal vocabulary sizes keeps the
   old meaning (nothing to map), as before this module existed.
 
-Tokenizers are loaded with transformers from copies of the carried tokenizer files (never
-remote code, never pickles).
+Tokenizers are loaded by ``merge/tokenizer_files.py``: with the ``tokenizers`` library alone where
+that gives what transformers would (a generic ``tokenizer.json``), else with transformers from
+copies of the carried tokenizer files (never remote code, never pickles).
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +47,16 @@ import numpy as np
 
 from ..errors import RecipeError, TokenizerError
 from .safe_yaml import short
+from .tokenizer_files import (
+    TOKENIZER_FILES,
+    VOCAB_FILES,
+    file_bytes,
+    load_tokenizer,
+    saved_files,
+)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "tokenizer.model", "vocab.txt", "chat_template.jinja", "chat_template.json")
-VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+__all__ = ["TOKENIZER_FILES", "VOCAB_FILES", "TokenizerSpec", "Vocabulary", "build_vocabulary", "file_bytes",
+           "parse_tokenizer_settings", "with_vocabulary"]
 SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -203,12 +208,14 @@ class Vocabulary:
 
 
 def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], files: Mapping[str, Mapping],
-                     where: str) -> Vocabulary | None:
+                     where: str, backend: str = "auto") -> Vocabulary | None:
     """The output tokenizer and every model's row map for ``spec`` (see the module's rules).
 
     Args:
         base: the recipe's base model (None without one); ``refs``: every model, recipe order.
         files: ref -> its carried files (name -> path or bytes).
+        backend: how tokenizers are loaded (``tokenizer_files.load_tokenizer``): auto,
+            tokenizers or transformers; the result is the same.
     Returns:
         A Vocabulary, or None for ``base`` when no model has tokenizer files (nothing to map).
     Raises:
@@ -223,7 +230,7 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
         if not _has_vocab(files[ref]):
             raise TokenizerError(f"{where}: tokenizer source {'union' if spec.source == 'union' else spec.source}: "
                                  f"model {ref} has no tokenizer files (one of {', '.join(VOCAB_FILES)})")
-    loaded = {ref: _load(files[ref], ref, where) for ref in order if _has_vocab(files[ref])}
+    loaded = {ref: load_tokenizer(files[ref], ref, where, backend) for ref in order if _has_vocab(files[ref])}
     missing = [ref for ref in order if ref not in loaded]
     if missing:
         raise TokenizerError(f"{where}: model(s) {', '.join(missing)} have no tokenizer files, so their embedding rows "
@@ -237,7 +244,7 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
         raise TokenizerError(f"{where}: the tokenizer of {out_ref} has {len(past)} token(s) with ids at or past its "
                              f"vocab_size {sizes[out_ref]} (e.g. {past[0]!r}); mergekit strips them from a BPE "
                              f"tokenizer, tsllm does not: remove them from its tokenizer first")
-    out = _load(files[out_ref], out_ref, where)   # a fresh copy: tokens are added to it
+    out = load_tokenizer(files[out_ref], out_ref, where, backend)   # a fresh copy: tokens are added to it
     if spec.source == "union":
         _add_union_tokens(out, loaded, sizes, order)
     known = set(out.get_vocab())
@@ -269,7 +276,7 @@ def build_vocabulary(spec: TokenizerSpec, base: str | None, refs: list[str], fil
                 mapped[vocab[token]] = -1
     changed = spec.source != "base" or extra or any(tokens != sizes[ref] for ref in order) or any(
         not np.array_equal(m[:tokens], np.arange(tokens)) for m in own.values())
-    result = Vocabulary(tokens, rows, own, _saved(out) if changed else None, spec.pad_to_multiple_of,
+    result = Vocabulary(tokens, rows, own, saved_files(out) if changed else None, spec.pad_to_multiple_of,
                         (spec, base, vocab, vocabs, sizes, where, present))
     result.fills_for(order)   # every rule checked now, before any work
     return result
@@ -342,29 +349,6 @@ def _has_vocab(files: Mapping) -> bool:
     return any(name in files for name in VOCAB_FILES)
 
 
-def file_bytes(entry) -> bytes:
-    """A carried file's bytes (``entry``: bytes, or a path read and closed)."""
-    if isinstance(entry, bytes):
-        return entry
-    with open(entry, "rb") as f:
-        return f.read()
-
-
-def _load(files: Mapping, ref: str, where: str):
-    """A fast transformers tokenizer from copies of ``files``' tokenizer files (no remote code)."""
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="tsllm-tok-") as tmp:
-        for name in (*TOKENIZER_FILES, "config.json"):
-            if name in files:
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(file_bytes(files[name]))
-        try:
-            return AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001 (transformers raises many kinds; the user needs the model and the reason)
-            raise TokenizerError(f"{where}: cannot load the tokenizer of model {ref}: {type(e).__name__}: {e}") from None
-
-
 def _vocab_size(files: Mapping, tok, ref: str, where: str) -> int:
     """The model's ``config.json`` ``vocab_size`` (its embedding rows), else its tokenizer's length."""
     if "config.json" in files:
@@ -375,16 +359,6 @@ def _vocab_size(files: Mapping, tok, ref: str, where: str) -> int:
         if isinstance(size, int) and size > 0:
             return size
     return len(tok.get_vocab())
-
-
-def _saved(tok) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory(prefix="tsllm-tok-out-") as tmp:
-        tok.save_pretrained(tmp)
-        out = {}
-        for name in sorted(os.listdir(tmp)):
-            with open(os.path.join(tmp, name), "rb") as f:
-                out[name] = f.read()
-        return out
 
 
 def with_vocabulary(files: dict, vocab: Vocabulary | None) -> dict:
