@@ -96,7 +96,7 @@ def export_cmd(ctx, ref, out_dir, base):
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Extra factor on every update (1 = PEFT's merge).")
 @click.option("--transfer", is_flag=True, help="Allow merging an adapter artifact into a base other than its own (reported).")
 @click.option("--base-quant", type=click.Choice(["nf4"]), help="QLoRA: merge into dequant(NF4(W)), the weights the adapter was trained against (streamed; an already quantised base is dequantised in memory into -o DIR).")
-@click.option("--requantize", type=click.Choice(["nf4"]), help="With --base-quant: write dequant(NF4(W')) of every merged weight and report that error.")
+@click.option("--requantize", type=click.Choice(["nf4", "nf4-packed"]), help="With --base-quant: report ||W' - dequant(NF4(W'))|| per layer and write nf4: dequant(NF4(W')) dense, or nf4-packed: a bitsandbytes 4-bit checkpoint (every Linear weight packed, quantization_config in config.json; loads with transformers + bitsandbytes).")
 @click.option("--name", help="Tag for the merged artifact.")
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
 @click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the export with -o.")
@@ -124,7 +124,7 @@ def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name,
                    device=device, max_memory=max_memory, compression=compression, progress=progress_flag(ctx),
                    dry_run=dry_run)
     if base_quant:
-        result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize == "nf4", **options)
+        result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize, **options)
     else:
         result = lora_merge(store_of(ctx), base, adapter, **options)
     if dry_run:

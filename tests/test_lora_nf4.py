@@ -11,7 +11,7 @@ import torch
 from tensorstore_llm.errors import FormatError, ShapeMismatch
 from tensorstore_llm.lora.nf4 import (LUT_SIZE, NF4_CODE, NF4Tensor, dequantize_nf4, double_quantized_absmax,
                                       dynamic_map, from_bnb_state_dict, normal_map, quantization_error_ratio,
-                                      quantize_blockwise_8bit, quantize_nf4)
+                                      quantize_blockwise_8bit, quantize_nf4, to_bnb_state_dict)
 from tensorstore_llm.lora.packed import AWQ_ORDER, dequantize_awq, dequantize_gptq
 
 try:
@@ -199,6 +199,20 @@ def test_reads_bitsandbytes_serialised_state():
     del tensors["layer.weight.nested_absmax"]
     with pytest.raises(FormatError, match="nested_absmax"):
         from_bnb_state_dict(tensors, "layer.weight")
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bnb_state_dict_equals_bitsandbytes_serialisation(dtype):
+    """Tensor for tensor, dtype, key order and JSON bytes: what Linear4bit's state dict saves."""
+    x = sample((96, 192), dtype, seed=8)
+    packed, state = bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    theirs = {"w": packed, **{f"w.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    ours = to_bnb_state_dict(quantize_nf4(x), "w")
+    assert list(ours) == list(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+    assert torch.equal(dequantize_nf4(from_bnb_state_dict(ours, "w")), bnbF.dequantize_4bit(packed, state))
 
 
 def test_reads_serialised_state_without_bitsandbytes():

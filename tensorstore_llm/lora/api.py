@@ -150,6 +150,9 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
 
     if base_quant not in (None, "nf4"):
         raise RecipeError(f"base_quant must be None or 'nf4', got {base_quant!r}")
+    if requantize == "nf4-packed":
+        raise RecipeError(f"{base_dir}: packed NF4 output (requantize 'nf4-packed') is written by the streamed merge "
+                          "(lora.qlora.qlora_merge) from a dense base; this in-memory path writes 'nf4' (dense) only")
     if requantize not in (None, "nf4"):
         raise RecipeError(f"requantize must be None or 'nf4', got {requantize!r}")
     if os.path.exists(out_dir) and not overwrite:

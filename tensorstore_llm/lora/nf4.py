@@ -207,8 +207,7 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)               # high nibble first
     out = NF4Tensor(packed=packed, absmax=absmax, shape=tuple(x.shape), dtype=x.dtype, blocksize=blocksize)
     if double_quant:
-        offset = absmax.mean()
-        q2, absmax2 = quantize_blockwise_8bit(absmax - offset, 256)
+        q2, absmax2, offset = double_quantize(absmax)
         out.absmax, out.offset, out.absmax2, out.code2 = q2, offset, absmax2, dynamic_map(signed=True)
     return out
 
@@ -224,9 +223,21 @@ def double_quantized_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> torc
     """
     if absmax.numel() == 0:
         return absmax.float()
-    offset = absmax.mean()
-    q2, absmax2 = quantize_blockwise_8bit(absmax - offset, blocksize2)
+    q2, absmax2, offset = double_quantize(absmax, blocksize2)
     return _scale_blocks(dynamic_map(signed=True)[q2.long()], absmax2, blocksize2) + offset
+
+
+def double_quantize(absmax: torch.Tensor, blocksize2: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' double quantisation of NF4's fp32 absmaxes: (uint8 codes, fp32 absmax per
+    ``blocksize2`` codes, fp32 offset = mean(absmax)), as ``quantize_4bit(compress_statistics=True)``.
+
+    >>> q2, absmax2, offset = double_quantize(torch.tensor([1.0, 3.0]))
+    >>> float(offset), absmax2
+    (2.0, tensor([1.]))
+    """
+    offset = absmax.float().mean()
+    q2, absmax2 = quantize_blockwise_8bit(absmax.float() - offset, blocksize2)
+    return q2, absmax2, offset
 
 
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -281,3 +292,43 @@ def from_bnb_state_dict(tensors: dict[str, torch.Tensor], name: str) -> NF4Tenso
             code2=tensors[name + ".nested_quant_map"].float() if nested else None)
     except KeyError as e:
         raise FormatError(f"{name}: bitsandbytes NF4 weight is missing {e.args[0]}") from None
+
+
+def quant_state_bytes(shape, dtype: torch.dtype, offset: float | None, blocksize: int = 64,
+                      blocksize2: int = 256) -> torch.Tensor:
+    """The ``<name>.quant_state.bitsandbytes__nf4`` tensor: bitsandbytes' JSON of the non-tensor
+    state (``QuantState.as_dict(packed=True)``: same keys, order and ``json.dumps`` spacing), as uint8."""
+    meta = {"quant_type": "nf4", "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."),
+            "shape": list(shape)}
+    if offset is not None:
+        meta.update({"nested_blocksize": blocksize2, "nested_dtype": "float32", "nested_offset": float(offset)})
+    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+
+
+def to_bnb_state_dict(t: NF4Tensor, name: str) -> dict[str, torch.Tensor]:
+    """The tensors transformers + bitsandbytes save for a ``Linear4bit`` weight ``name`` (the
+    inverse of :func:`from_bnb_state_dict`): ``name`` (packed uint8, (bytes, 1)), ``.absmax``,
+    ``.quant_map`` and, double-quantised, ``.nested_absmax``, ``.nested_quant_map``; then
+    ``.quant_state.bitsandbytes__nf4``. Equal, tensor for tensor, to bitsandbytes'
+    ``{name: packed, **{name + "." + k: v for k, v in state.as_dict(packed=True).items()}}``.
+
+    >>> sorted(to_bnb_state_dict(quantize_nf4(torch.randn(2, 64)), "w"))[:3]
+    ['w', 'w.absmax', 'w.nested_absmax']
+    """
+    out = {name: t.packed.reshape(-1, 1), name + ".absmax": t.absmax, name + ".quant_map": t.code.float()}
+    if t.double_quant:
+        out.update({name + ".nested_absmax": t.absmax2, name + ".nested_quant_map": t.code2.float().clone()})
+    out[name + ".quant_state.bitsandbytes__nf4"] = quant_state_bytes(
+        t.shape, t.dtype, float(t.offset) if t.double_quant else None, t.blocksize, t.blocksize2)
+    return out
+
+
+def bnb_quantization_config(compute_dtype: str = "bfloat16") -> dict:
+    """config.json's ``quantization_config`` for an NF4, double-quantised checkpoint, as
+    transformers' ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True).to_dict()`` writes it (``lm_head`` stays dense, its default)."""
+    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": compute_dtype,
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+            "quant_method": "bitsandbytes"}

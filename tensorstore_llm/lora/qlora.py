@@ -83,19 +83,23 @@ def nf4_report(report_plan: Plan, adapter: LoraAdapter, *, scale: float = 1.0, o
     return out
 
 
-def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantize: bool = False,
+def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantize: bool | str | None = None,
                 transfer: bool = False, name: str | None = None, out_dir: str | None = None,
                 max_shard_size="5G", **run_options):
     """Merge a QLoRA adapter into dequant(NF4(``base``)), streamed into a checkpoint artifact.
 
-    Same references, binding checks and export as :func:`.jobs.lora_merge`; ``requantize``
-    writes dequant(NF4(W')) for every merged weight. Returns the ``JobResult`` with
-    ``analysis = {"transfer": ..., "modules": per-module report}`` (``q_over_delta``: ‖q‖/‖Δ‖).
+    Same references, binding checks and export as :func:`.jobs.lora_merge`. ``requantize``:
+    ``"nf4"`` (or True) writes dequant(NF4(W')) for every merged weight, dense; ``"nf4-packed"``
+    writes a bitsandbytes 4-bit checkpoint (every Linear weight packed, config.json with
+    ``quantization_config``; :mod:`.nf4_packed`), which transformers loads with ``load_in_4bit``.
+    Returns the ``JobResult`` with ``analysis = {"transfer": ..., "modules": per-module report}``
+    (``q_over_delta``: ‖q‖/‖Δ‖; with requantize ``requant_error``: ‖W' − dequant(NF4(W'))‖/‖Δ‖).
 
     Raises:
         RecipeError for a base that is already quantised (use :func:`.api.merge_adapter`, which
-        dequantises it) or a prefix-tuning adapter; BaseMismatch for an adapter bound to another
-        base without ``transfer``. Nothing is written then.
+        dequantises it), a prefix-tuning adapter or an unknown ``requantize``; BaseMismatch for an
+        adapter bound to another base without ``transfer``; ShapeMismatch (packed) for a Linear
+        weight whose in_features is not a multiple of 64. Nothing is written then.
     Example: ``qlora_merge(store, "base", "./qlora-adapter", name="merged")``.
     """
     from ..runs import JobResult, export, resolve_input, run_plan
@@ -103,6 +107,11 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
     from .jobs import _lora_only, open_adapter_ref
     from .plans import plan_lora_merge
 
+    from .nf4_packed import PACKED
+
+    requantize = {True: "nf4", False: None}.get(requantize, requantize) if isinstance(requantize, bool) else requantize
+    if requantize not in (None, "nf4", PACKED):
+        raise RecipeError(f"requantize must be None, 'nf4' or {PACKED!r}, got {requantize!r}")
     where = f"lora merge {adapter} --base-quant nf4"
     opened = open_adapter_ref(store, adapter)
     lora = _lora_only(opened, "lora merge")
@@ -115,21 +124,57 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
         if opened.bound is not None:
             mismatched = check_binding(store, opened.bound, source, lineage, where=where)
             transferred = refuse_other_base(mismatched, opened.bound, base, where=where, transfer=transfer)
-        plan, report_plan = nf4_plans(plan_lora_merge(source, lora, opened.source, scale=scale, where=where), lora,
-                                      requantize=requantize)
+        plain = plan_lora_merge(source, lora, opened.source, scale=scale, where=where)
+        plan, report_plan = nf4_plans(plain, lora, requantize=requantize == "nf4")
         parents = [{**lineage, "role": "base"}, {**opened.lineage, "role": "adapter"}]
-        recipe = {"op": "lora_merge", "scale": scale, "base_quant": "nf4", "requantize": "nf4" if requantize else None,
+        recipe = {"op": "lora_merge", "scale": scale, "base_quant": "nf4", "requantize": requantize,
                   "adapter": lora.describe()}
         if transferred:
             recipe["transfer"] = transferred
-        report = {} if run_options.get("dry_run") else nf4_report(
-            report_plan, lora, scale=scale, **{k: v for k, v in run_options.items() if k != "compression"})
-        opened.adapter = lora = None     # the plan reads the factors through opened.source
-        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                          desc="lora merge (nf4)", **run_options)
+        report_options = {k: v for k, v in run_options.items() if k != "compression"}
+        if requantize == PACKED:
+            result, report = _run_packed(store, plain, plan, lora, scale=scale, where=where, parents=parents,
+                                         recipe=recipe, files=files, name=name, report_options=report_options,
+                                         run_options=run_options)
+        else:
+            report = {} if run_options.get("dry_run") else nf4_report(report_plan, lora, scale=scale, **report_options)
+            opened.adapter = lora = None     # the plan reads the factors through opened.source
+            result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
+                              desc="lora merge (nf4)", **run_options)
     if out_dir and result.artifact is not None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
                max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
     result.analysis = {"transfer": transferred, "modules": report}
     return result
+
+
+def _run_packed(store, plain: Plan, swapped: Plan, lora: LoraAdapter, *, scale, where, parents, recipe, files, name,
+                report_options, run_options):
+    """The packed merge: its reductions (report and state records), then the plan into a
+    :class:`.nf4_packed.BnbPackedSink` over the store's writer (as ``runs.run_plan`` streams)."""
+    from ..engine import Executor, resolve_device
+    from ..engine.options import RunOptions
+    from ..runs import JobResult, run_record, stream_into
+    from ..store import job_key
+    from .nf4_packed import BnbPackedSink, dense_dtype, packed_plans, quantized_config, run_report
+
+    plan, report_plan, packed = packed_plans(plain, swapped, where=where + " --requantize nf4-packed")
+    files = quantized_config(files or {}, dense_dtype(packed), where)
+    opts = RunOptions.of(None, **run_options)
+    executor = Executor(plan, None, opts, desc="lora merge (nf4, packed)")
+    if opts.dry_run:
+        return JobResult(executor.estimate()), {}
+    report, records = run_report(report_plan, lora, scale=scale, **report_options)
+    dev = resolve_device(opts.device)
+    key = job_key("checkpoint", plan.fingerprint(), opts.seed, dev.type, opts.compression, list(parents), None, recipe)
+    writer = store.create(key, opts.compression)
+    sink = BnbPackedSink(writer, packed, records)
+    executor.sink = sink
+    estimate = executor.estimate()
+    stream_into(executor, sink)
+    artifact = writer.commit(kind="checkpoint", parents=parents, recipe=recipe, files=files,
+                             run=run_record(opts, dev.type, compression=opts.compression))
+    if name:
+        store.tag(artifact.id, name)
+    return JobResult(estimate, artifact, None, executor.computed, executor.skipped), report

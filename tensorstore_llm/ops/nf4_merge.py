@@ -284,3 +284,6 @@ def _whole_error_map(ctx, params, w, a, b, magnitude):
 def nf4_dora_transposed_error_op(ctx, params, w, a, b, magnitude):
     """A reduction only (one pass over the whole tensor); never computes output rows."""
     raise NotImplementedError("nf4_dora_transposed_error is a reduction job")
+
+
+from . import nf4_pack  # noqa: E402,F401  (registers the packed NF4 ops)

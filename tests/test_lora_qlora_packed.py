@@ -1,0 +1,143 @@
+"""`tsllm lora merge --base-quant nf4 --requantize nf4-packed`: a QLoRA merge written as a
+bitsandbytes 4-bit checkpoint, streamed. The reference is independent: transformers + bitsandbytes
+quantising the dense merge themselves (`from_pretrained(..., quantization_config=BitsAndBytesConfig
+(load_in_4bit, nf4, double quant))` then `save_pretrained`); ours must equal that checkpoint tensor
+for tensor, load in transformers with the same logits, and dequantise (our reader and bitsandbytes')
+to the dense `--requantize nf4` merge."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e .[test]); QLoRA merge tests skipped")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[quant]); "
+                          "packed NF4 checked against bnb_state tests in test_lora_nf4.py only")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tensorstore_llm.errors import RecipeError, ShapeMismatch  # noqa: E402
+from tensorstore_llm.lora import nf4 as N  # noqa: E402
+from tensorstore_llm.lora.api import merge_adapter  # noqa: E402
+from tensorstore_llm.lora.qlora import qlora_merge  # noqa: E402
+from tensorstore_llm.store import Store  # noqa: E402
+
+# in_features multiples of 64 (hidden 64, intermediate 192); a vocabulary and lm_head that are not
+SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+CASES = {
+    "plain-embedding": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "gate_proj"]),
+}
+
+
+def _base(path, sizes=SIZES):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).to(torch.bfloat16).save_pretrained(path)
+
+
+def _adapter(base, path, config):
+    """Factors that are multiples of 1/64 with few bits: B @ A is exact in fp32 in any summation
+    order, so row blocks and whole tensors give the same merge (the test isolates the packing)."""
+    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(torch.round(noise * 8) / 64 if "magnitude" not in n else p + 0.05 * noise)
+    pm.save_pretrained(str(path))
+
+
+def _bnb_config():
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _load_4bit(path, **kwargs):
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", **kwargs)
+    except (ImportError, RuntimeError, ValueError) as e:    # a transformers / bitsandbytes pair without CPU 4-bit
+        pytest.skip(f"transformers does not load bitsandbytes 4-bit models on this CPU ({type(e).__name__}: {e})")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_merge_equals_transformers_own_4bit_checkpoint(tmp_path, cli, case):
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "adapter", peft.LoraConfig(**CASES[case]))
+    dense_report = merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "dense"),
+                                 base_quant="nf4", requantize=None)
+    merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "roundtrip"), base_quant="nf4",
+                  requantize="nf4")
+    reference_model = _load_4bit(tmp_path / "dense", quantization_config=_bnb_config())
+    reference_model.save_pretrained(str(tmp_path / "reference"))
+    reference = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    roundtrip = load_file(str(tmp_path / "roundtrip" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    ids = torch.tensor([[1, 5, 7, 9, 3, 96]])
+    for budget in ("64M", "24K"):                  # whole tensors, then row blocks of a few rows
+        out = tmp_path / f"out-{budget}"
+        code, _, err = cli("-q", "--store", tmp_path / f"store-{budget}", "lora", "merge", tmp_path / "base",
+                           tmp_path / "adapter", "--base-quant", "nf4", "--requantize", "nf4-packed",
+                           "--max-memory", budget, "-o", out)
+        assert code == 0, err
+        ours = load_file(str(out / "model.safetensors"))
+        assert set(ours) == set(reference)
+        for name, value in reference.items():
+            assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), (case, budget, name)
+        config, ref_config = (json.loads((d / "config.json").read_text()) for d in (out, tmp_path / "reference"))
+        assert config["quantization_config"] == ref_config["quantization_config"]
+        # our reader and bitsandbytes' both dequantise it to the dense --requantize nf4 merge (weights the
+        # adapter leaves alone: to dequant(NF4(W)))
+        for name in [k[: -len(".quant_state.bitsandbytes__nf4")] for k in ours if k.endswith("bitsandbytes__nf4")]:
+            expected = roundtrip[name] if name in dense_report["changed"] else N.nf4_roundtrip(base[name])
+            mine = N.dequantize_nf4(N.from_bnb_state_dict(ours, name))
+            param = bnb.nn.Params4bit.from_prequantized(
+                data=ours[name], quantized_stats={k[len(name) + 1:]: v for k, v in ours.items() if k.startswith(name + ".")},
+                device="cpu")
+            theirs = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+            assert torch.equal(mine, expected) and torch.equal(theirs, expected), name
+    with torch.no_grad():
+        assert torch.equal(_load_4bit(tmp_path / "out-24K")(ids).logits, reference_model(ids).logits)
+    # the report: the same ||q|| / ||delta|| as the in-memory path, and the requantisation error
+    result = qlora_merge(Store(str(tmp_path / "store-24K")), str(tmp_path / "base"), str(tmp_path / "adapter"),
+                         requantize="nf4-packed", max_memory="24K", progress=False)
+    assert max(j.blocks for j in result.estimate.jobs) > 1
+    dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    modules = result.analysis["modules"]
+    for module, info in dense_report["modules"].items():
+        if module.endswith("embed_tokens"):
+            assert module not in modules or not modules[module].get("packed")
+            continue
+        mine = modules[module]
+        assert mine["q_over_delta"] == pytest.approx(info["q_over_delta"], rel=1e-5)
+        w = module + ".weight"
+        adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        A = adapter[f"base_model.model.{module}.lora_A.weight"].float()
+        B = adapter[f"base_model.model.{module}.lora_B.weight"].float()
+        delta = (B @ A) * info["scaling"]
+        direct = float((dense[w].float() - roundtrip[w].float()).norm() / delta.norm())
+        assert mine["requant_error"] == pytest.approx(direct, rel=1e-5), module
+
+
+def test_packed_merge_refuses_rows_that_are_not_whole_blocks(tmp_path, cli):
+    sizes = {**SIZES, "intermediate_size": 100}     # down_proj: in_features 100
+    _base(tmp_path / "base", sizes)
+    _adapter(tmp_path / "base", tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    code, _, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "base", tmp_path / "adapter",
+                       "--base-quant", "nf4", "--requantize", "nf4-packed", "-o", tmp_path / "out")
+    assert code != 0 and "down_proj.weight" in err and "multiple of" in err and "64" in err
+    assert not (tmp_path / "out").exists() and Store(str(tmp_path / "store")).list() == []
+    with pytest.raises(ShapeMismatch, match="down_proj"):
+        qlora_merge(Store(str(tmp_path / "store")), str(tmp_path / "base"), str(tmp_path / "adapter"),
+                    requantize="nf4-packed", progress=False)
+    code, _, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "base", tmp_path / "adapter",
+                       "--requantize", "nf4-packed")
+    assert code == 2 and "--base-quant" in err
+    with pytest.raises(RecipeError, match="streamed merge"):
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "mem"), base_quant="nf4",
+                      requantize="nf4-packed")
+    assert not os.path.exists(tmp_path / "mem")
