@@ -215,25 +215,87 @@ def cmd_overhead(args):
 
 
 def cmd_learn(args):
-    from tensorstore_llm.distill.learning import run_learning_experiment
+    """Train the students (``--methods``, ``--seeds``) and print / save their held-out KL and ECE."""
+    import json
+
+    from tensorstore_llm.distill.learning import cpython_docstrings, run_learning_experiment
+    from tensorstore_llm.hf.models import load_causal_lm
 
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = tuple(args.methods.split(","))
+    checkpoints = [int(x) for x in args.checkpoints.split(",")] if args.checkpoints else None
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tsllm-learn-")
+    lm = load_causal_lm(smollm2_checkpoint())
+    setup = {"corpus": args.corpus, "seq_len": args.seq_len, "steps": args.steps, "held_out": args.held_out}
+    corpus, held_out_corpus = CORPUS, None
+    if args.corpus == "cpython":
+        built = cpython_docstrings(os.path.join(workdir, "cpython-docstrings"), lm.tokenizer,
+                                   train_tokens=args.train_tokens, held_out_tokens=args.held_out * args.seq_len + 256)
+        corpus, held_out_corpus = built["train"]["path"], built["held_out"]["path"]
+        setup["cpython_docstrings"] = built
+        print(f"corpus: docstrings of Python {built['python']}'s standard library ({built['stdlib_files_read']} files): "
+              f"{built['train']['tokens']} training tokens in {built['train']['documents']} docstrings, "
+              f"{built['held_out']['tokens']} held-out tokens in {built['held_out']['documents']}")
     t0 = time.perf_counter()
     results = run_learning_experiment(steps=args.steps, seeds=seeds, seq_len=args.seq_len, log=print, methods=methods,
-                                      workdir=args.workdir)
-    unique = results.pop("unique_per_position")[0]
-    print(f"RS-KD cache: {unique:.1f} unique ids/position; top-k cache: k = {int(np.ceil(unique))} "
-          f"({time.perf_counter() - t0:.0f} s)")
-    marks = [round(args.steps * (j + 1) / 3) for j in range(3)]
-    print(f"held-out KL to the teacher at steps {marks}, mean over seeds {seeds} [min, max]:")
-    for name, kls in results.items():
-        per_seed = np.array(kls).reshape(len(seeds), 3)
-        print(f"{name:8} " + "  ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
-                                     zip(per_seed.mean(0), per_seed.min(0), per_seed.max(0))))
-    if "rs-kd" in results and "top-k" in results:
-        gap = np.array(results["top-k"]).reshape(len(seeds), 3) - np.array(results["rs-kd"]).reshape(len(seeds), 3)
-        print(f"top-k minus RS-KD per seed and step: {np.round(gap, 3).tolist()}")
+                                      workdir=workdir, corpus=corpus, held_out_corpus=held_out_corpus,
+                                      held_out=args.held_out, checkpoints=checkpoints, teacher=lm)
+    setup["seconds"] = time.perf_counter() - t0
+    setup["load_average"] = os.getloadavg()
+    runs = {m: dict(zip(map(str, seeds), results[m])) for m in methods}
+    record = {"setup": setup, **{k: results[k] for k in ("unique_per_position", "k", "train_sequences", "teacher_ece")},
+              "runs": runs}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+    report([record], args.margin)
+
+
+def report(records: list[dict], margin: float | None) -> None:
+    """Print the learning table of one or more ``learn --json`` records (same setup and caches);
+    with ``margin``, exit non-zero unless RS-KD's mean KL is below top-k's by at least ``margin``
+    nats and by more than twice the standard deviation of the per-seed gap, at every checkpoint."""
+    runs: dict = {}
+    for r in records:
+        for method, per_seed in r["runs"].items():
+            runs.setdefault(method, {}).update(per_seed)
+    first = records[0]
+    print(f"{first['train_sequences']} training sequences; RS-KD cache {first['unique_per_position']:.2f} unique "
+          f"ids/position, top-k k = {first['k']}; teacher's own held-out ECE {first['teacher_ece']:.4f}")
+    steps = [e["step"] for e in next(iter(next(iter(runs.values())).values()))]
+    print(f"held-out KL to the teacher | ECE of top-1 vs the next token, at steps {steps}; mean [min, max] over seeds")
+    table = {}
+    for method, per_seed in runs.items():
+        kl = np.array([[e["kl"] for e in evals] for evals in per_seed.values()])
+        ece = np.array([[e["ece"] for e in evals] for evals in per_seed.values()])
+        table[method] = (sorted(per_seed, key=int), kl)
+        cells = "  ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}] | {e:.4f}" for m, lo, hi, e in
+                          zip(kl.mean(0), kl.min(0), kl.max(0), ece.mean(0)))
+        print(f"{method:6} seeds {','.join(sorted(per_seed, key=int)):6} {cells}")
+    if "rs-kd" not in table or "top-k" not in table:
+        return
+    seeds = sorted(set(table["rs-kd"][0]) & set(table["top-k"][0]), key=int)
+    pick = lambda m: table[m][1][[table[m][0].index(s) for s in seeds]]   # noqa: E731
+    gap = pick("top-k") - pick("rs-kd")
+    spread = gap.std(0, ddof=1) if len(seeds) > 1 else np.zeros(gap.shape[1])
+    print(f"top-k minus RS-KD, seeds {seeds}: per seed {np.round(gap, 3).tolist()}")
+    print(f"  mean {np.round(gap.mean(0), 3).tolist()}, standard deviation across seeds {np.round(spread, 3).tolist()}")
+    if margin is not None:
+        short = [(s, float(g), float(sd)) for s, g, sd in zip(steps, gap.mean(0), spread) if g < max(margin, 2 * sd)]
+        if short:
+            sys.exit(f"RS-KD's lead over top-k missed the margin (>= {margin} nats and > 2 standard deviations of the "
+                     f"per-seed gap) at (step, mean gap, std): {short}")
+        print(f"RS-KD leads top-k by >= {margin} nats and > 2 standard deviations at every checkpoint")
+
+
+def cmd_learn_report(args):
+    import json
+
+    records = []
+    for path in args.records:
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+    report(records, args.margin)
 
 
 def _vm(field: str) -> float:
@@ -285,7 +347,15 @@ def cmd_rss(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["bytes", "overhead", "learn", "rss", "rss-precompute", "rss-read"])
+    parser.add_argument("what", choices=["bytes", "overhead", "learn", "learn-report", "rss", "rss-precompute", "rss-read"])
+    parser.add_argument("records", nargs="*", help="learn-report: JSON files written by learn --json")
+    parser.add_argument("--corpus", choices=["data", "cpython"], default="data",
+                        help="learn: data/corpus, or docstrings of this Python's standard library")
+    parser.add_argument("--train-tokens", type=int, default=41_000, help="learn --corpus cpython: training tokens")
+    parser.add_argument("--held-out", type=int, default=6, help="learn: held-out sequences")
+    parser.add_argument("--checkpoints", help="learn: steps to evaluate at, e.g. 25,50,100,150 (default: thirds)")
+    parser.add_argument("--json", help="learn: also write the results here")
+    parser.add_argument("--margin", type=float, help="learn / learn-report: fail unless RS-KD leads top-k by this")
     parser.add_argument("--out", help="rss-precompute / rss-read: the dataset directory")
     parser.add_argument("--workdir", help="learn: keep (and reuse) the caches here")
     parser.add_argument("--seq-len", type=int, help="tokens per packed sequence (learn: 128, the others: 512)")
@@ -305,7 +375,7 @@ def main():
     if args.seq_len is None:
         args.seq_len = 128 if args.what == "learn" else 512
     torch.set_num_threads(args.threads)
-    {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn, "rss": cmd_rss, "rss-precompute": cmd_rss_precompute,
+    {"bytes": cmd_bytes, "overhead": cmd_overhead, "learn": cmd_learn, "learn-report": cmd_learn_report, "rss": cmd_rss, "rss-precompute": cmd_rss_precompute,
      "rss-read": cmd_rss_read}[args.what](args)
 
 
