@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from tensorstore_llm.errors import FormatError, ShapeMismatch
-from tensorstore_llm.lora.nf4 import (LUT_SIZE, NF4_CODE, NF4Tensor, dequantize_nf4, double_quantized_absmax,
-                                      dynamic_map, from_bnb_state_dict, normal_map, quantization_error_ratio,
-                                      quantize_blockwise_8bit, quantize_nf4, to_bnb_state_dict)
+from tensorstore_llm.lora.nf4 import (
+    LUT_SIZE,
+    NF4_CODE,
+    dequantize_nf4,
+    double_quantized_absmax,
+    dynamic_map,
+    from_bnb_state_dict,
+    normal_map,
+    quantization_error_ratio,
+    quantize_blockwise_8bit,
+    quantize_nf4,
+    to_bnb_state_dict,
+)
 from tensorstore_llm.lora.packed import AWQ_ORDER, dequantize_awq, dequantize_gptq
 
 try:

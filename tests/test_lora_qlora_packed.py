@@ -17,20 +17,20 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[quant]); "
                           "packed NF4 checked against bnb_state tests in test_lora_nf4.py only")
 
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-from tensorstore_llm.errors import RecipeError, ShapeMismatch  # noqa: E402
-from tensorstore_llm.lora import nf4 as N  # noqa: E402
-from tensorstore_llm.lora.api import merge_adapter  # noqa: E402
-from tensorstore_llm.lora.qlora import qlora_merge  # noqa: E402
-from tensorstore_llm.store import Store  # noqa: E402
+from tensorstore_llm.errors import RecipeError, ShapeMismatch
+from tensorstore_llm.lora import nf4 as N
+from tensorstore_llm.lora.api import merge_adapter
+from tensorstore_llm.lora.qlora import qlora_merge
+from tensorstore_llm.store import Store
 
 # in_features multiples of 64 (hidden 64, intermediate 192); a vocabulary and lm_head that are not
-SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, tie_word_embeddings=False)
+SIZES = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "tie_word_embeddings": False}
 CASES = {
-    "plain-embedding": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
-    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "gate_proj"]),
+    "plain-embedding": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]},
+    "dora": {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["k_proj", "gate_proj"]},
 }
 
 

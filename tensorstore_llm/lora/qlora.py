@@ -30,7 +30,7 @@ QUANTIZED_SUFFIXES = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbyt
 
 def is_quantized(source: TensorSource) -> bool:
     """Whether ``source`` holds bitsandbytes / GPTQ / AWQ quantised weights (not streamed here)."""
-    return any(k.endswith(QUANTIZED_SUFFIXES) for k in source.keys())
+    return any(k.endswith(QUANTIZED_SUFFIXES) for k in source.keys())  # noqa: SIM118  (a TensorSource is not iterable)
 
 
 def nf4_plans(plan: Plan, adapter: LoraAdapter, *, requantize: bool = False) -> tuple[Plan, Plan]:
@@ -105,9 +105,8 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
     from ..runs import JobResult, export, resolve_input, run_plan
     from .artifacts import check_binding, refuse_other_base
     from .jobs import _lora_only, open_adapter_ref
-    from .plans import plan_lora_merge
-
     from .nf4_packed import PACKED
+    from .plans import plan_lora_merge
 
     requantize = {True: "nf4", False: None}.get(requantize, requantize) if isinstance(requantize, bool) else requantize
     if requantize not in (None, "nf4", PACKED):
@@ -157,7 +156,13 @@ def _run_packed(store, plain: Plan, swapped: Plan, lora: LoraAdapter, *, scale, 
     from ..engine.options import RunOptions
     from ..runs import JobResult, run_record, stream_into
     from ..store import job_key
-    from .nf4_packed import BnbPackedSink, dense_dtype, packed_plans, quantized_config, run_report
+    from .nf4_packed import (
+        BnbPackedSink,
+        dense_dtype,
+        packed_plans,
+        quantized_config,
+        run_report,
+    )
 
     plan, report_plan, packed = packed_plans(plain, swapped, where=where + " --requantize nf4-packed")
     files = quantized_config(files or {}, dense_dtype(packed), where)

@@ -286,4 +286,4 @@ def nf4_dora_transposed_error_op(ctx, params, w, a, b, magnitude):
     raise NotImplementedError("nf4_dora_transposed_error is a reduction job")
 
 
-from . import nf4_pack  # noqa: E402,F401  (registers the packed NF4 ops)
+from . import nf4_pack  # noqa: F401  (registers the packed NF4 ops)

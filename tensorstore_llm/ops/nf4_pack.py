@@ -26,8 +26,19 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import by_name
-from .nf4_merge import (BLOCK, Nf4MergeParams, _absmax_map, _absmax_reduce, _add, _error_map, _merged_rows,
-                        _requant_error_map, _sums, absmax_of, block_maxes)
+from .nf4_merge import (
+    BLOCK,
+    Nf4MergeParams,
+    _absmax_map,
+    _absmax_reduce,
+    _add,
+    _error_map,
+    _merged_rows,
+    _requant_error_map,
+    _sums,
+    absmax_of,
+    block_maxes,
+)
 from .registry import StatsPass, op
 
 __all__ = ["Nf4PackParams", "pack_scales"]
