@@ -243,7 +243,8 @@ def identical_header(code: int, n: int, flag: int) -> bytes:
 
 def parse_v2(data: bytes):
     """(dtype code, k, flags, n, escapes, table section, lane words with two zero words appended,
-    lane starts, lane bit counts, low blob, escape blob); CodecError on inconsistent sizes."""
+    lane starts, lane bit counts, low blob, escape blob); CodecError on inconsistent sizes. The
+    section and the blobs are memoryviews of ``data`` (no copies)."""
     if len(data) < HEADER.size:
         raise CodecError(f"exact delta: {len(data)} bytes is shorter than the format-2 header")
     _, _, code, k, flags, n, n_esc, n_tab, n_low, n_esc_blob, *bit_counts = HEADER.unpack_from(data)
@@ -251,14 +252,17 @@ def parse_v2(data: bytes):
     total = HEADER.size + n_tab + 8 * sum(lane_words) + n_low + n_esc_blob
     if total != len(data):
         raise CodecError(f"exact delta: header promises {total} bytes, got {len(data)}")
+    view = memoryview(data)                               # slices of it copy nothing
     at = HEADER.size
-    section = data[at:at + n_tab]
+    section = view[at:at + n_tab]
     at += n_tab
-    words = np.zeros(sum(lane_words) + 2, np.uint64)      # two zero words: a window at a lane's end stays inside
-    words[:-2] = np.frombuffer(data, "<u8", sum(lane_words), at)
-    at += 8 * sum(lane_words)
+    n_words = sum(lane_words)
+    words = np.empty(n_words + 2, np.uint64)              # two zero words: a window at a lane's end stays inside
+    words[:n_words] = np.frombuffer(data, "<u8", n_words, at)
+    words[n_words:] = 0
+    at += 8 * n_words
     starts = np.cumsum([0] + lane_words)[:-1].astype(np.int64)
-    low_blob, esc_blob = data[at:at + n_low], data[at + n_low:]
+    low_blob, esc_blob = view[at:at + n_low], view[at + n_low:]
     return code, k, flags, n, n_esc, section, words, starts, np.array(bit_counts, np.int64), low_blob, esc_blob
 
 

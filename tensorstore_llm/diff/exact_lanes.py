@@ -23,6 +23,7 @@ MAX_LEN = 11                      # longest code, bits; decode tables have 2**MA
 TABLE_SIZE = 1 << MAX_LEN
 ESCAPE = 255
 CHUNK = 1 << 14             # elements decoded and applied at a time (stays in L1 / L2)
+GROUP = 5                   # symbols per lane decoded from one 64-bit window (5 x MAX_LEN <= 64)
 
 try:   # optional accelerator: same bytes, compiled passes
     import numba as _numba
@@ -132,29 +133,32 @@ if _numba is not None:
         return (words[q] >> r) | ((words[q + np.uint64(1)] << np.uint64(1)) << (np.uint64(63) - r))
 
     @_numba.njit(nogil=True)
-    def _lanes_chunk(words, ends, dec, ctx_off, base, eshift, emask, sym, pos, i0, i1):
-        """Symbols of elements ``i0:i1`` (i0 a multiple of 16) into ``sym[0:i1 - i0]``, lane bit
-        positions carried in ``pos``. A table entry is ``(symbol << 8) | length``. Returns False
-        as soon as a lane is past its end: each group of 4 symbols per lane reads one 64-bit
-        window (4 x MAX_LEN = 44 bits) and starts only while every lane is within its own bits,
-        so reads never leave ``words`` (which carries two zero words past the last lane: a window
-        read at a lane's very end, bit position a multiple of 64, reads the word after next)."""
+    def _lanes_chunk(words, ends, dec, ctx, base, eshift, sym, pos, i0, i1):
+        """Symbols of elements ``i0:i1`` (i0 a multiple of 4) into ``sym[0:i1 - i0]``, lane bit
+        positions carried in ``pos``; ``ctx[base >> eshift]`` is the offset of the element's
+        table in ``dec`` (the sign bit included in the index, so no mask). A table entry is
+        ``(symbol << 8) | length``. Returns False as soon as a lane is past its end: each group
+        of GROUP symbols per lane reads one 64-bit window (GROUP x MAX_LEN = 55 bits) and starts
+        only while every lane is within its own bits, so reads never leave ``words`` (which
+        carries two zero words past the last lane: a window read at a lane's very end, bit
+        position a multiple of 64, reads the word after next)."""
         mask = np.uint64(TABLE_SIZE - 1)
-        sh, em = np.uint64(eshift), np.uint64(emask)         # unsigned indices: no wraparound checks
+        sh = np.uint64(eshift)                               # unsigned indices: no wraparound checks
         p0, p1, p2, p3 = pos[0], pos[1], pos[2], pos[3]
-        full = i0 + (i1 - i0) // 16 * 16
-        for g in range(i0, full, 16):
+        step = GROUP * LANES
+        full = i0 + (i1 - i0) // step * step
+        for g in range(i0, full, step):
             if p0 > ends[0] or p1 > ends[1] or p2 > ends[2] or p3 > ends[3]:
                 return False
             w0, w1, w2, w3 = _window(words, p0), _window(words, p1), _window(words, p2), _window(words, p3)
             c0 = c1 = c2 = c3 = np.uint64(0)
-            for r in range(4):
+            for r in range(GROUP):
                 i = np.uint64(g + r * 4)
                 j = np.uint64(g - i0 + r * 4)
-                x0 = np.uint64(dec[ctx_off[(np.uint64(base[i]) >> sh) & em] + (w0 & mask)])
-                x1 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(1)]) >> sh) & em] + (w1 & mask)])
-                x2 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(2)]) >> sh) & em] + (w2 & mask)])
-                x3 = np.uint64(dec[ctx_off[(np.uint64(base[i + np.uint64(3)]) >> sh) & em] + (w3 & mask)])
+                x0 = np.uint64(dec[np.uint64(ctx[np.uint64(base[i]) >> sh]) + (w0 & mask)])
+                x1 = np.uint64(dec[np.uint64(ctx[np.uint64(base[i + np.uint64(1)]) >> sh]) + (w1 & mask)])
+                x2 = np.uint64(dec[np.uint64(ctx[np.uint64(base[i + np.uint64(2)]) >> sh]) + (w2 & mask)])
+                x3 = np.uint64(dec[np.uint64(ctx[np.uint64(base[i + np.uint64(3)]) >> sh]) + (w3 & mask)])
                 l0, l1, l2, l3 = x0 & np.uint64(63), x1 & np.uint64(63), x2 & np.uint64(63), x3 & np.uint64(63)
                 w0, w1, w2, w3 = w0 >> l0, w1 >> l1, w2 >> l2, w3 >> l3
                 c0, c1, c2, c3 = c0 + l0, c1 + l1, c2 + l2, c3 + l3
@@ -164,11 +168,11 @@ if _numba is not None:
                 sym[j + np.uint64(3)] = x3 >> np.uint64(8)
             p0, p1, p2, p3 = p0 + np.int64(c0), p1 + np.int64(c1), p2 + np.int64(c2), p3 + np.int64(c3)
         pos[0], pos[1], pos[2], pos[3] = p0, p1, p2, p3
-        for i in range(full, i1):                                 # the block's tail, one at a time
+        for i in range(full, i1):                                 # the chunk's tail, one at a time
             lane = i & 3
             if pos[lane] > ends[lane]:
                 return False
-            x = np.uint64(dec[ctx_off[(np.uint64(base[i]) >> sh) & em] + (_window(words, pos[lane]) & mask)])
+            x = np.uint64(dec[np.uint64(ctx[np.uint64(base[i]) >> sh]) + (_window(words, pos[lane]) & mask)])
             pos[lane] += np.int64(x & np.uint64(0xFF))
             sym[i - i0] = x >> 8
         return True
@@ -206,10 +210,13 @@ if _numba is not None:
         ends = pos + bit_counts
         sym = np.empty(CHUNK, np.uint8)
         esc_at = np.empty(CHUNK, np.int64)
+        ctx = np.empty(1 << (bits - eshift), np.uint32)          # table offset by base >> eshift, sign included
+        for v in range(ctx.size):
+            ctx[v] = np.uint32(ctx_off[v & emask])
         found = 0
         for i0 in range(0, n, CHUNK):
             i1 = min(n, i0 + CHUNK)
-            if not _lanes_chunk(words, ends, dec, ctx_off, base, eshift, emask, sym, pos, i0, i1):
+            if not _lanes_chunk(words, ends, dec, ctx, base, eshift, sym, pos, i0, i1):
                 return False, found
             ne = _escapes_chunk(sym, i1 - i0, i0, esc_at, 0)
             if bits == 16 and kb == 0:
@@ -341,28 +348,30 @@ if _numba is not None:
             if m > 256 or at + (m + 1) // 2 > size:
                 return offsets, dec, 1
             kraft = 0
-            for s in range(256):
-                length = 0
-                if s < m:
-                    byte = np.int64(section[at + s // 2])
-                    length = (byte >> (4 * (s & 1))) & 0xF
+            counts = np.zeros(MAX_LEN + 2, np.int64)
+            for s in range(m):
+                byte = np.int64(section[at + s // 2])
+                length = (byte >> (4 * (s & 1))) & 0xF
                 if length > MAX_LEN:
                     return offsets, dec, 2
                 lengths[s] = length
+                counts[length] += 1
                 if length:
                     kraft += 1 << (MAX_LEN - length)
             at += (m + 1) // 2
             if kraft != TABLE_SIZE:
                 return offsets, dec, 2
-            left = 0                                          # canonical: (length, symbol) order
+            left = np.zeros(MAX_LEN + 2, np.int64)          # canonical: (length, symbol) order
             for length in range(1, MAX_LEN + 1):
-                span = 1 << (MAX_LEN - length)
-                for s in range(256):
-                    if lengths[s] == length:
-                        entry = np.uint16((s << 8) | length)
-                        for v in range(left, left + span):
-                            table[reversed_bits[v]] = entry
-                        left += span
+                left[length + 1] = left[length] + (counts[length] << (MAX_LEN - length))
+            for s in range(m):                              # symbols ascending: each takes the next code
+                length = lengths[s]
+                if length:
+                    span = 1 << (MAX_LEN - length)
+                    entry = np.uint16((s << 8) | length)
+                    for v in range(left[length], left[length] + span):
+                        table[reversed_bits[v]] = entry
+                    left[length] += span
         if at != size:
             return offsets, dec, 1
         return offsets, dec, 0

@@ -167,8 +167,11 @@ def decode_stages(base: dict, ft: dict, repeat: int = 7, block_bytes: int = 8 <<
         pos = starts * 64
         ends = pos + bit_counts
         sym = np.empty(chunk, np.uint8)
+        ctx = np.empty(512, np.uint32)                   # bf16: offset by base >> 7, as undelta_nb builds it
+        for v in range(512):
+            ctx[v] = np.uint32(ctx_off[v & 0xFF])
         for i0 in range(0, b.size, chunk):
-            lanes_chunk(words, ends, dec, ctx_off, b, 7, 0xFF, sym, pos, i0, min(b.size, i0 + chunk))
+            lanes_chunk(words, ends, dec, ctx, b, 7, sym, pos, i0, min(b.size, i0 + chunk))
 
     def whole(k):
         p = parsed[k]
