@@ -98,23 +98,30 @@ def export_cmd(ctx, ref, out_dir, base):
 @click.option("--base-quant", type=click.Choice(["nf4"]), help="QLoRA: merge into dequant(NF4(W)), the weights the adapter was trained against (streamed; an already quantised base is dequantised in memory into -o DIR).")
 @click.option("--requantize", type=click.Choice(["nf4", "nf4-packed"]), help="With --base-quant: report ||W' - dequant(NF4(W'))|| per layer and write nf4: dequant(NF4(W')) dense, or nf4-packed: a bitsandbytes 4-bit checkpoint (every Linear weight packed, quantization_config in config.json; loads with transformers + bitsandbytes).")
 @click.option("--name", help="Tag for the merged artifact.")
-@click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the merge to this Hugging Face directory.")
-@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the export with -o.")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="Write the merge straight into this Hugging Face directory (one write, with a model card; the "
+                   "store keeps its lineage, not a second copy).")
+@click.option("--keep-artifact", is_flag=True, help="With -o: also keep the merged checkpoint in the store (writes it twice).")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the -o output.")
 @compute_options
 @click.pass_context
-def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name, out_dir, max_shard_size, device,
-              max_memory, compression, dry_run):
+def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name, out_dir, keep_artifact, max_shard_size,
+              device, max_memory, compression, dry_run):
     """Merge ADAPTER (a lora artifact or PEFT directory) into BASE (artifact, HF directory or hub repo).
 
     Targeted weights become W + s*B*A with s = lora_alpha/r (alpha/sqrt(r) with use_rslora),
     rank_pattern / alpha_pattern honoured; DoRA adapters give m*(W + s*B*A)/||W + s*B*A||.
     Computed in fp32 and rounded once to the base's dtype: PEFT's merge_and_unload() result.
-    W streams in row blocks within --max-memory; the result is a new checkpoint artifact.
+    W streams in row blocks within --max-memory; the result is a new checkpoint artifact, or
+    with -o DIR the Hugging Face directory DIR (written once, published whole or not at all; the
+    store keeps a tensorless record of its lineage; --keep-artifact stores the checkpoint too).
     An adapter artifact bound to another base is refused unless --transfer. Prefix-tuning
     adapters cannot be merged (they are not weight updates).
     """
     if requantize and not base_quant:
         raise click.UsageError("--requantize needs --base-quant nf4")
+    if keep_artifact and not out_dir:
+        raise click.UsageError("--keep-artifact only applies with -o/--output")
     if base_quant and _quantized_dir(base):
         return _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir)
     from tensorstore_llm.lora.jobs import lora_merge
@@ -126,7 +133,7 @@ def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name,
     if base_quant:
         result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize, **options)
     else:
-        result = lora_merge(store_of(ctx), base, adapter, **options)
+        result = lora_merge(store_of(ctx), base, adapter, keep_artifact=keep_artifact, **options)
     if dry_run:
         return print_estimate(result.estimate)
     moved = (result.analysis or {}).get("transfer")
@@ -137,6 +144,10 @@ def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name,
         _print_modules(result.analysis["modules"], ("rank", "q_over_delta") + (("requant_error",) if requantize else ()),
                        ctx.obj["quiet"], limit=1000)
     report(result, f"merged {adapter} into {'dequant(NF4(' + base + '))' if base_quant else base}", ctx.obj["quiet"])
+    if out_dir and not ctx.obj["quiet"] and result.artifact is not None:
+        kept = f"lineage record {result.artifact.short_id}" if result.artifact.kind == "export" \
+            else f"checkpoint {result.artifact.short_id}"
+        click.echo(f"written to {result.output} ({kept} in the store)")
 
 
 def _quantized_dir(base: str) -> bool:

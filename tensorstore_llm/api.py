@@ -14,29 +14,24 @@ import math
 import os
 
 from .dtypes import by_name
-from .engine import Executor, Plan, plan_map, resolve_device
+from .engine import plan_map
 from .engine.options import RunOptions
 from .errors import InvalidParameter
-from .io.hf_dir import HFCheckpointSink
-from .lora.plans import open_adapter, plan_lora_merge
 from .merge import soup
-from .merge.card import merge_files, with_chat_template
+from .merge.card import with_chat_template
 from .merge.recipe import load_recipe, prepare_merge
 from .merge.slices import with_depth
 from .runs import (
     JobResult,
     check_float_target,
     export,
-    keep_or_discard,
     open_store,
     resolve_input,
     run_plan,
-    run_record,
-    stream_into,
+    run_plan_into_dir,
     with_dtype,
 )
-from .store import Store, job_key
-from .units import parse_size
+from .store import Store
 
 __all__ = ["JobResult", "RunOptions", "convert", "export", "greedy_soup", "import_checkpoint", "lora_merge", "merge",
            "open_store", "resolve_input", "run_plan", "weighted_sum"]
@@ -152,8 +147,9 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
             recipe_record["arithmetic"] = arithmetic
         recipe_record.update(prepared.record)
         if out_dir and not keep_artifact and not opts.dry_run:
-            result = _merge_into_dir(store, plan, parents, recipe_record, files, out_dir, max_shard_size, name,
-                                     f"merge {parsed.method}", opts)
+            result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe_record, files=files,
+                                       max_shard_size=max_shard_size, name=name, desc=f"merge {parsed.method}",
+                                       options=opts)
         else:
             result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe_record,
                               files=files, name=name, desc=f"merge {parsed.method}", options=opts)
@@ -166,36 +162,6 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     finally:
         for source, _, _ in opened.values():
             source.close()
-
-
-def _merge_into_dir(store: Store, plan: Plan, parents: list, recipe_record: dict, files: dict, out_dir: str,
-                    max_shard_size, name: str | None, desc: str, opts: RunOptions) -> JobResult:
-    """Stream ``plan`` into the HF directory ``out_dir`` (resumable, published whole or not at all),
-    then commit its lineage as a tensorless ``export`` artifact."""
-    executor = Executor(plan, None, opts, desc=desc)
-    dev = resolve_device(opts.device)
-    shard_bytes = parse_size(max_shard_size)
-    key = job_key("merge-into-dir", plan.fingerprint(), opts.seed, dev.type, shard_bytes, parents, recipe_record)
-    sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
-                            files={**files, **merge_files(recipe_record, parents)}, store_root=store.root)
-    executor.sink = sink
-    estimate = executor.estimate()
-    stream_into(executor, sink)
-    checksums = dict(sink.completed())
-    tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for j in plan.jobs for m in j.outputs()}
-    path = keep_or_discard(sink, sink.commit)
-    run = run_record(opts, dev.type, max_shard_size=shard_bytes)
-    writer = store.create(job_key("export", key, tensors, path))
-    try:
-        writer.prepare([])
-        artifact = writer.commit(kind="export", parents=parents, recipe=recipe_record, run=run,
-                                 info={"output": path, "tensors": tensors})
-    except BaseException:
-        writer.abort()
-        raise
-    if name:
-        store.tag(artifact.id, name)
-    return JobResult(estimate, artifact, path, executor.computed, executor.skipped)
 
 
 def greedy_soup(store: Store, refs: list[str], score, *, name: str | None = None, options: RunOptions | None = None,
@@ -223,37 +189,31 @@ def greedy_soup(store: Store, refs: list[str], score, *, name: str | None = None
 
 
 def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, name: str | None = None,
-               out_dir: str | None = None, max_shard_size="5G", options: RunOptions | None = None,
-               **run_options) -> JobResult:
-    """Merge a PEFT LoRA / DoRA adapter into ``base``, streamed, as a new checkpoint artifact.
+               out_dir: str | None = None, max_shard_size="5G", keep_artifact: bool = False, transfer: bool = False,
+               options: RunOptions | None = None, **run_options) -> JobResult:
+    """Merge a PEFT LoRA / DoRA adapter into ``base``, streamed, as a new checkpoint artifact, or
+    with ``out_dir`` straight into a Hugging Face directory (``lora.jobs.lora_merge``).
 
     Every targeted weight becomes W + s·B·A (s = alpha/r, or alpha/√r for rsLoRA, times
     ``scale``; DoRA: m·(W + s·B·A)/‖W + s·B·A‖), computed in fp32 and rounded once to the base's
     dtype, which is PEFT's ``merge_and_unload()`` result; W is read by row blocks within
     ``max_memory`` and each module's factors are read whole. ``modules_to_save`` tensors replace
-    the base's; the rest is copied. With ``out_dir`` the artifact is also exported there.
+    the base's; the rest is copied. With ``out_dir`` the tensors are written once, into the
+    directory (with a model card), and the store keeps a tensorless ``export`` record of the
+    lineage; ``keep_artifact=True`` stores the checkpoint too and exports it.
 
     Args:
         base: store ref, HF directory or hub repo.
-        adapter: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``;
-            a pickled ``adapter_model.bin`` is refused).
+        adapter: a ``lora`` artifact or a PEFT adapter directory (``adapter_config.json`` +
+            ``adapter_model.safetensors``; a pickled ``adapter_model.bin`` is refused). An
+            artifact bound to another base is refused unless ``transfer``.
     Returns:
-        JobResult of the merge (``artifact`` is the merged checkpoint).
+        JobResult of the merge (``artifact``: the merged checkpoint, or with ``out_dir`` the
+        export record; ``output``: the directory).
     Example:
         >>> lora_merge(store, "base", "./my-adapter", name="merged", max_memory="1G")   # doctest: +SKIP
     """
-    opts = RunOptions.of(options, **run_options)
-    adapter_obj, adapter_source = open_adapter(adapter)
-    source, lineage, files = resolve_input(store, base)
-    with source, adapter_source:
-        plan = plan_lora_merge(source, adapter_obj, adapter_source, scale=scale, where=f"lora merge {adapter}")
-        parents = [{**lineage, "role": "base"},
-                   {"role": "adapter", "external": {"type": "peft-adapter", "path": os.path.abspath(adapter)}}]
-        recipe = {"op": "lora_merge", "scale": scale, "adapter": adapter_obj.describe()}
-        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                          desc="lora merge", options=opts)
-    if out_dir and result.artifact is not None:
-        export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
-               max_memory=opts.max_memory, progress=opts.progress)
-        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
-    return result
+    from .lora.jobs import lora_merge as merge_streamed
+
+    return merge_streamed(store, base, adapter, scale=scale, transfer=transfer, name=name, out_dir=out_dir,
+                          max_shard_size=max_shard_size, keep_artifact=keep_artifact, options=options, **run_options)

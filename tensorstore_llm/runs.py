@@ -114,6 +114,53 @@ def run_plan(store: Store, plan: Plan, *, kind: str, parents=(), source=None, re
     return JobResult(estimate, artifact, None, executor.computed, executor.skipped)
 
 
+def run_plan_into_dir(store: Store, plan: Plan, out_dir: str, *, parents=(), recipe=None, files=None,
+                      max_shard_size="5G", name: str | None = None, desc: str = "tsllm",
+                      options: RunOptions | None = None, **run_options) -> JobResult:
+    """Stream ``plan`` straight into the Hugging Face directory ``out_dir`` (one write), then
+    commit its lineage as an ``export`` artifact that holds no tensors (tagged ``name``).
+
+    The directory gets shards of ``max_shard_size``, the carried ``files`` and, for a merge
+    recipe, the files :func:`merge.card.merge_files` adds (recipe, model card). It is staged beside
+    ``out_dir``, resumable when interrupted, and published whole or not at all. The record's
+    ``info`` holds the directory's path and each tensor's shape, dtype and checksum.
+
+    Returns:
+        JobResult (``artifact``: the record; ``output``: the directory; only ``estimate`` on a
+        dry run).
+    Example:
+        >>> run_plan_into_dir(store, plan, "out/merged", recipe=recipe, max_memory="1G")  # doctest: +SKIP
+    """
+    opts = RunOptions.of(options, **run_options)
+    executor = Executor(plan, None, opts, desc=desc)
+    if opts.dry_run:
+        return JobResult(executor.estimate())
+    parents = list(parents)
+    dev = resolve_device(opts.device)
+    shard_bytes = parse_size(max_shard_size)
+    key = job_key("merge-into-dir", plan.fingerprint(), opts.seed, dev.type, shard_bytes, parents, recipe)
+    sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=key,
+                            files={**(files or {}), **merge_files(recipe, parents)}, store_root=store.root)
+    executor.sink = sink
+    estimate = executor.estimate()
+    stream_into(executor, sink)
+    checksums = dict(sink.completed())
+    tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for j in plan.jobs for m in j.outputs()}
+    path = keep_or_discard(sink, sink.commit)
+    writer = store.create(job_key("export", key, tensors, path))
+    try:
+        writer.prepare([])
+        artifact = writer.commit(kind="export", parents=parents, recipe=recipe,
+                                 run=run_record(opts, dev.type, max_shard_size=shard_bytes),
+                                 info={"output": path, "tensors": tensors})
+    except BaseException:
+        writer.abort()
+        raise
+    if name:
+        store.tag(artifact.id, name)
+    return JobResult(estimate, artifact, path, executor.computed, executor.skipped)
+
+
 def stream_into(executor: Executor, sink) -> None:
     """Run ``executor`` into ``sink`` (see ``keep_or_discard``)."""
     keep_or_discard(sink, executor.run)

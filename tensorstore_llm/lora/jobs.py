@@ -94,18 +94,31 @@ def import_adapter(store: Store, adapter_dir: str, base: str, *, name: str | Non
 
 
 def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, transfer: bool = False,
-               name: str | None = None, out_dir: str | None = None, max_shard_size="5G", **run_options):
-    """Merge a LoRA / DoRA adapter (artifact or PEFT directory) into ``base``, streamed.
+               name: str | None = None, out_dir: str | None = None, max_shard_size="5G", keep_artifact: bool = False,
+               options=None, **run_options):
+    """Merge a LoRA / DoRA adapter (artifact or PEFT directory) into ``base``, streamed, as a new
+    checkpoint artifact, or with ``out_dir`` straight into a Hugging Face directory.
 
     W + s·B·A (DoRA: m·(W + s·B·A)/‖W + s·B·A‖) in fp32, one rounding: PEFT's
     ``merge_and_unload()``. An adapter artifact bound to another base is refused (BaseMismatch)
-    before anything is computed unless ``transfer``; a transfer is recorded in the merged
-    artifact's recipe and returned in ``analysis["transfer"]``.
+    before anything is computed unless ``transfer``; a transfer is recorded in the recipe and
+    returned in ``analysis["transfer"]``.
 
-    Returns: the api ``JobResult`` (``artifact``: the merged checkpoint).
+    With ``out_dir`` the merged tensors are written once, into the directory (shards of
+    ``max_shard_size``, the base's carried files, a model card naming the base and the adapter);
+    the store keeps a tensorless ``export`` record of the lineage (tagged ``name``), as
+    ``tsllm merge -o`` does (:func:`runs.run_plan_into_dir`). ``keep_artifact=True`` stores the
+    checkpoint and exports it (two writes). ``options`` / ``run_options``: ``RunOptions``.
+
+    Returns: the api ``JobResult`` (``artifact``: the merged checkpoint, or the export record;
+    ``output``: the directory).
+    Example: ``lora_merge(store, "base", "./my-adapter", out_dir="merged", max_memory="1G")``.
     """
+    from ..engine.options import RunOptions
+    from ..runs import run_plan_into_dir
     from .plans import plan_lora_merge
 
+    opts = RunOptions.of(options, **run_options)
     opened = open_adapter_ref(store, adapter)
     lora = _lora_only(opened, "lora merge")
     source, lineage, files = resolve_input(store, base)
@@ -121,11 +134,15 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, tra
         if transferred:
             recipe["transfer"] = transferred
         opened.adapter = lora = None   # the plan reads the factors through opened.source: let go of the parsed copy
-        result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                          desc="lora merge", **run_options)
-    if out_dir and result.artifact is not None:
+        if out_dir and not keep_artifact:
+            result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe, files=files,
+                                       max_shard_size=max_shard_size, name=name, desc="lora merge", options=opts)
+        else:
+            result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
+                              desc="lora merge", options=opts)
+    if out_dir and keep_artifact and result.artifact is not None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
-               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+               max_memory=opts.max_memory, progress=opts.progress)
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
     result.analysis = {"transfer": transferred}
     return result

@@ -53,7 +53,12 @@ def model_card(raw: dict, method: str, parents: list[dict], arithmetic: str = "f
 
 def merge_files(recipe_record: dict, parents: list[dict]) -> dict[str, bytes]:
     """``mergekit_config.yml`` and ``README.md`` for a merge whose artifact recipe record is
-    ``recipe_record`` ({"op": "merge", "merge_method", "recipe", ...}); {} for anything else."""
+    ``recipe_record`` ({"op": "merge", "merge_method", "recipe", ...}); a LoRA merge's model card
+    (``lora.card``) for {"op": "lora_merge", ...}; {} for anything else."""
+    if isinstance(recipe_record, dict) and recipe_record.get("op") == "lora_merge":
+        from ..lora.card import lora_merge_files
+
+        return lora_merge_files(recipe_record, parents)
     if not isinstance(recipe_record, dict) or recipe_record.get("op") != "merge" or "recipe" not in recipe_record:
         return {}
     raw, method = recipe_record["recipe"], recipe_record.get("merge_method", "?")
