@@ -140,3 +140,87 @@ def test_resume_after_kill_gives_the_same_bits(tmp_path, tied_family):
     clean = str(tmp_path / "clean")
     assert run_tsllm("--store", clean, "merge", recipe, "--max-memory", "8G").returncode == 0
     assert Store(root).get("m").id == Store(clean).list()[0].id
+
+
+def _awkward_tiles():
+    """(base, model) fp32 tile pairs: bf16-like few-valued deltas (many ties), signed zeros,
+    infinities and NaNs, a 1-row and a ragged shape."""
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(64, 96, generator=g) * 0.02).to(torch.bfloat16).float()
+    model = (base + torch.randint(-4, 5, base.shape, generator=g).float() / 512).to(torch.bfloat16).float()
+    special = model.clone()
+    special[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    special[1, :2] = base[1, :2]                     # zero deltas
+    special[2, :1] = -float("nan")
+    yield base, model
+    yield base, special
+    yield base[:1], model[:1]
+    yield base.reshape(-1)[:1000], model.reshape(-1)[:1000]
+
+
+@pytest.mark.parametrize("tile", range(4))
+def test_compiled_statistics_equal_the_torch_path(monkeypatch, tile):
+    """topk_kernels' numba loops and its torch path give the same integers on every tile."""
+    from tensorstore_llm.ops import select, topk_kernels
+    pytest.importorskip("numba")
+    base, model = list(_awkward_tiles())[tile]
+    rows = base.shape[0] if base.dim() > 1 else 1
+    magnitude_bits = select.magnitude_bits(model - base)
+    high_bins = sorted({int(b) >> 16 for b in magnitude_bits[:50]} | {0, 0x7FFF})
+    thresholds = sorted({float(v) for v in (model - base).abs().reshape(-1)[:20]}) + [0.0, float("inf"), float("nan")]
+    found = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(topk_kernels, "USE_NUMBA", compiled)
+        found[compiled] = ([topk_kernels.high_histogram(base, model)]
+                           + [topk_kernels.low_histogram(base, model, h) for h in high_bins]
+                           + [topk_kernels.row_ties(base, model, rows, t) for t in thresholds])
+    assert all(torch.equal(a, b) for a, b in zip(found[True], found[False]))
+    # and the torch path is the direct formula
+    assert torch.equal(found[False][0], torch.bincount(magnitude_bits >> 16, minlength=select.HI_BINS))
+    direct_ties = ((model - base).abs().reshape(rows, -1) == thresholds[0]).sum(1)
+    assert torch.equal(found[False][len(high_bins) + 1], direct_ties)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_torch_path_merge_gives_the_same_bits(monkeypatch, tmp_path, tied_family, method):
+    """A TIES / DARE-TIES merge on the torch paths (statistics, DARE's draw) equals the compiled
+    one, blocked and whole."""
+    from tensorstore_llm.ops import dare_mask, topk_kernels
+    text = (f"merge_method: {method}\nbase_model: {tied_family['base']}\nmodels:\n"
+            f"  - model: {tied_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.35}}\n"
+            f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 0.5, density: 0.6}}\n")
+    results = []
+    for compiled, budget in ((True, "16K"), (False, "16K"), (True, "1G")):
+        monkeypatch.setattr(topk_kernels, "USE_NUMBA", compiled and topk_kernels._numba is not None)
+        monkeypatch.setattr(dare_mask, "USE_NUMBA", compiled and dare_mask._numba is not None)
+        store = Store(str(tmp_path / f"compiled-{compiled}-{budget}"))
+        results.append(_read_all(store, api.merge(store, text, progress=False, max_memory=budget).artifact))
+    for name in SHAPES:
+        assert torch.equal(results[0][name], results[1][name]), name
+        assert torch.equal(results[0][name], results[2][name]), name
+
+
+@pytest.mark.parametrize("shape,start,stop", [((300, 4096), 0, 128), ((300, 4096), 128, 256), ((300, 4096), 200, 300),
+                                              ((300, 4096), 5, 290), ((5000,), 1000, 4999), ((7, 3, 5), 2, 7)])
+@pytest.mark.parametrize("density", [0.5, 0.3, 1 / 3])
+def test_compiled_dare_drop_equals_the_seeded_torch_mask(monkeypatch, shape, start, stop, density):
+    """dare_mask.dropped draws seeding.uniform_rows' numbers itself: the same kept entries and
+    values (signed zeros, NaN and infinities included) as the torch mask, for tiles that start
+    inside a random row group or span several (rng group of 4096-wide rows: 128 rows)."""
+    pytest.importorskip("numba")
+    from tensorstore_llm.ops import dare_mask
+    from tensorstore_llm.ops.registry import OpContext
+    from tensorstore_llm.seeding import uniform_rows
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn((stop - start, *shape[1:]), generator=g)
+    delta.reshape(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -1.0])
+    ctx = OpContext("task_arithmetic", "model.layers.0.mlp.up_proj.weight", shape, start, stop, seed=17)
+    kept = dare_mask.dropped(ctx, "task_arithmetic/model1", delta, density)
+    uniform = uniform_rows(17, "task_arithmetic/model1", ctx.output, shape, start, stop).reshape(delta.shape)
+    expected = delta * uniform.neg_().add_(density).sign_().clamp_min_(0)   # the torch path of sparsify.py
+    assert torch.equal(kept.view(torch.int32), expected.view(torch.int32))
+    direct = torch.where(uniform_rows(17, "task_arithmetic/model1", ctx.output, shape, start, stop).reshape(delta.shape)
+                         < torch.tensor(density, dtype=torch.float32), delta, delta * 0)
+    assert torch.equal(kept.view(torch.int32), direct.view(torch.int32))
+    monkeypatch.setattr(dare_mask, "USE_NUMBA", False)
+    assert dare_mask.dropped(ctx, "task_arithmetic/model1", delta, density) is None
