@@ -10,7 +10,9 @@ within ``--max-memory`` like any streamed job. The result equals the in-memory p
 The report (‖q‖/‖Δ‖ per module, q = W − dequant(NF4(W)), and with ``requantize`` the error of
 requantising the merged weight) comes from a reduction run over the same tensors before the merge.
 Bases that are already quantised (bitsandbytes NF4 checkpoints, GPTQ / AWQ packed weights) are
-dequantised by the in-memory path instead, one shard at a time.
+dequantised by the in-memory path instead, one shard at a time. ``requantize="nf4-packed"`` writes
+a bitsandbytes 4-bit checkpoint (:mod:`.nf4_packed`): the same merge, then every Linear weight
+packed by rows, through a sink that stores bitsandbytes' shapes and state tensors.
 """
 from __future__ import annotations
 
