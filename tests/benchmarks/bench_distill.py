@@ -4,6 +4,9 @@
     python tests/benchmarks/bench_distill.py overhead [--seq-len 512] [--sequences 8] [--device cuda --dtype bfloat16]
     python tests/benchmarks/bench_distill.py rss    [--seq-len 512] [--sequences 16] [--batch-size 2]
     python tests/benchmarks/bench_distill.py learn  [--seq-len 128] [--steps 150] [--seeds 0,1,2] [--methods rs-kd,top-k,hard,full]
+                                                    [--corpus data|cpython] [--held-out 6] [--checkpoints 25,50,100,150]
+                                                    [--workdir DIR] [--json FILE] [--margin NATS]
+    python tests/benchmarks/bench_distill.py learn-report FILE.json ... [--margin NATS]
 
 bytes:    RS-KD (N = 50) datasets in the shipped codec, against alternative encodings of the same
           pairs (plain Parquet list<struct<id uint32, count uint8>>, ids without gaps, varint gaps)
@@ -11,8 +14,14 @@ bytes:    RS-KD (N = 50) datasets in the shipped codec, against alternative enco
 overhead: (forward + sampling + encoding + writing) / (forward + LM head alone) on the same batches.
 rss:      peak resident memory (VmHWM) of a precompute and of a reader, each in its own process.
 learn:    a random 2-layer student with the teacher's tokenizer trained from the cache with RS-KD
-          targets, top-k targets of about the same bytes, or hard labels; KL to the teacher's full
-          distribution on held-out sequences.
+          targets, top-k targets of about the same bytes, hard labels or full KD; KL to the
+          teacher's full distribution on held-out sequences and the ECE of the student's top-1
+          against the held-out next tokens. ``--corpus cpython``: ~41k training tokens of
+          docstrings from this Python's standard library, held-out sequences from disjoint files
+          (the Python version is printed and recorded: it fixes the corpus).
+learn-report: the table of several ``learn --json`` records (e.g. seeds run as separate
+          processes); ``--margin``: exit non-zero unless RS-KD leads top-k by that many nats and
+          by more than two standard deviations of the per-seed gap at every checkpoint.
 """
 from __future__ import annotations
 
@@ -262,10 +271,12 @@ def report(records: list[dict], margin: float | None) -> None:
     first = records[0]
     print(f"{first['train_sequences']} training sequences; RS-KD cache {first['unique_per_position']:.2f} unique "
           f"ids/position, top-k k = {first['k']}; teacher's own held-out ECE {first['teacher_ece']:.4f}")
-    steps = [e["step"] for e in next(iter(next(iter(runs.values())).values()))]
+    steps = sorted(set.intersection(*(set(e["step"] for e in evals) for per_seed in runs.values()
+                                      for evals in per_seed.values())))
+    runs = {m: {s: [e for e in evals if e["step"] in steps] for s, evals in per_seed.items()} for m, per_seed in runs.items()}
     print(f"held-out KL to the teacher | ECE of top-1 vs the next token, at steps {steps}; mean [min, max] over seeds")
     table = {}
-    for method, per_seed in runs.items():
+    for method, per_seed in sorted(runs.items(), key=lambda kv: ("full", "rs-kd", "top-k", "hard").index(kv[0])):
         kl = np.array([[e["kl"] for e in evals] for evals in per_seed.values()])
         ece = np.array([[e["ece"] for e in evals] for evals in per_seed.values()])
         table[method] = (sorted(per_seed, key=int), kl)
@@ -273,14 +284,18 @@ def report(records: list[dict], margin: float | None) -> None:
                           zip(kl.mean(0), kl.min(0), kl.max(0), ece.mean(0)))
         print(f"{method:6} seeds {','.join(sorted(per_seed, key=int)):6} {cells}")
     if "rs-kd" not in table or "top-k" not in table:
+        if margin is not None:
+            sys.exit("--margin needs RS-KD and top-k runs")
         return
     seeds = sorted(set(table["rs-kd"][0]) & set(table["top-k"][0]), key=int)
     pick = lambda m: table[m][1][[table[m][0].index(s) for s in seeds]]   # noqa: E731
     gap = pick("top-k") - pick("rs-kd")
     spread = gap.std(0, ddof=1) if len(seeds) > 1 else np.zeros(gap.shape[1])
-    print(f"top-k minus RS-KD, seeds {seeds}: per seed {np.round(gap, 3).tolist()}")
+    print(f"top-k minus RS-KD, seeds {', '.join(seeds)}: per seed {np.round(gap, 3).tolist()}")
     print(f"  mean {np.round(gap.mean(0), 3).tolist()}, standard deviation across seeds {np.round(spread, 3).tolist()}")
     if margin is not None:
+        if len(seeds) < 2:
+            sys.exit(f"--margin needs RS-KD and top-k runs of at least two common seeds (have {seeds})")
         short = [(s, float(g), float(sd)) for s, g, sd in zip(steps, gap.mean(0), spread) if g < max(margin, 2 * sd)]
         if short:
             sys.exit(f"RS-KD's lead over top-k missed the margin (>= {margin} nats and > 2 standard deviations of the "
@@ -288,13 +303,31 @@ def report(records: list[dict], margin: float | None) -> None:
         print(f"RS-KD leads top-k by >= {margin} nats and > 2 standard deviations at every checkpoint")
 
 
-def cmd_learn_report(args):
+def read_learn_record(path: str) -> dict:
+    """A ``learn --json`` record, or the same rebuilt from a ``learn`` log (stdout) of a run that was
+    stopped early: its printed evaluations (KL to 3 decimals, ECE to 4) and set-up line."""
     import json
+    import re
 
-    records = []
-    for path in args.records:
-        with open(path, encoding="utf-8") as f:
-            records.append(json.load(f))
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        text = f.read()
+    head = re.search(r"(\d+) training sequences x \d+ tokens, \d+ held out; RS-KD ([\d.]+) ids/position, top-k k=(\d+); "
+                     r"teacher's own held-out ECE ([\d.]+)", text)
+    if head is None:
+        sys.exit(f"{path}: no set-up line of a learn run")
+    runs: dict = {}
+    for m in re.finditer(r"^  (\S+) seed (\d+) step (\d+) \(epoch \d+\): loss ([\d.]+) held-out KL ([\d.]+) ECE ([\d.]+)$",
+                         text, re.M):
+        runs.setdefault(m[1], {}).setdefault(m[2], []).append(
+            {"step": int(m[3]), "loss": float(m[4]), "kl": float(m[5]), "ece": float(m[6])})
+    return {"setup": {"log": os.path.basename(path)}, "train_sequences": int(head[1]),
+            "unique_per_position": float(head[2]), "k": int(head[3]), "teacher_ece": float(head[4]), "runs": runs}
+
+
+def cmd_learn_report(args):
+    records = [read_learn_record(path) for path in args.records]
     report(records, args.margin)
 
 
