@@ -8,7 +8,7 @@ order statistics by radix select, per-row fp64 sums), then the kernel runs on ro
   mean(τi²) / Σj mean(τj²), Erase entries whose sign disagrees with the sign of Σi τi; the result
   is θ0 + Σ wi' τi / max(Σ wi', 1e-6) over the kept entries. Passes: the variance's k-th largest
   value (two histograms of its bits, ``select.py``) and, where several entries tie at it, the
-  tied entries per row (the first ones in flat order are kept, as ``sparsify.py`` keeps TIES's);
+  tied entries per row (the first ones in flat order are kept, as ``topk.py`` keeps TIES's);
   then per-row fp64 sums of each masked τi², so mean(τi²) is the correctly rounded mean in the
   compute dtype, whatever the blocking (for bf16 that is mergekit's value: torch rounds its fp32
   sum / n once).
@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from ..errors import OpError
 from . import select
 from .registry import StatsPass, op
-from .sparsify import _within_top
+from .topk import within_top
 
-# ``_within_top``: whether each entry of a tile is among the exact top k (ties by flat index),
-# the rule TIES uses, read from statistics laid out as sparsify's passes lay them out
+# within_top: whether each entry of a tile is among the exact top k, ties by flat index (TIES's rule)
 
 QUANTILES = (0.25, 0.5, 0.75)
 _KEY_BINS = 1 << 16
@@ -111,7 +110,7 @@ def _var_low_map(ctx, params, base, models):
 
 def _var_low_reduce(params, partials, ctx):
     """The k-th largest variance and (tied entries inside the k, entries equal to it), in the
-    layout ``sparsify._within_top`` reads (model 0, cut 0)."""
+    layout ``topk.within_top`` reads (model 0, cut 0)."""
     k = ctx.stats["sce_k"]
     if not k:
         return {}
@@ -148,7 +147,7 @@ def _selected(ctx, params, taus):
         return taus
     if not ctx.stats["sce_k"]:
         return taus.mul_(torch.zeros((), dtype=taus.dtype, device=taus.device))
-    keep = _within_top(ctx, 0, 0, _variance(taus))
+    keep = within_top(ctx, 0, 0, _variance(taus))
     return taus.mul_(keep.to(taus.dtype))
 
 
