@@ -23,7 +23,6 @@ import torch
 from .exact import divide_
 from .registry import StatsPass, op
 
-
 # -- SLERP -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -182,3 +181,29 @@ def nuslerp_delta(ctx, params, base, models):
     c_a, c_b = _nuslerp_coefficients(params, ctx.stats)
     a, b = _vectors(base, models)
     return a.mul_(c_a).add_(b.mul_(c_b)).add_(base)
+
+
+# -- NuSLERP per row (``nuslerp_flatten: false``) ------------------------------------------------
+
+def _nuslerp_last_axis(params: NuSlerpParams, a, b):
+    """mergekit's unflattened NuSLERP (one SLERP per vector of the last axis), operation for
+    operation as ``ops/replay.py`` replays it on whole tensors: each row's result depends on that
+    row alone, so row tiles give the whole tensor's bytes."""
+    from .replay import (  # replay imports this module
+        NuSlerpWholeParams,
+        _mergekit_nuslerp_pair,
+    )
+
+    return _mergekit_nuslerp_pair(NuSlerpWholeParams(params.weights, flatten=False, row_wise=False, eps=params.eps), a, b)
+
+
+@op("nuslerp_rows", inputs=("models*",), params=NuSlerpParams, temps=10)
+def nuslerp_rows(ctx, params, models):
+    """SLERP of two models per vector of the last axis (t = w1 / (w0 + w1)), streamed by rows."""
+    return _nuslerp_last_axis(params, models[0], models[1])
+
+
+@op("nuslerp_rows_delta", inputs=("base", "models*"), params=NuSlerpParams, temps=12)
+def nuslerp_rows_delta(ctx, params, base, models):
+    """base + SLERP of the two task vectors per vector of the last axis, streamed by rows."""
+    return base + _nuslerp_last_axis(params, models[0] - base, models[1] - base)

@@ -37,6 +37,7 @@ from .sparsify import sparsify, sparsify_passes
 REPLAY_OF = {"weighted_sum": "mergekit_linear", "task_arithmetic": "mergekit_task_arithmetic",
              "model_stock": "mergekit_model_stock", "nuslerp": "mergekit_nuslerp", "nuslerp_delta": "mergekit_nuslerp_delta",
              "mergekit_nuslerp": "mergekit_nuslerp", "mergekit_nuslerp_delta": "mergekit_nuslerp_delta",
+             "nuslerp_rows": "nuslerp_rows", "nuslerp_rows_delta": "nuslerp_rows_delta",   # mergekit's operations per row
              "mergekit_model_stock": "mergekit_model_stock",
              # ops of their own replay: they compute in the compute dtype with mergekit's operations
              "nearswap": "nearswap", "sce": "sce", "arcee_fusion": "arcee_fusion",

@@ -9,8 +9,10 @@ from .base import BOOL, WEIGHT, JobSpec, MergeMethod, Param, model_inputs, other
 
 class NuSlerp(MergeMethod):
     """Two models (besides an optional base). The flattened variant (mergekit's default) is
-    streamed (op ``nuslerp`` / ``nuslerp_delta``); ``nuslerp_flatten: false`` (per row) and
-    ``nuslerp_row_wise: true`` (per column) take whole tensors (``mergekit_nuslerp*``)."""
+    streamed (op ``nuslerp`` / ``nuslerp_delta``: norms by statistics passes), and so is
+    ``nuslerp_flatten: false`` (one SLERP per row: ``nuslerp_rows*``, row blocks) on tensors of
+    two or more axes; ``nuslerp_row_wise: true`` (per column) and unflattened 1-D tensors take
+    whole tensors (``mergekit_nuslerp*``)."""
 
     name = "nuslerp"
     replayable = True
@@ -32,6 +34,8 @@ class NuSlerp(MergeMethod):
             params.update(flatten=flatten, row_wise=row_wise)
         streamed, whole = ("nuslerp", "mergekit_nuslerp") if tensor.base is None else ("nuslerp_delta", "mergekit_nuslerp_delta")
         op = whole if variant else streamed
+        if not flatten and not row_wise and len(tensor.shape) >= 2:   # per row: row blocks hold whole rows
+            op, params = ("nuslerp_rows" if tensor.base is None else "nuslerp_rows_delta"), {"weights": params["weights"]}
         if tensor.base is None:
             return JobSpec(op, (pair,), params)
         return JobSpec(op, (("base", InputRef(tensor.base, tensor.name)), pair), params)
