@@ -306,12 +306,17 @@ def test_tied_embeddings(tmp_path, vocab_family):
     assert torch.equal(model.lm_head.weight, merged[name])
 
 
-def test_gather_rows_equals_indexing(tmp_path):
-    """gather_rows equals plain indexing for any order, repeats and block size."""
+@pytest.mark.parametrize("copy_bytes", [8 << 20, 12])
+def test_gather_rows_equals_indexing(tmp_path, monkeypatch, copy_bytes):
+    """gather_rows equals plain indexing for any order, repeats and block size, also when rows
+    move from each read into the output in small steps (64 rows at 12 bytes)."""
     import numpy as np
 
+    from tensorstore_llm.io import gather
     from tensorstore_llm.io.hf_dir import HFCheckpointSource
     from tensorstore_llm.merge.vocab import gather_rows
+
+    monkeypatch.setattr(gather, "COPY_BYTES", copy_bytes)
 
     table = torch.randn(1000, 3)
     save_file({"t": table}, str(tmp_path / "t.safetensors"))

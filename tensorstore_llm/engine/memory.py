@@ -128,6 +128,14 @@ class HeapGuard:
         self._next = self._blocks + self._backoff
 
 
+def release_free_heap() -> None:
+    """Give the free memory of glibc's arenas back to the OS now (``malloc_trim``), e.g. after a
+    large short-lived set of Python objects (tokenizers) is gone; no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _glibc():
     """glibc loaded through ctypes (mallopt, malloc_trim), or None off glibc."""
     global _libc
