@@ -30,6 +30,7 @@ import torch
 from ..dtypes import by_name, raw_bytes
 from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, TensorNotFound
 from ..io.base import SourceBase, TensorMeta
+from ..io.zarr_chunks import chunk_file
 from .store import DeltaSection, block_path, decode_block
 
 DECODE_WORKERS = 2
@@ -71,8 +72,11 @@ class DeltaTensorSource(SourceBase):
 
     Reads that span several blocks rebuild them on ``DECODE_WORKERS`` threads (the codecs release
     the GIL). A read within one block starts rebuilding the next block on a worker (read-ahead).
-    The last rebuilt block is kept, so row-by-row reads decode each block once.
+    The last rebuilt block is kept, so row-by-row reads decode each block once. ``prefetch``
+    (default on) hints the kernel to read ahead the files of the blocks to come.
     """
+
+    prefetch = True
 
     def __init__(self, artifact, section: DeltaSection, parent_source):
         self.artifact = artifact
@@ -156,6 +160,7 @@ class DeltaTensorSource(SourceBase):
             b = min(stop, (index + 1) * rows)
             out[a - start:b - start] = values[a - index * rows:b - index * rows]
 
+        self._prefetch(meta, start // rows, -(-stop // rows) - 1)
         for index in range(start // rows, -(-stop // rows)):
             data, base = self._inputs(meta, index)
             pending.append((index, self._pool.submit(self._rebuild, meta, index, data, base)))
@@ -183,24 +188,58 @@ class DeltaTensorSource(SourceBase):
             self._cache = (key, values)
         return values
 
-    def _read_ahead(self, meta: TensorMeta, index: int) -> None:
-        """Start rebuilding the block after ``index`` (or the next tensor's first) on a worker."""
+    def _next_block(self, meta: TensorMeta, index: int):
+        """(meta, index) of the block after ``index`` (or the next tensor's first); None at the end."""
         blocks = -(-meta.rows // self._entry(meta.name).rows) if meta.shape else 1
         if index + 1 < blocks:
-            nxt = (meta, index + 1)
-        else:
-            names = list(self._metas)
-            at = self._order[meta.name] + 1
-            while at < len(names) and not self._metas[names[at]].numel:
-                at += 1
-            if at == len(names):
-                return
-            nxt = (self._metas[names[at]], 0)
+            return meta, index + 1
+        names = list(self._metas)
+        at = self._order[meta.name] + 1
+        while at < len(names) and not self._metas[names[at]].numel:
+            at += 1
+        return (self._metas[names[at]], 0) if at < len(names) else None
+
+    def _read_ahead(self, meta: TensorMeta, index: int) -> None:
+        """Start rebuilding the block after ``index`` on a worker, and ask the kernel to start
+        reading the files of the block after that one (see :meth:`_prefetch`)."""
+        nxt = self._next_block(meta, index)
+        if nxt is None:
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
         future = self._pool.submit(lambda m, i: self._rebuild(m, i, *self._inputs(m, i)), *nxt)
         with self._lock:
             self._ahead = ((nxt[0].name, nxt[1]), future)
+        after = self._next_block(*nxt)
+        if after is not None:
+            self._prefetch(*after)
+
+    def _prefetch(self, meta: TensorMeta, first: int, last: int | None = None) -> None:
+        """POSIX_FADV_WILLNEED on the files blocks ``first..last`` will read: their coded blocks
+        and, for a parent stored whole, the parent's chunk files under the same rows. The kernel
+        reads them in the background while this block decodes, so a cold read waits less on the
+        disk. A hint only: nothing is read here, and where the call is missing nothing happens."""
+        if not self.prefetch or not hasattr(os, "posix_fadvise"):
+            return
+        entry = self._entry(meta.name)
+        last = first if last is None else last
+        paths = [block_path(self.path, meta.name, i) for i in range(first, min(last + 1, len(entry.blocks)))]
+        parent_dir = getattr(self.parent, "path", None)
+        chunk_rows = getattr(self.parent, "preferred_rows", lambda n: 0)(meta.name)
+        if entry.mode == "delta" and parent_dir and not isinstance(self.parent, DeltaTensorSource) and chunk_rows:
+            a, b = self._bounds(meta, first)[0], self._bounds(meta, last)[1]
+            ndim = len(meta.shape)
+            array_dir = os.path.join(parent_dir, "tensors", meta.name)
+            paths += [chunk_file(array_dir, ndim, c) for c in range(a // chunk_rows, -(-b // chunk_rows) if ndim else 1)]
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue                                   # a missing file fails the read itself, with its name
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def _bounds(self, meta: TensorMeta, index: int) -> tuple[int, int]:
         rows = self._entry(meta.name).rows

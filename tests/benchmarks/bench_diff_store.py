@@ -5,6 +5,7 @@ raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS a
     python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain N [--chain-preset 100m]] [--repeat 3]
     python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reads-only --repeat 5
     python tests/benchmarks/bench_diff_store.py --pairs real,1gb --cold --repeat 3
+    python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reconstruct --repeat 3
 
 Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
 tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
@@ -30,6 +31,8 @@ from tensorstore_llm.store import Store
 store = Store(sys.argv[1])
 if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba, zstd) loads once per process
     import tensorstore_llm.diff.reader
+    if len(sys.argv) > 4 and sys.argv[4] == "no-prefetch":
+        tensorstore_llm.diff.reader.DeltaTensorSource.prefetch = False
 def disk_read_bytes():
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
@@ -61,10 +64,12 @@ def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float
     return wall, usage.ru_maxrss / 1024, cpu
 
 
-def read_all_io(store: str, ref: str) -> tuple[float, float, int]:
+def read_all_io(store: str, ref: str, prefetch: bool = True) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of all threads, bytes the process read from disk per
-    /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1"], check=True, stdout=subprocess.PIPE)
+    /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process;
+    ``prefetch=False`` turns the delta reader's POSIX_FADV_WILLNEED hints off."""
+    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "" if prefetch else "no-prefetch"],
+                         check=True, stdout=subprocess.PIPE)
     wall, cpu, disk = out.stdout.decode().split()[-3:]
     return float(wall), float(cpu), int(disk)
 
@@ -294,6 +299,87 @@ def bench_cold(kind: str, workdir: str, repeat: int) -> dict:
     return out
 
 
+def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
+    """Reconstruct (``tsllm export`` to an HF dir, fsynced) against the raw ceiling, as a user
+    meets it, in one pass. Ceiling: ``cat`` of the fine-tune's safetensors (read) and
+    ``cp -r`` of its HF dir + ``sync`` (read + write), each cold (files evicted) and warm.
+    Then per case (cold: every store file evicted; parent warm: evicted, then the base read
+    once; warm: the artifact read once) and per repeat, alternating full and delta: the export
+    at --max-memory 512M (wall, peak RSS), the pure read of every tensor in 64 MiB blocks
+    (wall, CPU, disk bytes) and, for the delta, the same read with the reader's
+    POSIX_FADV_WILLNEED hints off. ``tsllm ls`` gives the CLI's start-up cost, part of every
+    export's wall time."""
+    base, ft = pair(kind, workdir)
+    ft_files = [os.path.join(ft, f) for f in os.listdir(ft)]
+    ft_bytes = sum(os.path.getsize(f) for f in ft_files if f.endswith(".safetensors"))
+    store = fresh(os.path.join(workdir, f"store-{kind}-reconstruct"))
+    for args in (("import", base, "--name", "base"), ("import", ft, "--delta-of", "base", "--name", "ft-delta"),
+                 ("import", ft, "--name", "ft-full")):
+        subprocess.run(tsllm(store, *args), check=True, stdout=subprocess.DEVNULL)
+    os.sync()
+    everything = store_files(store)
+    out = {"pair": kind, "finetune_bytes": ft_bytes, "load_average_before": os.getloadavg()[0],
+           "artifact_bytes": {ref: sum(map(os.path.getsize, artifact_files(store, ref)))
+                              for ref in ("base", "ft-full", "ft-delta")}}
+    copy, export = os.path.join(workdir, "raw-copy"), os.path.join(workdir, "export")
+    cat = ["sh", "-c", f"cat '{ft}'/*.safetensors > /dev/null"]
+    cp = ["sh", "-c", f"rm -rf '{copy}'; cp -r '{ft}' '{copy}'; sync"]
+    ceiling = {"cat_cold": [], "cat_warm": [], "cp_sync_cold": [], "cp_sync_warm": []}
+    for _ in range(repeat):
+        for what, cmd in (("cat", cat), ("cp_sync", cp)):
+            fresh(copy)
+            evict(ft_files)
+            ceiling[f"{what}_cold"].append(timed(cmd)[0])
+            fresh(copy)
+            subprocess.run(cat, check=True)
+            ceiling[f"{what}_warm"].append(timed(cmd)[0])
+    fresh(copy)
+    out["ceiling_s"] = {k: statistics.median(v) for k, v in ceiling.items()}
+    out["cli_startup_s"] = median_of(repeat, lambda: timed(tsllm(store, "ls")))[0]
+    print("ceiling", json.dumps(out["ceiling_s"]), "cli start-up", out["cli_startup_s"], flush=True)
+
+    def prepare(case: str, ref: str) -> None:
+        if case != "warm":
+            evict(everything)
+        if case == "parent_warm":
+            read_all_io(store, "base")
+        if case == "warm":
+            read_all_io(store, ref)
+
+    cases = {}
+    for case in ("cold", "parent_warm", "warm"):
+        runs = {key: [] for key in ("export_ft-full", "export_ft-delta", "read_ft-full", "read_ft-delta",
+                                    "read_ft-delta_no-prefetch")}
+        for _ in range(repeat):
+            for ref in ("ft-full", "ft-delta"):
+                fresh(export)
+                prepare(case, ref)
+                runs[f"export_{ref}"].append(timed(tsllm(store, "export", ref, export, "--max-memory", "512M")))
+                fresh(export)
+                prepare(case, ref)
+                runs[f"read_{ref}"].append(read_all_io(store, ref))
+            prepare(case, "ft-delta")
+            runs["read_ft-delta_no-prefetch"].append(read_all_io(store, "ft-delta", prefetch=False))
+        row = {}
+        for key, rs in runs.items():
+            if key.startswith("export"):
+                row[f"{key}_wall_s"] = statistics.median(r[0] for r in rs)
+                row[f"{key}_rss_mib"] = max(r[1] for r in rs)
+            else:
+                row[f"{key}_wall_s"] = statistics.median(r[0] for r in rs)
+                row[f"{key}_cpu_s"] = statistics.median(r[1] for r in rs)
+                row[f"{key}_disk_bytes"] = statistics.median(r[2] for r in rs)
+        row["export_delta_vs_full"] = row["export_ft-delta_wall_s"] / row["export_ft-full_wall_s"]
+        row["read_delta_vs_full_wall"] = row["read_ft-delta_wall_s"] / row["read_ft-full_wall_s"]
+        row["read_delta_vs_full_cpu"] = row["read_ft-delta_cpu_s"] / row["read_ft-full_cpu_s"]
+        row["load_average_after"] = os.getloadavg()[0]
+        cases[case] = row
+        print(case, json.dumps(row), flush=True)
+    out["cases"] = cases
+    fresh(store)
+    return out
+
+
 def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m") -> dict:
     """Read time of each link of base -> ft1 -> ... -> ftN (each a delta of the last)."""
     root = os.path.join(workdir, f"chain-models-{preset}")
@@ -327,12 +413,15 @@ def main() -> None:
                         help="per pair, only the delta read against the full read (imports untimed)")
     parser.add_argument("--cold", action="store_true",
                         help="per pair, full against delta read with the page cache cold, parent warm, and warm")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="per pair, tsllm export full vs delta, cold / parent warm / warm, against cat and cp + sync")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {"load_average": os.getloadavg()[0]}
     for kind in filter(None, args.pairs.split(",")):
-        bench = bench_cold if args.cold else bench_reads if args.reads_only else bench_pair
+        bench = (bench_reconstruct if args.reconstruct else bench_cold if args.cold else
+                 bench_reads if args.reads_only else bench_pair)
         results[kind] = bench(kind, args.workdir, args.repeat)
         print(json.dumps(results[kind], indent=1), flush=True)
     if args.chain:
