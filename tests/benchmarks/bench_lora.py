@@ -1,8 +1,9 @@
 """LoRA benchmarks, same run and same inputs for both sides:
 
-- ``tsllm lora merge`` (streamed into the store; and with ``-o``, exported to a HF directory too)
-  against PEFT's load -> ``merge_and_unload`` -> ``save_pretrained``, rank-64 adapter on every
-  linear layer of a ~1 GB bf16 Llama-shaped base;
+- ``tsllm lora merge -o DIR`` (equal output: one write into a HF directory; at the default budget
+  and at ``--merge-memory``; the two-write ``--keep-artifact`` and a store-only merge for
+  reference) against PEFT's load -> ``merge_and_unload`` -> ``save_pretrained``, rank-64 adapter on
+  every linear layer of a ~1 GB bf16 Llama-shaped base; wall, user + sys and peak RSS by wait4;
 - ``tsllm lora extract --rank 64`` against ``mergekit-extract-lora --max-rank 64`` on the same
   (base, fine-tune) pair (a test-only comparison: mergekit is BUSL-1.1, never a dependency),
   with the captured energy 1 - ||D - s B A||^2 / ||D||^2 of both adapters over the same modules;
@@ -12,18 +13,19 @@ The fine-tune is base + a rank-48 update with a decaying spectrum + small full-r
 fine-tune's delta is mostly low-rank; pure noise would make every rank-64 extraction equal).
 
 Run:  python tests/benchmarks/bench_lora.py --workdir /tmp/tsllm-bench-lora [--size 1gb|small]
+      [--only merge|extract] [--rounds 2] [--mergekit-json timed-run.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, fresh, timed  # noqa: E402
+from common import TSLLM, fresh  # noqa: E402
 
 SIZES = {   # Llama-shaped, bf16
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -92,25 +94,95 @@ print(json.dumps(result))
 """
 
 
+def timed_cpu(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, user + sys s, peak RSS MiB) of the child ``cmd`` alone (``os.wait4``), dirty pages
+    of earlier runs flushed first (untimed), as ``common.timed``."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
 def _row(name, ours, theirs=None, note=""):
-    w, r = ours
+    w, c, r = ours
     if theirs is None:
-        return f"| {name} | {w:.1f} | {r:.0f} | - | - | - | {note} |"
-    pw, pr = theirs
-    return f"| {name} | {w:.1f} | {r:.0f} | {pw:.1f} | {pr:.0f} | {w / pw:.2f}x / {r / pr:.2f}x | {note} |"
+        return f"| {name} | {w:.1f} | {c:.1f} | {r:.0f} | - | - | - | - | {note} |"
+    pw, pc, pr = theirs
+    return (f"| {name} | {w:.1f} | {c:.1f} | {r:.0f} | {pw:.1f} | {pc:.1f} | {pr:.0f} | "
+            f"{w / pw:.2f}x / {c / pc:.2f}x / {r / pr:.2f}x | {note} |")
 
 
 class _Rows(list):
     """Table rows, each also printed to stderr as soon as it is measured (a long run that is cut
     short still leaves what it measured)."""
 
-    def __init__(self, header: str):
-        super().__init__()
-        self.header = header
+    HEADER = ("| job | ours wall s | ours user+sys s | ours peak MiB | other wall s | other user+sys s | "
+              "other peak MiB | ratio wall / CPU / RSS | note |")
 
     def append(self, row: str) -> None:
         print(row, file=sys.stderr, flush=True)
         super().append(row)
+
+    def print(self) -> None:
+        print(self.HEADER)
+        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(self))
+
+
+def _load() -> str:
+    return f"load average {os.getloadavg()[0]:.1f}"
+
+
+def merge_rows(rows: _Rows, root: str, tsllm: list[str], store: str, args) -> None:
+    """Equal output: PEFT's load -> merge_and_unload -> save_pretrained against ``tsllm lora
+    merge -o DIR`` (one write into the HF directory) at the default budget and at
+    ``--merge-memory``, and the two-write path (``--keep-artifact``) and a store-only merge for
+    reference; ``--rounds`` interleaved rounds, one row per run."""
+    base, adapter = f"{root}/base", f"{root}/adapter-r{args.rank}"
+    merge = [*tsllm, "lora", "merge", base, adapter]
+    for k in range(args.rounds):
+        peft_merge = timed_cpu([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
+        rows.append(_row(f"PEFT load -> merge_and_unload -> save_pretrained (round {k + 1})", peft_merge, None, _load()))
+        cases = [("-o DIR (default --max-memory)", ["-o", f"{root}/out-ours"]),
+                 (f"-o DIR --max-memory {args.merge_memory}", ["-o", f"{root}/out-ours", "--max-memory", args.merge_memory]),
+                 ("-o DIR --keep-artifact (store + export, two writes)", ["-o", f"{root}/out-ours", "--keep-artifact"]),
+                 ("store artifact only (no directory)", ["--name", "merged"])]
+        for label, extra in cases:
+            fresh(f"{root}/out-ours")
+            fresh(store)
+            ours = timed_cpu([*merge, *extra])
+            rows.append(_row(f"lora merge r{args.rank} {label} (round {k + 1})", ours, peft_merge, _load()))
+        fresh(store)
+
+
+def extract_rows(rows: _Rows, root: str, tsllm: list[str], args) -> None:
+    """``tsllm lora extract --rank R`` against ``mergekit-extract-lora --max-rank R`` on the same
+    pair, with each adapter's captured energy over the same modules. ``--mergekit-json`` reuses a
+    mergekit run timed earlier by :func:`timed_cpu` (it takes tens of minutes on 2 cores)."""
+    base, ft = f"{root}/base", f"{root}/ft"
+    if args.mergekit_json:
+        with open(args.mergekit_json) as f:
+            done = json.load(f)
+        mergekit, mk_out = (done["wall_s"], done["cpu_s"], done["peak_rss_mib"]), done["out_path"]
+        mk_note = f"mergekit timed earlier ({args.mergekit_json})"
+    else:
+        mk_out = fresh(f"{root}/extract-mergekit")
+        mergekit = timed_cpu(["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", mk_out,
+                              "--max-rank", str(args.rank), "-e", "embed_tokens|lm_head", "--quiet"])
+        mk_note = _load()
+    ours_out = fresh(f"{root}/extract-ours")
+    ours = timed_cpu([*tsllm, "lora", "extract", ft, "--base", base, "--rank", str(args.rank), "-o", ours_out,
+                      "--name", "extracted", *args.extract_options])
+    energy = json.loads(subprocess.run([sys.executable, "-c", ENERGY, base, ft, ours_out, mk_out], check=True,
+                                       capture_output=True, text=True).stdout)
+    note = (f"captured energy ours {energy[ours_out]['captured']:.6f} ({energy[ours_out]['modules']} modules), "
+            f"mergekit {energy[mk_out]['captured']:.6f} ({energy[mk_out]['modules']} modules); ours {_load()}; {mk_note}")
+    rows.append(_row(f"lora extract r{args.rank} {' '.join(args.extract_options)} vs mergekit-extract-lora",
+                     ours, mergekit, note))
 
 
 def main() -> None:
@@ -118,11 +190,15 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--size", choices=sorted(SIZES), default="1gb")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--max-memory", default="1G", help="tsllm --max-memory")
     ap.add_argument("--merge-memory", default="32M",
-                    help="a second merge row at this --max-memory: above the interpreter and torch (~220 MiB), "
+                    help="a second -o row at this --max-memory: above the interpreter and torch (~220 MiB), "
                          "a merge holds about its budget plus ~55 MiB of runtime, so the RSS goal needs a small one")
-    ap.add_argument("--only", choices=["merge", "all"], default="all", help="merge: skip extract and resize")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the merge rows")
+    ap.add_argument("--only", choices=["merge", "extract", "all"], default="all",
+                    help="merge: the merge rows only; extract: the extraction row only")
+    ap.add_argument("--mergekit-json", help="reuse a timed mergekit-extract-lora run: JSON with wall_s, cpu_s, "
+                                            "peak_rss_mib and out_path (the adapter it wrote)")
+    ap.add_argument("--extract-options", nargs="*", default=[], help="extra tsllm lora extract options")
     args = ap.parse_args()
 
     root = os.path.join(args.workdir, f"lora-{args.size}")
@@ -131,49 +207,21 @@ def main() -> None:
         os.makedirs(root)
         subprocess.run([sys.executable, "-c", MAKE, root, json.dumps(SIZES[args.size]), str(args.rank)], check=True)
         open(os.path.join(root, ".complete-v2"), "w").close()
-    base, ft, adapter = f"{root}/base", f"{root}/ft", f"{root}/adapter-r{args.rank}"
     store = fresh(f"{root}/store")
     tsllm = [*TSLLM, "-q", "--store", store]
-    mm = ["--max-memory", args.max_memory]
-    rows = _Rows(f"| job ({args.size}, --max-memory {args.max_memory}) | ours wall s | ours peak MiB | other wall s | "
-                 "other peak MiB | ratio wall / RSS | note |")
-
-    peft_merge = timed([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
-    ours_store = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", *mm])
-    shutil.rmtree(store)
-    ours_export = timed([*tsllm, "lora", "merge", base, adapter, "-o", fresh(f"{root}/out-ours"), *mm])
-    shutil.rmtree(store)
-    ours_small = timed([*tsllm, "lora", "merge", base, adapter, "--name", "merged", "--max-memory", args.merge_memory])
-    rows.append(_row(f"lora merge r{args.rank} -> store artifact", ours_store, peft_merge))
-    rows.append(_row(f"lora merge r{args.rank} -> store + HF dir (-o)", ours_export, peft_merge))
-    rows.append(_row(f"lora merge r{args.rank} -> store artifact, --max-memory {args.merge_memory}", ours_small,
-                     peft_merge, f"load average {os.getloadavg()[0]:.1f}"))
-    if args.only == "merge":
-        print(rows.header)
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(rows))
-        return
-
-    mk_out = fresh(f"{root}/extract-mergekit")
-    mergekit = timed(["mergekit-extract-lora", "--model", ft, "--base-model", base, "--out-path", mk_out,
-                      "--max-rank", str(args.rank), "-e", "embed_tokens|lm_head", "--quiet"])
-    ours_out = fresh(f"{root}/extract-ours")
-    ours_extract = timed([*tsllm, "lora", "extract", ft, "--base", base, "--rank", str(args.rank), "-o", ours_out,
-                          "--name", "extracted", *mm])
-    energy = json.loads(subprocess.run([sys.executable, "-c", ENERGY, base, ft, ours_out, mk_out], check=True,
-                                       capture_output=True, text=True).stdout)
-    note = (f"captured energy ours {energy[ours_out]['captured']:.6f} ({energy[ours_out]['modules']} modules), "
-            f"mergekit {energy[mk_out]['captured']:.6f} ({energy[mk_out]['modules']} modules)")
-    rows.append(_row(f"lora extract r{args.rank} vs mergekit-extract-lora", ours_extract, mergekit, note))
-
-    subprocess.run([*tsllm, "lora", "import", f"{root}/adapter-r256", "--base", base, "--name", "rank256"], check=True,
-                   stdout=subprocess.DEVNULL)
-    rows.append(_row("lora resize r256 -> r32", timed([*tsllm, "lora", "resize", "rank256", "--rank", "32"])))
-    rows.append(_row("lora resize r256 -> --rank-pattern auto (budget of r32)",
-                     timed([*tsllm, "lora", "resize", "rank256", "--rank-pattern", "auto", "--rank", "32"])))
-    print(rows.header)
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    rows = _Rows()
+    if args.only in ("merge", "all"):
+        merge_rows(rows, root, tsllm, store, args)
+    if args.only in ("extract", "all"):
+        extract_rows(rows, root, tsllm, args)
+    if args.only == "all":
+        base = f"{root}/base"
+        subprocess.run([*tsllm, "lora", "import", f"{root}/adapter-r256", "--base", base, "--name", "rank256"],
+                       check=True, stdout=subprocess.DEVNULL)
+        rows.append(_row("lora resize r256 -> r32", timed_cpu([*tsllm, "lora", "resize", "rank256", "--rank", "32"])))
+        rows.append(_row("lora resize r256 -> --rank-pattern auto (budget of r32)",
+                         timed_cpu([*tsllm, "lora", "resize", "rank256", "--rank-pattern", "auto", "--rank", "32"])))
+    rows.print()
 
 
 if __name__ == "__main__":
