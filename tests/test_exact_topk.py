@@ -183,9 +183,9 @@ def test_compiled_statistics_equal_the_torch_path(monkeypatch, tile):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
 def test_torch_path_merge_gives_the_same_bits(monkeypatch, tmp_path, tied_family, method):
-    """A TIES / DARE-TIES / breadcrumbs-TIES merge on the torch paths (statistics, DARE's draw,
-    sign election) equals the compiled one, blocked and whole."""
-    from tensorstore_llm.ops import dare_mask, sign_election, topk_kernels
+    """A TIES / DARE-TIES / breadcrumbs-TIES merge on the torch paths (statistics, DARE's draw)
+    equals the compiled one, blocked and whole."""
+    from tensorstore_llm.ops import dare_mask, topk_kernels
     text = (f"merge_method: {method}\nbase_model: {tied_family['base']}\nmodels:\n"
             f"  - model: {tied_family['ft1']}\n    parameters: {{weight: 1.0, density: 0.35}}\n"
             f"  - model: {tied_family['ft2']}\n    parameters: {{weight: 0.5, density: 0.6}}\n")
@@ -193,7 +193,6 @@ def test_torch_path_merge_gives_the_same_bits(monkeypatch, tmp_path, tied_family
     for compiled, budget in ((True, "16K"), (False, "16K"), (True, "1G")):
         monkeypatch.setattr(topk_kernels, "USE_NUMBA", compiled and topk_kernels._numba is not None)
         monkeypatch.setattr(dare_mask, "USE_NUMBA", compiled and dare_mask._numba is not None)
-        monkeypatch.setattr(sign_election, "USE_NUMBA", compiled and sign_election._numba is not None)
         store = Store(str(tmp_path / f"compiled-{compiled}-{budget}"))
         results.append(_read_all(store, api.merge(store, text, progress=False, max_memory=budget).artifact))
     for name in SHAPES:
@@ -225,30 +224,3 @@ def test_compiled_dare_drop_equals_the_seeded_torch_mask(monkeypatch, shape, sta
     assert torch.equal(kept.view(torch.int32), direct.view(torch.int32))
     monkeypatch.setattr(dare_mask, "USE_NUMBA", False)
     assert dare_mask.dropped(ctx, "task_arithmetic/model1", delta, density) is None
-
-
-@pytest.mark.parametrize("weights,normalize,lam", [((0.5, 0.5), True, 1.0), ((1.0, 0.3, 0.7), False, 0.8),
-                                                   ((0.6, -0.4), True, 1.0), ((0.0, 1.0), True, 1.5)])
-def test_compiled_sign_election_equals_the_torch_path(monkeypatch, weights, normalize, lam):
-    """sign_election.elect gives task_arithmetic's consensus-sum bits: signed zeros from zero
-    votes and ±0 task vectors, negative and zero weights, λ; a non-finite tile falls back."""
-    pytest.importorskip("numba")
-    from tensorstore_llm.ops import sign_election
-    from tensorstore_llm.ops.merge import TaskArithmeticParams, task_arithmetic
-    from tensorstore_llm.ops.registry import OpContext
-    g = torch.Generator().manual_seed(7)
-    base = (torch.randn(64, 50, generator=g) * 0.02).to(torch.bfloat16).float()
-    base[0, :3] = torch.tensor([0.0, -0.0, 0.0])
-    models = [(base + torch.randint(-3, 4, base.shape, generator=g).float() / 256) for _ in weights]
-    models[0][1] = base[1]                       # a zero task vector row: votes of ±0
-    models[-1][2, :10] = base[2, :10] - (models[0][2, :10] - base[2, :10])   # opposite votes that cancel
-    params = TaskArithmeticParams(weights=weights, consensus="sum", normalize=normalize, lam=lam)
-    ctx = OpContext("task_arithmetic", "t", tuple(base.shape), 0, 64, 0)
-    found = {}
-    for compiled in (True, False):
-        monkeypatch.setattr(sign_election, "USE_NUMBA", compiled)
-        found[compiled] = task_arithmetic(ctx, params, base.clone(), [m.clone() for m in models])
-    assert torch.equal(found[True].view(torch.int32), found[False].view(torch.int32))
-    monkeypatch.setattr(sign_election, "USE_NUMBA", True)
-    models[0][5, 5] = float("nan")
-    assert sign_election.elect([m - base for m in models], weights, base, normalize, lam) is None

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import sign_election
 from .exact import divide_
 from .registry import op
 from .sparsify import RESCALE_METHODS, SPARSIFICATIONS, sparsify, sparsify_passes
@@ -99,10 +98,7 @@ def task_arithmetic(ctx, params, base, models):
         divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     else:
         weighted = [sparsify(ctx, params, i, m - base).mul_(params.weights[i]) for i, m in enumerate(models)]
-        if params.consensus == "sum":   # fp32 on the CPU: one compiled loop, the same bits (sign_election.py)
-            elected = sign_election.elect(weighted, params.weights, base, params.normalize, params.lam)
-            if elected is not None:
-                return elected
+        if params.consensus == "sum":
             votes = weighted[0].clone()
             for w in weighted[1:]:
                 votes += w
