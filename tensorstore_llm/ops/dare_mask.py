@@ -19,13 +19,9 @@ import numpy as np
 import torch
 
 from ..seeding import rng_group_rows, seed_value
+from .topk_kernels import compiled
 
-try:
-    import numba as _numba
-except ImportError:   # pragma: no cover - exercised where numba is absent
-    _numba = None
-
-USE_NUMBA = _numba is not None   # tests switch it off to compare with the torch path
+USE_NUMBA = True   # tests switch it off to compare with the torch path
 
 
 def dropped(ctx, stream_op: str, delta: torch.Tensor, probability: float) -> torch.Tensor | None:
@@ -33,7 +29,7 @@ def dropped(ctx, stream_op: str, delta: torch.Tensor, probability: float) -> tor
     being ``seeding.uniform_rows(ctx.seed, stream_op, ctx.output, ctx.shape, start, stop)``;
     None where the compiled loop does not apply (no numba, not an fp32 CPU tile, a 0-d tensor)."""
     shape = tuple(ctx.shape)
-    if (not USE_NUMBA or delta.device.type != "cpu" or delta.dtype != torch.float32 or not shape
+    if (not USE_NUMBA or compiled() is None or delta.device.type != "cpu" or delta.dtype != torch.float32 or not shape
             or not isinstance(probability, (int, float))):
         return None
     row = math.prod(shape[1:])
@@ -49,32 +45,6 @@ def dropped(ctx, stream_op: str, delta: torch.Tensor, probability: float) -> tor
         g_stop = min(ctx.stop, (g + 1) * group, shape[0])
         state = np.random.SFC64(seed_value(ctx.seed, stream_op, ctx.output, g)).state["state"]["state"]
         first, last = (r - ctx.start) * row, (g_stop - ctx.start) * row
-        _drop_nb(np.array(state, dtype=np.uint64), (r - g * group) * row, source[first:last], out[first:last], p)
+        compiled().drop(np.array(state, dtype=np.uint64), (r - g * group) * row, source[first:last], out[first:last], p)
         r = g_stop
     return torch.from_numpy(out).reshape(delta.shape)
-
-
-if _numba is not None:
-    @_numba.njit(cache=True, nogil=True)
-    def _drop_nb(state, skip, delta, out, p):
-        """out = delta * keep for one row group's entries from ``skip`` on: keep is 1 where
-        p − u > 0 (fp32), u the 24-bit fraction of the next 32-bit half of SFC64's output."""
-        a, b, c, counter = state[0], state[1], state[2], state[3]
-        one = np.uint64(1)
-        scale = np.float32(2.0 ** -24)
-        word = np.uint64(0)
-        for e in range(0, skip + delta.size):   # entries before skip: drawn, not used
-            if e % 2 == 0:   # the next 64-bit word: NumPy's sfc64_next
-                word = a + b + counter
-                counter += one
-                a = b ^ (b >> np.uint64(11))
-                b = c + (c << np.uint64(3))
-                c = ((c << np.uint64(24)) | (c >> np.uint64(40))) + word
-                half = word & np.uint64(0xFFFFFFFF)
-            else:
-                half = word >> np.uint64(32)
-            if e < skip:
-                continue
-            u = np.float32(half & np.uint64(0xFFFFFF)) * scale
-            keep = np.float32(1.0) if p - u > np.float32(0.0) else np.float32(0.0)
-            out[e - skip] = delta[e - skip] * keep

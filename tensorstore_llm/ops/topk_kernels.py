@@ -15,23 +15,21 @@ compares them on tied, signed-zero, NaN and infinite entries).
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
 from . import select
 
-try:
-    import numba as _numba
-except ImportError:   # pragma: no cover - exercised where numba is absent
-    _numba = None
-
-USE_NUMBA = _numba is not None   # tests switch it off to run the torch path on the same tiles
+USE_NUMBA = importlib.util.find_spec("numba") is not None   # tests switch it off to run the torch path
+_loaded = None                    # ops.compiled once imported (False: numba would not import)
 _CHUNK = 16384                   # fp32 entries per buffered difference (64 KiB: stays in L2)
 
 
 def _compiled(base: torch.Tensor, model: torch.Tensor) -> bool:
     """Whether the numba kernels apply: fp32 tiles on the CPU."""
-    return (USE_NUMBA and base.device.type == "cpu" and model.device.type == "cpu"
+    return (USE_NUMBA and compiled() is not None and base.device.type == "cpu" and model.device.type == "cpu"
             and base.dtype == torch.float32 and model.dtype == torch.float32 and base.shape == model.shape)
 
 
@@ -44,7 +42,7 @@ def high_histogram(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     if not _compiled(base, model):
         return select.high_histogram(model - base)
     counts = np.zeros(select.HI_BINS, dtype=np.int64)
-    _high_nb(_flat(base), _flat(model), counts, np.empty(_CHUNK, dtype=np.float32))
+    compiled().high_counts(_flat(base), _flat(model), counts, np.empty(_CHUNK, dtype=np.float32))
     return torch.from_numpy(counts)
 
 
@@ -53,7 +51,7 @@ def low_histogram(base: torch.Tensor, model: torch.Tensor, high_bin: int) -> tor
     if not _compiled(base, model):
         return select.low_histogram(model - base, high_bin)
     counts = np.zeros(select.LO_BINS, dtype=np.int64)
-    _low_nb(_flat(base), _flat(model), high_bin, counts, np.empty(_CHUNK, dtype=np.float32))
+    compiled().low_counts(_flat(base), _flat(model), high_bin, counts, np.empty(_CHUNK, dtype=np.float32))
     return torch.from_numpy(counts)
 
 
@@ -69,45 +67,17 @@ def row_ties(base: torch.Tensor, model: torch.Tensor, rows: int, threshold: floa
         counts = torch.int32 if equal.shape[1] < 2 ** 31 else torch.int64
         return equal.sum(1, dtype=counts).to(torch.int64)
     out = np.zeros(rows, dtype=np.int64)
-    _ties_nb(_flat(base), _flat(model), np.float32(threshold), out)
+    compiled().row_tie_counts(_flat(base), _flat(model), np.float32(threshold), out)
     return torch.from_numpy(out)
 
 
-if _numba is not None:
-    @_numba.njit(cache=True, nogil=True)
-    def _difference(base, model, start, stop, buffer):
-        """buffer[:stop - start] = model[start:stop] − base[start:stop] (fp32)."""
-        for j in range(stop - start):
-            buffer[j] = model[start + j] - base[start + j]
-
-    @_numba.njit(cache=True, nogil=True)
-    def _high_nb(base, model, counts, buffer):
-        bits = buffer.view(np.int32)
-        n = base.size
-        for start in range(0, n, buffer.size):
-            stop = min(n, start + buffer.size)
-            _difference(base, model, start, stop, buffer)
-            for j in range(stop - start):
-                counts[(bits[j] >> 16) & 0x7FFF] += 1     # sign bit dropped: the bits of |x|
-
-    @_numba.njit(cache=True, nogil=True)
-    def _low_nb(base, model, high_bin, counts, buffer):
-        bits = buffer.view(np.int32)
-        n = base.size
-        for start in range(0, n, buffer.size):
-            stop = min(n, start + buffer.size)
-            _difference(base, model, start, stop, buffer)
-            for j in range(stop - start):
-                magnitude = bits[j] & 0x7FFFFFFF
-                if (magnitude >> 16) == high_bin:
-                    counts[magnitude & 0xFFFF] += 1
-
-    @_numba.njit(cache=True, nogil=True)
-    def _ties_nb(base, model, threshold, out):
-        cols = base.size // out.size
-        for r in range(out.size):
-            found = 0
-            for j in range(r * cols, (r + 1) * cols):
-                if abs(model[j] - base[j]) == threshold:
-                    found += 1
-            out[r] = found
+def compiled():
+    """``ops.compiled`` (the numba loops), imported on first use; None without numba."""
+    global _loaded
+    if _loaded is None:
+        try:
+            from . import compiled as module
+        except ImportError:   # pragma: no cover - exercised where numba is absent
+            module = False
+        _loaded = module
+    return _loaded or None
