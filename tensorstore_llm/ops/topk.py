@@ -172,15 +172,17 @@ def top_kept(ctx, i: int, j: int, delta: torch.Tensor) -> torch.Tensor:
     threshold = ctx.stats["thresholds"][i][j]
     if threshold == math.inf:
         return torch.zeros_like(delta)
-    strict = F.hardshrink(delta, threshold)                 # |x| > threshold
     needed, tied = ctx.stats["ties"][i][j] if "ties" in ctx.stats else (0, 0)
     if needed >= tied:
         return F.hardshrink(delta, fp32_below(threshold)) if threshold > 0 else delta.clone()
     if needed == 0:
-        return strict
+        return F.hardshrink(delta, threshold)                 # |x| > threshold
     rows = delta.shape[0]
     before = ctx.stats["tie_before"][(i, j)][ctx.start:ctx.start + rows + 1]
     whole = int((before[1:] <= needed).sum())                 # a prefix of rows keeps all its ties
+    if whole == rows:                                         # a tile before the cut: one shrink
+        return F.hardshrink(delta, fp32_below(threshold)) if threshold > 0 else delta.clone()
+    strict = F.hardshrink(delta, threshold)
     if whole:
         strict[:whole] = F.hardshrink(delta[:whole], fp32_below(threshold)) if threshold > 0 else delta[:whole]
     if whole < rows and before[whole] < needed:               # the row cut inside
