@@ -141,3 +141,27 @@ def test_packed_merge_refuses_rows_that_are_not_whole_blocks(tmp_path, cli):
         merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "mem"), base_quant="nf4",
                       requantize="nf4-packed")
     assert not os.path.exists(tmp_path / "mem")
+
+
+def test_kill_during_packed_merge_then_resume_bit_identical(tmp_path, cli):
+    """kill -9 after the state tensors and some packed weights are journaled: the re-run resumes
+    and gives the artifact (and bytes) of an uninterrupted run."""
+    from conftest import kill_after_journal_lines, run_tsllm
+
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "adapter", peft.LoraConfig(**CASES["plain-embedding"]))
+    root, clean = tmp_path / "store", tmp_path / "clean"
+    args = ["--store", root, "lora", "merge", tmp_path / "base", tmp_path / "adapter", "--base-quant", "nf4",
+            "--requantize", "nf4-packed", "--max-memory", "16K", "--name", "m"]
+    kill_after_journal_lines(args, str(root), lines=14 * 4 + 6)    # 14 packed weights' 4 state tensors, then 6 more
+    assert Store(str(root)).list() == []
+    rerun = run_tsllm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert int(rerun.stdout.split("resumed: ")[1].split()[0]) >= 3     # jobs (a packed job journals two tensors)
+    code, _, err = cli("--store", clean, *args[2:])
+    assert code == 0, err
+    resumed, fresh = Store(str(root)), Store(str(clean))
+    assert resumed.get("m").id == fresh.get("m").id
+    with resumed.open("m") as a, fresh.open("m") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.read(k), b.read(k)) for k in b.keys())
