@@ -26,18 +26,20 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import by_name
+from .lora import dora_merge_rows, dora_norm, lora_delta
 from .nf4_merge import (
     BLOCK,
     Nf4MergeParams,
     _absmax_map,
     _absmax_reduce,
     _add,
-    _error_map,
+    _dequantized_rows,
     _merged_rows,
-    _requant_error_map,
+    _sq,
     _sums,
     absmax_of,
     block_maxes,
+    nf4_round_trip,
 )
 from .registry import StatsPass, op
 
@@ -166,12 +168,19 @@ def nf4_pack_state_op(ctx, params, w):
     raise NotImplementedError("nf4_pack_state is a reduction job")
 
 
-def _error_map_w(ctx, params, w, a, b, magnitude=None):
-    return _error_map(_weight_ctx(ctx), params, w, a, b, magnitude)
-
-
-def _requant_error_map_w(ctx, params, w, a, b, magnitude=None):
-    return _requant_error_map(_weight_ctx(ctx), params, w, a, b, magnitude)
+def _errors_map(ctx, params, w, a, b, magnitude=None):
+    """‖W − dequant(NF4(W))‖², ‖Δ‖² and ‖W' − dequant(NF4(W'))‖² of a row tile, W' computed once."""
+    wctx = _weight_ctx(ctx)
+    wq = _dequantized_rows(wctx, w, ctx.stats["w"], params.base_dtype)
+    delta = lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop))
+    out = {"q_sq": _sq(_rounded(w, params.base_dtype) - wq), "delta_sq": _sq(delta)}
+    if params.dora:
+        merged = dora_merge_rows(wq, delta, magnitude[ctx.start:ctx.stop], dora_norm(wq, delta), out_dtype=torch.float32)
+    else:
+        merged = delta.add_(wq)
+    merged = _rounded(merged, params.out_dtype).reshape(-1)
+    again = nf4_round_trip(merged, ctx.start * w.shape[1], math.prod(wctx.shape), ctx.stats["merged"])
+    return {**out, "requant_sq": _sq(merged - _rounded(again, params.out_dtype))}
 
 
 def _final_reduce(params, partials, ctx):
@@ -179,8 +188,8 @@ def _final_reduce(params, partials, ctx):
 
 
 def _error_passes(params):
-    return (StatsPass(_absmax_map_w, _absmax_reduce_w), StatsPass(_error_map_w, _sums, _add),
-            StatsPass(_merged_max_map, _pack_reduce), StatsPass(_requant_error_map_w, _final_reduce, _add))
+    return (StatsPass(_absmax_map_w, _absmax_reduce_w), StatsPass(_merged_max_map, _pack_reduce),
+            StatsPass(_errors_map, _final_reduce, _add))
 
 
 @op("nf4_pack_merge_error", inputs=("w", "a", "b"), params=Nf4MergeParams, temps=6, passes=_error_passes)
