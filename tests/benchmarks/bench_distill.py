@@ -229,7 +229,6 @@ def cmd_learn(args):
     import json
 
     from tensorstore_llm.distill.learning import cpython_docstrings, run_learning_experiment
-    from tensorstore_llm.hf.models import load_causal_lm
 
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = tuple(args.methods.split(","))
@@ -275,7 +274,7 @@ def report(records: list[dict], margin: float | None) -> None:
     first = records[0]
     print(f"{first['train_sequences']} training sequences; RS-KD cache {first['unique_per_position']:.2f} unique "
           f"ids/position, top-k k = {first['k']}; teacher's own held-out ECE {first['teacher_ece']:.4f}")
-    steps = sorted(set.intersection(*(set(e["step"] for e in evals) for per_seed in runs.values()
+    steps = sorted(set.intersection(*({e["step"] for e in evals} for per_seed in runs.values()
                                       for evals in per_seed.values())))
     runs = {m: {s: [e for e in evals if e["step"] in steps] for s, evals in per_seed.items()} for m, per_seed in runs.items()}
     print(f"held-out KL to the teacher | ECE of top-1 vs the next token, at steps {steps}; mean [min, max] over seeds")
@@ -292,7 +291,8 @@ def report(records: list[dict], margin: float | None) -> None:
             sys.exit("--margin needs RS-KD and top-k runs")
         return
     seeds = sorted(set(table["rs-kd"][0]) & set(table["top-k"][0]), key=int)
-    pick = lambda m: table[m][1][[table[m][0].index(s) for s in seeds]]   # noqa: E731
+    def pick(method):
+        return table[method][1][[table[method][0].index(s) for s in seeds]]
     gap = pick("top-k") - pick("rs-kd")
     spread = gap.std(0, ddof=1) if len(seeds) > 1 else np.zeros(gap.shape[1])
     print(f"top-k minus RS-KD, seeds {', '.join(seeds)}: per seed {np.round(gap, 3).tolist()}")
@@ -326,7 +326,7 @@ def read_learn_record(path: str) -> dict:
         sys.exit(f"{path}: no set-up line of a learn run")
     runs: dict = {}
     for m in re.finditer(r"^  (\S+) seed (\d+) step (\d+) \(epoch \d+\): loss ([\d.]+) held-out KL ([\d.]+) ECE ([\d.]+)$",
-                         text, re.M):
+                         text, re.MULTILINE):
         runs.setdefault(m[1], {}).setdefault(m[2], []).append(
             {"step": int(m[3]), "loss": float(m[4]), "kl": float(m[5]), "ece": float(m[6])})
     return {"setup": {"log": os.path.basename(path)}, "train_sequences": int(head[1]),
