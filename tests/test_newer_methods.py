@@ -207,6 +207,22 @@ class TestSce1D(TestSce):
         return {"base": base, "models": [base + _randn(gen, (3000,), 0.01) for _ in range(2)]}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sce_variance_is_torch_var_bit_for_bit(dtype, n):
+    """SCE's variance (Welford in float64) equals torch.var over the model axis, the value
+    mergekit ranks, including values tied on a coarse grid."""
+    from tensorstore_llm.ops.sce_fusion import _variance
+
+    gen = torch.Generator().manual_seed(n)
+    taus = torch.cat([torch.randn(n, 64, 96, generator=gen) * 0.01,
+                      torch.randint(-3, 4, (n, 64, 96), generator=gen) / 256]).reshape(2 * n, 64, 96)[:n].to(dtype)
+    grid = (torch.randint(-3, 4, (n, 32, 96), generator=gen) / 256).to(dtype)
+    for x in (taus, grid):
+        assert torch.equal(_variance(x).view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           torch.var(x, dim=0, unbiased=False).view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 class TestNearSwap(OpConformance):
     op = "nearswap"
     params = {"t": 0.004}
