@@ -102,6 +102,15 @@ def test_packed_merge_equals_transformers_own_4bit_checkpoint(tmp_path, cli, cas
             assert torch.equal(mine, expected) and torch.equal(theirs, expected), name
     with torch.no_grad():
         assert torch.equal(_load_4bit(tmp_path / "out-24K")(ids).logits, reference_model(ids).logits)
+    # the packed checkpoint is itself a base the CLI accepts (dequantised by us, in memory)
+    code, _, err = cli("--store", tmp_path / "store-again", "lora", "merge", tmp_path / "out-24K", tmp_path / "adapter",
+                       "--base-quant", "nf4", "-o", tmp_path / "again")
+    assert code == 0, err
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert not any(k.endswith("bitsandbytes__nf4") for k in again)
+    packed_names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in reference if k.endswith("bitsandbytes__nf4")]
+    unchanged = [k for k in packed_names if k not in dense_report["changed"]]
+    assert unchanged and all(torch.equal(again[k], N.nf4_roundtrip(base[k])) for k in unchanged)
     # the report: the same ||q|| / ||delta|| as the in-memory path, and the requantisation error
     result = qlora_merge(Store(str(tmp_path / "store-24K")), str(tmp_path / "base"), str(tmp_path / "adapter"),
                          requantize="nf4-packed", max_memory="24K", progress=False)
