@@ -254,3 +254,19 @@ def test_apply32_equals_the_numpy_formula(kb):
     for j in range(kb):
         z |= low[j * n + i0:j * n + i0 + m].astype(np.uint64) << np.uint64(8 * j)
     assert np.array_equal(out, exact_ref.apply_np(base, z, 32, np.uint32))
+
+
+@pytest.mark.skipif(exact._numba is None, reason="numba kernels")
+def test_escape_scan_finds_exactly_the_escapes():
+    """The word-at-a-time escape scan against np.flatnonzero: escapes next to 0xFE bytes (the
+    borrow trick's false flags), runs of escapes, every byte position, a tail of m % 8."""
+    rng = np.random.default_rng(16)
+    for density in (0.0, 0.01, 0.2, 0.9):
+        m = 8 * 997 + 5
+        sym = rng.choice(np.array([0, 1, 7, 254, 255], np.uint8), m, p=[0.5, 0.2, 0.1, 0.2 - density * 0.2,
+                                                                          density * 0.2])
+        sym[rng.random(m) < density] = 255
+        esc_at = np.empty(m, np.int64)
+        found = exact_lanes._escapes_chunk(sym, m, 1000, esc_at, 3)
+        want = np.flatnonzero(sym == 255) + 1000
+        assert found == 3 + want.size and np.array_equal(esc_at[3:found], want)

@@ -30,6 +30,11 @@ try:   # optional accelerator: same bytes, compiled passes
 except ImportError:   # pragma: no cover - exercised where numba is absent
     _numba = None
 
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)  # (x * this) >> 58 is distinct for each x = 2**i
+_BYTE_OF_BIT = np.zeros(64, np.int64)        # ... and maps to byte i // 8
+for _i in range(64):
+    _BYTE_OF_BIT[((1 << _i) * 0x03F79D71B4CB0A89 & (2**64 - 1)) >> 58] = _i // 8
+
 # --- numba kernels ----------------------------------------------------------------------------------
 
 if _numba is not None:
@@ -180,18 +185,23 @@ if _numba is not None:
     @_numba.njit(nogil=True)
     def _escapes_chunk(sym, m, i0, esc_at, ne):
         """Positions (offset ``i0``) of the ESCAPE symbols in ``sym[:m]`` appended to ``esc_at``
-        from ``ne`` on (up to its size); returns the new count. Eight symbols at a time: a word
-        with no 0xFF byte is passed in a few operations."""
+        from ``ne`` on (up to its size); returns the new count. Eight symbols at a time: the
+        high bit of each byte of ``t`` flags a 0xFF byte (exact for the lowest one; a flagged byte
+        above it may be a 0xFE after a borrow, hence the check), and each flag is found by a
+        de Bruijn multiply instead of a loop over the eight bytes."""
         ones, highs = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
         eights = sym[:m - m % 8].view(np.uint64)
         for q in range(np.uint64(eights.size)):
             v = ~eights[q]
-            if (v - ones) & ~v & highs:
-                for i in range(np.uint64(8) * q, np.uint64(8) * q + np.uint64(8)):
-                    if sym[i] == ESCAPE:
-                        if ne < esc_at.size:
-                            esc_at[ne] = i0 + np.int64(i)
-                        ne += 1
+            t = (v - ones) & ~v & highs
+            while t:
+                lowest = t & (~t + np.uint64(1))
+                i = np.uint64(8) * q + np.uint64(_BYTE_OF_BIT[(lowest * _DE_BRUIJN) >> np.uint64(58)])
+                if sym[i] == ESCAPE:
+                    if ne < esc_at.size:
+                        esc_at[ne] = i0 + np.int64(i)
+                    ne += 1
+                t ^= lowest
         for i in range(m - m % 8, m):
             if sym[i] == ESCAPE:
                 if ne < esc_at.size:
