@@ -4,7 +4,7 @@ and model tiles.
 
 Two implementations give the same integers. With numba installed (the ``diff`` and ``test``
 extras) each statistic is one compiled loop over the tile (the difference goes through a 16K
-buffer, never a tile-sized temporary): 5-10x less CPU than the torch path, whose ``bincount`` on
+buffer, never a tile-sized temporary): 2-10x less CPU than the torch path, whose ``bincount`` on
 real task vectors (a few hundred distinct high bit patterns per tile, so the same counters are
 hit again and again) and boolean comparisons dominate a TIES merge. Without numba, or for other
 dtypes and devices, the torch path computes the difference, its magnitude bits and a
