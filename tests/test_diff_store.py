@@ -49,6 +49,9 @@ def test_delta_reconstructs_finetune_bit_for_bit(tmp_path, cli, dtype):
         _assert_same_bits({k: src.read(k) for k in src.keys()}, want)
         emb = "model.embed_tokens.weight"
         assert torch.equal(_bits(src.read_rows(emb, 5, 77)), _bits(want[emb][5:77]))
+    with store.open("ft") as src:            # the read-ahead hints (off by default) change nothing read
+        src.prefetch = True
+        _assert_same_bits({k: src.read(k) for k in src.keys()}, want)
     for budget in ("4M", "16M"):           # export at two budgets (that hold the decode buffers): the same bits
         out_dir = str(tmp_path / f"out-{budget}")
         code, _, err = cli("--store", root, "export", "ft", out_dir, "--max-memory", budget)

@@ -73,10 +73,12 @@ class DeltaTensorSource(SourceBase):
     Reads that span several blocks rebuild them on ``DECODE_WORKERS`` threads (the codecs release
     the GIL). A read within one block starts rebuilding the next block on a worker (read-ahead).
     The last rebuilt block is kept, so row-by-row reads decode each block once. ``prefetch``
-    (default on) hints the kernel to read ahead the files of the blocks to come.
+    (off by default) hints the kernel to read ahead the files of the blocks to come: on this
+    project's disk (0.3-1 GB/s) it did not measurably speed up cold reads (docs/benchmarks.md,
+    "Reconstruct and read cost against the raw ceiling"), so it is a switch for slower disks.
     """
 
-    prefetch = True
+    prefetch = False
 
     def __init__(self, artifact, section: DeltaSection, parent_source):
         self.artifact = artifact

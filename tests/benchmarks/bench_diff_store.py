@@ -31,8 +31,8 @@ from tensorstore_llm.store import Store
 store = Store(sys.argv[1])
 if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba, zstd) loads once per process
     import tensorstore_llm.diff.reader
-    if len(sys.argv) > 4 and sys.argv[4] == "no-prefetch":
-        tensorstore_llm.diff.reader.DeltaTensorSource.prefetch = False
+    if len(sys.argv) > 4 and sys.argv[4] == "prefetch":
+        tensorstore_llm.diff.reader.DeltaTensorSource.prefetch = True
 def disk_read_bytes():
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
@@ -64,11 +64,11 @@ def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float
     return wall, usage.ru_maxrss / 1024, cpu
 
 
-def read_all_io(store: str, ref: str, prefetch: bool = True) -> tuple[float, float, int]:
+def read_all_io(store: str, ref: str, prefetch: bool = False) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of all threads, bytes the process read from disk per
     /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process;
-    ``prefetch=False`` turns the delta reader's POSIX_FADV_WILLNEED hints off."""
-    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "" if prefetch else "no-prefetch"],
+    ``prefetch=True`` turns the delta reader's POSIX_FADV_WILLNEED hints on."""
+    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "prefetch" if prefetch else ""],
                          check=True, stdout=subprocess.PIPE)
     wall, cpu, disk = out.stdout.decode().split()[-3:]
     return float(wall), float(cpu), int(disk)
@@ -307,7 +307,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
     once; warm: the artifact read once) and per repeat, alternating full and delta: the export
     at --max-memory 512M (wall, peak RSS), the pure read of every tensor in 64 MiB blocks
     (wall, CPU, disk bytes) and, for the delta, the same read with the reader's
-    POSIX_FADV_WILLNEED hints off. ``tsllm ls`` gives the CLI's start-up cost, part of every
+    POSIX_FADV_WILLNEED hints on (DeltaTensorSource.prefetch). ``tsllm ls`` gives the CLI's start-up cost, part of every
     export's wall time."""
     base, ft = pair(kind, workdir)
     ft_files = [os.path.join(ft, f) for f in os.listdir(ft)]
@@ -349,7 +349,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
     cases = {}
     for case in ("cold", "parent_warm", "warm"):
         runs = {key: [] for key in ("export_ft-full", "export_ft-delta", "read_ft-full", "read_ft-delta",
-                                    "read_ft-delta_no-prefetch")}
+                                    "read_ft-delta_prefetch")}
         for _ in range(repeat):
             for ref in ("ft-full", "ft-delta"):
                 fresh(export)
@@ -359,7 +359,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
                 prepare(case, ref)
                 runs[f"read_{ref}"].append(read_all_io(store, ref))
             prepare(case, "ft-delta")
-            runs["read_ft-delta_no-prefetch"].append(read_all_io(store, "ft-delta", prefetch=False))
+            runs["read_ft-delta_prefetch"].append(read_all_io(store, "ft-delta", prefetch=True))
         row = {}
         for key, rs in runs.items():
             if key.startswith("export"):
