@@ -131,7 +131,7 @@ def merge_cmd(ctx, base, adapter, scale, transfer, base_quant, requantize, name,
                    device=device, max_memory=max_memory, compression=compression, progress=progress_flag(ctx),
                    dry_run=dry_run)
     if base_quant:
-        result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize, **options)
+        result = qlora_merge(store_of(ctx), base, adapter, requantize=requantize, keep_artifact=keep_artifact, **options)
     else:
         result = lora_merge(store_of(ctx), base, adapter, keep_artifact=keep_artifact, **options)
     if dry_run:

@@ -193,3 +193,25 @@ def test_cli_sends_an_already_quantised_base_to_the_in_memory_path(tmp_path, cli
     code, _, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "bnb", tmp_path / "adapter",
                        "--base-quant", "nf4")
     assert code == 2 and "-o DIR" in err
+
+
+def test_qlora_merge_into_a_directory_writes_once(tmp_path, cli):
+    """-o streams the dense NF4 merge straight into DIR (the store keeps only a tensorless export
+    record); --keep-artifact stores the checkpoint too, with the same bytes in DIR."""
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "adapter", peft.LoraConfig(**CASES[sorted(CASES)[0]]))
+    outputs = {}
+    for mode, extra in (("once", []), ("kept", ["--keep-artifact"])):
+        store = tmp_path / f"store-{mode}"
+        code, _, err = cli("-q", "--store", store, "lora", "merge", tmp_path / "base", tmp_path / "adapter",
+                           "--base-quant", "nf4", "--max-memory", "64M", "-o", tmp_path / mode, *extra)
+        assert code == 0, err
+        outputs[mode] = _load(tmp_path / mode)
+        kinds = sorted(a.kind for a in Store(str(store)).list())
+        assert kinds == (["export"] if mode == "once" else ["checkpoint"]), (mode, kinds)
+        if mode == "once":
+            record = Store(str(store)).list()[0]
+            assert not record.manifest.tensors and record.manifest.recipe["base_quant"] == "nf4"
+    assert set(outputs["once"]) == set(outputs["kept"])
+    for name, value in outputs["kept"].items():
+        assert torch.equal(outputs["once"][name], value), name

@@ -87,10 +87,12 @@ def nf4_report(report_plan: Plan, adapter: LoraAdapter, *, scale: float = 1.0, o
 
 def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantize: bool | str | None = None,
                 transfer: bool = False, name: str | None = None, out_dir: str | None = None,
-                max_shard_size="5G", **run_options):
+                max_shard_size="5G", keep_artifact: bool = False, **run_options):
     """Merge a QLoRA adapter into dequant(NF4(``base``)), streamed into a checkpoint artifact.
 
-    Same references, binding checks and export as :func:`.jobs.lora_merge`. ``requantize``:
+    Same references, binding checks and ``out_dir`` / ``keep_artifact`` as :func:`.jobs.lora_merge`
+    (with ``out_dir`` the dense result is written once, into the directory; the packed one is
+    stored, then exported). ``requantize``:
     ``"nf4"`` (or True) writes dequant(NF4(W')) for every merged weight, dense; ``"nf4-packed"``
     writes a bitsandbytes 4-bit checkpoint (every Linear weight packed, config.json with
     ``quantization_config``; :mod:`.nf4_packed`), which transformers loads with ``load_in_4bit``.
@@ -104,7 +106,7 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
         weight whose in_features is not a multiple of 64. Nothing is written then.
     Example: ``qlora_merge(store, "base", "./qlora-adapter", name="merged")``.
     """
-    from ..runs import JobResult, export, resolve_input, run_plan
+    from ..runs import JobResult, export, resolve_input, run_plan, run_plan_into_dir
     from .artifacts import check_binding, refuse_other_base
     from .jobs import _lora_only, open_adapter_ref
     from .nf4_packed import PACKED
@@ -140,9 +142,14 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
         else:
             report = {} if run_options.get("dry_run") else nf4_report(report_plan, lora, scale=scale, **report_options)
             opened.adapter = lora = None     # the plan reads the factors through opened.source
-            result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                              desc="lora merge (nf4)", **run_options)
-    if out_dir and result.artifact is not None:
+            if out_dir and not keep_artifact:
+                result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe, files=files,
+                                           max_shard_size=max_shard_size, name=name, desc="lora merge (nf4)",
+                                           **run_options)
+            else:
+                result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files,
+                                  name=name, desc="lora merge (nf4)", **run_options)
+    if out_dir and result.artifact is not None and result.output is None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
                max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
