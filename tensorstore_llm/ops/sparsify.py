@@ -37,12 +37,11 @@ from ..errors import RecipeError
 from . import dare_mask, topk
 from .exact import divide_
 from .registry import StatsPass
-from .topk import kept_counts  # noqa: F401  (re-exported: recipe.py, sce_fusion.py)
+from .topk import kept_counts  # noqa: F401  (re-exported: merge/recipe.py)
 
 MASK_STREAM = "task_arithmetic"   # random masks are drawn as this op's, whichever op sparsifies
 SPARSIFICATIONS = ("none", "magnitude", "random", "magnitude_outliers", "della")
 RESCALE_METHODS = ("l1", "inverse")
-_within_top = topk.within_top   # sce_fusion.py's tie-break reads it from here
 
 
 # -- statistics passes -------------------------------------------------------------------------
