@@ -121,3 +121,24 @@ def test_della_cuda_equals_cpu_at_every_budget(cli, tmp_path, family):
     for budget in ("1G", "8K"):
         _, cuda = _merge(cli, tmp_path, family, recipe, f"cuda-{budget}", budget, device="cuda")
         assert cuda.manifest.tensors == cpu.manifest.tensors, budget
+
+
+def test_della_1d_l1_rescale_keeps_the_rank_probabilities(cli, tmp_path, family):
+    """rescale_method l1 on a 1-D tensor split into blocks: the L1 pass must not alter the rank
+    statistics the kernel reads (they were divided in place once): the kept set is [u < p] with p
+    from the whole-tensor ranks, and survivors are scaled by |τ|₁ / |kept τ|₁."""
+    recipe = tmp_path / "l1.yaml"
+    recipe.write_text("merge_method: della_linear\nbase_model: base\nmodels:\n"
+                      "  - model: ft1\n    parameters: {weight: 1.0, density: 0.5, epsilon: 0.2}\n"
+                      "parameters: {rescale_method: l1}\n")
+    store, art = _merge(cli, tmp_path, family, recipe, "l1", "4K")
+    with store.open(art.id) as out, store.open("base") as b, store.open("ft1") as f:
+        base, ft, got = b.read(VECTOR), f.read(VECTOR), out.read(VECTOR)
+    tau = ft - base
+    ranks = tau.abs().argsort(stable=True).argsort(stable=True).to(torch.float64)
+    p = ranks / (N - 1) * (2 * 0.2) + (0.5 - 0.2)
+    u = uniform_rows(SEED, "task_arithmetic/model0", VECTOR, (N,), 0, N).double()
+    kept = u < p
+    assert torch.equal(got != base, kept & (tau != 0))
+    factor = tau.double().abs().sum() / (tau.double() * kept).abs().sum()
+    torch.testing.assert_close(got.double(), base.double() + tau.double() * kept * factor, rtol=1e-6, atol=1e-6)

@@ -219,14 +219,7 @@ def test_bf16_replay_is_bit_exact_with_mergekit_on_real_tensors(store, real_tens
             assert same.all(), (case, name, int((~same).sum()))
 
 
-# DELLA on a 1-D tensor with rescale_method l1: sparsify's keep probability divides the rank pass's
-# statistics in place (divide_ on a view of ctx.stats["ranks"]), so the L1 pass and the kernel see
-# different probabilities: 94 of 576 norm entries kept at density 0.3 and a wrong L1 factor (with
-# the ranks copied first: 187 kept, factor exact). ops/sparsify.py is not this test's to fix.
-DELLA_1D_BUG = pytest.mark.xfail(strict=True, reason="sparsify mutates the 1-D DELLA rank statistics in place")
-
-
-@pytest.mark.parametrize("method", ["dare_linear", pytest.param("della_linear", marks=DELLA_1D_BUG)])
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
 def test_random_masks_have_the_same_law_as_mergekit(store, real_tensors, method):
     """One model, density 0.3, weight 0.8 (not normalised), survivors rescaled to the task
     vector's L1 norm (the only rescaling mergekit has; tsllm's ``rescale_method: l1``): in both

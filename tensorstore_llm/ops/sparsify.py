@@ -156,7 +156,7 @@ def _whole_tensor_ranks(ctx, params, i: int, delta: torch.Tensor) -> torch.Tenso
     """Ranks of this tile's entries among the whole 1-D tensor's magnitudes (fp32, 0 .. n-1)."""
     found = (ctx.stats or {}).get("ranks", {}).get(i)
     if found is not None:
-        return found[ctx.start:ctx.stop]
+        return found[ctx.start:ctx.stop].clone()   # a copy: the caller scales it in place, the statistics serve every pass
     if ctx.start == 0 and ctx.stop == ctx.shape[0]:   # the tile is the whole tensor: rank it here
         return delta.abs().argsort(stable=True).argsort(stable=True).to(torch.float32)
     raise RecipeError(f"della on 1-D tensor {ctx.output!r} split into row blocks needs its rank pass "
