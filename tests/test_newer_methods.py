@@ -456,3 +456,24 @@ def test_sce_top_k_matches_mergekit_except_at_variance_ties(tmp_path, store, tin
             assert torch.allclose(ours.read(name).double(), sce_golden(base, models, 0.3, our_keep), atol=1e-6), name
             assert torch.allclose(theirs[name].double(), sce_golden(base, models, 0.3, their_keep), atol=1e-6), name
     assert agreeing >= 3
+
+
+def test_ram_threshold_is_any_magnitude_as_in_mergekit(store, tmp_path):
+    """RAM's epsilon is a |τ| threshold, not DELLA's fraction: 0.7 (beyond DELLA's [0, 0.5)) is
+    taken and means what the formula says; a negative one is still refused (above)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(48, 32, generator=g)
+    tensors = {"base": base, "ft1": base + torch.randn(48, 32, generator=g), "ft2": base + torch.randn(48, 32, generator=g)}
+    family = {}
+    for key, value in tensors.items():
+        (tmp_path / key).mkdir()
+        save_file({"w": value}, str(tmp_path / key / "model.safetensors"))
+        family[key] = str(tmp_path / key)
+    art = api.merge(store, _recipe("ram", family, params="epsilon: 0.7"), progress=False).artifact
+    with store.open(art.id) as out:
+        merged = out.read("w")
+    changed = (tensors["ft1"] - base).abs() > 0.7
+    assert 0.2 < float(changed.float().mean()) < 0.8      # the threshold splits the entries
+    torch.testing.assert_close(merged.double(), ram_golden(base, [tensors["ft1"], tensors["ft2"]], 0.7), atol=1e-6, rtol=0)

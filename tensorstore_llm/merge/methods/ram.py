@@ -3,10 +3,13 @@ one model keeps that change, one changed by several gets their mean; RAM+ (tenso
 model's unique changes up by how much of its change the others share."""
 from __future__ import annotations
 
-from ...engine.plan import InputRef
-from .base import EPSILON, REAL, JobSpec, MergeMethod, Param, model_inputs
+import math
 
-THRESHOLD = Param(EPSILON.domain)   # |τ| above it counts as changed: one value for the merge, not per model
+from ...engine.plan import InputRef
+from .base import REAL, JobSpec, MergeMethod, Param, interval, model_inputs
+
+# |τ| above it counts as changed: any magnitude >= 0 (mergekit takes any float), one value for the merge, not per model
+THRESHOLD = Param(interval(0, math.inf))
 
 
 class Ram(MergeMethod):
