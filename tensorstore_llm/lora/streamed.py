@@ -83,6 +83,19 @@ def check_rank(rank: int, shape: tuple[int, ...], module: str, where: str) -> No
                                f"(its weight is {tuple(shape)})")
 
 
+EXACT_IN_FP32 = ("bfloat16", "float16", "float32")
+
+
+def held_dtype(base_dtype: str, ft_dtype: str, executor_options: dict) -> str:
+    """The dtype an extraction job's inputs reach its op in: their stored dtype when both share
+    one that fp32 holds exactly (the op forms the fp32 delta itself, so the engine need not keep
+    an fp32 copy of each input beside it), else fp32."""
+    if base_dtype == ft_dtype and base_dtype in EXACT_IN_FP32 and \
+            executor_options.get("compute_dtype", "float32") == "float32":
+        return base_dtype
+    return "float32"
+
+
 @dataclass
 class Extraction:
     """An extracted adapter and its report: per module rank and captured energy fraction."""
@@ -128,7 +141,8 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
         jobs.append(TensorJob(TensorMeta(a, (r, in_dim), "float32"), "lora_extract",
                               (("base", InputRef("base", name, WHOLE)), ("ft", InputRef("ft", name, WHOLE))),
                               LoraExtractParams(rank=r, module=module),
-                              extra_outputs=(TensorMeta(b, (out_dim, r), "float32"), TensorMeta(rec, (1,), "float32"))))
+                              extra_outputs=(TensorMeta(b, (out_dim, r), "float32"), TensorMeta(rec, (1,), "float32")),
+                              compute_dtype=held_dtype(bm[name].dtype, fm[name].dtype, executor_options)))
     plan = Plan(jobs, {"base": base, "ft": ft})
     plan.validate(where)
     sink = MemorySink() if sink is None else sink   # a StagedFactorSink (lora/resumable.py) resumes

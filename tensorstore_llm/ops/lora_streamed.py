@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..seeding import seed_for, uniform_rows
-from .lora import extract_lora, goat_init, lora_delta, pissa_init
+from .lora import extract_lora, goat_init, lora_delta, pissa_init, randomized_svd
 from .registry import op
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear")
@@ -54,12 +54,30 @@ def factor_names(module: str) -> tuple[str, str, str]:
 @op("lora_extract", inputs=("base", "ft"), params=LoraExtractParams, rowwise=False, random=True, temps=4)
 def lora_extract_op(ctx, params, base, ft):
     """A (r x in), B (out x r) with B @ A the rank-r randomised SVD of ft - base; record: [||D||^2]."""
-    delta = ft - base                                                   # out x in
+    delta = fp32_delta(base, ft)                                        # out x in
+    total = squared_norm(delta)
     oversample = params.oversample or max(10, params.rank // 2)
-    ex = extract_lora(delta, rank=params.rank, power_iters=params.power_iters, oversample=oversample,
-                      generator=seed_for(ctx.seed, "lora_extract", params.module))
+    # extract_lora's rank-r path, without its fp64 copy of the whole delta (2 x 8 bytes per entry)
+    U, S, Vh = randomized_svd(delta, params.rank, oversample=oversample, power_iters=params.power_iters,
+                              generator=seed_for(ctx.seed, "lora_extract", params.module))
+    del delta
+    root = S[:params.rank].sqrt()
     a, b, rec = factor_names(params.module)
-    return {a: ex.A, b: ex.B, rec: torch.tensor([ex.delta_energy], dtype=torch.float32)}
+    return {a: root[:, None] * Vh[:params.rank], b: U[:, :params.rank] * root[None, :],
+            rec: torch.tensor([total], dtype=torch.float32)}
+
+
+def fp32_delta(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """ft - base in fp32, equal to ``ft.float() - base.float()`` (a half / bf16 / fp32 value is
+    exact in fp32) but holding one fp32 tensor: a fresh copy of ``ft``, never the input itself."""
+    delta = ft.to(torch.float32, copy=True)
+    return delta.sub_(base)
+
+
+def squared_norm(x: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """||x||_F^2 accumulated in fp64 over ``chunk``-element slices (no fp64 copy of ``x``)."""
+    flat = x.reshape(-1)
+    return float(sum(float(flat[i:i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk)))
 
 
 @dataclass(frozen=True)
