@@ -1,0 +1,55 @@
+"""The memory-lean lora_extract op gives bit-for-bit the factors of the plain formula.
+
+The op gets its inputs in their stored dtype, forms the fp32 delta itself and sums ||delta||^2
+in fp64 slices; the reference here is ``extract_lora`` on ``ft.float() - base.float()`` with the
+same seeded projection.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tensorstore_llm.lora.streamed import held_dtype
+from tensorstore_llm.ops.lora import extract_lora
+from tensorstore_llm.ops.lora_streamed import (LoraExtractParams, factor_names, fp32_delta, lora_extract_op,
+                                               squared_norm)
+from tensorstore_llm.seeding import seed_for
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_extract_op_matches_plain_formula_bitwise(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(96, 80, generator=g).to(dtype)
+    ft = (base.float() + 0.05 * torch.randn(96, 80, generator=g)).to(dtype)
+    base_before, ft_before = base.clone(), ft.clone()
+    params = LoraExtractParams(rank=8, module="layers.0.q_proj")
+    out = lora_extract_op(SimpleNamespace(seed=11), params, base, ft)
+    ref = extract_lora(ft.float() - base.float(), rank=8, power_iters=3, oversample=10,
+                       generator=seed_for(11, "lora_extract", params.module))
+    a, b, rec = factor_names(params.module)
+    assert torch.equal(out[a], ref.A) and torch.equal(out[b], ref.B)
+    assert out[rec].dtype == torch.float32 and float(out[rec][0]) == float(torch.tensor(ref.delta_energy, dtype=torch.float32))
+    assert torch.equal(base, base_before) and torch.equal(ft, ft_before)    # inputs never written to
+
+
+def test_fp32_delta_is_a_fresh_tensor_equal_to_the_formula():
+    base, ft = torch.randn(7, 5), torch.randn(7, 5)
+    delta = fp32_delta(base, ft)
+    assert torch.equal(delta, ft - base) and delta.data_ptr() != ft.data_ptr()
+    half = fp32_delta(base.bfloat16(), ft.bfloat16())
+    assert half.dtype == torch.float32 and torch.equal(half, ft.bfloat16().float() - base.bfloat16().float())
+
+
+def test_squared_norm_in_slices_matches_fp64_sum():
+    x = torch.randn(301, 257)
+    ref = float(x.double().square().sum())
+    assert squared_norm(x, chunk=1000) == pytest.approx(ref, rel=1e-13)
+    assert squared_norm(torch.zeros(3, 4)) == 0.0
+
+
+def test_held_dtype_keeps_only_exact_shared_dtypes():
+    assert held_dtype("bfloat16", "bfloat16", {}) == "bfloat16"
+    assert held_dtype("float32", "float32", {}) == "float32"
+    assert held_dtype("bfloat16", "float32", {}) == "float32"          # mixed: the engine casts both
+    assert held_dtype("int8", "int8", {}) == "float32"
+    assert held_dtype("bfloat16", "bfloat16", {"compute_dtype": "float64"}) == "float32"
