@@ -169,7 +169,9 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
         report.modules[module] = {"rank": keep, "captured": captured / delta_energy if delta_energy > 0 else 1.0}
         captured_total += captured
         delta_total += delta_energy
-    report.adapter = build_adapter(factors, kinds=kinds)
+    # one rank everywhere: alpha = r, s = 1, so B / s == B and build_adapter need not copy every B
+    one_rank = len({A.shape[0] for A, _ in factors.values()}) == 1
+    report.adapter = build_adapter(factors, kinds=kinds, fold_scaling=not one_rank)
     report.totals = {"captured": captured_total / delta_total if delta_total > 0 else 1.0, "modules": len(factors),
                      "num_params": report.adapter.num_params()}
     return report
