@@ -236,7 +236,7 @@ def test_fp32_every_low_plane_count_round_trips(scale):
 
 
 @pytest.mark.skipif(exact._numba is None, reason="numba kernels")
-@pytest.mark.parametrize("kb", [0, 1, 2, 3])
+@pytest.mark.parametrize("kb", [0, 1, 2, 3, 4])
 def test_apply32_equals_the_numpy_formula(kb):
     """The uint32 apply kernel against exact_ref.apply_np (int64 NumPy) on random words, every
     symbol and random low planes, over a chunk at an offset inside a larger block."""
@@ -254,6 +254,20 @@ def test_apply32_equals_the_numpy_formula(kb):
     for j in range(kb):
         z |= low[j * n + i0:j * n + i0 + m].astype(np.uint64) << np.uint64(8 * j)
     assert np.array_equal(out, exact_ref.apply_np(base, z, 32, np.uint32))
+
+
+def test_fp32_unrelated_words_use_all_four_planes_and_round_trip():
+    """Targets unrelated to their base (random words: up to 33-bit zigzagged differences), where
+    the encoder may keep all 32 low bits in planes (k = 32, as for the counterexample below);
+    every decoder gives the exact bits (the uint32 apply loop once read only three of the four
+    planes)."""
+    rng = np.random.default_rng(17)
+    for n in (1, 7, exact_lanes.CHUNK + 5):
+        b = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+        t = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+        _check(b, t, "float32")
+    data = _check(torch.tensor([[-3.4028e38]]), torch.tensor([[-3.7607e-20]]), "float32")   # hypothesis's counterexample
+    assert exact_huff.parse_v2(data)[1] == 32
 
 
 @pytest.mark.skipif(exact._numba is None, reason="numba kernels")

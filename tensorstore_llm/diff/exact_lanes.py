@@ -266,11 +266,13 @@ if _numba is not None:
         return m ^ (((1 - (m >> (bits - 1))) * half) | sign)
 
     @_numba.njit(inline="always")
-    def _move32(b, z):
+    def _move32(b, h, s):
         """``_apply_one(b, z, 32)`` in uint32 arithmetic (every step truncated to 32 bits, so
-        LLVM keeps 8 lanes per AVX2 register): unzigzag, to monotonic, add, back."""
+        LLVM keeps 8 lanes per AVX2 register), given h = (z >> 1) mod 2^32 and s = z & 1: a
+        32-bit difference zigzags to up to 33 bits, and d mod 2^32 needs exactly bits 0-32 of z,
+        so z itself is never formed in 32 bits. Unzigzag, to monotonic, add, back."""
         u = np.uint32
-        d = u((z >> u(1)) ^ u(u(0) - (z & u(1))))
+        d = u(h ^ u(u(0) - s))
         mb = u(b ^ ((u(u(0) - (b >> u(31))) >> u(1)) | u(0x80000000)))
         m = u(mb + d)
         return u(m ^ ((u(u(m >> u(31)) - u(1)) >> u(1)) | u(0x80000000)))
@@ -279,25 +281,34 @@ if _numba is not None:
     def apply32_nb(base, sym, low, kb, out, n, i0):
         """32-bit patterns: out = base moved by z = (symbol << 8kb) | the kb low planes of
         elements i0 + (0, 1, ...) of a block of ``n`` (plane-major); one branch-free loop per kb
-        (0-3), so each vectorises. Escaped elements are fixed afterwards."""
+        (0-4), so each vectorises. Escaped elements are fixed afterwards."""
         m = base.size
         u = np.uint32
         if kb == 2:
             lo0, lo1 = low[i0:i0 + m], low[n + i0:n + i0 + m]
             for i in range(m):
-                out[i] = _move32(base[i], (u(sym[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i]))
+                part = (u(lo1[i]) << u(8)) | u(lo0[i])
+                out[i] = _move32(base[i], (u(sym[i]) << u(15)) | (part >> u(1)), part & u(1))
         elif kb == 1:
             lo0 = low[i0:i0 + m]
             for i in range(m):
-                out[i] = _move32(base[i], (u(sym[i]) << u(8)) | u(lo0[i]))
+                part = u(lo0[i])
+                out[i] = _move32(base[i], (u(sym[i]) << u(7)) | (part >> u(1)), part & u(1))
         elif kb == 0:
             for i in range(m):
-                out[i] = _move32(base[i], u(sym[i]))
-        else:
+                z = np.uint64(sym[i])
+                out[i] = _move32(base[i], u(z >> np.uint64(1)), u(z & np.uint64(1)))
+        elif kb == 3:
             lo0, lo1, lo2 = low[i0:i0 + m], low[n + i0:n + i0 + m], low[2 * n + i0:2 * n + i0 + m]
             for i in range(m):
-                z = (u(sym[i]) << u(24)) | (u(lo2[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i])
-                out[i] = _move32(base[i], z)
+                part = (u(lo2[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i])
+                out[i] = _move32(base[i], (u(sym[i]) << u(23)) | (part >> u(1)), part & u(1))
+        else:   # kb == 4: every bit of the difference in the planes, the symbol holds bit 32 of z
+            lo0, lo1 = low[i0:i0 + m], low[n + i0:n + i0 + m]
+            lo2, lo3 = low[2 * n + i0:2 * n + i0 + m], low[3 * n + i0:3 * n + i0 + m]
+            for i in range(m):
+                part = (u(lo3[i]) << u(24)) | (u(lo2[i]) << u(16)) | (u(lo1[i]) << u(8)) | u(lo0[i])
+                out[i] = _move32(base[i], (u(sym[i]) << u(31)) | (part >> u(1)), part & u(1))
 
     @_numba.njit(nogil=True)
     def apply_nb(base, sym, low, kb, bits, out, n, i0):
