@@ -53,3 +53,19 @@ def test_held_dtype_keeps_only_exact_shared_dtypes():
     assert held_dtype("bfloat16", "float32", {}) == "float32"          # mixed: the engine casts both
     assert held_dtype("int8", "int8", {}) == "float32"
     assert held_dtype("bfloat16", "bfloat16", {"compute_dtype": "float64"}) == "float32"
+
+
+def test_combine_factors_op_matches_plain_formula_bitwise():
+    from tensorstore_llm.ops.lora_streamed import LoraCombineParams, combine_deltas, lora_combine_factors_op
+
+    g = torch.Generator().manual_seed(5)
+    factors = [torch.randn(6, 40, generator=g), torch.randn(56, 6, generator=g),
+               torch.randn(4, 40, generator=g), torch.randn(56, 4, generator=g)]
+    params = LoraCombineParams(weights=(0.7, 0.3), scalings=(2.0, 1.0), rank=5, module="layers.1.v_proj")
+    ctx = SimpleNamespace(seed=4)
+    out = lora_combine_factors_op(ctx, params, factors)
+    ref = extract_lora(combine_deltas(ctx, params, factors), rank=5,
+                       generator=seed_for(4, "lora_combine", params.module))
+    a, b, rec = factor_names(params.module)
+    assert torch.equal(out[a], ref.A) and torch.equal(out[b], ref.B)
+    assert float(out[rec][0]) == float(torch.tensor(ref.delta_energy, dtype=torch.float32))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..seeding import seed_for, uniform_rows
-from .lora import extract_lora, goat_init, lora_delta, pissa_init, randomized_svd
+from .lora import goat_init, lora_delta, pissa_init, randomized_svd
 from .registry import op
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear")
@@ -54,17 +54,21 @@ def factor_names(module: str) -> tuple[str, str, str]:
 @op("lora_extract", inputs=("base", "ft"), params=LoraExtractParams, rowwise=False, random=True, temps=4)
 def lora_extract_op(ctx, params, base, ft):
     """A (r x in), B (out x r) with B @ A the rank-r randomised SVD of ft - base; record: [||D||^2]."""
-    delta = fp32_delta(base, ft)                                        # out x in
-    total = squared_norm(delta)
     oversample = params.oversample or max(10, params.rank // 2)
-    # extract_lora's rank-r path, without its fp64 copy of the whole delta (2 x 8 bytes per entry)
-    U, S, Vh = randomized_svd(delta, params.rank, oversample=oversample, power_iters=params.power_iters,
-                              generator=seed_for(ctx.seed, "lora_extract", params.module))
-    del delta
-    root = S[:params.rank].sqrt()
+    A, B, total = rank_factors(fp32_delta(base, ft), params.rank, oversample=oversample, power_iters=params.power_iters,
+                               generator=seed_for(ctx.seed, "lora_extract", params.module))
     a, b, rec = factor_names(params.module)
-    return {a: root[:, None] * Vh[:params.rank], b: U[:, :params.rank] * root[None, :],
-            rec: torch.tensor([total], dtype=torch.float32)}
+    return {a: A, b: B, rec: torch.tensor([total], dtype=torch.float32)}
+
+
+def rank_factors(delta: torch.Tensor, rank: int, *, oversample: int, power_iters: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, ||delta||_F^2): the factors ``extract_lora(delta, rank=rank, ...)`` gives for an
+    fp32 ``delta``, bit for bit, without its fp64 copy of the whole delta (2 x 8 bytes an entry)."""
+    total = squared_norm(delta)
+    U, S, Vh = randomized_svd(delta, rank, oversample=oversample, power_iters=power_iters, generator=generator)
+    root = S[:rank].sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :], total
 
 
 def fp32_delta(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
@@ -156,9 +160,10 @@ def lora_combine_factors_op(ctx, params, factors):
     delta = params.lam * combine_deltas(ctx, params, factors)
     if params.transpose:
         delta = delta.T                                                   # factors live in out x in
-    ex = extract_lora(delta, rank=params.rank, generator=seed_for(ctx.seed, "lora_combine", params.module))
+    A, B, total = rank_factors(delta.float(), params.rank, oversample=10, power_iters=2,
+                               generator=seed_for(ctx.seed, "lora_combine", params.module))
     a, b, rec = factor_names(params.module)
-    return {a: ex.A, b: ex.B, rec: torch.tensor([ex.delta_energy], dtype=torch.float32)}
+    return {a: A, b: B, rec: torch.tensor([total], dtype=torch.float32)}
 
 
 @dataclass(frozen=True)
