@@ -99,6 +99,11 @@ class MemoryPlanning:
         (e.g. a ``[1, 2**31]`` fp32 tensor at 64 MiB) cannot be streamed within it. Raises
         InvalidParameter (exit 7) naming the tensor, its input and the bytes the run would need.
         """
+        if self.device.type == "cpu":
+            for job in self.plan.jobs:
+                warm = get_op(job.op).warm
+                if warm is not None:
+                    warm(job.params)
         self._start_rss = process_rss()
         for job in self.plan.jobs:
             need = self.min_block_bytes(job)

@@ -22,7 +22,7 @@ import torch
 
 from .exact import divide_
 from .registry import op
-from .sparsify import RESCALE_METHODS, SPARSIFICATIONS, sparsify, sparsify_passes
+from .sparsify import RESCALE_METHODS, SPARSIFICATIONS, sparsify, sparsify_passes, warm_kernels
 
 CONSENSUS = ("none", "sum", "count")
 
@@ -86,7 +86,7 @@ class TaskArithmeticParams:
 
 
 @op("task_arithmetic", inputs=("base", "models*"), params=TaskArithmeticParams, random=True,
-    temps=lambda n: n + 4, passes=sparsify_passes)
+    temps=lambda n: n + 4, passes=sparsify_passes, warm=warm_kernels)
 def task_arithmetic(ctx, params, base, models):
     """θ0 + λ · combine_i(wi · sparsify(θi − θ0)): task arithmetic, TIES, DARE, breadcrumbs, DELLA."""
     if params.consensus == "none":  # one running sum: one delta alive at a time

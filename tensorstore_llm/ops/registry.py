@@ -62,6 +62,9 @@ class OpSpec:
     # variadic inputs (those are cast on access); an int or a function of the number of inputs.
     temps: int | Callable[[int], int] = 2
     passes: tuple[StatsPass, ...] | Callable[[Any], tuple[StatsPass, ...]] = ()
+    # warm(params): loads what the kernel would load on first use (compiled loops), called before
+    # the run measures its starting RSS, so the memory model sees it in the baseline
+    warm: Callable[[Any], None] | None = None
 
     def passes_for(self, params) -> tuple[StatsPass, ...]:
         """The statistics passes this op needs with ``params`` (none for most ops)."""
@@ -112,7 +115,7 @@ def _coerce(value, hint, where):
 
 
 def op(name: str, inputs: tuple[str, ...], params: type | None = None, *, random: bool = False,
-       compute: bool = True, rowwise: bool = True, temps=2, passes=()):
+       compute: bool = True, rowwise: bool = True, temps=2, passes=(), warm=None):
     """Decorator registering a kernel ``fn(ctx, params, **tensors) -> tensor`` as op ``name``.
 
     Example:
@@ -123,7 +126,7 @@ def op(name: str, inputs: tuple[str, ...], params: type | None = None, *, random
     roles = tuple(Role(r.rstrip("*"), r.endswith("*")) for r in inputs)
 
     def decorate(fn):
-        register_op(OpSpec(name, fn, roles, params, random, compute, rowwise, temps, passes))
+        register_op(OpSpec(name, fn, roles, params, random, compute, rowwise, temps, passes, warm))
         return fn
 
     return decorate

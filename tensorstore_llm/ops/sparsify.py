@@ -96,6 +96,14 @@ def _rank_reduce(params, partials, ctx):
     return {"ranks": ranks}
 
 
+def warm_kernels(params) -> None:
+    """Load the compiled loops ``params``' sparsification will run (exact top-k statistics,
+    DARE's draw) before the run measures its starting RSS (``OpSpec.warm``)."""
+    if params.sparsification in ("magnitude", "magnitude_outliers", "random") and any(
+            params.sparsifies(i) for i in range(len(params.weights))):
+        topk.topk_kernels.warm()
+
+
 def sparsify_passes(params) -> tuple[StatsPass, ...]:
     """The statistics passes ``params``' sparsification needs before the kernel runs (magnitude
     thresholds, DELLA's 1-D ranks, L1 ratios), in the order they must run."""
