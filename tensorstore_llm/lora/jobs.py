@@ -276,9 +276,9 @@ def _diff_parent(store: Store, ft: str, base: str | None) -> tuple[str, bool]:
     (by id, or by the checksums the diff was stored against) is refused with BaseMismatch. A
     delta-stored checkpoint is a whole model and may be compared with any base.
     """
-    from ..diff.store import DeltaSection, is_delta
-
     artifact = store.get(ft) if store is not None and not os.path.exists(ft) and store.has(ft) else None
+    if artifact is not None:   # the diff package loads numba (~60 MiB): only for store artifacts
+        from ..diff.store import DeltaSection, is_delta
     if artifact is None or not is_delta(artifact):
         if base is None:
             raise InvalidParameter(f"lora extract: give --base, the model {ft} was fine-tuned from (it is not a diff "
