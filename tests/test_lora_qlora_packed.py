@@ -24,6 +24,7 @@ from tensorstore_llm.lora import nf4 as N
 from tensorstore_llm.lora.api import merge_adapter
 from tensorstore_llm.lora.qlora import qlora_merge
 from tensorstore_llm.store import Store
+from tensorstore_llm.testing.qlora_fixtures import write_adapter, write_base
 
 # in_features multiples of 64 (hidden 64, intermediate 192); a vocabulary and lm_head that are not
 SIZES = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -34,22 +35,12 @@ CASES = {
 }
 
 
-def _base(path, sizes=SIZES):
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).to(torch.bfloat16).save_pretrained(path)
+def _base(path, sizes=SIZES, seed=0):
+    write_base(path, sizes, seed)
 
 
-def _adapter(base, path, config):
-    """Factors that are multiples of 1/64 with few bits: B @ A is exact in fp32 in any summation
-    order, so row blocks and whole tensors give the same merge (the test isolates the packing)."""
-    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(torch.round(noise * 8) / 64 if "magnitude" not in n else p + 0.05 * noise)
-    pm.save_pretrained(str(path))
+def _adapter(base, path, config, dyadic=True):
+    write_adapter(base, path, config, dyadic)
 
 
 def _bnb_config():

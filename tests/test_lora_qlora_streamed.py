@@ -20,6 +20,7 @@ from tensorstore_llm.lora import nf4 as N  # noqa: E402
 from tensorstore_llm.lora.api import merge_adapter  # noqa: E402
 from tensorstore_llm.lora.qlora import qlora_merge  # noqa: E402
 from tensorstore_llm.store import Store  # noqa: E402
+from tensorstore_llm.testing.qlora_fixtures import write_adapter, write_base  # noqa: E402
 
 # odd sizes: rows that are not whole 64-blocks, tensors that end in a partial block (97 x 48, 99 x 48)
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=99, num_hidden_layers=2, num_attention_heads=4,
@@ -31,22 +32,11 @@ CASES = {
 
 
 def _base(path, sizes=SIZES, seed=0):
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes)).to(torch.bfloat16).save_pretrained(path)
+    write_base(path, sizes, seed)
 
 
 def _adapter(base, path, config, dyadic=True):
-    """A PEFT adapter with non-zero factors. ``dyadic``: multiples of 1/64 with few bits, so that
-    B @ A is exact in fp32 whatever order BLAS sums in (a row block and the whole tensor then give
-    the same delta, and any difference would be the NF4 streaming's)."""
-    pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(torch.round(noise * 8) / 64 if dyadic and "magnitude" not in n else p + 0.05 * noise)
-    pm.save_pretrained(str(path))
+    write_adapter(base, path, config, dyadic)
 
 
 def _load(out_dir):
