@@ -22,10 +22,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, fresh  # noqa: E402
+from common import TSLLM, child_usage, fresh  # noqa: E402
 
 SIZES = {   # Llama-shaped, bf16
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -95,15 +94,8 @@ print(json.dumps(result))
 
 
 def timed_cpu(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall s, user + sys s, peak RSS MiB) of the child ``cmd`` alone (``os.wait4``), dirty pages
-    of earlier runs flushed first (untimed), as ``common.timed``."""
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    """(wall s, user + sys s, peak RSS MiB) of the child ``cmd`` alone (``common.child_usage``)."""
+    wall, usage = child_usage(cmd)
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 

@@ -24,10 +24,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, fresh, warm  # noqa: E402
+from common import TSLLM, child_usage, fresh, warm  # noqa: E402
 
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.2}}\n"
@@ -70,17 +69,9 @@ def family(workdir: str, size: str) -> tuple[list[str], int]:
 
 
 def run(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, bytes written to storage) of ``cmd`` alone (``wait4``).
-
-    Dirty pages of earlier runs are flushed first, untimed, so nobody waits for another's
-    writes (mergekit does not sync its output)."""
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    """(wall seconds, peak RSS MiB, bytes written to storage) of ``cmd`` alone (``common.child_usage``:
+    dirty pages of earlier runs flushed first, untimed; mergekit does not sync its output)."""
+    wall, usage = child_usage(cmd)
     return wall, usage.ru_maxrss / 1024, usage.ru_oublock * 512
 
 

@@ -11,11 +11,12 @@ import time
 TSLLM = [sys.executable, "-m", "tensorstore_llm_cli"]
 
 
-def timed(cmd: list[str], env=None) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that child alone (wait4).
+def child_usage(cmd: list[str], env=None) -> tuple[float, object]:
+    """Run ``cmd`` alone; return (wall seconds, its ``os.wait4`` rusage).
 
     Dirty pages of earlier runs are flushed first (untimed), so no contender pays for another's
     writes: mergekit does not sync its output, and the next run's fsync would wait behind it.
+    Raises RuntimeError with the end of its stderr when it fails.
     """
     os.sync()
     start = time.perf_counter()
@@ -24,6 +25,12 @@ def timed(cmd: list[str], env=None) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage
+
+
+def timed(cmd: list[str], env=None) -> tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS MiB) of that child alone (:func:`child_usage`)."""
+    wall, usage = child_usage(cmd, env)
     return wall, usage.ru_maxrss / 1024
 
 
