@@ -286,9 +286,7 @@ def bench_cold(kind: str, workdir: str, repeat: int) -> dict:
                 rs.append(read_all_io(store, ref))
         row = {"resident_before_read_max": max(residency), "resident_before_read_min": min(residency)}
         for ref, rs in runs.items():
-            row[f"{ref}_wall_s"] = statistics.median(r[0] for r in rs)
-            row[f"{ref}_cpu_s"] = statistics.median(r[1] for r in rs)
-            row[f"{ref}_disk_bytes"] = statistics.median(r[2] for r in rs)
+            _read_medians(row, ref, rs)
         row["delta_vs_full_wall"] = row["ft-delta_wall_s"] / row["ft-full_wall_s"]
         row["delta_vs_full_cpu"] = row["ft-delta_cpu_s"] / row["ft-full_cpu_s"]
         row["load_average_after"] = os.getloadavg()[0]
@@ -366,9 +364,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
                 row[f"{key}_wall_s"] = statistics.median(r[0] for r in rs)
                 row[f"{key}_rss_mib"] = max(r[1] for r in rs)
             else:
-                row[f"{key}_wall_s"] = statistics.median(r[0] for r in rs)
-                row[f"{key}_cpu_s"] = statistics.median(r[1] for r in rs)
-                row[f"{key}_disk_bytes"] = statistics.median(r[2] for r in rs)
+                _read_medians(row, key, rs)
         row["export_delta_vs_full"] = row["export_ft-delta_wall_s"] / row["export_ft-full_wall_s"]
         row["read_delta_vs_full_wall"] = row["read_ft-delta_wall_s"] / row["read_ft-full_wall_s"]
         row["read_delta_vs_full_cpu"] = row["read_ft-delta_cpu_s"] / row["read_ft-full_cpu_s"]
@@ -378,6 +374,13 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
     out["cases"] = cases
     fresh(store)
     return out
+
+
+def _read_medians(row: dict, key: str, reads: list) -> None:
+    """Medians of (wall s, CPU s, bytes from disk) read records into ``row`` under ``key``."""
+    row[f"{key}_wall_s"] = statistics.median(r[0] for r in reads)
+    row[f"{key}_cpu_s"] = statistics.median(r[1] for r in reads)
+    row[f"{key}_disk_bytes"] = statistics.median(r[2] for r in reads)
 
 
 def bench_chain(workdir: str, repeat: int, links: int = 4, preset: str = "100m") -> dict:
