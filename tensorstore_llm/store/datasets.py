@@ -84,8 +84,9 @@ class DatasetPayload:
                 except OSError:
                     continue
                 record = _record_of(data, 0)
-                if record.checksum == checksum:
-                    self._records[name] = ShardRecord(record.checksum, record.xxh3, record.bytes, _rows_of(data))
+                rows = _rows_of(data) if record.checksum == checksum else None
+                if rows is not None:   # as journaled and still a Parquet file: kept; otherwise rewritten
+                    self._records[name] = ShardRecord(record.checksum, record.xxh3, record.bytes, rows)
         return {n: r.checksum for n, r in self._records.items()}
 
     def write_shard(self, name: str, table, *, compression_level: int = ZSTD_LEVEL) -> str:
@@ -136,13 +137,15 @@ class DatasetPayload:
         self.journal.close()
 
 
-def _rows_of(data: bytes) -> int:
+def _rows_of(data: bytes) -> int | None:
+    """The row count in a Parquet file's footer, or None when ``data`` is not a readable Parquet file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-    except Exception:
-        return 0
+    except (pa.ArrowException, OSError, ValueError):
+        return None
 
 
 class DatasetSource(Closing):

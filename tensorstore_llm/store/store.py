@@ -188,6 +188,9 @@ class Store:
         """A TensorSource over the tensors of the artifact ``ref``; every read it serves is
         checked against the manifest's checksums (see ZarrTensorSource)."""
         artifact = self.get(ref)
+        if artifact.manifest.shards and not artifact.manifest.tensors:
+            raise FormatError(f"store {self.root}: artifact {artifact.short_id} ({artifact.kind}) is a dataset of "
+                              "Parquet shards, not tensors; read it with open_dataset")
         if "delta" in artifact.manifest.info:   # stored as deltas of a parent: rebuilt block by block
             from ..diff.reader import open_delta
 
