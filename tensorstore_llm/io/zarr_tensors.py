@@ -264,6 +264,8 @@ class ZarrTensorSource(SourceBase):
                     raise IntegrityError(f"{path}: chunk {index} of tensor {name!r} is missing")
         try:
             return array[...] if not meta.shape else array[start:stop]
+        except MemoryError:   # the machine's limit, not the artifact's fault
+            raise
         except Exception as e:   # a corrupt compressed chunk fails inside zarr's decoders
             raise IntegrityError(f"artifact {self.path}: tensor {name!r} rows {start}:{stop} cannot be decoded "
                                  f"({e.__class__.__name__}: {e})") from None

@@ -33,6 +33,8 @@ def verify_artifact(store, artifact, progress=None, upgrade: bool = False):
             except TsllmError as e:
                 problems.append(str(e))
                 continue
+            except MemoryError:   # the machine's limit, not a problem of the artifact
+                raise
             except Exception as e:  # a corrupt chunk can fail inside zarr's decoders
                 problems.append(f"tensor {name!r}: unreadable ({e.__class__.__name__}: {e})")
                 continue
