@@ -23,6 +23,35 @@ def _tensors(path):
     return out
 
 
+def _config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def _merge(tmp_path, text, **options):
+    """``api.merge`` of recipe ``text`` into ``tmp_path/"hf"`` (a fresh store); returns that directory."""
+    out = tmp_path / "hf"
+    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False, **options)
+    return out
+
+
+def _mergekit(tmp_path, text):
+    """mergekit's ``run_merge`` of the same recipe into ``tmp_path/"mk"`` (mergekit must be installed)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    out = tmp_path / "mk"
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    return out
+
+
+def _moved(tensors, source_layer, layer):
+    """The tensors of layer ``source_layer``, renamed to layer ``layer``."""
+    old, new = f".layers.{source_layer}.", f".layers.{layer}."
+    return {name.replace(old, new): value for name, value in tensors.items() if old in name}
+
+
 def _frankenmerge(family):
     """4 layers from 2-layer models: ft1's layer 0, ft2's layers 0-1, base's layer 1 (scaled o_proj)."""
     return (f"merge_method: passthrough\nslices:\n"
@@ -33,21 +62,29 @@ def _frankenmerge(family):
             f"dtype: bfloat16\n")
 
 
+def _task_arithmetic_slices(family):
+    """Task arithmetic per slice with a weight gradient over a slice and a per-slice weight, fp32."""
+    b, x, y = family["base"], family["ft1"], family["ft2"]
+    return (f"merge_method: task_arithmetic\nbase_model: {b}\nslices:\n"
+            f"  - sources:\n      - {{model: {b}, layer_range: [0, 2]}}\n"
+            f"      - {{model: {x}, layer_range: [0, 2], parameters: {{weight: [1.0, 0.2]}}}}\n"
+            f"      - {{model: {y}, layer_range: [0, 2], parameters: {{weight: 0.5}}}}\n"
+            f"  - sources:\n      - {{model: {b}, layer_range: [1, 2]}}\n      - {{model: {x}, layer_range: [0, 1]}}\n"
+            f"    parameters: {{weight: 0.7}}\n"
+            f"dtype: float32\nout_dtype: float32\n")
+
+
 def test_frankenmerge_layers_names_config_and_values(tmp_path, tiny_family):
-    out = tmp_path / "hf"
-    api.merge(Store(str(tmp_path / "s")), _frankenmerge(tiny_family), out_dir=str(out), progress=False,
-              max_shard_size="40K")
-    merged, config = _tensors(out), json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 4
+    out = _merge(tmp_path, _frankenmerge(tiny_family), max_shard_size="40K")
+    merged = _tensors(out)
+    assert _config(out)["num_hidden_layers"] == 4
     src = {k: _tensors(v) for k, v in tiny_family.items()}
     origin = {0: ("ft1", 0), 1: ("ft2", 0), 2: ("ft2", 1), 3: ("base", 1)}
     expected = {}
     for layer, (model, source_layer) in origin.items():
-        for name, value in src[model].items():
-            if f".layers.{source_layer}." in name:
-                scale = 0.5 if model == "base" and "o_proj" in name else 1.0
-                expected[name.replace(f".layers.{source_layer}.", f".layers.{layer}.")] = \
-                    value if scale == 1 else (value.float() * scale).to(value.dtype)
+        for name, value in _moved(src[model], source_layer, layer).items():
+            scale = 0.5 if model == "base" and "o_proj" in name else 1.0
+            expected[name] = value if scale == 1 else (value.float() * scale).to(value.dtype)
     expected["model.embed_tokens.weight"] = src["ft1"]["model.embed_tokens.weight"]       # first slice
     expected["model.norm.weight"] = src["base"]["model.norm.weight"]                       # last slice
     expected["lm_head.weight"] = src["base"]["lm_head.weight"]
@@ -60,8 +97,7 @@ def test_frankenmerge_layers_names_config_and_values(tmp_path, tiny_family):
 
 def test_frankenmerge_loads_in_transformers(tmp_path, tiny_family):
     transformers = pytest.importorskip("transformers")
-    out = tmp_path / "hf"
-    api.merge(Store(str(tmp_path / "s")), _frankenmerge(tiny_family), out_dir=str(out), progress=False)
+    out = _merge(tmp_path, _frankenmerge(tiny_family))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
     assert len(model.model.layers) == 4
     with torch.no_grad():
@@ -79,8 +115,7 @@ def test_multi_source_slices_with_per_slice_parameters(tmp_path, tiny_family):
             f"  - sources:\n      - {{model: {x}, layer_range: [1, 2]}}\n      - {{model: {y}, layer_range: [1, 2]}}\n"
             f"    parameters: {{weight: 0.25}}\n"
             f"dtype: float32\nout_dtype: float32\n")
-    out = tmp_path / "hf"
-    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False)
+    out = _merge(tmp_path, text)
     merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
     name = "model.layers.{}.mlp.up_proj.weight"
     # slice 0, layer 0: t = 0, weights (1, 1); layer 1: t = 1, weights (0, 1)
@@ -88,50 +123,22 @@ def test_multi_source_slices_with_per_slice_parameters(tmp_path, tiny_family):
     assert torch.equal(merged[name.format(1)], sy[name.format(1)].float())
     # slice 1 (one layer): both weights 0.25, normalised: the plain mean of layer 1
     assert torch.allclose(merged[name.format(2)], (sx[name.format(1)].float() + sy[name.format(1)].float()) / 2, atol=1e-7)
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert _config(out)["num_hidden_layers"] == 3
 
 
-def test_matches_mergekit_frankenmerge(tmp_path, tiny_family):
+@pytest.mark.parametrize("recipe, atol", [(_frankenmerge, 0.0), (_task_arithmetic_slices, 1e-6)],
+                         ids=["frankenmerge-bit-exact", "multi-source-task-arithmetic-fp32"])
+def test_matches_mergekit(tmp_path, tiny_family, recipe, atol):
+    """The same tensors and layer count as mergekit's run_merge: bit for bit for the passthrough
+    frankenmerge, within fp32 rounding for task arithmetic over multi-source slices."""
     pytest.importorskip("mergekit")
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    text = _frankenmerge(tiny_family)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(tmp_path / "ours"), progress=False)
-    theirs, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ours")
-    assert sorted(theirs) == sorted(ours)
+    text = recipe(tiny_family)
+    mk, ours = _mergekit(tmp_path, text), _merge(tmp_path, text)
+    theirs, merged = _tensors(mk), _tensors(ours)
+    assert sorted(theirs) == sorted(merged)
     for name in theirs:
-        assert torch.equal(theirs[name], ours[name]), name
-    mk_config = json.loads((tmp_path / "mk" / "config.json").read_text())
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_hidden_layers"] == mk_config["num_hidden_layers"]
-
-
-def test_matches_mergekit_multi_source_slices(tmp_path, tiny_family):
-    """Task arithmetic per slice with a weight gradient over a slice and a per-slice weight, fp32:
-    within fp32 rounding of mergekit."""
-    pytest.importorskip("mergekit")
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    b, x, y = tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"]
-    text = (f"merge_method: task_arithmetic\nbase_model: {b}\nslices:\n"
-            f"  - sources:\n      - {{model: {b}, layer_range: [0, 2]}}\n"
-            f"      - {{model: {x}, layer_range: [0, 2], parameters: {{weight: [1.0, 0.2]}}}}\n"
-            f"      - {{model: {y}, layer_range: [0, 2], parameters: {{weight: 0.5}}}}\n"
-            f"  - sources:\n      - {{model: {b}, layer_range: [1, 2]}}\n      - {{model: {x}, layer_range: [0, 1]}}\n"
-            f"    parameters: {{weight: 0.7}}\n"
-            f"dtype: float32\nout_dtype: float32\n")
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(tmp_path / "ours"), progress=False)
-    theirs, ours = _tensors(tmp_path / "mk"), _tensors(tmp_path / "ours")
-    assert sorted(theirs) == sorted(ours)
-    for name in theirs:
-        assert torch.allclose(theirs[name], ours[name], atol=1e-6, rtol=0), (name, (theirs[name] - ours[name]).abs().max())
+        torch.testing.assert_close(merged[name], theirs[name], atol=atol, rtol=0, msg=name)
+    assert _config(ours)["num_hidden_layers"] == _config(mk)["num_hidden_layers"]
 
 
 @pytest.mark.parametrize("slices,match", [
@@ -169,22 +176,14 @@ def test_overlapping_slices_stack_layers_as_mergekit(tmp_path, tiny_family):
             f"  - sources: [{{model: {x}, layer_range: [0, 2]}}]\n"
             f"  - sources: [{{model: {y}, layer_range: [1, 2]}}]\n"
             f"dtype: bfloat16\n")
-    out = tmp_path / "hf"
-    api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False)
+    out = _merge(tmp_path, text)
     merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
     origin = {0: (sx, 0), 1: (sx, 1), 2: (sx, 0), 3: (sx, 1), 4: (sy, 1)}
     for layer, (src, source_layer) in origin.items():
-        for name, value in src.items():
-            if f".layers.{source_layer}." in name:
-                assert torch.equal(merged[name.replace(f".layers.{source_layer}.", f".layers.{layer}.")], value), (layer, name)
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+        for name, value in _moved(src, source_layer, layer).items():
+            assert torch.equal(merged[name], value), (layer, name)
+    assert _config(out)["num_hidden_layers"] == 5
     if importlib.util.find_spec("mergekit") is not None:
-        import yaml
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import MergeOptions, run_merge
-
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
-                  MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-        theirs = _tensors(tmp_path / "mk")
+        theirs = _tensors(_mergekit(tmp_path, text))
         assert sorted(theirs) == sorted(merged)
         assert all(torch.equal(theirs[name], merged[name]) for name in theirs)
