@@ -31,6 +31,7 @@ from ..dtypes import by_name, raw_bytes
 from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, TensorNotFound
 from ..io.base import SourceBase, TensorMeta
 from ..io.zarr_chunks import chunk_file
+from .exact import warm_decoder
 from .store import DeltaSection, block_path, decode_block
 
 DECODE_WORKERS = 2
@@ -94,6 +95,9 @@ class DeltaTensorSource(SourceBase):
         self._ahead: tuple | None = None                 # ((name, index), future) of the block read ahead
         self._order = {name: i for i, name in enumerate(self._metas)}
         self._lock = threading.Lock()
+        widths = sorted({self._metas[n].dtype for n, e in section.tensors.items() if e.mode == "delta" and n in self._metas})
+        if widths and section.codec.get("name") == "exact":   # the decoder's start-up beside the first reads
+            self._workers().submit(warm_decoder, widths)
 
     def keys(self) -> list[str]:
         return list(self._metas)
@@ -151,8 +155,7 @@ class DeltaTensorSource(SourceBase):
         """Rows of several blocks: parent rows read here in order, blocks rebuilt on the worker
         threads and copied into the output as they finish (at most DECODE_WORKERS + 1 blocks
         are alive beside it)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
+        self._workers()
         out = torch.empty((stop - start, *meta.shape[1:]), dtype=_torch_dtype(meta))
         pending = []
 
@@ -190,6 +193,11 @@ class DeltaTensorSource(SourceBase):
             self._cache = (key, values)
         return values
 
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
+        return self._pool
+
     def _next_block(self, meta: TensorMeta, index: int):
         """(meta, index) of the block after ``index`` (or the next tensor's first); None at the end."""
         blocks = -(-meta.rows // self._entry(meta.name).rows) if meta.shape else 1
@@ -207,9 +215,7 @@ class DeltaTensorSource(SourceBase):
         nxt = self._next_block(meta, index)
         if nxt is None:
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="tsllm-undelta")
-        future = self._pool.submit(lambda m, i: self._rebuild(m, i, *self._inputs(m, i)), *nxt)
+        future = self._workers().submit(lambda m, i: self._rebuild(m, i, *self._inputs(m, i)), *nxt)
         with self._lock:
             self._ahead = ((nxt[0].name, nxt[1]), future)
         after = self._next_block(*nxt)
