@@ -131,7 +131,7 @@ def diff_eval_cmd(ctx, recon, reference, corpus, seq_len, batches, batch_size, c
 
     \b
     Example:
-      tsllm diff-eval ft-lowrank64 --reference ft --corpus data/corpus/literature.txt
+      tsllm diff-eval ft-lowrank64 --reference ft --corpus data/corpus
     """
     from contextlib import ExitStack
 
