@@ -14,7 +14,7 @@ from ..errors import BaseMismatch, InvalidParameter, RecipeError
 from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Artifact, Store
 from .artifacts import (DictSource, adapter_info, base_checksums, binding, check_binding, commit_adapter,
-                        export_adapter, is_adapter_artifact, read_adapter_artifact, refuse_other_base)
+                        export_adapter, is_adapter_artifact, read_adapter_artifact)
 from .peft_format import LoraAdapter, PrefixAdapter, read_adapter
 
 PREFIX_REFUSED = ("a prefix-tuning adapter adds key/value prefixes to attention and cannot be merged into "
@@ -116,30 +116,19 @@ def lora_merge(store: Store, base: str, adapter: str, *, scale: float = 1.0, tra
     """
     from ..engine.options import RunOptions
     from ..runs import run_plan_into_dir
-    from .plans import plan_lora_merge
+    from .merge_setup import merge_setup
 
     opts = RunOptions.of(options, **run_options)
-    opened = open_adapter_ref(store, adapter)
-    lora = _lora_only(opened, "lora merge")
-    source, lineage, files = resolve_input(store, base)
-    with source, opened.source:
-        transferred = None
-        if opened.bound is not None:
-            mismatched = check_binding(store, opened.bound, source, lineage, where=f"lora merge {adapter}")
-            transferred = refuse_other_base(mismatched, opened.bound, base, where=f"lora merge {adapter}",
-                                            transfer=transfer)
-        plan = plan_lora_merge(source, lora, opened.source, scale=scale, where=f"lora merge {adapter}")
-        parents = [{**lineage, "role": "base"}, {**opened.lineage, "role": "adapter"}]
-        recipe = {"op": "lora_merge", "scale": scale, "adapter": lora.describe()}
-        if transferred:
-            recipe["transfer"] = transferred
-        opened.adapter = lora = None   # the plan reads the factors through opened.source: let go of the parsed copy
+    with merge_setup(store, base, adapter, scale=scale, transfer=transfer, where=f"lora merge {adapter}") as setup:
+        setup.release_adapter()
+        transferred = setup.transferred
         if out_dir and not keep_artifact:
-            result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe, files=files,
-                                       max_shard_size=max_shard_size, name=name, desc="lora merge", options=opts)
+            result = run_plan_into_dir(store, setup.plan, out_dir, parents=setup.parents, recipe=setup.recipe,
+                                       files=setup.files, max_shard_size=max_shard_size, name=name, desc="lora merge",
+                                       options=opts)
         else:
-            result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files, name=name,
-                              desc="lora merge", options=opts)
+            result = run_plan(store, setup.plan, kind="checkpoint", parents=setup.parents, recipe=setup.recipe,
+                              files=setup.files, name=name, desc="lora merge", options=opts)
     if out_dir and keep_artifact and result.artifact is not None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
                max_memory=opts.max_memory, progress=opts.progress)

@@ -106,34 +106,24 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
         weight whose in_features is not a multiple of 64. Nothing is written then.
     Example: ``qlora_merge(store, "base", "./qlora-adapter", name="merged")``.
     """
-    from ..runs import JobResult, export, resolve_input, run_plan, run_plan_into_dir
-    from .artifacts import check_binding, refuse_other_base
-    from .jobs import _lora_only, open_adapter_ref
+    from ..runs import JobResult, export, run_plan, run_plan_into_dir
+    from .merge_setup import merge_setup
     from .nf4_packed import PACKED
-    from .plans import plan_lora_merge
 
     requantize = {True: "nf4", False: None}.get(requantize, requantize) if isinstance(requantize, bool) else requantize
     if requantize not in (None, "nf4", PACKED):
         raise RecipeError(f"requantize must be None, 'nf4' or {PACKED!r}, got {requantize!r}")
     where = f"lora merge {adapter} --base-quant nf4"
-    opened = open_adapter_ref(store, adapter)
-    lora = _lora_only(opened, "lora merge")
-    source, lineage, files = resolve_input(store, base)
-    with source, opened.source:
+
+    def refuse_quantized(source):
         if is_quantized(source):
             raise RecipeError(f"{where}: {base} is already quantised (bitsandbytes / GPTQ / AWQ weights); "
                               "merge it into -o DIR with the in-memory path, which dequantises it")
-        transferred = None
-        if opened.bound is not None:
-            mismatched = check_binding(store, opened.bound, source, lineage, where=where)
-            transferred = refuse_other_base(mismatched, opened.bound, base, where=where, transfer=transfer)
-        plain = plan_lora_merge(source, lora, opened.source, scale=scale, where=where)
+    with merge_setup(store, base, adapter, scale=scale, transfer=transfer, where=where, check_source=refuse_quantized,
+                     recipe_fields={"base_quant": "nf4", "requantize": requantize}) as setup:
+        plain, lora, parents, recipe, files = setup.plan, setup.lora, setup.parents, setup.recipe, setup.files
+        transferred = setup.transferred
         plan, report_plan = nf4_plans(plain, lora, requantize=requantize == "nf4")
-        parents = [{**lineage, "role": "base"}, {**opened.lineage, "role": "adapter"}]
-        recipe = {"op": "lora_merge", "scale": scale, "base_quant": "nf4", "requantize": requantize,
-                  "adapter": lora.describe()}
-        if transferred:
-            recipe["transfer"] = transferred
         report_options = {k: v for k, v in run_options.items() if k != "compression"}
         if requantize == PACKED:
             result, report = _run_packed(store, plain, plan, lora, scale=scale, where=where, parents=parents,
@@ -141,7 +131,8 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
                                          run_options=run_options)
         else:
             report = {} if run_options.get("dry_run") else nf4_report(report_plan, lora, scale=scale, **report_options)
-            opened.adapter = lora = None     # the plan reads the factors through opened.source
+            setup.release_adapter()
+            lora = None     # the plan reads the factors through opened.source
             if out_dir and not keep_artifact:
                 result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe, files=files,
                                            max_shard_size=max_shard_size, name=name, desc="lora merge (nf4)",
