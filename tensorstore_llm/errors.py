@@ -83,6 +83,13 @@ class InvalidTensorName(TsllmError):
     exit_code = 6
 
 
+class NonFiniteValues(TsllmError):
+    """A tensor holds NaN or infinite values where the op needs finite ones (e.g. the weight
+    delta a LoRA is extracted from)."""
+
+    exit_code = 6
+
+
 class RecipeError(TsllmError):
     """A recipe or its parameters cannot succeed; raised while planning, before any work."""
 

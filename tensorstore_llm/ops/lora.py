@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .lora_extract import ExtractedLora, extract_lora, randomized_svd  # noqa: F401  (re-exported: the extraction moved)
 from .registry import op
 
 __all__ = [
@@ -268,78 +269,6 @@ def rank_budget(spectra: dict[str, tuple[torch.Tensor, int]], budget: int, min_r
         if ranks[k] < s.numel():
             heapq.heappush(heap, (-float(s[ranks[k]]) ** 2 / cost, k))
     return ranks
-
-
-def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = 10, power_iters: int = 2,
-                   generator: torch.Generator | None = None):
-    """Truncated SVD of M by randomised range finding (Halko, Martinsson, Tropp 2011).
-
-    Y = M Omega with a Gaussian Omega of rank + oversample columns, ``power_iters`` rounds of
-    re-orthonormalised subspace iteration (each sharpens the spectrum by sigma^2), then the exact
-    SVD of the small projection Q^T M. Exact when rank(M) <= rank + oversample.
-
-    Returns:
-        (U: m x k, S: k, Vh: k x n) with k = min(rank, m, n), in M's (floating) dtype.
-    """
-    m, n = M.shape
-    k = min(rank + oversample, m, n)
-    # drawn on the generator's (CPU) device so a GPU run sees the same projection
-    omega = torch.randn(n, k, generator=generator, dtype=M.dtype).to(M.device)
-    Q, _ = torch.linalg.qr(M @ omega)                    # m x k
-    for _ in range(power_iters):
-        Z, _ = torch.linalg.qr(M.T @ Q)                   # n x k
-        Q, _ = torch.linalg.qr(M @ Z)                     # m x k
-    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)  # k x n projection
-    r = min(rank, m, n)
-    return (Q @ Ub)[:, :r], S[:r], Vh[:r]
-
-
-@dataclass
-class ExtractedLora:
-    """A LoRA extracted from a delta: B @ A approximates it; ``captured`` = ||B A||_F^2 / ||D||_F^2."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    rank: int
-    captured: float
-    delta_energy: float
-
-
-def extract_lora(delta: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
-                 max_rank: int | None = None, oversample: int = 10, power_iters: int = 2,
-                 generator: torch.Generator | None = None) -> ExtractedLora:
-    """Rank-``rank`` (or smallest rank reaching ``energy``) LoRA of a weight delta W_ft - W_base.
-
-    Randomised SVD with ``power_iters`` >= 2 in fp32; B = U sqrt(S), A = sqrt(S) V^T so that
-    B @ A is the truncated SVD (use scaling 1, i.e. lora_alpha = r, or divide B by s).
-
-    Args:
-        delta: out x in (any float dtype; computed in fp32).
-        rank or energy: as in :func:`refactor`; with ``energy`` the search is capped at
-            ``max_rank`` (default min(out, in)).
-        generator: the seeded generator for the random projection.
-    Returns:
-        :class:`ExtractedLora` with the captured energy fraction.
-    """
-    if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank or energy")
-    if power_iters < 2:
-        raise ValueError(f"power_iters must be >= 2, got {power_iters}")
-    D = delta.float()
-    total = float(D.double().square().sum())
-    cap = min(D.shape) if rank is None else rank
-    if max_rank is not None:
-        cap = min(cap, max_rank)
-    U, S, Vh = randomized_svd(D, cap, oversample=oversample, power_iters=power_iters, generator=generator)
-    if energy is not None:
-        e = S.double() ** 2
-        cum = torch.cumsum(e, 0) / total if total > 0 else torch.ones_like(e)
-        hit = (cum >= energy - 1e-12).nonzero()
-        cap = int(hit[0]) + 1 if hit.numel() else S.numel()
-    root = S[:cap].sqrt()
-    captured = float((S[:cap].double() ** 2).sum()) / total if total > 0 else 1.0
-    return ExtractedLora(A=root[:, None] * Vh[:cap], B=U[:, :cap] * root[None, :], rank=cap,
-                         captured=captured, delta_energy=total)
 
 
 @dataclass

@@ -4,10 +4,11 @@ Each job reads one module's tensors (a base weight, a fine-tuned weight, or the 
 several adapters), computes in fp32 and returns several outputs (``A``, ``B`` and a small
 record such as the delta's energy), so a model of any size is processed one module at a time.
 
-- ``lora_extract``: A, B of the truncated randomised SVD (Halko et al. 2011; 3 power iterations
-  and a sketch of 1.5 r by default)
-  of W_ft - W_base, plus ``[||W_ft - W_base||_F^2]``; the captured energy is
-  sum(sigma_i^2) = sum_i ||A_i||^2 since A = sqrt(S) V^T.
+- ``lora_extract``: A, B of the rank-r truncated SVD of W_ft - W_base, plus
+  ``[||W_ft - W_base||_F^2]``; the captured energy is sum(sigma_i^2) = sum_i ||A_i||^2 since
+  A = sqrt(S) V^T. By default the exact truncation through the Gram matrix of the delta's
+  smaller side (``ops.lora_extract.gram_svd``); ``method="randomized"`` is the randomised SVD
+  (Halko et al. 2011; 3 power iterations and a sketch of 1.5 r).
 - ``lora_combine_merge``: W + lambda * combine_i(w_i * s_i B_i A_i) with PEFT's ``ties`` /
   ``dare_linear`` / linear semantics on the full deltas (never on A and B separately). DARE's
   keep masks are drawn per (run seed, module, adapter), never from a global RNG.
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..seeding import seed_for, uniform_rows
-from .lora import goat_init, lora_delta, pissa_init, randomized_svd
+from .lora import goat_init, lora_delta, pissa_init
+from .lora_extract import SVD_METHODS, truncated_svd
 from .registry import op
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear")
@@ -32,16 +34,20 @@ COMBINE_METHODS = ("linear", "ties", "dare_linear")
 
 @dataclass(frozen=True)
 class LoraExtractParams:
-    """Target rank, the module (names the outputs and seeds the projection) and the layout."""
+    """Target rank, the module (names the outputs and seeds the projection) and the SVD method;
+    ``power_iters`` and ``oversample`` are the randomised method's."""
 
     rank: int
     module: str
+    method: str = "gram"     # exact truncation; "randomized": cheaper, ~1e-3 less energy on a flat noise tail
     power_iters: int = 3
     oversample: int = 0      # 0: max(10, rank // 2); on a flat noise tail a larger sketch finds its top directions
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.method not in SVD_METHODS:
+            raise ValueError(f"method must be one of {SVD_METHODS}, got {self.method!r}")
         if self.power_iters < 2:
             raise ValueError(f"power_iters must be >= 2, got {self.power_iters}")
 
@@ -53,35 +59,28 @@ def factor_names(module: str) -> tuple[str, str, str]:
 
 @op("lora_extract", inputs=("base", "ft"), params=LoraExtractParams, rowwise=False, random=True, temps=4)
 def lora_extract_op(ctx, params, base, ft):
-    """A (r x in), B (out x r) with B @ A the rank-r randomised SVD of ft - base; record: [||D||^2]."""
+    """A (r x in), B (out x r) with B @ A the rank-r truncated SVD of ft - base (``params.method``);
+    record: [||D||^2]. The inputs come in their stored dtype and are never written to."""
     oversample = params.oversample or max(10, params.rank // 2)
-    A, B, total = rank_factors(fp32_delta(base, ft), params.rank, oversample=oversample, power_iters=params.power_iters,
-                               generator=seed_for(ctx.seed, "lora_extract", params.module))
+    A, B, total = rank_factors(ft, base, params.rank, method=params.method, oversample=oversample,
+                               power_iters=params.power_iters,
+                               generator=seed_for(ctx.seed, "lora_extract", params.module),
+                               name=f"lora extract: module {params.module}: ft - base")
     a, b, rec = factor_names(params.module)
     return {a: A, b: B, rec: torch.tensor([total], dtype=torch.float32)}
 
 
-def rank_factors(delta: torch.Tensor, rank: int, *, oversample: int, power_iters: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A, B, ||delta||_F^2): the factors ``extract_lora(delta, rank=rank, ...)`` gives for an
-    fp32 ``delta``, bit for bit, without its fp64 copy of the whole delta (2 x 8 bytes an entry)."""
-    total = squared_norm(delta)
-    U, S, Vh = randomized_svd(delta, rank, oversample=oversample, power_iters=power_iters, generator=generator)
+def rank_factors(ft: torch.Tensor, base: torch.Tensor | None, rank: int, *, method: str, oversample: int,
+                 power_iters: int, generator: torch.Generator,
+                 name: str = "the delta") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, ||D||_F^2) of D = ft - base (``base=None``: D = ft): bit for bit the factors
+    ``extract_lora(ft.float() - base.float(), rank=rank, method=method, ...)`` gives, without an
+    fp64 copy of the whole delta (``"gram"``: without any whole fp32 copy either). Raises
+    NonFiniteValues naming ``name`` when D has a NaN or infinite entry."""
+    U, S, Vh, total = truncated_svd(ft, base, rank, method=method, oversample=oversample,
+                                    power_iters=power_iters, generator=generator, name=name)
     root = S[:rank].sqrt()
     return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :], total
-
-
-def fp32_delta(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
-    """ft - base in fp32, equal to ``ft.float() - base.float()`` (a half / bf16 / fp32 value is
-    exact in fp32) but holding one fp32 tensor: a fresh copy of ``ft``, never the input itself."""
-    delta = ft.to(torch.float32, copy=True)
-    return delta.sub_(base)
-
-
-def squared_norm(x: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """||x||_F^2 accumulated in fp64 over ``chunk``-element slices (no fp64 copy of ``x``)."""
-    flat = x.reshape(-1)
-    return float(sum(float(flat[i:i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk)))
 
 
 @dataclass(frozen=True)
@@ -160,8 +159,9 @@ def lora_combine_factors_op(ctx, params, factors):
     delta = params.lam * combine_deltas(ctx, params, factors)
     if params.transpose:
         delta = delta.T                                                   # factors live in out x in
-    A, B, total = rank_factors(delta.float(), params.rank, oversample=10, power_iters=2,
-                               generator=seed_for(ctx.seed, "lora_combine", params.module))
+    A, B, total = rank_factors(delta.float(), None, params.rank, method="randomized", oversample=10, power_iters=2,
+                               generator=seed_for(ctx.seed, "lora_combine", params.module),
+                               name=f"lora combine: module {params.module}: the combined delta")
     a, b, rec = factor_names(params.module)
     return {a: A, b: B, rec: torch.tensor([total], dtype=torch.float32)}
 
