@@ -12,7 +12,7 @@ import torch
 
 from tensorstore_llm.lora.streamed import held_dtype
 from tensorstore_llm.ops.lora import extract_lora
-from tensorstore_llm.ops.lora_extract import delta_slab
+from tensorstore_llm.ops.lora_extract import delta_slab, fp64_squared_norm
 from tensorstore_llm.ops.lora_streamed import LoraExtractParams, factor_names, lora_extract_op
 from tensorstore_llm.seeding import seed_for
 
@@ -44,6 +44,13 @@ def test_delta_slab_is_a_fresh_fp32_slice_of_the_formula():
     half = delta_slab(ft.bfloat16(), base.bfloat16(), 1, 3, True)
     assert half.dtype == torch.float32 and half.is_contiguous()
     assert torch.equal(half, (ft.bfloat16().float() - base.bfloat16().float())[:, 1:3])
+
+
+def test_squared_norm_in_pieces_matches_fp64_sum():
+    x = torch.randn(301, 257)
+    assert fp64_squared_norm(x, chunk=1000) == pytest.approx(float(x.double().square().sum()), rel=1e-13)
+    assert fp64_squared_norm(x[:, 3:50]) == pytest.approx(float(x[:, 3:50].double().square().sum()), rel=1e-13)
+    assert fp64_squared_norm(torch.zeros(3, 4)) == 0.0
 
 
 def test_held_dtype_keeps_only_exact_shared_dtypes():

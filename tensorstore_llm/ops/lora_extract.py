@@ -64,6 +64,12 @@ def delta_slab(ft: torch.Tensor, base: torch.Tensor | None, lo: int, hi: int, wi
     return out
 
 
+def fp64_squared_norm(x: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """||x||_F^2 summed in fp64 over ``chunk``-entry pieces (2 MiB fp64 copies, never a whole one)."""
+    flat = x.reshape(-1)
+    return float(sum(float(flat[i:i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk)))
+
+
 def _top_eigenvectors(G: torch.Tensor, k: int) -> torch.Tensor:
     """The eigenvectors of the symmetric ``G`` for its k largest eigenvalues, as the columns of a
     fresh n x k tensor in descending order. On the CPU the eigenvectors overwrite G (its storage
@@ -96,7 +102,7 @@ def gram_svd(ft: torch.Tensor, base: torch.Tensor | None, rank: int, *, name: st
     total = 0.0
     for lo in range(0, long, step):
         d = delta_slab(ft, base, lo, min(long, lo + step), wide)
-        total += float(d.double().square().sum())
+        total += fp64_squared_norm(d)
         if wide:
             G.addmm_(d, d.T)
         else:
@@ -147,8 +153,7 @@ def truncated_svd(ft: torch.Tensor, base: torch.Tensor | None, rank: int, *, met
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
     m, n = ft.shape
     D = ft.float() if base is None else delta_slab(ft, base, 0, n, True)
-    total = sum(float(D[i:i + max(1, SLAB_ELEMENTS // n)].double().square().sum())
-                for i in range(0, m, max(1, SLAB_ELEMENTS // n)))
+    total = fp64_squared_norm(D)
     _check_finite(total, name)
     return (*randomized_svd(D, rank, oversample=oversample, power_iters=power_iters, generator=generator), total)
 
