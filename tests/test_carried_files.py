@@ -5,6 +5,7 @@ import os
 import shutil
 
 from conftest import run_tsllm
+
 from tensorstore_llm.io.hf_dir import MAX_CARRIED_FILE_BYTES
 from tensorstore_llm.store import Store
 

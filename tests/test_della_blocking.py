@@ -75,8 +75,8 @@ def test_della_is_bit_identical_for_every_budget_and_tile(cli, tmp_path, family,
 
 def test_small_budgets_really_split_both_tensors(family):
     """The budgets above split the 1-D and the 2-D tensor into several row blocks."""
-    from tensorstore_llm.merge.recipe import load_recipe, plan_merge
     from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.merge.recipe import load_recipe, plan_merge
 
     text = (f"merge_method: della\nbase_model: {family['base']}\nmodels:\n"
             f"  - model: {family['ft1']}\n    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.2}}\n")

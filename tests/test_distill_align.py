@@ -8,6 +8,7 @@ import torch
 
 from tensorstore_llm.distill.align import aggregate_span, align_spans, select_tokens, teacher_guided_loss
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from tensorstore_llm.distill import losses, sampling
-from tensorstore_llm.distill.encoding import SequenceTargets, decode_ids, decode_table, encode_ids, encode_rows, id_width
+from tensorstore_llm.distill.encoding import (
+    SequenceTargets,
+    decode_ids,
+    decode_table,
+    encode_ids,
+    encode_rows,
+    id_width,
+)
 
 V, N, M = 20, 50, 4000   # vocabulary, draws per position, positions (independent RS-KD targets)
 

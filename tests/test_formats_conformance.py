@@ -3,9 +3,9 @@ import os
 
 from safetensors.torch import save_file
 
-from tensorstore_llm.testing.conformance import SinkConformance, SourceConformance
 from tensorstore_llm.io.hf_dir import HFCheckpointSink, HFCheckpointSource
 from tensorstore_llm.store import Store
+from tensorstore_llm.testing.conformance import SinkConformance, SourceConformance
 
 
 def _save_sharded(directory, tensors):

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from tensorstore_llm.testing.conformance import SinkConformance
 from tensorstore_llm.errors import IntegrityError, InvalidTensorName, RefError
 from tensorstore_llm.io.base import ChunkDigests
 from tensorstore_llm.store import Store
+from tensorstore_llm.testing.conformance import SinkConformance
 
 
 def _chunks(artifact, tensor):

@@ -118,7 +118,7 @@ def test_qlora_merge_into_nf4_dequantised_base_and_reports_q_over_delta(tmp_path
 def test_merge_into_gptq_base_dequantises_first(tmp_path):
     """A base whose q_proj is GPTQ-packed: merge = dequantised weight + s B A, written dense, and the
     config loses its quantization_config."""
-    from test_lora_nf4 import pack_cols, pack_rows   # tests/ is on sys.path (pytest prepend import mode)
+    from test_lora_nf4 import pack_cols, pack_rows  # tests/ is on sys.path (pytest prepend import mode)
 
     model = tiny()
     model.save_pretrained(tmp_path / "dense")

@@ -14,7 +14,13 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from tensorstore_llm.errors import FormatError, RecipeError, ShapeMismatch, TensorNotFound, UnsafeFormat  # noqa: E402
 from tensorstore_llm.lora.merge import merge_state_dict  # noqa: E402
 from tensorstore_llm.lora.peft_format import (  # noqa: E402
-    LoraAdapter, PrefixAdapter, build_adapter, read_adapter, split_peft_key, write_adapter)
+    LoraAdapter,
+    PrefixAdapter,
+    build_adapter,
+    read_adapter,
+    split_peft_key,
+    write_adapter,
+)
 
 
 def tiny_llama(seed=0):

@@ -9,10 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensorstore_llm.engine.plan import Plan
-from tensorstore_llm.merge.recipe import (KNOWN_PARAMS, MAX_RECIPE_BYTES, METHODS, MergeRecipe, load_recipe,
-                                           plan_merge)
 from tensorstore_llm.errors import RecipeError
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
+from tensorstore_llm.merge.recipe import KNOWN_PARAMS, MAX_RECIPE_BYTES, METHODS, MergeRecipe, load_recipe, plan_merge
 
 REFS = ("base", "ft1", "ft2")
 PARAMS = sorted(set().union(*KNOWN_PARAMS.values()))

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from tensorstore_llm import api
-from tensorstore_llm.merge.recipe import MAX_DEPTH, MAX_RECIPE_BYTES, PARAMETER_DOMAINS, load_recipe
 from tensorstore_llm.errors import InvalidParameter, RecipeError
+from tensorstore_llm.merge.recipe import MAX_DEPTH, MAX_RECIPE_BYTES, PARAMETER_DOMAINS, load_recipe
 from tensorstore_llm.store import Store
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tensorstore_llm import api
-from tensorstore_llm.merge.recipe import evaluate, layer_position, load_recipe
 from tensorstore_llm.errors import RecipeError, ShapeMismatch, TensorNotFound
+from tensorstore_llm.merge.recipe import evaluate, layer_position, load_recipe
 
 
 def test_gradients_and_filters_follow_mergekit():

@@ -4,9 +4,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from tensorstore_llm.api import greedy_soup
 from tensorstore_llm.errors import TsllmError
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
-from tensorstore_llm.api import greedy_soup
 from tensorstore_llm.merge.soup import command_score
 from tensorstore_llm.testing.synth import write_checkpoint
 

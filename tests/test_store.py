@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from tensorstore_llm.testing.conformance import SinkConformance, same_bits, sample_tensors
 from tensorstore_llm import api
 from tensorstore_llm.errors import ArtifactNotFound, IntegrityError, RefError, StorageError
+from tensorstore_llm.testing.conformance import SinkConformance, same_bits, sample_tensors
 
 
 def _commit(store, tensors, key="job-x", compression="none", **kw):
@@ -35,8 +35,8 @@ def test_manifest_records_everything(store, tiny_family):
     rec = m.tensors["model.embed_tokens.weight"]
     assert rec.dtype == "bfloat16" and rec.shape == (512, 64) and rec.checksum.startswith("sha256:")
     # the checksum is the sha256 of the tensor's bytes as they sit in the safetensors file
-    from tensorstore_llm.io.hf_dir import HFCheckpointSource
     from tensorstore_llm.dtypes import raw_bytes
+    from tensorstore_llm.io.hf_dir import HFCheckpointSource
     with HFCheckpointSource(tiny_family["base"]) as src:
         expected = hashlib.sha256(bytes(raw_bytes(src.read("model.embed_tokens.weight")))).hexdigest()
     assert rec.checksum == "sha256:" + expected
@@ -209,6 +209,7 @@ def test_id_does_not_depend_on_run_settings(tmp_path, tiny_family, cli):
 
 def test_format_1_manifests_keep_their_ids(store):
     import json as _json
+
     from tensorstore_llm.store.manifest import Manifest
 
     art = _commit(store, {"w": torch.randn(3, 3)}, run={"seed": 5})

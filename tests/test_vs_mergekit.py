@@ -78,9 +78,9 @@ def _at_a_threshold(family, name, method, dtype=torch.float32):
 
 
 def _run_mergekit(text, out):
+    import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
-    import yaml
 
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))

@@ -19,8 +19,8 @@ from ..dtypes import by_name, from_storage
 from ..errors import ArtifactNotFound, FormatError, OutputExists, TensorNotFound, UnsafeFormat
 from .base import SourceBase, TensorMeta, check_tensor_name
 from .export_partials import LOCK_NAME, ExportLock, partial_dir
-from .journal import Journal
 from .fsutil import fsync_path, fsync_tree, map_range, start_writeback, storage_errors
+from .journal import Journal
 from .safetensors_format import Entry, build_header, check_shape_size, parse_header, pread_into, pwrite_all
 from .staged import JOURNAL_NAME, StagedSink
 

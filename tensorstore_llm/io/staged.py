@@ -7,8 +7,8 @@ published (``commit``, which makes it durable first).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 from ..dtypes import raw_bytes
 from .base import ChunkDigests, RowHasher, TensorMeta, digest_rows

@@ -7,8 +7,8 @@ engine path (jobs with several outputs) will call the same kernels per module.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 

@@ -17,7 +17,7 @@ from ..io.base import TensorMeta
 from ..ops.lora_streamed import COMBINE_METHODS, LoraCombineParams, factor_names
 from ..runs import JobResult, export, resolve_input, run_plan
 from ..store.store import Store
-from .artifacts import DictSource, commit_adapter, adapter_info
+from .artifacts import DictSource, adapter_info, commit_adapter
 from .jobs import _bound_of, _check_out_dir, _finish, _lora_only, open_adapter_ref
 from .peft_format import LoraAdapter, build_adapter
 

@@ -7,7 +7,7 @@ job calls per tensor (or per row block for plain LoRA and row-layout DoRA); the 
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -9,14 +9,23 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from ..errors import FormatError, OutputExists, UnsafeFormat
 from ..io.fsutil import staged_directory
-from .peft_format import (CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE, LoraAdapter, LoraConfig, ModuleLora, PrefixAdapter,
-                          peft_key, split_peft_key)
+from .peft_format import (
+    CONFIG_FILE,
+    PICKLE_FILES,
+    WEIGHTS_FILE,
+    LoraAdapter,
+    LoraConfig,
+    ModuleLora,
+    PrefixAdapter,
+    peft_key,
+    split_peft_key,
+)
 
 
 def _fail_pickle(path: str) -> None:

@@ -28,7 +28,6 @@ from ..hf.from_source import causal_lm_from_source
 from ..io.base import TensorSource
 from ..ops.layers import layer_key
 
-
 MAX_LINE_CHARS = 1 << 20      # one calibration text (it is truncated to calibration_tokens anyway)
 MAX_CORPUS_CHARS = 256 << 20  # stop reading a corpus here, even if fewer than max_samples texts were found
 

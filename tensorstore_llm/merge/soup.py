@@ -15,8 +15,8 @@ import os
 import shlex
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import ExternalCommandError, RecipeError
 from ..store import Artifact

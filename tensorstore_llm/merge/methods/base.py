@@ -11,12 +11,12 @@ never reads tensors itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ...engine.plan import InputRef
 from ...errors import RecipeError
-
 
 # -- parameters and their domains --------------------------------------------------------------
 

@@ -6,7 +6,20 @@ from __future__ import annotations
 from ...engine.plan import InputRef
 from ...errors import InvalidParameter, RecipeError
 from ...ops.layers import layer_key, sensitivity_weights
-from .base import LAMBDA, PATH, WEIGHT, JobSpec, MergeMethod, Param, Prepared, integer, interval, is_number, model_inputs, others_of
+from .base import (
+    LAMBDA,
+    PATH,
+    WEIGHT,
+    JobSpec,
+    MergeMethod,
+    Param,
+    Prepared,
+    integer,
+    interval,
+    is_number,
+    model_inputs,
+    others_of,
+)
 
 MAX_SCORES_BYTES = 16 << 20  # a scores file: one number per layer per model
 

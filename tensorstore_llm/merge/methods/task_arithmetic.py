@@ -8,7 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...engine.plan import InputRef
-from .base import BOOL, DENSITY, EPSILON, GAMMA, LAMBDA, NORMALIZE, WEIGHT, Domain, JobSpec, MergeMethod, Param, model_inputs
+from .base import (
+    BOOL,
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    LAMBDA,
+    NORMALIZE,
+    WEIGHT,
+    Domain,
+    JobSpec,
+    MergeMethod,
+    Param,
+    model_inputs,
+)
 
 RESCALE_METHOD = Param(Domain("inverse or l1", lambda v: v in ("inverse", "l1")))
 
