@@ -13,10 +13,18 @@ import time
 
 import pytest
 import torch
-
 from conftest import run_tsllm
-from tensorstore_llm.io.export_partials import (LOCK_NAME, REGISTRY_DIR, ExportLock, partial_dir, registration_path,
-                                                remove_export_partials, stale_export_partials)
+
+from tensorstore_llm.errors import StorageError
+from tensorstore_llm.io.export_partials import (
+    LOCK_NAME,
+    REGISTRY_DIR,
+    ExportLock,
+    partial_dir,
+    registration_path,
+    remove_export_partials,
+    stale_export_partials,
+)
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
 from tensorstore_llm.store import Store
 
@@ -235,7 +243,7 @@ def test_lock_is_exclusive_and_released_by_publishing(tmp_path):
     first = ExportLock(partial_dir(str(out), "job-1"), str(out), root)
     first.acquire()
     second = ExportLock(partial_dir(str(out), "job-1"), str(out), root)
-    with pytest.raises(Exception, match="another process is exporting the same job"):
+    with pytest.raises(StorageError, match="another process is exporting the same job"):
         second.acquire()
     assert os.path.isdir(first.partial)   # the loser touched nothing
     os.rename(first.partial, out)

@@ -10,7 +10,14 @@ import torch
 from tensorstore_llm.errors import RecipeError, TensorNotFound
 from tensorstore_llm.lora import adapters as T
 from tensorstore_llm.lora.merge import merge_module, merge_state_dict
-from tensorstore_llm.lora.peft_format import LoraAdapter, LoraConfig, ModuleLora, build_adapter, read_adapter, write_adapter
+from tensorstore_llm.lora.peft_format import (
+    LoraAdapter,
+    LoraConfig,
+    ModuleLora,
+    build_adapter,
+    read_adapter,
+    write_adapter,
+)
 from tensorstore_llm.ops import lora as K
 
 
@@ -28,8 +35,7 @@ def low_rank(m, n, r, seed=0, decay=None):
 
 def module(name, out, inp, r, seed, kind="linear", fif=False, scaling=2.0, magnitude=False):
     gen = g(seed)
-    cols = inp if kind == "linear" else inp
-    A = torch.randn(r, cols, generator=gen)
+    A = torch.randn(r, inp, generator=gen)   # embeddings too: PEFT's lora_embedding_A is (r, num_embeddings)
     B = torch.randn(out, r, generator=gen)
     mag = torch.rand(out, generator=gen) + 0.5 if magnitude else None
     return ModuleLora(module=name, kind=kind, A=A, B=B, scaling=scaling, alpha=scaling * r, fan_in_fan_out=fif, magnitude=mag)

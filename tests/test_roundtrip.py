@@ -7,9 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tensorstore_llm.testing.conformance import same_bits, sample_tensors
 from tensorstore_llm import api
+from tensorstore_llm.errors import HubUnavailable
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
+from tensorstore_llm.testing.conformance import same_bits, sample_tensors
 
 
 def _tensor_bytes(directory):
@@ -110,7 +111,7 @@ def test_hub_repo_from_the_offline_cache(tmp_path, store, tiny_family, monkeypat
     art = api.import_checkpoint("acme/tiny-llama", store, name="hub", progress=False).artifact
     assert art.manifest.source == {"type": "hub", "repo": "acme/tiny-llama", "revision": "main", "commit": commit}
     assert _same_tensors(store, "hub", tiny_family["base"])
-    with pytest.raises(Exception, match="acme/absent"):
+    with pytest.raises(HubUnavailable, match="acme/absent"):
         api.import_checkpoint("hf://acme/absent", store, progress=False)
 
 
