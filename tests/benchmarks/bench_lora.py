@@ -6,7 +6,9 @@
   every linear layer of a ~1 GB bf16 Llama-shaped base; wall, user + sys and peak RSS by wait4;
 - ``tsllm lora extract --rank 64`` against ``mergekit-extract-lora --max-rank 64`` on the same
   (base, fine-tune) pair (a test-only comparison: mergekit is BUSL-1.1, never a dependency),
-  with the captured energy 1 - ||D - s B A||^2 / ||D||^2 of both adapters over the same modules;
+  with the captured energy 1 - ||D - s B A||^2 / ||D||^2 of both adapters over the same modules
+  (ours: the exact truncated SVD by the Gram route, ``ops.lora_extract``; mergekit: a full fp32
+  SVD per module with bf16 factors);
 - ``tsllm lora resize`` of a rank-256 adapter to rank 32 and to ``--rank-pattern auto``.
 
 The fine-tune is base + a rank-48 update with a decaying spectrum + small full-rank noise (a
@@ -171,8 +173,10 @@ def extract_rows(rows: _Rows, root: str, tsllm: list[str], args) -> None:
                       "--name", "extracted", *args.extract_options])
     energy = json.loads(subprocess.run([sys.executable, "-c", ENERGY, base, ft, ours_out, mk_out], check=True,
                                        capture_output=True, text=True).stdout)
-    note = (f"captured energy ours {energy[ours_out]['captured']:.6f} ({energy[ours_out]['modules']} modules), "
-            f"mergekit {energy[mk_out]['captured']:.6f} ({energy[mk_out]['modules']} modules); ours {_load()}; {mk_note}")
+    ours_e, mk_e = energy[ours_out]["captured"], energy[mk_out]["captured"]
+    note = (f"captured energy ours {ours_e:.7f} ({energy[ours_out]['modules']} modules), "
+            f"mergekit {mk_e:.7f} ({energy[mk_out]['modules']} modules), ours - mergekit {ours_e - mk_e:+.1e}; "
+            f"ours {_load()}; {mk_note}")
     rows.append(_row(f"lora extract r{args.rank} {' '.join(args.extract_options)} vs mergekit-extract-lora",
                      ours, mergekit, note))
 
