@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from tensorstore_llm.default_budget import DEFAULT_MAX_MEMORY, is_auto
+
 
 def store_of(ctx):
     from tensorstore_llm.store import Store
@@ -15,7 +17,7 @@ def progress_flag(ctx):
     return False if ctx.obj["quiet"] else None
 
 
-def options_of(ctx, *, device: str = "auto", max_memory="2G", seed: int = 0, compression: str = "none",
+def options_of(ctx, *, device: str = "auto", max_memory=DEFAULT_MAX_MEMORY, seed: int = 0, compression: str = "none",
                dry_run: bool = False):
     """The one RunOptions of a command, from its parsed options and the global --quiet.
 
@@ -30,11 +32,12 @@ def options_of(ctx, *, device: str = "auto", max_memory="2G", seed: int = 0, com
 
 def size_option(ctx, param, value):
     """Click callback: ``value`` must read as a size (else a usage error, exit 2) and be positive
-    (else InvalidParameter, exit 7): the same rule as every option, parse first, then domain."""
+    (else InvalidParameter, exit 7): the same rule as every option, parse first, then domain.
+    ``auto`` passes for --max-memory (the budget sized from the plan, ``default_budget.py``)."""
     from tensorstore_llm.errors import InvalidParameter
     from tensorstore_llm.units import parse_size
 
-    if value is None:
+    if value is None or (param.name == "max_memory" and is_auto(value)):
         return value
     try:
         size = parse_size(value)
@@ -52,8 +55,9 @@ def device_option(default: str = "auto", help: str = "auto, cpu, cuda or cuda:N.
     return click.option("--device", default=default, show_default=True, help=help)
 
 
-def max_memory_option(default: str = "2G", help: str = "Budget for tensor data held at once (e.g. 512M, 4G); "
-                                                        "big tensors are split into row blocks."):
+def max_memory_option(default: str = DEFAULT_MAX_MEMORY,
+                      help: str = "Budget for tensor data held at once (e.g. 512M, 4G); big tensors are split "
+                                  "into row blocks. auto: 1/8 of the bytes read, within 64M-2G (README)."):
     """--max-memory SIZE, checked by ``size_option`` (a usage error if it is not a size)."""
     return click.option("--max-memory", default=default, show_default=True, metavar="SIZE", callback=size_option, help=help)
 

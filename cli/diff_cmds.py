@@ -5,17 +5,17 @@ import json
 
 import click
 
+from tensorstore_llm.default_budget import DEFAULT_MAX_MEMORY, budget_bytes
+
 from .common import max_memory_option, options_of, store_of
 
 
 def store_as_delta(ctx, src: str, parent_ref: str, *, kind: str, name, codec="exact", codec_params=None,
-                   max_memory="2G", revision=None):
+                   max_memory=DEFAULT_MAX_MEMORY, revision=None):
     """Resolve SRC (store ref, HF directory, .safetensors file, hub repo) and store it as a delta
     of PARENT_REF; returns the artifact (and says so when it resumed an interrupted run)."""
     from tensorstore_llm.api import resolve_input
     from tensorstore_llm.diff.store import store_delta
-    from tensorstore_llm.units import parse_size
-
     store = store_of(ctx)
     source, lineage, files = resolve_input(store, src, revision)
     resumed: list = []
@@ -23,7 +23,7 @@ def store_as_delta(ctx, src: str, parent_ref: str, *, kind: str, name, codec="ex
         parents = [{**lineage, "role": "fine-tune"}] if "id" in lineage else []
         artifact = store_delta(store, source, parent_ref, kind=kind, codec=codec, codec_params=codec_params,
                                parents=parents, source=lineage.get("external"), files=files, name=name,
-                               max_memory=parse_size(max_memory), target_id=lineage.get("id", ""), resumed=resumed)
+                               max_memory=budget_bytes(max_memory), target_id=lineage.get("id", ""), resumed=resumed)
     if resumed and not ctx.obj["quiet"]:
         click.echo(f"resumed: {len(resumed)} tensors were already done")
     return artifact

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..default_budget import DEFAULT_MAX_MEMORY, budget_bytes
 from ..dtypes import by_name
 from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta
 from ..store.store import Store, job_key
-from ..units import parse_size
 from .store import DeltaSection, is_delta
 
 
@@ -97,14 +97,15 @@ def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = Fals
 
 
 def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0, transfer: bool = False,
-               name: str | None = None, max_memory="2G") -> ApplyResult:
+               name: str | None = None, max_memory=DEFAULT_MAX_MEMORY) -> ApplyResult:
     """Apply diff ``diff_ref`` onto ``onto_ref`` and commit the result as a checkpoint.
 
     Args:
         alpha: scale of Δ. Onto the diff's own base with alpha 1 the result is the fine-tune,
             checked tensor by tensor against the checksums the diff recorded.
         transfer: allow a base other than the diff's own (fine-tuning transfer).
-        max_memory: budget for the rows held at once (about 3 input blocks and fp32 temporaries).
+        max_memory: budget for the rows held at once (about 3 input blocks and fp32 temporaries);
+            ``"auto"`` (the default) is 2 GiB here (``default_budget.budget_bytes``).
     Returns:
         ApplyResult with the artifact and the tensors that grew or were copied.
 
@@ -113,7 +114,7 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
     """
     diff, section, onto, exact, modes = plan_apply(store, diff_ref, onto_ref, transfer, alpha)
     result = ApplyResult(None, transfer or not same_base(section, onto))
-    budget = parse_size(max_memory)
+    budget = budget_bytes(max_memory)
     key = job_key("apply", diff.id, onto.id, float(alpha), bool(transfer))
     with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
         metas = list((diff if exact else onto).manifest.metas().values())

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..errors import ShapeMismatch, TensorNotFound
 
 
@@ -160,7 +161,7 @@ def plan_lossy(base, target, codec: str, params: dict | None = None, names=None)
                     params=params, names=names, where=f"lossy delta {codec}")
 
 
-def reconstruction_error(base, target, recon, *, names=None, max_memory="2G", device="cpu", progress=False) -> dict:
+def reconstruction_error(base, target, recon, *, names=None, max_memory=DEFAULT_MAX_MEMORY, device="cpu", progress=False) -> dict:
     """Weight error of ``recon`` (e.g. a :func:`plan_lossy` result) against ``target``, streamed.
 
     One ``delta_error`` reduction job per tensor (fp64 sums, within ``max_memory``).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..dtypes import by_name
 from ..errors import InvalidParameter, ShapeMismatch
 from ..io.base import TensorSource
@@ -43,7 +44,7 @@ class DiffStats:
 
 def diff_stats(bases: list[TensorSource], targets: list[TensorSource], *, base_of: list[int] | None = None,
                labels: list[str] | None = None, names: list[str] | None = None, rank: int = 16,
-               power_iters: int = 2, seed: int = 0, max_memory="2G", device="cpu",
+               power_iters: int = 2, seed: int = 0, max_memory=DEFAULT_MAX_MEMORY, device="cpu",
                progress: bool | None = False) -> DiffStats:
     """Statistics of the diffs ``targets[i] − bases[base_of[i]]``, one reduction job per tensor.
 

@@ -28,7 +28,7 @@ from .budget import IN_BLOCKS_HELD, OUT_BLOCKS_HELD, MemoryPlanning  # noqa: F40
 from .compute import TileCompute, _CastOnAccess, _plain, _whole_roles  # noqa: F401  (names kept importable here)
 from .devices import Uploader, default_tile_workers, resolve_device
 from .memory import BlockBuffers, tune_allocator
-from .options import RunOptions
+from .options import RunOptions, auto_budget, is_auto
 from .pipeline import DONE, Pipeline
 from .plan import GATHER, WHOLE, Plan, TensorJob
 from .progress import Progress
@@ -62,7 +62,7 @@ class Executor(MemoryPlanning, TileCompute):
         self.plan = plan
         self.sink = sink
         self.device = resolve_device(opts.device)
-        self.budget = parse_size(opts.max_memory)
+        self.budget = None if is_auto(opts.max_memory) else parse_size(opts.max_memory)   # None: sized below
         self.seed = int(opts.seed)
         self.compute_dtype = by_name(compute_dtype).torch
         self.progress_enabled = opts.progress
@@ -93,6 +93,8 @@ class Executor(MemoryPlanning, TileCompute):
         # folded in tile order (so results do not depend on the worker count)
         self.tile_workers = tile_workers or (default_tile_workers() if self.device.type == "cpu" else 1)
         plan.validate()
+        if self.budget is None:   # max_memory='auto' (the default): from the plan (default_budget.py)
+            self.budget = auto_budget(plan, self.min_block_bytes)
         self.check_budget()
 
     # -- planning -------------------------------------------------------------------------------

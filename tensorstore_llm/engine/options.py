@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..default_budget import DEFAULT_MAX_MEMORY, auto_budget, budget_bytes, is_auto  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -15,7 +17,8 @@ class RunOptions:
 
     Attributes:
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
-        max_memory: budget for tensor data held at once (a size such as '2G', or bytes).
+        max_memory: budget for tensor data held at once (a size such as '512M', or bytes), or
+            ``"auto"`` (the default): sized from the plan by ``auto_budget``.
         seed: run seed for ops that draw random numbers (DARE / DELLA masks, SVD sketches).
         compression: chunk compression of a new store artifact ('none', 'zstd', 'lz4').
         progress: show a progress bar (None: when stderr is a terminal).
@@ -27,7 +30,7 @@ class RunOptions:
     """
 
     device: str = "auto"
-    max_memory: str | int = "2G"
+    max_memory: str | int = DEFAULT_MAX_MEMORY
     seed: int = 0
     compression: str = "none"
     progress: bool | None = None

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
 from ..errors import BaseMismatch, InvalidParameter, RecipeError, ShapeMismatch
 from ..io.base import TensorMeta
@@ -179,7 +180,7 @@ def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_op
         result = run_plan(store, make_plan(source), kind="checkpoint", parents=[{**lineage, "role": "base"}, *parents],
                           recipe=recipe, files=files, name=name, desc="lora combine", **run_options)
     if out_dir and result.artifact is not None:
-        export(store, result.artifact.id, out_dir, max_memory=run_options.get("max_memory", "2G"),
+        export(store, result.artifact.id, out_dir, max_memory=run_options.get("max_memory", DEFAULT_MAX_MEMORY),
                progress=run_options.get("progress"))
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
     return result

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..engine.plan import Plan, TensorJob
 from ..errors import RecipeError
 from ..io.base import TensorMeta, TensorSource
@@ -142,7 +143,7 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
                                   name=name, desc="lora merge (nf4)", **run_options)
     if out_dir and result.artifact is not None and result.output is None:
         export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
-               max_memory=run_options.get("max_memory", "2G"), progress=run_options.get("progress"))
+               max_memory=run_options.get("max_memory", DEFAULT_MAX_MEMORY), progress=run_options.get("progress"))
         result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
     result.analysis = {"transfer": transferred, "modules": report}
     return result

@@ -118,7 +118,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
     Raises:
         TensorNotFound / ShapeMismatch when the two models do not pair up, InvalidParameter for
         a rank outside [1, min(out, in)]. Nothing is computed then.
-    Example: ``extract(base_src, ft_src, rank=64, max_memory="2G").adapter``.
+    Example: ``extract(base_src, ft_src, rank=64, max_memory="512M").adapter``.
     """
     from ..engine import Executor
 

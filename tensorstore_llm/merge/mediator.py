@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..io.base import TensorSource
 from ..ops.layers import gaussian_threshold, layer_key
 
@@ -33,7 +34,7 @@ class ConflictTable:
 
 
 def conflict_table(base: TensorSource, models: list[TensorSource], names: list[str], k_sigma: float, *,
-                   max_memory="2G", device="cpu", progress: bool | None = False) -> ConflictTable:
+                   max_memory=DEFAULT_MAX_MEMORY, device="cpu", progress: bool | None = False) -> ConflictTable:
     """Fraction of parameters whose task vectors disagree in sign, per layer, and the Gaussian cut.
 
     Counted by reduction jobs (op ``sign_conflicts``, one per tensor), so the pass over the models

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..arch import Architecture
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..errors import FormatError, InvalidParameter
 from ..io.base import checksum_rows
 from ..runs import export, resolve_input, run_plan
@@ -77,7 +78,7 @@ def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = 
           calibration: str | None = None, calibration_samples: int = 16, seq_len: int = 128,
           score_file: str | None = None, index_file: str | None = None, search=None, target_ratio: float | None = None,
           search_state: str | None = None, from_plan: str | None = None, name: str | None = None, out_dir: str | None = None,
-          max_shard_size: str = "5G", device="auto", max_memory="2G", compression="none", progress=None,
+          max_shard_size: str = "5G", device="auto", max_memory=DEFAULT_MAX_MEMORY, compression="none", progress=None,
           dry_run: bool = False) -> PruneResult:
     """Prune ``base`` and store the plan and the pruned checkpoint.
 

@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..arch import Architecture
+from ..default_budget import DEFAULT_MAX_MEMORY
 from ..errors import FormatError, InvalidParameter
 from ..io.base import TensorMeta
 from .plan import PRUNED_ROLES
@@ -70,7 +71,7 @@ class MemorySource:
 
 
 def unit_scores(source, arch: Architecture, metric: str, norms: dict[str, torch.Tensor] | None = None, *,
-                max_memory="2G", device="cpu", progress=False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                max_memory=DEFAULT_MAX_MEMORY, device="cpu", progress=False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """(channel scores, KV-head scores) per layer of the model in ``source``.
 
     ``metric`` is ``l2`` (magnitude) or ``wanda`` (needs ``norms``: module -> input feature norms).
