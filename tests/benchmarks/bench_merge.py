@@ -14,7 +14,8 @@ Sizes: ``1gb`` (the generator's 1gb preset, 1.07 GB per model), ``250m`` (the 10
 Run:  pip install mergekit
       python tests/benchmarks/bench_merge.py --workdir /tmp/tsllm-bench --sizes 250m,1gb --repeat 2 --check
       python tests/benchmarks/bench_merge.py --workdir /tmp/tsllm-bench --store-only   # issue 3's table: into the store
-      python tests/benchmarks/bench_merge.py --workdir /tmp/tsllm-bench --sizes 250m --also-max-memory 128M   # + a smaller budget
+      python tests/benchmarks/bench_merge.py --workdir /tmp/tsllm-bench --sizes 250m --also-max-memory 2G   # + another budget
+(tsllm runs at its default --max-memory, auto, unless --max-memory is given)
 """
 from __future__ import annotations
 
@@ -122,17 +123,18 @@ def bench_size(args, size: str, mergekit_yaml: str) -> None:
         with open(recipe, "w") as f:
             f.write(RECIPES[method].format(base=base, ft1=ft1, ft2=ft2, layers=layers, one_third=layers // 3,
                                            two_thirds=2 * layers // 3) + "dtype: bfloat16\n")
-        ours_cmd = TSLLM + ["-q", "--store", store, "merge", recipe, "--max-memory", args.max_memory, "--device", args.device]
+        ours_cmd = TSLLM + ["-q", "--store", store, "merge", recipe, "--device", args.device]
         ours_cmd += [] if args.store_only else ["-o", ours_out]
+        other_budget_cmd = ours_cmd + ["--max-memory", args.also_max_memory] if args.also_max_memory else None
+        ours_cmd += ["--max-memory", args.max_memory] if args.max_memory else []   # none: tsllm's default (auto)
         theirs_cmd = [mergekit_yaml, recipe, theirs_out] + (["--cuda"] if args.device == "cuda" else [])
         ours, theirs, merged, lean = [], [], 0, []
         for _ in range(args.repeat):          # interleaved: ours, theirs, ours, theirs, ...
             fresh(store), fresh(ours_out)
             ours.append(run(ours_cmd))
-            if args.also_max_memory:          # the same merge at a smaller documented budget
+            if other_budget_cmd:              # the same merge at another budget
                 fresh(store), fresh(ours_out)
-                lean.append(run([*ours_cmd[:ours_cmd.index("--max-memory") + 1], args.also_max_memory,
-                                 *ours_cmd[ours_cmd.index("--max-memory") + 2:]]))
+                lean.append(run(other_budget_cmd))
             if not args.store_only:
                 merged = model_bytes(ours_out)
             if not args.skip_mergekit:
@@ -169,9 +171,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="250m,1gb", help="comma-separated: 250m, 1gb or generator presets")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--methods", default=",".join(RECIPES))
-    ap.add_argument("--max-memory", default="2G")
+    ap.add_argument("--max-memory", default=None, help="tsllm's --max-memory (default: not given, i.e. tsllm's default, auto)")
     ap.add_argument("--also-max-memory", default=None,
-                    help="also run tsllm at this smaller budget (e.g. 128M) in each round; printed as a row of its own")
+                    help="also run tsllm at this budget (e.g. 2G) in each round; printed as a row of its own")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--store-only", action="store_true", help="tsllm writes into its store, not an HF directory (issue 3's table)")

@@ -105,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--max-memory", default="2G")
+    ap.add_argument("--max-memory", default=None, help="tsllm's --max-memory (default: not given, i.e. auto)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--check", action="store_true", help="compare the two outputs (vocabulary, rows by token)")
     args = ap.parse_args()
@@ -128,7 +128,8 @@ def main() -> None:
     ours, theirs = [], []
     for _ in range(args.repeat):   # interleaved
         fresh(store), fresh(ours_out)
-        ours.append(timed(TSLLM + ["-q", "--store", store, "merge", recipe, "-o", ours_out, "--max-memory", args.max_memory]))
+        ours.append(timed(TSLLM + ["-q", "--store", store, "merge", recipe, "-o", ours_out,
+                            *(["--max-memory", args.max_memory] if args.max_memory else [])]))
         if not args.skip_mergekit:
             fresh(theirs_out)
             theirs.append(timed([mergekit_yaml, recipe, theirs_out]))
