@@ -183,7 +183,7 @@ def test_compiled_statistics_equal_the_torch_path(monkeypatch, tile):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties"])
 def test_torch_path_merge_gives_the_same_bits(monkeypatch, tmp_path, tied_family, method):
-    """A TIES / DARE-TIES / breadcrumbs-TIES merge on the torch paths (statistics, DARE's draw)
+    """A TIES / DARE-TIES / breadcrumbs-TIES merge on the torch paths (statistics, DARE's draw, TIES's fused loop)
     equals the compiled one, blocked and whole."""
     from tensorstore_llm.ops import dare_mask, topk_kernels
     text = (f"merge_method: {method}\nbase_model: {tied_family['base']}\nmodels:\n"

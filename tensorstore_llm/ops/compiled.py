@@ -72,3 +72,93 @@ def drop(state, skip, delta, out, p):
         u = np.float32(half & np.uint64(0xFFFFFF)) * scale
         keep = np.float32(1.0) if p - u > np.float32(0.0) else np.float32(0.0)
         out[e - skip] = delta[e - skip] * keep
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")   # IEEE division, no ZeroDivisionError check: vectorises
+def ties_merge(base, models, thresholds, keep_all, bounds, whole_stop, cut_start, cut_stop, cut_allow, weights,
+               normalize, positive, floor, lam, scale, out, scratch):
+    """TIES on one fp32 tile (``ties_fused.py``): per model the magnitude trim (entries before
+    ``whole_stop[i]`` keep |τ| >= threshold, or everything where ``keep_all[i]``; entries of
+    ``cut_start[i]:cut_stop[i]`` keep |τ| > threshold plus the first ``cut_allow[i]`` equal ones;
+    the rest keep |τ| > threshold), weighted, then the sign election, in the torch path's order
+    and fp32 roundings. ``bounds`` splits the tile where any model's rule changes; ``scratch`` is
+    [models + 3, chunk] fp32."""
+    n_models = len(models)
+    seen = np.zeros(n_models, dtype=np.int64)
+    for b in range(len(bounds) - 1):
+        start = bounds[b]
+        while start < bounds[b + 1]:
+            stop = min(bounds[b + 1], start + scratch.shape[1])
+            length = stop - start
+            for i in range(n_models):
+                mode = 1 if start < whole_stop[i] else 2 if cut_start[i] <= start < cut_stop[i] else 3
+                if mode == 1 and keep_all[i]:
+                    mode = 0
+                seen[i] = _trim(models[i][start:stop], base[start:stop], scratch[i, :length], mode, thresholds[i],
+                                seen[i], cut_allow[i], weights[i])
+            _elect(scratch, n_models, length, weights, normalize, positive, floor, lam, scale, base[start:stop],
+                   out[start:stop])
+            start = stop
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _trim(model, base, kept, mode, threshold, seen, allow, weight):
+    """kept = weight · (model − base) trimmed by ``mode``: 0 keep all, 1 |τ| >= threshold, 2 the
+    cut row (|τ| > threshold and the first ``allow − seen`` equal ones), 3 |τ| > threshold; NaN
+    kept as ``hardshrink`` keeps it. Returns the cut row's ties chosen so far."""
+    zero = np.float32(0.0)
+    if mode == 0:
+        for j in range(kept.size):
+            kept[j] = (model[j] - base[j]) * weight
+    elif mode == 1:
+        for j in range(kept.size):
+            delta = model[j] - base[j]
+            kept[j] = (zero if abs(delta) < threshold else delta) * weight
+    elif mode == 3:
+        for j in range(kept.size):
+            delta = model[j] - base[j]
+            kept[j] = (zero if abs(delta) <= threshold else delta) * weight
+    else:
+        for j in range(kept.size):
+            delta = model[j] - base[j]
+            value = zero if abs(delta) <= threshold else delta
+            if abs(delta) == threshold and seen < allow:
+                value = value + delta       # the torch path adds the chosen ties to +0
+                seen += 1
+            kept[j] = value * weight
+    return seen
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _elect(scratch, n_models, length, weights, normalize, positive, floor, lam, scale, base, out):
+    """out = base + λ · (sum-elected, optionally normalised) mix of scratch[:n_models, :length]."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    votes, mixed, divisor = scratch[n_models, :length], scratch[n_models + 1, :length], scratch[n_models + 2, :length]
+    votes[:] = scratch[0, :length]
+    for i in range(1, n_models):
+        kept = scratch[i, :length]
+        for j in range(length):
+            votes[j] = votes[j] + kept[j]
+    for j in range(length):
+        votes[j] = np.copysign(one, votes[j])      # the majority sign: ±1, +0 elects +
+        mixed[j] = zero
+        divisor[j] = zero
+    for i in range(n_models):
+        kept, weight = scratch[i, :length], weights[i]
+        for j in range(length):
+            agreeing = kept[j] * votes[j]
+            agreeing = zero if zero > agreeing else agreeing   # clamp_min(0): keeps −0 and NaN
+            mixed[j] = mixed[j] + agreeing
+            divisor[j] = divisor[j] + np.float32(agreeing > zero) * weight   # sign(agreeing) · w; a select here stops LLVM vectorising
+    for j in range(length):
+        value = mixed[j] * votes[j]
+        if normalize:
+            d = divisor[j]
+            if positive:
+                d = floor if floor > d else d
+            elif d == zero:
+                d = one
+            value = value / d
+        if scale:
+            value = value * lam
+        out[j] = value + base[j]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ties_fused
 from .exact import divide_
 from .registry import op
 from .sparsify import RESCALE_METHODS, SPARSIFICATIONS, sparsify, sparsify_passes, warm_kernels
@@ -97,6 +98,9 @@ def task_arithmetic(ctx, params, base, models):
         divisor = sum(params.weights)
         divisor = divisor if abs(divisor) >= 1e-8 else 1.0
     else:
+        fused = ties_fused.merged(ctx, params, base, models) if params.consensus == "sum" else None
+        if fused is not None:   # TIES in one compiled loop: the same values as below
+            return fused
         weighted = [sparsify(ctx, params, i, m - base).mul_(params.weights[i]) for i, m in enumerate(models)]
         if params.consensus == "sum":
             votes = weighted[0].clone()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import RecipeError
-from . import dare_mask, topk
+from . import dare_mask, ties_fused, topk
 from .exact import divide_
 from .registry import StatsPass
 from .topk import kept_counts  # noqa: F401  (re-exported: merge/recipe.py)
@@ -102,6 +102,8 @@ def warm_kernels(params) -> None:
     if params.sparsification in ("magnitude", "magnitude_outliers", "random") and any(
             params.sparsifies(i) for i in range(len(params.weights))):
         topk.topk_kernels.warm()
+    if ties_fused.applies(params):
+        ties_fused.warm(len(params.weights))
 
 
 def sparsify_passes(params) -> tuple[StatsPass, ...]:
