@@ -5,7 +5,7 @@ raw read+write ceiling, read cost against the fully stored fine-tune, peak RSS a
     python tests/benchmarks/bench_diff_store.py [--workdir DIR] [--pairs real,1gb] [--chain N [--chain-preset 100m]] [--repeat 3]
     python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reads-only --repeat 5
     python tests/benchmarks/bench_diff_store.py --pairs real,1gb --cold --repeat 3
-    python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reconstruct --repeat 3
+    python tests/benchmarks/bench_diff_store.py --pairs real,1gb --reconstruct --repeat 3 [--cases cold,parent_warm]
 
 Pairs: ``real`` = SmolLM2-135M-Instruct bf16 and its real 30-step AdamW fine-tune (cached by
 tensorstore_llm.testing.finetune); ``1gb`` = the synthetic "1gb" Llama preset (1.0 GB bf16) and a
@@ -33,6 +33,8 @@ if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba
     import tensorstore_llm.diff.reader
     if len(sys.argv) > 4 and sys.argv[4] == "prefetch":
         tensorstore_llm.diff.reader.DeltaTensorSource.prefetch = True
+    if len(sys.argv) > 4 and sys.argv[4] == "no-warm-up":   # the decoder's start-up on the first decode, as before
+        tensorstore_llm.diff.reader.warm_decoder = lambda formats: None
 def disk_read_bytes():
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
@@ -64,11 +66,12 @@ def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float
     return wall, usage.ru_maxrss / 1024, cpu
 
 
-def read_all_io(store: str, ref: str, prefetch: bool = False) -> tuple[float, float, int]:
+def read_all_io(store: str, ref: str, prefetch: bool = False, variant: str = "") -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of all threads, bytes the process read from disk per
     /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process;
-    ``prefetch=True`` turns the delta reader's POSIX_FADV_WILLNEED hints on."""
-    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "prefetch" if prefetch else ""],
+    ``prefetch=True`` turns the delta reader's POSIX_FADV_WILLNEED hints on; ``variant="no-warm-up"``
+    leaves the decoder's start-up to the first decode (the reader before it warmed up on open)."""
+    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "prefetch" if prefetch else variant],
                          check=True, stdout=subprocess.PIPE)
     wall, cpu, disk = out.stdout.decode().split()[-3:]
     return float(wall), float(cpu), int(disk)
@@ -297,7 +300,7 @@ def bench_cold(kind: str, workdir: str, repeat: int) -> dict:
     return out
 
 
-def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
+def bench_reconstruct(kind: str, workdir: str, repeat: int, which=("cold", "parent_warm", "warm")) -> dict:
     """Reconstruct (``tsllm export`` to an HF dir, fsynced) against the raw ceiling, as a user
     meets it, in one pass. Ceiling: ``cat`` of the fine-tune's safetensors (read) and
     ``cp -r`` of its HF dir + ``sync`` (read + write), each cold (files evicted) and warm.
@@ -305,7 +308,8 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
     once; warm: the artifact read once) and per repeat, alternating full and delta: the export
     at --max-memory 512M (wall, peak RSS), the pure read of every tensor in 64 MiB blocks
     (wall, CPU, disk bytes) and, for the delta, the same read with the reader's
-    POSIX_FADV_WILLNEED hints on (DeltaTensorSource.prefetch). ``tsllm ls`` gives the CLI's start-up cost, part of every
+    POSIX_FADV_WILLNEED hints on (DeltaTensorSource.prefetch) and without the decoder's warm-up on
+    open. ``tsllm ls`` gives the CLI's start-up cost, part of every
     export's wall time."""
     base, ft = pair(kind, workdir)
     ft_files = [os.path.join(ft, f) for f in os.listdir(ft)]
@@ -345,9 +349,9 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
             read_all_io(store, ref)
 
     cases = {}
-    for case in ("cold", "parent_warm", "warm"):
+    for case in which:
         runs = {key: [] for key in ("export_ft-full", "export_ft-delta", "read_ft-full", "read_ft-delta",
-                                    "read_ft-delta_prefetch")}
+                                    "read_ft-delta_prefetch", "read_ft-delta_no-warm-up")}
         for _ in range(repeat):
             for ref in ("ft-full", "ft-delta"):
                 fresh(export)
@@ -358,6 +362,8 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
                 runs[f"read_{ref}"].append(read_all_io(store, ref))
             prepare(case, "ft-delta")
             runs["read_ft-delta_prefetch"].append(read_all_io(store, "ft-delta", prefetch=True))
+            prepare(case, "ft-delta")
+            runs["read_ft-delta_no-warm-up"].append(read_all_io(store, "ft-delta", variant="no-warm-up"))
         row = {}
         for key, rs in runs.items():
             if key.startswith("export"):
@@ -372,6 +378,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int) -> dict:
         cases[case] = row
         print(case, json.dumps(row), flush=True)
     out["cases"] = cases
+    out["load_average_after"] = os.getloadavg()[0]
     fresh(store)
     return out
 
@@ -418,6 +425,8 @@ def main() -> None:
                         help="per pair, full against delta read with the page cache cold, parent warm, and warm")
     parser.add_argument("--reconstruct", action="store_true",
                         help="per pair, tsllm export full vs delta, cold / parent warm / warm, against cat and cp + sync")
+    parser.add_argument("--cases", default="cold,parent_warm,warm",
+                        help="with --reconstruct: which cases to run (a long run can be split)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -425,7 +434,8 @@ def main() -> None:
     for kind in filter(None, args.pairs.split(",")):
         bench = (bench_reconstruct if args.reconstruct else bench_cold if args.cold else
                  bench_reads if args.reads_only else bench_pair)
-        results[kind] = bench(kind, args.workdir, args.repeat)
+        extra = (args.cases.split(","),) if args.reconstruct else ()
+        results[kind] = bench(kind, args.workdir, args.repeat, *extra)
         print(json.dumps(results[kind], indent=1), flush=True)
     if args.chain:
         results["chain"] = bench_chain(args.workdir, args.repeat, args.chain, args.chain_preset)
