@@ -7,6 +7,7 @@ chunking); kept apart so that each module stays small.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 from ..dtypes import by_name
 from ..errors import InvalidParameter
@@ -18,6 +19,7 @@ from .plan import ROW_RELATIONS, ROWS, WHOLE, TensorJob
 from .records import Estimate, JobEstimate, RssPrediction
 
 IN_BLOCKS_HELD = 3    # being read, queued, being computed
+WHOLE_JOBS_HELD = 2   # jobs whose WHOLE inputs are alive at once: being computed, and the next one
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
 COPY_BLOCKS_ALIVE = 2   # a copy: the block being written and the one being read (measured; the third slot rarely fills)
 # What a run holds besides tensor data (measured with tests/benchmarks/bench_budget.py, see
@@ -72,6 +74,35 @@ class MemoryPlanning:
             if not job.row_aligned(meta):
                 total += meta.nbytes + meta.numel * 4
         return total
+
+    def whole_input_bytes(self, job: TensorJob) -> int:
+        """Bytes of ``job``'s WHOLE inputs as stored: what reading it ahead holds before it computes."""
+        return sum(self.plan.input_meta(r).nbytes for r in job.refs() if r.relation == WHOLE)
+
+    @property
+    def whole_jobs_held(self) -> int:
+        """How many jobs' WHOLE inputs the reader keeps alive at once (engine/pipeline.py).
+
+        2 (the job being computed and the next one, read while it computes) where the budget
+        holds the smallest block of every job plus the next job's whole inputs; 1 otherwise: a
+        job's whole inputs are read once the previous job's are gone. Either way at most one job
+        ahead: the queues alone held three jobs' whole inputs (a whole-tensor op such as
+        ``lora_extract`` three modules' bf16 pairs, 132 MiB at 1 GB, whatever the budget).
+        """
+        if getattr(self, "_whole_next", None) is None:
+            jobs = [j for j in self.plan.jobs if j.output.numel]
+            following = {id(job): self.whole_input_bytes(after) for job, after in pairwise(jobs)}
+            fits = all(self.min_block_bytes(job) + following.get(id(job), 0) <= self.budget
+                       for job in jobs if following.get(id(job)))
+            self._whole_held = WHOLE_JOBS_HELD if fits else 1
+            self._whole_next = following if fits else {}
+        return self._whole_held
+
+    def whole_ahead_bytes(self, job: TensorJob) -> int:
+        """Bytes of the next job's WHOLE inputs, which the reader may hold while ``job`` runs
+        (0 when one job is held at a time)."""
+        self.whole_jobs_held   # noqa: B018  (computes the map)
+        return self._whole_next.get(id(job), 0)
 
     def source_extra_bytes(self, job: TensorJob) -> int:
         """What ``job``'s sources hold beyond the rows they return while it reads them."""
@@ -133,7 +164,7 @@ class MemoryPlanning:
         per_row, tile_bytes, in_row = self._memory_model(job)
         tile = self.tile_rows(job)
         fp32_row = tile_bytes // tile
-        budget = self.budget - self.whole_bytes(job)
+        budget = self.budget - self.whole_bytes(job) - self.whole_ahead_bytes(job)
         if budget >= tile * (per_row + fp32_row):
             rows = (budget - tile_bytes) // max(per_row, 1)
         else:
@@ -170,7 +201,8 @@ class MemoryPlanning:
             tile = self.tile_rows(job)
             # the tiles of one block in flight at once: up to tile_workers of min(rows, tile) rows
             tile_rows_alive = min(rows, tile) * min(self.tile_workers, -(-rows // tile))
-            peak = per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive + self.whole_bytes(job)
+            peak = (per_row * rows + fixed // (tile * self.tile_workers) * tile_rows_alive + self.whole_bytes(job)
+                    + self.whole_ahead_bytes(job))
             whole_read = sum(self.plan.input_meta(r).nbytes for r in job.refs() if r.relation == WHOLE)
             out.append(JobEstimate(job, rows, blocks, peak, in_row * job.output.rows + whole_read))
         return Estimate(out, self.budget, self.predict_rss(out))
@@ -184,7 +216,8 @@ class MemoryPlanning:
         (being read), the output buffers of blocks k, k-1 (queued) and k-2 (being written) plus
         the free ones kept for reuse, exactly as ``memory.BlockBuffers`` recycles them (a reused
         buffer keeps its size; one that fits nothing drops the free ones), the kernel tiles in
-        flight and the job's whole inputs. Mapped input pages count here like read ones: a mapped
+        flight, the job's whole inputs and the next job's (read while it runs, see
+        ``whole_jobs_held``). Mapped input pages count here like read ones: a mapped
         file page is resident in this process while its block is alive.
         """
         steps = list(self._replay(jobs))
@@ -237,7 +270,7 @@ class MemoryPlanning:
             passes = len(spec.passes_for(job.params)) if estimate.blocks > 1 or job.reduce_only else 0
             rowwise = spec.rowwise and job.output.shape
             tile = self.tile_rows(job)
-            whole = self.whole_bytes(job)
+            whole = self.whole_bytes(job) + self.whole_ahead_bytes(job)   # its whole inputs, and the next job's
             for pass_index in [*range(passes), *([] if job.reduce_only else [None])]:
                 for start in range(0, job.output.rows, rows):
                     n = min(rows, job.output.rows - start)

@@ -27,7 +27,7 @@ from ..units import parse_size
 from .budget import IN_BLOCKS_HELD, OUT_BLOCKS_HELD, MemoryPlanning  # noqa: F401  (OUT_BLOCKS_HELD kept importable here)
 from .compute import TileCompute, _CastOnAccess, _plain, _whole_roles  # noqa: F401  (names kept importable here)
 from .devices import Uploader, default_tile_workers, resolve_device
-from .memory import BlockBuffers, tune_allocator
+from .memory import BlockBuffers, release_free_heap, tune_allocator
 from .options import RunOptions, auto_budget, is_auto
 from .pipeline import DONE, Pipeline
 from .plan import GATHER, WHOLE, Plan, TensorJob
@@ -116,6 +116,10 @@ class Executor(MemoryPlanning, TileCompute):
             return self._run()
         finally:
             torch.set_num_threads(intra_op_threads)
+            # the kernels' freed temporaries stay in glibc's arenas (the heap guard trims only
+            # near the budget): give them back, so that what the caller does next (a LoRA verb
+            # reads its factors back, commits and exports) starts from the baseline
+            release_free_heap()
 
     def _run(self) -> dict[str, str]:
         results = {}
@@ -131,7 +135,7 @@ class Executor(MemoryPlanning, TileCompute):
         self.skipped = [j.output.name for j in self.plan.jobs if done(j)]
         total = sum(self._progress_bytes(j) for j in self.plan.jobs)
         progress = Progress(total, self.desc, self.progress_enabled, initial=total - sum(self._progress_bytes(j) for j in todo))
-        pipeline = Pipeline(IN_BLOCKS_HELD)
+        pipeline = Pipeline(IN_BLOCKS_HELD, self.whole_jobs_held)
         reader = threading.Thread(target=pipeline.guard, args=(self._read_all, todo, pipeline), daemon=True)
         writer = threading.Thread(target=pipeline.guard, args=(self._write_all, results, pipeline, progress), daemon=True)
         reader.start()
@@ -211,11 +215,19 @@ class Executor(MemoryPlanning, TileCompute):
             passes = len(spec.passes_for(job.params)) if rows < meta.rows or job.reduce_only else 0
             upload = self._uploader is not None and spec.compute
             held: dict = {}   # WHOLE inputs: read once, handed to every block of the job
+            whole_taken = None
+            if any(r.relation == WHOLE for r in job.refs()):
+                # at most ``whole_jobs_held`` jobs' whole inputs alive (engine/budget.py)
+                whole_taken = pipeline.whole_slots.acquire(pipeline.stop)
+                if whole_taken is None:
+                    return
 
             def read(ref, start, stop):
                 if ref.relation == WHOLE:
                     if ref not in held:
-                        held[ref] = self._read(ref, 0, self.plan.input_meta(ref).rows, upload)
+                        # a tensor object of our own (same storage): its end frees the job's whole
+                        # slot even when the source keeps the one it returned (an in-memory scalar)
+                        held[ref] = self._read(ref, 0, self.plan.input_meta(ref).rows, upload).detach()
                     return held[ref]
                 return self._read(ref, start, stop, upload)
             for pass_index in [*range(passes), *([] if job.reduce_only else [None])]:
@@ -233,6 +245,9 @@ class Executor(MemoryPlanning, TileCompute):
                     pipeline.slots.release_when_gone([t for _ref, t in _row_inputs(job, tensors)], taken)
                     if not pipeline.put(pipeline.inputs, Block(job, pass_index, start, stop, tensors, stop == meta.rows)):
                         return
+            if whole_taken is not None:
+                pipeline.whole_slots.release_when_gone(list(held.values()), whole_taken)
+            tensors = held = None   # the compute stage holds this job's inputs now, not the reader
         pipeline.put(pipeline.inputs, DONE)
 
     def _read(self, ref, start, stop, upload: bool = False):

@@ -57,10 +57,18 @@ class BlockSlots:
 
 
 class Pipeline:
-    """Two one-slot queues, the input block slots, a stop flag, and the first error raised by any stage."""
+    """Two one-slot queues, the input block slots, the whole-input job slots, a stop flag, and the
+    first error raised by any stage.
 
-    def __init__(self, input_blocks: int = 3):
+    ``whole_jobs`` bounds the jobs whose WHOLE inputs (read once, held for all of the job's
+    blocks) are alive at once: 1 reads a job's whole inputs only once the previous job's are gone,
+    2 reads one job ahead. Without it the queues alone let three jobs' whole inputs live at once
+    (being computed, queued, being read), since row-block slots do not count whole inputs.
+    """
+
+    def __init__(self, input_blocks: int = 3, whole_jobs: int = 2):
         self.slots = BlockSlots(input_blocks)
+        self.whole_slots = BlockSlots(whole_jobs)
         self.inputs: queue.Queue = queue.Queue(maxsize=1)
         self.outputs: queue.Queue = queue.Queue(maxsize=1)
         self.stop = threading.Event()

@@ -34,7 +34,8 @@ class Result:
 @dataclass(frozen=True)
 class JobEstimate:
     """Blocking and memory of one job: ``peak_bytes`` is what its own blocks hold at once (three
-    input blocks, three output blocks, the kernel tiles in flight and its whole inputs)."""
+    input blocks, three output blocks, the kernel tiles in flight, its whole inputs and those of
+    the next job when the reader reads one job ahead)."""
 
     job: TensorJob
     block_rows: int
