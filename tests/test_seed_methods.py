@@ -264,14 +264,15 @@ def _task_texts(task):
 def _task_finetune(task):
     """A cached fp32 SmolLM2 fine-tune on task ``task``'s training text (STEPS AdamW steps)."""
     from tensorstore_llm.testing.finetune import finetune, token_batches
-    from tensorstore_llm.testing.real_models import cache_root, load_smollm2_fp32, save_cached
+    from tensorstore_llm.testing.real_models import cache_root, cached_build, load_smollm2_fp32, save_cached
 
-    target = os.path.join(cache_root(), f"smollm2-135m-seed-merge-task-{task}-ft{STEPS}-lr{LR:g}-seq{SEQ}x{BATCH}-float32")
-    if not os.path.isfile(os.path.join(target, "model.safetensors")):
+    def build(target):
         model, tokenizer = load_smollm2_fp32()
         finetune(model, token_batches(tokenizer, _task_texts(task)[0], SEQ, BATCH, STEPS, seed=1), lr=LR)
         save_cached(model, tokenizer, target)
-    return target
+
+    return cached_build(os.path.join(cache_root(), f"smollm2-135m-seed-merge-task-{task}-ft{STEPS}-lr{LR:g}-seq{SEQ}x{BATCH}"
+                                                   "-float32"), build)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .real_models import cache_root, load_smollm2_fp32, save_cached
+from .real_models import cache_root, cached_build, load_smollm2_fp32, save_cached
 
 # Modules whose docstrings form the training text, and others whose docstrings are held out.
 TRAIN_MODULES = ("collections", "functools", "itertools", "json", "re", "string", "textwrap",
@@ -103,25 +103,23 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         >>> os.path.isfile(os.path.join(path, "model.safetensors"))   # doctest: +SKIP
         True
     """
-    target = _finetune_dir(steps, lr, dtype, seq_len, batch)
-    if os.path.isfile(os.path.join(target, "model.safetensors")):
-        return target
-    import torch
-
-    fp32_dir = _finetune_dir(steps, lr, "float32", seq_len, batch)
-    if os.path.isfile(os.path.join(fp32_dir, "model.safetensors")):   # cast the cached fp32 fine-tune
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
-    else:
+    def train_fp32(fp32_dir):
         model, tokenizer = load_smollm2_fp32()
         batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
         finetune(model, batches, lr=lr)
-        if dtype != "float32":
-            save_cached(model, tokenizer, fp32_dir)
-    save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
-    return target
+        save_cached(model, tokenizer, fp32_dir)
+
+    def cast(target):   # from the cached fp32 fine-tune
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        fp32_dir = cached_build(_finetune_dir(steps, lr, "float32", seq_len, batch), train_fp32)
+        model = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
+        save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
+
+    target = _finetune_dir(steps, lr, dtype, seq_len, batch)
+    return cached_build(target, train_fp32 if dtype == "float32" else cast)
 
 
 def _finetune_dir(steps: int, lr: float, dtype: str, seq_len: int = 128, batch: int = 8) -> str:

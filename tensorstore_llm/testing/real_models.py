@@ -6,13 +6,19 @@ absent dependencies). transformers (+ ``gguf``) dequantises it to fp32, but a GG
 refuses ``save_pretrained``, so the model is rebuilt from its config (without
 ``quantization_config``) and the state dict copied in. The result, a bf16 checkpoint directory
 with config and tokenizer files, is cached once per machine.
+
+Every cached directory is built by :func:`cached_build`: under a lock file next to it, so that two
+processes (pytest-xdist workers, two test runs) never both build it, and renamed into place when
+complete, so that a reader never sees a half-built one.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 from ..errors import FormatError
 
@@ -64,14 +70,45 @@ def smollm2_checkpoint(dtype: str = "bfloat16") -> str:
     Built once per machine (about 20 s) under :func:`cache_root`; later calls return the path.
     The directory holds ``config.json``, ``model.safetensors`` and the tokenizer files.
     """
-    target = os.path.join(cache_root(), f"smollm2-135m-instruct-{dtype}")
-    if os.path.isfile(os.path.join(target, "model.safetensors")):
-        return target
-    import torch
+    def build(target):
+        import torch
 
-    model, tokenizer = load_smollm2_fp32()
-    save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
+        model, tokenizer = load_smollm2_fp32()
+        save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
+
+    return cached_build(os.path.join(cache_root(), f"smollm2-135m-instruct-{dtype}"), build)
+
+
+def is_cached(target: str) -> bool:
+    """True when ``target`` is a complete cached checkpoint (its weights file exists; the directory
+    only appears, by rename, once everything in it is written)."""
+    return os.path.isfile(os.path.join(target, "model.safetensors"))
+
+
+def cached_build(target: str, build: Callable[[str], None]) -> str:
+    """Return ``target``, first calling ``build(target)`` if it is not cached yet.
+
+    ``build`` must write ``target`` atomically (:func:`save_cached` does). It runs with an exclusive
+    lock on ``target + ".lock"`` held, and only if ``target`` is still missing once the lock is
+    taken: when several processes ask for the same missing checkpoint at once, one builds it and the
+    others wait for it, then read the finished directory.
+    """
+    if is_cached(target):
+        return target
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    with _exclusive_lock(target + ".lock"):
+        if not is_cached(target):
+            build(target)
     return target
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    """An exclusive advisory lock on ``path`` (created if missing), released on exit or process death."""
+    from filelock import FileLock   # a dependency of huggingface-hub; fcntl / msvcrt underneath
+
+    with FileLock(path):
+        yield
 
 
 def save_cached(model, tokenizer, target: str) -> None:
