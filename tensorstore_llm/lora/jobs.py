@@ -323,6 +323,7 @@ def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None 
     Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
     """
     from ..engine.memory import release_free_heap
+    from ..ops.lora_streamed import LoraExtractParams
     from .resumable import StagedFactorSink
     from .streamed import extract as run_extract
 
@@ -331,7 +332,8 @@ def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None 
     base, is_diff = _diff_parent(store, ft, base)
     base_src, base_lineage, _ = resolve_input(store, base)
     ft_src, ft_lineage, _ = resolve_input(store, ft)
-    key = ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank, targets, seed,
+    svd = LoraExtractParams(rank=1, module="").method   # the op's SVD method: it decides the factors
+    key = ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank, targets, seed, svd,
            _device_type(executor_options))
     with base_src, ft_src, StagedFactorSink(store, key) as sink:
         ex = run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank, targets=targets, seed=seed,
@@ -341,7 +343,7 @@ def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None 
         return _finish(store, ex.adapter, bound,
                        parents=[{**base_lineage, "role": "base"}, {**ft_lineage, "role": "diff" if is_diff else "finetuned"}],
                        recipe={"op": "lora_extract", "rank": rank, "energy": energy,
-                               "max_rank": max_rank if energy else None, "seed": seed, "power_iters": 3},
+                               "max_rank": max_rank if energy else None, "seed": seed, "svd": svd},
                        name=name, out_dir=out_dir, report={"modules": ex.modules, "totals": ex.totals},
                        resumed=sink.resumed)
 
