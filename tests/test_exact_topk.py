@@ -175,6 +175,17 @@ def test_compiled_statistics_equal_the_torch_path(monkeypatch, tile):
                            + [topk_kernels.low_histogram(base, model, h) for h in high_bins]
                            + [topk_kernels.row_ties(base, model, rows, t) for t in thresholds])
     assert all(torch.equal(a, b) for a, b in zip(found[True], found[False]))
+    # bf16 tiles as stored (the engine skips its cast for these passes): the integers of their
+    # fp32 copies (the bf16 rounding turns NaN into another NaN pattern, so not those above)
+    stored_base, stored_model = base.bfloat16(), model.bfloat16()
+    for stored, compiled in (((stored_base, stored_model), True), ((stored_base.float(), stored_model.float()), False)):
+        monkeypatch.setattr(topk_kernels, "USE_NUMBA", compiled)
+        found[compiled] = ([topk_kernels.high_histogram(*stored)] + [topk_kernels.low_histogram(*stored, h) for h in high_bins]
+                           + [topk_kernels.row_ties(*stored, rows, t) for t in thresholds])
+    assert all(torch.equal(a, b) for a, b in zip(found[True], found[False]))
+    monkeypatch.setattr(topk_kernels, "USE_NUMBA", False)
+    found[False] = ([topk_kernels.high_histogram(base, model)] + [topk_kernels.low_histogram(base, model, h) for h in high_bins]
+                    + [topk_kernels.row_ties(base, model, rows, t) for t in thresholds])
     # and the torch path is the direct formula
     assert torch.equal(found[False][0], torch.bincount(magnitude_bits >> 16, minlength=select.HI_BINS))
     direct_ties = ((model - base).abs().reshape(rows, -1) == thresholds[0]).sum(1)
@@ -224,3 +235,45 @@ def test_compiled_dare_drop_equals_the_seeded_torch_mask(monkeypatch, shape, sta
     assert torch.equal(kept.view(torch.int32), direct.view(torch.int32))
     monkeypatch.setattr(dare_mask, "USE_NUMBA", False)
     assert dare_mask.dropped(ctx, "task_arithmetic/model1", delta, density) is None
+
+
+@pytest.mark.parametrize("shape,tile_rows", [((40, 64), 7), ((70000,), 70000), ((70000,), 9000), ((3, 5, 4), 2)])
+def test_ties_counted_by_the_low_pass_equal_the_tie_pass(monkeypatch, shape, tile_rows):
+    """The low pass lists its bin's entries (row << 16 | low bits; int64 where a tile has 2^16
+    rows or more) and counts the tied ones per row: the same ``tie_before`` as the tie pass, on
+    bf16 tiles as stored and on fp32 copies."""
+    pytest.importorskip("numba")
+    from tensorstore_llm.ops import topk
+    from tensorstore_llm.ops.merge import TaskArithmeticParams
+    from tensorstore_llm.ops.registry import OpContext
+    from tensorstore_llm.ops.sparsify import sparsify_passes
+    g = torch.Generator().manual_seed(sum(shape))
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randint(-3, 4, shape, generator=g).float() / 256).bfloat16() for _ in range(2)]
+    params = TaskArithmeticParams(weights=(0.5, 0.5), densities=(0.3, 0.55), sparsification="magnitude", consensus="sum")
+
+    def statistics(cast):
+        stats = None
+        for stats_pass in sparsify_passes(params):
+            partials = []
+            for start in range(0, shape[0], tile_rows):
+                stop = min(shape[0], start + tile_rows)
+                ctx = OpContext("task_arithmetic", "t", shape, start, stop, 0, "cpu", stats)
+                partials.append(stats_pass.map(ctx, params, base=cast(base[start:stop]),
+                                               models=[cast(m[start:stop]) for m in models]))
+            whole = OpContext("task_arithmetic", "t", shape, 0, shape[0], 0, "cpu", stats)
+            stats = {**(stats or {}), **stats_pass.reduce(params, partials, whole)}
+        return stats
+
+    listed = statistics(lambda x: x)
+    assert listed["listed"] and {key for key, (n, t) in
+                                 ((k, v) for i, c in listed["ties"].items() for k, v in (((i, j), x) for j, x in enumerate(c)))
+                                 if 0 < n < t} <= set(listed["tie_before"]), "the low pass counted no tie"
+    assert torch.equal(statistics(torch.Tensor.float)["tie_before"][(0, 0)], listed["tie_before"][(0, 0)])
+    monkeypatch.setattr(topk, "LISTED_BYTES", 0)
+    counted = statistics(lambda x: x)
+    assert not counted["listed"]
+    assert counted["thresholds"] == listed["thresholds"] and counted["ties"] == listed["ties"]
+    assert counted["tie_before"].keys() == listed["tie_before"].keys()
+    for key, value in counted["tie_before"].items():
+        assert torch.equal(value, listed["tie_before"][key]), key

@@ -120,3 +120,63 @@ def test_not_applicable_falls_back(monkeypatch):
     assert ties_fused.merged(ctx, params, base, models) is not None
     monkeypatch.setattr(topk_kernels, "USE_NUMBA", False)
     assert ties_fused.merged(ctx, params, base, models) is None
+
+
+@pytest.mark.parametrize("case", ["ties, 2 models", "1-D tensor"])
+def test_stored_bf16_tiles_give_the_fp32_result(monkeypatch, case):
+    """The loop widens bf16 tiles itself (the engine passes them as stored): the same bits as on
+    the executor's fp32 copies."""
+    kwargs, shape, n_models, tile_rows = CASES[case]
+    params = TaskArithmeticParams(sparsification="magnitude", consensus="sum", normalize=True, **kwargs)
+    base, models = _family(shape, n_models, seed=3)
+    stats, found = _tiles_both_ways(monkeypatch, params, base, models, tile_rows)
+    monkeypatch.setattr(ties_fused, "USE_NUMBA", True)
+    for k, start in enumerate(range(0, shape[0], tile_rows)):
+        stop = min(shape[0], start + tile_rows)
+        ctx = OpContext("task_arithmetic", "t", shape, start, stop, 0, "cpu", stats)
+        stored = ties_fused.merged(ctx, params, base[start:stop].bfloat16(), [m[start:stop].bfloat16() for m in models])
+        assert torch.equal(_bits(stored), _bits(found[k][1]))
+    assert ties_fused.merged(ctx, params, base[start:stop].half(), [m[start:stop].half() for m in models]) is None
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    """base, ft1, ft2 in bf16 with few-valued task vectors (ties at every threshold)."""
+    import os
+
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("bf16-family")
+    shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (130, 48),
+              "model.norm.weight": (5000,)}
+    tensors = {name: _family(shape, 2, seed=len(name)) for name, shape in shapes.items()}
+    paths = {}
+    for k, label in enumerate(("base", "ft1", "ft2")):
+        paths[label] = str(root / label)
+        os.makedirs(paths[label])
+        save_file({name: (b if k == 0 else ms[k - 1]).bfloat16() for name, (b, ms) in tensors.items()},
+                  os.path.join(paths[label], "model.safetensors"))
+    return paths
+
+
+def test_bf16_merge_equals_the_torch_path_under_any_blocking(monkeypatch, tmp_path, bf16_family):
+    """A TIES merge of bf16 checkpoints (statistics and kernel on the stored tiles, ties counted
+    from the low pass's listing) equals the torch path's (fp32 copies, tie pass), whole and in
+    blocks of a few rows, and with the listing off."""
+    from tensorstore_llm import api
+    from tensorstore_llm.ops import topk
+    from tensorstore_llm.store import Store
+    text = (f"merge_method: ties\nbase_model: {bf16_family['base']}\nmodels:\n"
+            f"  - model: {bf16_family['ft1']}\n    parameters: {{weight: 0.6, density: 0.35}}\n"
+            f"  - model: {bf16_family['ft2']}\n    parameters: {{weight: 0.4, density: 0.5}}\ndtype: bfloat16\n")
+    results = []
+    for label, compiled, budget, listed in (("compiled", True, "1G", topk.LISTED_BYTES), ("torch", False, "1G", 0),
+                                            ("blocks", True, "24K", topk.LISTED_BYTES), ("no-list", True, "24K", 0)):
+        monkeypatch.setattr(topk_kernels, "USE_NUMBA", compiled)
+        monkeypatch.setattr(topk, "LISTED_BYTES", listed)
+        store = Store(str(tmp_path / label))
+        artifact = api.merge(store, text, progress=False, max_memory=budget).artifact
+        with store.open(artifact.id) as reader:
+            results.append({name: reader.read(name) for name in reader.keys()})
+    for other in results[1:]:
+        for name, tensor in results[0].items():
+            assert torch.equal(tensor.view(torch.int16), other[name].view(torch.int16)), name

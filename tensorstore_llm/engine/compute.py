@@ -71,8 +71,10 @@ class TileCompute:
         stats_pass = spec.passes_for(job.params)[pass_index]
         if pass_index == 0 and start == 0:
             self._stats, self._partials = None, []
+        stored = self._stored_inputs(spec, job, getattr(stats_pass, "stored_inputs", False))
+
         def one_tile(t0, t1, part):
-            return stats_pass.map(self._context(job, t0, t1), job.params, **self._cast(spec, job, part))
+            return stats_pass.map(self._context(job, t0, t1), job.params, **(part if stored else self._cast(spec, job, part)))
 
         for partial in self._map_tiles(one_tile, self._tiles(job, start, stop, tensors)):
             partial = _owned(partial)
@@ -148,6 +150,13 @@ class TileCompute:
         return OpContext(job.op, job.output.name, job.output.shape, start, stop, self.seed, self.device, self._stats,
                          self._draw_pool)
 
+    def _stored_inputs(self, spec, job: TensorJob, asked: bool) -> bool:
+        """Whether a statistics pass or a kernel that ``asked`` for its tiles as stored gets them
+        (it then forms fp32 values itself, as ``_cast`` would: ``ops.topk.StoredInputsPass``, a
+        kernel's ``stored_inputs_path``): where this run computes in fp32 on the CPU."""
+        return (asked and spec.compute and self.device.type == "cpu" and self.compute_dtype == torch.float32
+                and job.compute_dtype == "float32")
+
     def _cast(self, spec, job: TensorJob, tensors: dict) -> dict:
         if not spec.compute:
             return tensors
@@ -158,7 +167,15 @@ class TileCompute:
         return {role: (_CastOnAccess(v, cast) if isinstance(v, list) else cast(v)) for role, v in tensors.items()}
 
     def _kernel(self, spec, job: TensorJob, start: int, stop: int, tensors: dict):
-        return spec.fn(self._context(job, start, stop), job.params, **self._cast(spec, job, tensors))
+        ctx = self._context(job, start, stop)
+        # a kernel may take the stored tiles itself where this run computes in fp32 on the CPU
+        # (``stored_inputs_path``: None where it does not apply), saving the fp32 copy of each
+        stored_path = getattr(spec.fn, "stored_inputs_path", None)
+        if stored_path is not None and self._stored_inputs(spec, job, True):
+            produced = stored_path(ctx, job.params, **tensors)
+            if produced is not None:
+                return produced
+        return spec.fn(ctx, job.params, **self._cast(spec, job, tensors))
 
 
 def _plain(value):

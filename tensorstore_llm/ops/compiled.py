@@ -5,47 +5,85 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+
+def as_float32(x):
+    """An entry's fp32 value: a bf16 bit pattern (uint16) widened exactly, as torch casts it
+    (NaN payloads kept), or an fp32 as it is (compiled code only: see the overload below)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(as_float32, inline="always")
+def _as_float32(x):
+    if isinstance(x, types.Integer) and x.bitwidth == 16:
+        return lambda x: _float32_of_bits(np.uint32(x) << np.uint32(16))
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """Reinterpret a uint32 as the fp32 with that bit pattern (an LLVM bitcast: no instruction)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
 
 
 @numba.njit(cache=True, nogil=True)
-def _difference(base, model, start, stop, buffer):
-    """buffer[:stop - start] = model[start:stop] − base[start:stop] (fp32)."""
-    for j in range(stop - start):
-        buffer[j] = model[start + j] - base[start + j]
+def _difference(base, model, buffer):
+    """buffer[:n] = model − base in fp32 (equal-length slices of bf16 patterns or fp32 values):
+    one vectorised loop."""
+    for j in range(base.size):
+        buffer[j] = as_float32(model[j]) - as_float32(base[j])
 
 
 @numba.njit(cache=True, nogil=True)
 def high_counts(base, model, counts, buffer):
+    """counts[h] += entries of |model − base| (fp32) whose high 16 bits are h."""
     bits = buffer.view(np.int32)
     n = base.size
     for start in range(0, n, buffer.size):
         stop = min(n, start + buffer.size)
-        _difference(base, model, start, stop, buffer)
+        _difference(base[start:stop], model[start:stop], buffer)
         for j in range(stop - start):
             counts[(bits[j] >> 16) & 0x7FFF] += 1     # sign bit dropped: the bits of |x|
 
 
 @numba.njit(cache=True, nogil=True)
-def low_counts(base, model, high_bin, counts, buffer):
+def low_counts(base, model, high_bin, counts, buffer, cols, found):
+    """counts[l] += entries of |model − base| whose bits are (high_bin << 16) | l. With a
+    non-empty ``found`` (one slot per entry) each such entry is also listed in flat order as
+    (its row in the tile, cols entries a row) << 16 | l; returns how many were listed."""
     bits = buffer.view(np.int32)
     n = base.size
+    listed = 0
+    record = found.size > 0
     for start in range(0, n, buffer.size):
         stop = min(n, start + buffer.size)
-        _difference(base, model, start, stop, buffer)
+        _difference(base[start:stop], model[start:stop], buffer)
         for j in range(stop - start):
             magnitude = bits[j] & 0x7FFFFFFF
             if (magnitude >> 16) == high_bin:
                 counts[magnitude & 0xFFFF] += 1
+                if record:
+                    found[listed] = ((start + j) // cols << 16) | (magnitude & 0xFFFF)
+                    listed += 1
+    return listed
 
 
 @numba.njit(cache=True, nogil=True)
 def row_tie_counts(base, model, threshold, out):
+    """out[r] = entries of row r (rows of equal length, row-major) with |model − base| == threshold."""
     cols = base.size // out.size
     for r in range(out.size):
+        b, m = base[r * cols:(r + 1) * cols], model[r * cols:(r + 1) * cols]
         found = 0
-        for j in range(r * cols, (r + 1) * cols):
-            if abs(model[j] - base[j]) == threshold:
-                found += 1
+        for j in range(cols):
+            found += abs(as_float32(m[j]) - as_float32(b[j])) == threshold
         out[r] = found
 
 
@@ -109,18 +147,18 @@ def _trim(model, base, kept, mode, threshold, seen, allow, weight):
     zero = np.float32(0.0)
     if mode == 0:
         for j in range(kept.size):
-            kept[j] = (model[j] - base[j]) * weight
+            kept[j] = (as_float32(model[j]) - as_float32(base[j])) * weight
     elif mode == 1:
         for j in range(kept.size):
-            delta = model[j] - base[j]
+            delta = as_float32(model[j]) - as_float32(base[j])
             kept[j] = (zero if abs(delta) < threshold else delta) * weight
     elif mode == 3:
         for j in range(kept.size):
-            delta = model[j] - base[j]
+            delta = as_float32(model[j]) - as_float32(base[j])
             kept[j] = (zero if abs(delta) <= threshold else delta) * weight
     else:
         for j in range(kept.size):
-            delta = model[j] - base[j]
+            delta = as_float32(model[j]) - as_float32(base[j])
             value = zero if abs(delta) <= threshold else delta
             if abs(delta) == threshold and seen < allow:
                 value = value + delta       # the torch path adds the chosen ties to +0
@@ -161,4 +199,6 @@ def _elect(scratch, n_models, length, weights, normalize, positive, floor, lam, 
             value = value / d
         if scale:
             value = value * lam
-        out[j] = value + base[j]
+        out[j] = value + as_float32(base[j])
+
+

@@ -129,3 +129,7 @@ def task_arithmetic(ctx, params, base, models):
         mixed = mixed.mul_(params.lam)
     return mixed.add_(base)
 
+
+# TIES takes the stored (bf16 / fp32) tiles straight into its compiled loop, no fp32 copies (engine/compute.py)
+task_arithmetic.stored_inputs_path = ties_fused.merged
+

@@ -113,8 +113,9 @@ def sparsify_passes(params) -> tuple[StatsPass, ...]:
     if params.sparsification == "della" and params.rank_pass and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes.append(StatsPass(_rank_map, _rank_reduce))   # first: the L1 pass below needs the ranks
     if params.sparsification in ("magnitude", "magnitude_outliers") and any(params.sparsifies(i) for i in range(len(params.weights))):
-        passes += [StatsPass(topk.high_map, topk.high_reduce, topk.add_histograms),
-                   StatsPass(topk.low_map, topk.low_reduce, topk.add_histograms), StatsPass(topk.tie_map, topk.tie_reduce)]
+        passes += [topk.StoredInputsPass(topk.high_map, topk.high_reduce, topk.add_histograms),
+                   topk.StoredInputsPass(topk.low_map, topk.low_reduce, topk.add_histograms),
+                   topk.StoredInputsPass(topk.tie_map, topk.tie_reduce)]
     if params.rescale and params.rescale_method == "l1" and any(params.sparsifies(i) for i in range(len(params.weights))):
         passes.append(StatsPass(_l1_map, _l1_reduce))
     return tuple(passes)

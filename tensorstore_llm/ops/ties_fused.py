@@ -36,16 +36,19 @@ def applies(params) -> bool:
 
 def merged(ctx, params, base: torch.Tensor, models) -> torch.Tensor | None:
     """base + λ · TIES(models − base) for this tile, as ``merge.task_arithmetic`` computes it with
-    ``params`` (magnitude trims from ``ctx.stats``, the ``sum`` election, ``normalize``, λ), or
-    None where the compiled loop does not apply (see the module note).
+    ``params`` (magnitude trims from ``ctx.stats``, the ``sum`` election, ``normalize``, λ), in
+    fp32, or None where the compiled loop does not apply (see the module note). The tiles may be
+    fp32 or, all of them, bf16 as stored: the loop widens bf16 exactly, as the executor's cast
+    does, so ``task_arithmetic`` can take this path before any cast (``stored_inputs_path``).
 
     Example:
         >>> out = merged(ctx, params, base, [ft1, ft2])     # doctest: +SKIP
     """
-    if not applies(params) or topk_kernels.compiled() is None or base.device.type != "cpu" or base.dtype != torch.float32:
+    if (not applies(params) or topk_kernels.compiled() is None or base.device.type != "cpu"
+            or base.dtype not in (torch.float32, torch.bfloat16)):
         return None
     tiles = [models[i] for i in range(len(models))]          # a lazily cast list: each cast once
-    if any(m.dtype != torch.float32 or m.device.type != "cpu" or m.shape != base.shape for m in tiles):
+    if any(m.dtype != base.dtype or m.device.type != "cpu" or m.shape != base.shape for m in tiles):
         return None
     numel = base.numel()
     rows = base.shape[0] if base.dim() else 1
@@ -60,7 +63,7 @@ def merged(ctx, params, base: torch.Tensor, models) -> torch.Tensor | None:
     positive = min(params.weights) > 0
     out = np.empty(numel, dtype=np.float32)
     topk_kernels.compiled().ties_merge(
-        _flat(base), tuple(_flat(m) for m in tiles), thresholds.astype(np.float32), keep_all.astype(np.bool_),
+        topk_kernels.flat(base), tuple(topk_kernels.flat(m) for m in tiles), thresholds.astype(np.float32), keep_all.astype(np.bool_),
         bounds[(bounds >= 0) & (bounds <= numel)], whole_stop.astype(np.int64), cut_start.astype(np.int64),
         cut_stop.astype(np.int64), cut_allow.astype(np.int64), weights, bool(params.normalize), positive,
         np.float32(min(params.weights) / 2 if positive else 0.0), np.float32(params.lam), params.lam != 1, out,
@@ -74,12 +77,13 @@ def warm(n_models: int) -> None:
     numba."""
     if not (USE_NUMBA and topk_kernels.USE_NUMBA) or topk_kernels.compiled() is None or n_models < 1:
         return
-    base, ints = np.zeros(8, dtype=np.float32), np.zeros(n_models, dtype=np.int64)
-    topk_kernels.compiled().ties_merge(
-        base, tuple(np.ones(8, dtype=np.float32) for _ in range(n_models)), np.zeros(n_models, dtype=np.float32),
-        np.ones(n_models, dtype=np.bool_), np.array([0, 8], dtype=np.int64), ints + 8, ints, ints, ints,
-        np.ones(n_models, dtype=np.float32), True, True, np.float32(0.5), np.float32(1.0), False, np.empty_like(base),
-        np.empty((n_models + 3, _CHUNK), dtype=np.float32))
+    ints = np.zeros(n_models, dtype=np.int64)
+    for dtype in (np.float32, np.uint16):     # fp32 tiles, and bf16 ones as stored
+        topk_kernels.compiled().ties_merge(
+            np.zeros(8, dtype=dtype), tuple(np.ones(8, dtype=dtype) for _ in range(n_models)),
+            np.zeros(n_models, dtype=np.float32), np.ones(n_models, dtype=np.bool_), np.array([0, 8], dtype=np.int64),
+            ints + 8, ints, ints, ints, np.ones(n_models, dtype=np.float32), True, True, np.float32(0.5),
+            np.float32(1.0), False, np.empty(8, dtype=np.float32), np.empty((n_models + 3, _CHUNK), dtype=np.float32))
 
 
 def _trim_rule(ctx, params, i: int, rows: int, cols: int, numel: int):
@@ -104,7 +108,3 @@ def _trim_rule(ctx, params, i: int, rows: int, cols: int, numel: int):
             cut, allow = whole, needed - int(before[whole])
     cut_start, cut_stop = (cut * cols, (cut + 1) * cols) if allow else (0, 0)
     return threshold, not threshold > 0, whole * cols, cut_start, cut_stop, allow
-
-
-def _flat(x: torch.Tensor) -> np.ndarray:
-    return x.detach().reshape(-1).contiguous().numpy()

@@ -15,12 +15,14 @@ same under any blocking, resume or device. The per-tile statistics are ``topk_ke
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import select, topk_kernels
+from .registry import StatsPass
 
 
 def ranks_wanted(params, i: int, numel: int) -> list[int]:
@@ -58,6 +60,19 @@ def kept_counts(params, numel: int) -> list[int | None]:
 
 # -- statistics passes: high bins, low bins (the thresholds), tied entries per row ---------------
 
+LISTED_BYTES = 16 << 20   # at most this much of listed threshold-bin entries per tensor (8 bytes each)
+
+
+@dataclass(frozen=True)
+class StoredInputsPass(StatsPass):
+    """A statistics pass whose map takes CPU tiles in their stored dtype (bf16 or fp32, anything
+    else cast by the map) and forms the fp32 differences itself, with the executor's fp32
+    rounding: the engine skips its cast (``engine/compute.py``) where it would compute in fp32
+    on the CPU, saving a bf16 -> fp32 copy of every input tile in every pass."""
+
+    stored_inputs: bool = True
+
+
 def high_map(ctx, params, base, models):
     """Per model with a cut: the histogram of its |τi|'s high 16 bits over this tile."""
     numel = math.prod(ctx.shape)
@@ -66,31 +81,43 @@ def high_map(ctx, params, base, models):
 
 
 def high_reduce(params, partials, ctx):
-    """Per model and cut: (k, high bin of the k-th largest, entries in higher bins)."""
+    """Per model and cut: (k, high bin of the k-th largest, entries in higher bins); and the cuts
+    whose bin's entries the low pass lists (``listed``: so that it can count ties itself), while
+    they take at most ``LISTED_BYTES``."""
     numel = math.prod(ctx.shape)
-    found = {}
+    found, in_bin = {}, {}
     for i in range(len(params.weights)):
         ks = ranks_wanted(params, i, numel)
         if ks:
             histogram = sum(p[i] for p in partials)
             found[i] = [(k, *select.bin_of_kth_largest(histogram, k)) if k > 0 else (0, -1, 0) for k in ks]
-    return {"bins": found}
+            in_bin.update({(i, j): int(histogram[high]) for j, (k, high, _a) in enumerate(found[i]) if k > 0})
+    listed = sorted(in_bin) if ctx.shape and 8 * sum(in_bin.values()) <= LISTED_BYTES else []
+    return {"bins": found, "listed": listed}
 
 
 def low_map(ctx, params, base, models):
-    """Per (model, cut): the histogram of the low 16 bits inside the cut's high bin."""
+    """Per (model, cut): the histogram of the low 16 bits inside the cut's high bin; for the
+    ``listed`` cuts also ("entries", model, cut): [(tile start row, the bin's entries as
+    row << 16 | low bits, or None where the torch path ran)]."""
     out = {}
+    rows = max(1, ctx.stop - ctx.start)
     for i, entries in ctx.stats["bins"].items():
         for j, (k, high, _above) in enumerate(entries):
-            if k > 0:
+            if k > 0 and (i, j) in ctx.stats.get("listed", ()):
+                out[(i, j)], listed = topk_kernels.low_histogram(base, models[i], high, rows)
+                out[("entries", i, j)] = [(ctx.start, listed)]
+            elif k > 0:
                 out[(i, j)] = topk_kernels.low_histogram(base, models[i], high)
     return out
 
 
 def low_reduce(params, partials, ctx):
     """The threshold values, and per threshold (entries equal to it that count as above, entries
-    equal to it): the k-th largest is reached after ``above`` larger ones and ``needed`` ties."""
-    thresholds, ties = {}, {}
+    equal to it): the k-th largest is reached after ``above`` larger ones and ``needed`` ties.
+    Where the low pass listed the bin's entries and the threshold needs a tie-break, also the
+    tied entries before each row (``tie_before``, as ``tie_reduce`` gives them)."""
+    thresholds, ties, before = {}, {}, {}
     for i, entries in ctx.stats["bins"].items():
         values, counts = [], []
         for j, (k, high, above) in enumerate(entries):
@@ -102,14 +129,27 @@ def low_reduce(params, partials, ctx):
             low, above_in_bin = select.bin_of_kth_largest(histogram, k - above)
             values.append(select.threshold_value(high, low))
             counts.append((k - above - above_in_bin, int(histogram[low])))
+            listed = [item for p in partials for item in p.get(("entries", i, j), [])]
+            if 0 < counts[-1][0] < counts[-1][1] and listed and all(found is not None for _r, found in listed):
+                before[(i, j)] = _tie_before(listed, low, ctx.shape[0])
         thresholds[i], ties[i] = values, counts
-    return {"thresholds": thresholds, "ties": ties}
+    return {"thresholds": thresholds, "ties": ties, "tie_before": before}
+
+
+def _tie_before(listed, low: int, rows: int) -> torch.Tensor:
+    """Tied entries before each row (length rows + 1) from the listed entries of the threshold's
+    bin: those whose low bits are the threshold's."""
+    tied_rows = [start + (found[(found & 0xFFFF) == low] >> 16) for start, found in listed]
+    per_row = torch.bincount(torch.cat(tied_rows), minlength=rows) if tied_rows else torch.zeros(rows, dtype=torch.int64)
+    return F.pad(per_row.cumsum(0), (1, 0))
 
 
 def tie_breaks(ctx):
-    """(model, threshold index) pairs whose tied entries are only partly inside the kept count."""
+    """(model, threshold index) pairs whose tied entries are only partly inside the kept count
+    and whose tie counts the low pass did not find."""
+    done = ctx.stats.get("tie_before", {})
     return [(i, j) for i, counts in ctx.stats["ties"].items() for j, (needed, tied) in enumerate(counts)
-            if 0 < needed < tied]
+            if 0 < needed < tied and (i, j) not in done]
 
 
 def tie_map(ctx, params, base, models):
@@ -122,7 +162,7 @@ def tie_map(ctx, params, base, models):
 
 def tie_reduce(params, partials, ctx):
     """Tied entries before each row: ``tie_before[(i, j)][r]`` counts rows < r (length rows + 1)."""
-    before = {}
+    before = dict(ctx.stats.get("tie_before", {}))
     for key in tie_breaks(ctx):
         per_row = torch.cat([p[key].cpu() for p in partials])
         before[key] = F.pad(per_row.cumsum(0), (1, 0))
@@ -130,6 +170,7 @@ def tie_reduce(params, partials, ctx):
 
 
 def add_histograms(a: dict, b: dict) -> dict:
+    """Fold of two tiles' partials: histograms added, entry lists joined in tile order."""
     return {key: a[key] + b[key] for key in a}
 
 
