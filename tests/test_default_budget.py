@@ -13,7 +13,13 @@ import struct
 
 import pytest
 
-from tensorstore_llm.default_budget import AUTO_CAP, AUTO_FLOOR, DEFAULT_MAX_MEMORY, budget_bytes, is_auto
+from tensorstore_llm.default_budget import (
+    AUTO_CAP,
+    AUTO_FLOOR,
+    DEFAULT_MAX_MEMORY,
+    budget_bytes,
+    is_auto,
+)
 from tensorstore_llm.engine import Executor, plan_map
 from tensorstore_llm.engine.options import RunOptions
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
@@ -58,17 +64,17 @@ def _max_memory_defaults():
     found = []
     for path in [*(ROOT / "tensorstore_llm").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]:
         tree = ast.parse(path.read_text())
-        where = lambda node: f"{path.relative_to(ROOT)}:{node.lineno}"   # noqa: E731
+        name = path.relative_to(ROOT)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
                 positional = args.posonlyargs + args.args
                 pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
                 pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-                found += [(where(d), ast.unparse(d)) for a, d in pairs if a.arg == "max_memory"]
+                found += [(f"{name}:{d.lineno}", ast.unparse(d)) for a, d in pairs if a.arg == "max_memory"]
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
                   and len(node.args) == 2 and isinstance(node.args[0], ast.Constant) and node.args[0].value == "max_memory"):
-                found.append((where(node), ast.unparse(node.args[1])))
+                found.append((f"{name}:{node.lineno}", ast.unparse(node.args[1])))
     return found
 
 
@@ -85,7 +91,6 @@ def test_every_default_is_the_one_constant():
 
 def test_every_command_defaults_to_auto_and_the_cli_reads_auto(cli, tmp_path):
     import click
-
     from tensorstore_llm_cli import cli as group
 
     def commands(g, prefix=""):
