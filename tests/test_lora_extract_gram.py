@@ -12,7 +12,11 @@ import torch
 
 from tensorstore_llm.errors import NonFiniteValues
 from tensorstore_llm.ops import lora_extract as X
-from tensorstore_llm.ops.lora_streamed import LoraExtractParams, factor_names, lora_extract_op
+from tensorstore_llm.ops.lora_streamed import (
+    LoraExtractParams,
+    factor_names,
+    lora_extract_op,
+)
 
 
 def flat_tail_delta(m: int, n: int, seed: int) -> torch.Tensor:

@@ -13,7 +13,11 @@ import torch
 from tensorstore_llm.lora.streamed import held_dtype
 from tensorstore_llm.ops.lora import extract_lora
 from tensorstore_llm.ops.lora_extract import delta_slab, fp64_squared_norm
-from tensorstore_llm.ops.lora_streamed import LoraExtractParams, factor_names, lora_extract_op
+from tensorstore_llm.ops.lora_streamed import (
+    LoraExtractParams,
+    factor_names,
+    lora_extract_op,
+)
 from tensorstore_llm.seeding import seed_for
 
 
@@ -62,7 +66,11 @@ def test_held_dtype_keeps_only_exact_shared_dtypes():
 
 
 def test_combine_factors_op_matches_plain_formula_bitwise():
-    from tensorstore_llm.ops.lora_streamed import LoraCombineParams, combine_deltas, lora_combine_factors_op
+    from tensorstore_llm.ops.lora_streamed import (
+        LoraCombineParams,
+        combine_deltas,
+        lora_combine_factors_op,
+    )
 
     g = torch.Generator().manual_seed(5)
     factors = [torch.randn(6, 40, generator=g), torch.randn(56, 6, generator=g),

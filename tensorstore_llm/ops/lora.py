@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_extract import ExtractedLora, extract_lora, randomized_svd  # noqa: F401  (re-exported: the extraction moved)
+# the extraction moved to ops/lora_extract.py; re-exported here
+from .lora_extract import ExtractedLora, extract_lora, randomized_svd
 from .registry import op
 
 __all__ = [

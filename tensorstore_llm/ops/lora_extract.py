@@ -16,9 +16,8 @@ D = W_ft - W_base (out x in) as B @ A with B @ A its best rank-r approximation. 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -151,8 +150,7 @@ def truncated_svd(ft: torch.Tensor, base: torch.Tensor | None, rank: int, *, met
         return gram_svd(ft, base, rank, name=name)
     if method != "randomized":
         raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
-    m, n = ft.shape
-    D = ft.float() if base is None else delta_slab(ft, base, 0, n, True)
+    D = ft.float() if base is None else delta_slab(ft, base, 0, ft.shape[1], True)
     total = fp64_squared_norm(D)
     _check_finite(total, name)
     return (*randomized_svd(D, rank, oversample=oversample, power_iters=power_iters, generator=generator), total)
