@@ -12,9 +12,11 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..dtypes import by_name
 from ..engine.plan import Plan, TensorJob, check_agreement
-from ..errors import RecipeError, TensorNotFound
+from ..errors import DTypeError, RecipeError, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.registry import get_op
 from ..ops.replay import REPLAY_OF
@@ -98,20 +100,20 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
     for name in names:
         t = positions[name] if positions is not None else layer_position(name, num_layers)
         metas = {ref: _meta(sources, ref, name) for ref in dict.fromkeys([first, *(m.ref for m in recipe.models)])}
-        check_agreement(name, list(metas.items()), sources, f"{where} (models of different shapes, e.g. vocabulary sizes, cannot be merged)")
+        in_dtype = input_dtype(name, metas, sources, where)
         shape = metas[first].shape
-        out_dtype = recipe.out_dtype if recipe.out_dtype and by_name(metas[first].dtype).is_float else metas[first].dtype
+        out_dtype = recipe.out_dtype if recipe.out_dtype and by_name(in_dtype).is_float else in_dtype
 
         def value(key, entry=None, default=None, name=name, t=t):
             return _param(recipe, entry, key, name, t, default, where)
 
         spec = method.job(recipe, TensorSlot(name, shape, t, base, recipe.models, others, value, where), state)
         op_name, compute_dtype = spec.op, "float32"
-        if arithmetic == "mergekit" and by_name(metas[first].dtype).is_float:
+        if arithmetic == "mergekit" and by_name(in_dtype).is_float:
             if spec.op not in REPLAY_OF:
                 raise RecipeError(f"{where}: tensor {name!r}: op {spec.op!r} has no mergekit replay "
                                   f"(replayed: {', '.join(REPLAY_OF)})")
-            op_name, compute_dtype = REPLAY_OF[spec.op], recipe.dtype or metas[first].dtype
+            op_name, compute_dtype = REPLAY_OF[spec.op], recipe.dtype or in_dtype
         op = get_op(op_name)
         job_params = op.make_params(spec.params, f"{where}: tensor {name!r}")
         if hasattr(job_params, "validate_inputs"):
@@ -122,6 +124,34 @@ def plan_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], where: 
                 raise RecipeError(f"{where}: tensor {name!r}: {e}") from None
         jobs.append(TensorJob(TensorMeta(name, shape, out_dtype), op_name, spec.roles, job_params, compute_dtype))
     return Plan(jobs, dict(sources))
+
+
+def input_dtype(name: str, metas: Mapping[str, TensorMeta], sources: Mapping[str, TensorSource], where: str) -> str:
+    """The dtype the inputs of one output tensor have together, as mergekit 0.1.5 reads them.
+
+    The shapes must agree (else ShapeMismatch). Float inputs of different dtypes are merged as
+    mergekit merges them: each input is cast to the recipe's ``dtype`` when it names one, else
+    to the inputs' promoted dtype (``torch.promote_types``: bf16 with fp32 is fp32, bf16 with
+    fp16 is fp32), which is also the output's dtype unless ``out_dtype`` / ``dtype`` is set.
+    A mix with a non-float input (an integer buffer) has no such meaning: DTypeError naming
+    the recipe, the tensor, both inputs with their dtypes and what to do.
+    """
+    items = list(metas.items())
+    check_agreement(name, [(key, TensorMeta(meta.name, meta.shape, items[0][1].dtype)) for key, meta in items],
+                    sources, f"{where} (models of different shapes, e.g. vocabulary sizes, cannot be merged)")
+    first_key, first = items[0]
+    promoted = by_name(first.dtype)
+    for key, meta in items[1:]:
+        dtype = by_name(meta.dtype)
+        if dtype.name == promoted.name:
+            continue
+        if not (dtype.is_float and promoted.is_float):
+            raise DTypeError(f"{where}: tensor {name!r} is {meta.dtype} in {_input(sources, key)} but {first.dtype} in "
+                             f"{_input(sources, first_key)}; a merge casts float inputs to one dtype, and a "
+                             f"non-float tensor has no cast that keeps its values: store it with one dtype "
+                             f"in every model (tsllm convert --dtype)")
+        promoted = by_name(str(torch.promote_types(promoted.torch, dtype.torch)))
+    return promoted.name
 
 
 def prepare_merge(recipe: MergeRecipe, sources: Mapping[str, TensorSource], files: Mapping[str, dict], where: str,
@@ -183,3 +213,8 @@ def _meta(sources: Mapping[str, TensorSource], ref: str, name: str) -> TensorMet
         return sources[ref].meta(name)
     except TensorNotFound:
         raise TensorNotFound(f"tensor {name!r} is missing from model {ref} (present in the base / first model)") from None
+
+
+def _input(sources: Mapping[str, TensorSource], ref: str) -> str:
+    path = getattr(sources[ref], "path", None)
+    return f"input {ref} ({path})" if path else f"input {ref}"

@@ -13,7 +13,8 @@ mergekit does) or a list of ``{filter, value}`` conditions (first whose filter i
 the tensor name, ``*`` or absent matches). Model references are store refs, Hugging Face
 directories or hub repo ids. Not supported (refused with a one-line reason naming the key):
 ``modules``, chat templates by name (mergekit's bundled files).
-Computation is fp32; ``out_dtype`` (else ``dtype``, else the base model's dtype) is the output dtype.
+Computation is fp32; ``out_dtype`` (else ``dtype``, else the models' dtype: where they differ, as in a
+bf16 base with fp32 fine-tunes, their promoted dtype, as mergekit) is the output dtype.
 With ``arithmetic="mergekit"`` (linear and the task-arithmetic family) the jobs instead use the
 replay ops (``ops/replay.py``), which redo mergekit 0.1.5's operations in ``dtype``, rounding
 where it rounds (e.g. bf16 task vectors).
