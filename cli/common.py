@@ -118,16 +118,22 @@ def copy_options(fn):
     return stream_options(device=False, seed=False)(fn)
 
 
-def print_estimate(estimate, limit: int = 20) -> None:
-    """The dry-run report: per-tensor blocking and memory, then totals."""
+def print_estimate(estimate, limit: int = 20, method: str | None = None) -> None:
+    """The dry-run report: per-tensor blocking and memory, then totals. With ``method`` (a merge's
+    ``merge_method``) the op column shows it, with the kernel op that runs it where that is
+    named differently: ``ties (task_arithmetic)``."""
     from tensorstore_llm.units import format_size
 
+    def op_of(job) -> str:
+        return job.op if method is None or method == job.op else f"{method} ({job.op})"
+
     jobs = sorted(estimate.jobs, key=lambda j: -j.peak_bytes)
-    width = max([12] + [len(j.job.op) for j in jobs[:limit]])   # e.g. mergekit_task_arithmetic
-    click.echo(f"{'tensor':56} {'op':{width}} {'shape':>18} {'dtype':9} {'rows/blk':>8} {'blocks':>6} {'memory':>10}")
+    width = max([12] + [len(op_of(j.job)) for j in jobs[:limit]])   # e.g. mergekit_task_arithmetic
+    header = "op" if method is None else "method (op)"
+    click.echo(f"{'tensor':56} {header:{width}} {'shape':>18} {'dtype':9} {'rows/blk':>8} {'blocks':>6} {'memory':>10}")
     for j in jobs[:limit]:
         shape = "x".join(map(str, j.job.output.shape)) or "scalar"
-        click.echo(f"{j.job.output.name[:56]:56} {j.job.op:{width}} {shape:>18} {j.job.output.dtype:9} "
+        click.echo(f"{j.job.output.name[:56]:56} {op_of(j.job):{width}} {shape:>18} {j.job.output.dtype:9} "
                    f"{j.block_rows:>8} {j.blocks:>6} {format_size(j.peak_bytes):>10}")
     if len(jobs) > limit:
         click.echo(f"... {len(jobs) - limit} more tensors (largest memory first)")

@@ -79,7 +79,12 @@ def merge_cmd(ctx, recipe, name, out_dir, keep_artifact, max_shard_size, arithme
         for row in a["layers"]:
             click.echo(f"  {row['layer']:>6}  {row['conflict_ratio']:.4f}  {row['action']}")
     if dry_run:
-        return print_estimate(result.estimate)
+        from tensorstore_llm.merge.recipe import load_recipe
+
+        with warnings.catch_warnings():   # merge() reported them above
+            warnings.simplefilter("ignore", RecipeWarning)
+            method = load_recipe(text, recipe).method
+        return print_estimate(result.estimate, method=method)
     report(result, "merged", ctx.obj["quiet"])
     if out_dir and not ctx.obj["quiet"]:
         kept = f"checkpoint {result.artifact.short_id}" if keep_artifact else f"lineage record {result.artifact.short_id}"

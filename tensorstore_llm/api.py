@@ -16,10 +16,10 @@ import os
 from .dtypes import by_name
 from .engine import plan_map
 from .engine.options import RunOptions
-from .errors import InvalidParameter
+from .errors import ArtifactNotFound, InvalidParameter
 from .merge import soup
 from .merge.card import with_chat_template
-from .merge.recipe import load_recipe, prepare_merge
+from .merge.recipe import load_recipe, prepare_merge, reference_key
 from .merge.slices import with_depth
 from .runs import (
     JobResult,
@@ -133,7 +133,10 @@ def merge(store: Store, recipe: str, *, name: str | None = None, where: str = "r
     opened = {}
     try:
         for ref in refs:
-            opened[ref] = resolve_input(store, ref)
+            try:
+                opened[ref] = resolve_input(store, ref)
+            except ArtifactNotFound as e:   # name the recipe and its key (models[1].model)
+                raise type(e)(f"{where}: {reference_key(parsed, ref)}: {e}") from None
         sources = {ref: o[0] for ref, o in opened.items()}
         files = with_chat_template(with_dtype(opened[parsed.base or refs[0]][2], parsed.out_dtype), parsed.chat_template,
                                    [opened[ref][2] for ref in refs], where)   # checked before any work

@@ -6,6 +6,7 @@ only in what they do with the plan.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def merge_setup(store, base: str, adapter: str, *, scale: float, transfer: bool,
     from .jobs import _lora_only, open_adapter_ref
     from .plans import plan_lora_merge
 
+    refuse_non_adapter(store, adapter, where)
     opened = open_adapter_ref(store, adapter)
     lora = _lora_only(opened, "lora merge")
     source, lineage, files = resolve_input(store, base)
@@ -78,3 +80,23 @@ def merge_setup(store, base: str, adapter: str, *, scale: float, transfer: bool,
         if transferred:
             recipe["transfer"] = transferred
         yield MergeSetup(opened, lora, source, files, plan, parents, recipe, transferred)
+
+
+def refuse_non_adapter(store, adapter: str, where: str) -> None:
+    """FormatError (exit 4) where ``adapter`` names a store artifact of another kind (a
+    checkpoint) or a model checkpoint directory instead of a LoRA adapter, saying which it is."""
+    from ..errors import FormatError
+    from .artifacts import KIND
+    from .peft_format import CONFIG_FILE
+
+    remedy = ("give a lora artifact (tsllm lora import / lora extract) or a PEFT adapter directory "
+              f"(with {CONFIG_FILE})")
+    if store is not None and not os.path.exists(adapter) and store.has(adapter):
+        artifact = store.get(adapter)
+        if artifact.kind != KIND:
+            raise FormatError(f"{where}: ADAPTER {adapter!r} is a {artifact.kind} artifact ({artifact.short_id}) "
+                              f"of the store, not a LoRA adapter; {remedy}")
+    elif (os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, CONFIG_FILE))
+          and os.path.isfile(os.path.join(adapter, "config.json"))):
+        raise FormatError(f"{where}: ADAPTER {adapter} is a model checkpoint directory (config.json, no "
+                          f"{CONFIG_FILE}), not a LoRA adapter; {remedy}")

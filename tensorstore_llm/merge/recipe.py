@@ -199,6 +199,30 @@ def _drop_ignored_parameters(recipe: MergeRecipe, where: str) -> None:
             del settings[key]
 
 
+def reference_key(recipe: MergeRecipe, ref: str) -> str:
+    """Where the recipe names model ``ref``, as a key path (``base_model``, ``models[1].model``,
+    ``slices[0].sources[1].model``): the first place, for error messages; ``model {ref}`` if none."""
+    def names(value) -> bool:
+        value = value.get("model") if isinstance(value, dict) else value
+        return value is not None and not isinstance(value, (dict, list, bool)) and str(value) == ref
+
+    raw = recipe.raw if isinstance(recipe.raw, dict) else {}
+    if names(raw.get("base_model")):
+        return "base_model"
+    for i, entry in enumerate(raw.get("models") or []):
+        if names(entry):
+            return f"models[{i}].model" if isinstance(entry, dict) else f"models[{i}]"
+    for i, out in enumerate(raw.get("slices") or []):
+        if not isinstance(out, dict):
+            continue
+        if names(out.get("base_model")):
+            return f"slices[{i}].base_model"
+        for j, src in enumerate(out.get("sources") or []):
+            if names(src):
+                return f"slices[{i}].sources[{j}].model"
+    return f"model {ref}"
+
+
 def _ref(value: Any, where: str) -> str:
     """A model reference: a string (an integer, as YAML reads a tag like ``2024``, is taken as text)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "" or not str(value).isprintable():
