@@ -12,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -37,3 +39,26 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module("." + _EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'tensorstore_llm' has no attribute {name!r}")
+
+
+class _CallableSubpackage(types.ModuleType):
+    """A subpackage named like a function of the flat API (``merge``): calling it calls that function,
+    so ``ts.merge(store, recipe)`` works before and after ``tensorstore_llm.merge`` is imported."""
+
+    def __call__(self, *args, **kwargs):
+        api = importlib.import_module(".api", __name__)
+        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """The package module. Importing a subpackage sets it as an attribute of the package, which
+    would hide the API function of the same name (``ts.merge`` became the ``merge`` package, not
+    callable); such a subpackage is made callable instead."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if _EXPORTS.get(name) == "api" and type(value) is types.ModuleType:
+            value.__class__ = _CallableSubpackage
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
