@@ -6,6 +6,8 @@ import pytest
 
 from tensorstore_llm.store import Store
 from tensorstore_llm.testing.synth import write_model_family
+# under pytest-xdist, a test marked `serial` runs alone (hooks in xdist_support.py)
+from xdist_support import pytest_configure, pytest_configure_node, pytest_runtest_protocol, pytest_unconfigure  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from conftest import run_tsllm
 
 
+@pytest.mark.serial   # wall-time asserts: alone on the machine under pytest-xdist
 def test_help_is_fast_and_does_not_import_torch():
     code = ("import sys, time; t = time.perf_counter(); from tensorstore_llm_cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
