@@ -191,11 +191,12 @@ def _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir):
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter to this PEFT directory.")
 @device_option()
 @max_memory_option()
-@seed_option("Seed of the random projections.")
+@seed_option("Run seed, recorded in the adapter's lineage (the exact SVD does not draw from it).")
 @click.pass_context
 def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed):
     """A LoRA adapter approximating the full fine-tune FT (W_ft - W_base per target module),
-    streamed one module at a time: randomised SVD (3 power iterations, a 1.5 r sketch). Reports the
+    streamed one module at a time: the exact truncated SVD of each module's delta (eigenvectors of the
+    Gram matrix of its smaller side, then the SVD of the delta's projection onto them). Reports the
     captured energy per module and in total.
 
     FT may be a diff artifact (tsllm diff) or a delta-stored checkpoint (import --delta-of): its

@@ -81,7 +81,7 @@ def test_extract_recovers_an_exactly_low_rank_delta(env, cli):
     art = Store(s).get("ex")
     assert art.manifest.info["base"]["id"] == Store(s).get("b0").id
     assert [p["role"] for p in art.manifest.parents] == ["base", "finetuned"]
-    # --energy: the smallest rank whose randomised singular values keep the fraction
+    # --energy: the smallest rank whose singular values keep the fraction
     code, out, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--energy", "0.8", "--name", "ex8")
     assert code == 0, err
     for m, d in exact.items():

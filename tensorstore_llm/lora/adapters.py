@@ -184,13 +184,14 @@ def _targets(base: Mapping[str, torch.Tensor], targets: Iterable[str] | None) ->
 def extract_adapter(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], *,
                     rank: int | None = None, energy: float | None = None, targets: Iterable[str] | None = None,
                     seed: int = 0, power_iters: int = 2, max_rank: int | None = None) -> tuple[LoraAdapter, Report]:
-    """A LoRA adapter approximating a full fine-tune: per target module, randomised SVD of
-    W_ft - W_base (fp32, ``power_iters`` >= 2) truncated to ``rank`` or to ``energy``.
+    """A LoRA adapter approximating a full fine-tune: per target module, the exact truncated SVD of
+    W_ft - W_base (fp32; :func:`ops.lora_extract.extract_lora`'s default method) cut at ``rank`` or
+    at ``energy``. ``seed`` and ``power_iters`` only matter to the randomised method.
 
     Args:
         base, finetuned: tensor name -> tensor (same names and shapes for the targets).
         targets: module names or suffixes (default: every 2-D weight except embeddings / lm_head).
-        seed: run seed; each module's projection uses ``seed_for(seed, "lora_extract", module)``.
+        seed: run seed; a randomised projection would use ``seed_for(seed, "lora_extract", module)``.
     Returns:
         (adapter with scaling folded so B @ A is the approximation, report with ``captured``
         energy per module and in total).

@@ -110,8 +110,9 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
             sink=None, **executor_options) -> Extraction:
     """A LoRA adapter approximating ``ft - base``, streamed one target module at a time.
 
-    Each module gets the rank-``rank`` randomised SVD (3 power iterations, seeded per module) of
-    its delta, or, with ``energy``, the smallest rank <= ``max_rank`` whose singular values keep
+    Each module gets the exact rank-``rank`` truncated SVD of its delta (the Gram route of
+    :func:`ops.lora_extract.truncated_svd`, to fp32 rounding), or, with ``energy``, the smallest
+    rank <= ``max_rank`` whose singular values keep
     that fraction of ||delta||_F^2. The report gives the captured fraction per module and in
     total (sum of captured sigma^2 over the sum of ||delta||^2).
 
