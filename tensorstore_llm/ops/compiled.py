@@ -1,6 +1,9 @@
-"""The numba loops of exact top-k's statistics (``topk_kernels.py``) and of DARE's drop
-(``dare_mask.py``). Imported only when one of them first runs (``topk_kernels.compiled()``), so that a merge
-that needs none of them never loads numba (~0.3 s and ~100 MiB of RSS for llvmlite)."""
+"""The numba loops of exact top-k's statistics (``topk_kernels.py``), of TIES in one pass
+(``ties_fused.py``) and of DARE's drop (``dare_mask.py``). Imported only when one of them first runs
+(``topk_kernels.compiled()``), so that a merge that needs none of them never loads numba (~0.3 s and
+~100 MiB of RSS for llvmlite). The statistics and TIES loops read fp32 tiles or bf16 tiles as stored
+(uint16 bit patterns, widened exactly by ``as_float32``); loops are written over equal-length
+slices so that LLVM vectorises them."""
 from __future__ import annotations
 
 import numba

@@ -7,9 +7,11 @@ descending, and equal magnitudes by flat (row-major) index, ascending: of the en
 threshold, the first ones in flat order count as the larger. Thresholds are exact (radix select
 on fp32 bit patterns, ``select.py``): a histogram of the high 16 bits, then of the low 16 bits in
 the bin holding the k-th value. When a threshold's value is shared by more entries than the count
-needs (real bf16 task vectors have only thousands of distinct magnitudes per tensor), a third pass
-counts the tied entries of each row, so a block knows how many came before it: the kept set is the
-same under any blocking, resume or device. The per-tile statistics are ``topk_kernels.py``'s
+needs (real bf16 task vectors have only thousands of distinct magnitudes per tensor), the tied
+entries of each row are counted, so a block knows how many came before it: the kept set is the
+same under any blocking, resume or device. The low pass counts them itself from its listing of the
+threshold bin's entries (compiled path, up to ``LISTED_BYTES`` per tensor); otherwise a third pass
+does. The per-tile statistics are ``topk_kernels.py``'s
 (compiled when numba is installed; the same integers either way).
 """
 from __future__ import annotations

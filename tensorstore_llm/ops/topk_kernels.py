@@ -3,7 +3,8 @@ patterns and the per-row count of entries equal to a threshold, computed straigh
 and model tiles.
 
 Two implementations give the same integers. With numba installed (the ``diff`` and ``test``
-extras) each statistic is one compiled loop over the tile (the difference goes through a 16K
+extras) each statistic is one compiled loop over the tile, on fp32 tiles or on bf16 tiles as
+stored (the engine then skips its fp32 copy; bf16 widens exactly) (the difference goes through a 16K
 buffer, never a tile-sized temporary): 2-10x less CPU than the torch path, whose ``bincount`` on
 real task vectors (a few hundred distinct high bit patterns per tile, so the same counters are
 hit again and again) and boolean comparisons dominate a TIES merge. Without numba, or for other
