@@ -93,10 +93,17 @@ def load_causal_lm(source: str, *, dtype: str = "float32", device: str = "cpu", 
 
     described = describe_causal_lm(source, fingerprint=fingerprint, label=label)
     path = described.model
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()       # tsllm reports its own progress; transformers' bar would interleave
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise FormatError(f"{source}: cannot load a causal LM with transformers: {e}") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     return CausalLM(model, described.tokenizer, described.source, described.fingerprint)
 
