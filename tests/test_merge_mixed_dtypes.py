@@ -21,6 +21,8 @@ TASK_ARITHMETIC = ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n
                    "parameters: {{lambda: 0.8}}\n")
 TIES = ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.4}}\n"
         "  - model: {ft2}\n    parameters: {{weight: 0.6, density: 0.7}}\n")
+PASSTHROUGH = ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 1]\n"
+               "  - sources:\n      - model: {base}\n        layer_range: [1, 2]\n")
 DENSITIES = (0.4, 0.7)
 
 
@@ -70,6 +72,7 @@ def _at_a_threshold(family, name, dtype):
     (TASK_ARITHMETIC, "", "fp32", torch.float32),
     (TIES, "dtype: float32\n", "fp32", torch.float32),
     (TIES, "dtype: bfloat16\n", "mergekit", torch.bfloat16),
+    (PASSTHROUGH, "", "fp32", None),   # each tensor keeps its source's dtype, as in mergekit
 ])
 def test_mixed_dtypes_merge_as_mergekit(tmp_path, store, mixed_family, recipe, extra, arithmetic, out_dtype):
     text = recipe.format(**mixed_family) + extra
@@ -78,9 +81,11 @@ def test_mixed_dtypes_merge_as_mergekit(tmp_path, store, mixed_family, recipe, e
     compute = torch.bfloat16 if "bfloat16" in extra else torch.float32
     with store.open(ours.id) as got:
         assert sorted(got.keys()) == sorted(theirs)
+        if out_dtype is None:
+            assert {got.meta(name).dtype for name in got.keys()} == {"bfloat16", "float32"}
         for name in got.keys():
             a, b = got.read(name), theirs[name]
-            assert a.dtype == b.dtype == out_dtype, name
+            assert a.dtype == b.dtype == (out_dtype or a.dtype), name
             same = torch.isclose(a.float(), b.float(), atol=1e-6 if arithmetic == "fp32" else 0.0, rtol=0)
             if arithmetic == "mergekit":
                 same |= a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32) == \
