@@ -191,13 +191,18 @@ def _merge_nf4_in_memory(ctx, base, adapter, scale, requantize, out_dir):
 @click.option("-o", "--output", "out_dir", type=click.Path(), help="Also export the adapter to this PEFT directory.")
 @device_option()
 @max_memory_option()
-@seed_option("Run seed, recorded in the adapter's lineage (the exact SVD does not draw from it).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="exact: the truncated SVD to fp32 rounding (Gram matrix of each delta's smaller side); "
+                   "randomized: seeded randomised SVD, cheaper for very wide modules, slightly less energy on a "
+                   "flat spectrum; auto: exact while min(out, in) <= 4096, else randomized.")
+@seed_option("Run seed, recorded in the adapter's lineage (only --svd randomized draws from it).")
 @click.pass_context
-def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed):
+def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, device, max_memory, seed, svd):
     """A LoRA adapter approximating the full fine-tune FT (W_ft - W_base per target module),
     streamed one module at a time: the exact truncated SVD of each module's delta (eigenvectors of the
-    Gram matrix of its smaller side, then the SVD of the delta's projection onto them). Reports the
-    captured energy per module and in total.
+    Gram matrix of its smaller side, then the SVD of the delta's projection onto them), or a randomised
+    SVD for modules wider than 4096 on both sides (see --svd). Reports the captured energy per module
+    and in total.
 
     FT may be a diff artifact (tsllm diff) or a delta-stored checkpoint (import --delta-of): its
     tensors are rebuilt block by block from its parent, which is the base unless --base is given
@@ -206,8 +211,8 @@ def extract_cmd(ctx, ft, base, rank, energy, max_rank, targets, name, out_dir, d
 
     result = extract(store_of(ctx), ft, base, rank=rank, energy=energy, max_rank=max_rank,
                      targets=targets.split(",") if targets else None, name=name, out_dir=out_dir, seed=seed,
-                     device=device, max_memory=max_memory, progress=progress_flag(ctx))
-    _print_modules(result.report["modules"], ("rank", "captured"), ctx.obj["quiet"])
+                     svd=svd, device=device, max_memory=max_memory, progress=progress_flag(ctx))
+    _print_modules(result.report["modules"], ("rank", "captured", "svd"), ctx.obj["quiet"])
     if not ctx.obj["quiet"]:
         click.echo(f"captured energy: {result.report['totals']['captured']:.4f} over "
                    f"{result.report['totals']['modules']} modules, {result.report['totals']['num_params']} parameters")

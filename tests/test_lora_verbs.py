@@ -228,3 +228,37 @@ def test_bad_input_is_refused_with_nothing_written(env, cli):
     got, _, err = cli("--store", s, "lora", "combine", "a1", "a1-other", "--weights", "1,1")
     assert got == 6 and "another base" in err
     assert len(Store(s).list()) == count
+
+
+def test_extract_svd_choice_picks_the_method_per_module(env, cli):
+    """--svd exact is the truncation of the exact SVD; --svd randomized runs the randomised SVD
+    (the op's bit-for-bit match with extract_lora is test_lora_extract_gram's); auto is exact at
+    these widths (<= 4096) and randomised above; the report and the recipe say which."""
+    from tensorstore_llm.ops.lora_extract import GRAM_MAX_SIDE, svd_method_for
+
+    tmp, s, base, _ = env
+    gen = torch.Generator().manual_seed(9)
+    ft = {k: (v + 0.01 * torch.randn(v.shape, generator=gen) if k[: -len(".weight")] in SHAPES else v)
+          for k, v in base.items()}
+    _save(ft, tmp / "ft")
+    for svd in ("exact", "randomized", "auto"):
+        code, out, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--rank", "3",
+                             "--svd", svd, "--seed", "7", "--name", f"ex-{svd}")
+        assert code == 0, err
+        assert ("randomized" if svd == "randomized" else "exact") in out
+        assert Store(s).get(f"ex-{svd}").manifest.recipe["svd"] == svd
+    exact, randomized, auto = (_adapter(s, f"ex-{v}") for v in ("exact", "randomized", "auto"))
+    for m in SHAPES:
+        d = ft[m + ".weight"].float() - base[m + ".weight"].float()
+        want = torch.linalg.svdvals(d.double())[:3].square().sum() / d.double().square().sum()
+        got = 1 - (d.double() - _delta(exact, m).double()).square().sum() / d.double().square().sum()
+        assert abs(float(got - want)) <= 1e-6 * float(want), m
+        rnd = 1 - (d.double() - _delta(randomized, m).double()).square().sum() / d.double().square().sum()
+        assert not torch.equal(_delta(randomized, m), _delta(exact, m)), m     # another method ran
+        assert float(want - rnd) <= 2e-2 * float(want), m                      # and is a rank-3 SVD
+        assert torch.equal(_delta(auto, m), _delta(exact, m)), m
+    assert svd_method_for("auto", (GRAM_MAX_SIDE, 11008)) == "gram"
+    assert svd_method_for("auto", (8192, 28672)) == "randomized"
+    assert svd_method_for("exact", (8192, 28672)) == "gram"
+    code, _, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--rank", "3", "--svd", "full")
+    assert code != 0 and "--svd" in err

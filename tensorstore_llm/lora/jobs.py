@@ -310,9 +310,9 @@ def _diff_parent(store: Store, ft: str, base: str | None) -> tuple[str, bool]:
 
 def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None = None, energy: float | None = None,
             max_rank: int = 128, targets: list[str] | None = None, name: str | None = None,
-            out_dir: str | None = None, seed: int = 0, **executor_options) -> LoraResult:
+            out_dir: str | None = None, seed: int = 0, svd: str = "auto", **executor_options) -> LoraResult:
     """A LoRA adapter of the fine-tune ``ft`` against ``base``, streamed per target module
-    (:func:`.streamed.extract`), committed bound to ``base``.
+    (:func:`.streamed.extract`, ``svd``: auto / exact / randomized), committed bound to ``base``.
 
     ``ft`` may be a diff artifact or a delta-stored checkpoint: its tensors are rebuilt block by
     block by the diff reader and ``base`` defaults to its parent (see :func:`_diff_parent`); the
@@ -323,21 +323,22 @@ def extract(store: Store, ft: str, base: str | None = None, *, rank: int | None 
     Example: ``extract(store, "ft", "base", rank=64, name="ft-lora")``.
     """
     from ..engine.memory import release_free_heap
-    from ..ops.lora_streamed import LoraExtractParams
+    from ..ops.lora_extract import SVD_CHOICES
     from .resumable import StagedFactorSink
     from .streamed import extract as run_extract
 
     _check_rank_energy(rank, energy, "lora extract")
+    if svd not in SVD_CHOICES:
+        raise InvalidParameter(f"lora extract: --svd must be one of {', '.join(SVD_CHOICES)}, got {svd!r}")
     _check_out_dir(out_dir)
     base, is_diff = _diff_parent(store, ft, base)
     base_src, base_lineage, _ = resolve_input(store, base)
     ft_src, ft_lineage, _ = resolve_input(store, ft)
-    svd = LoraExtractParams(rank=1, module="").method   # the op's SVD method: it decides the factors
     key = ("lora_extract", base_src.identity, ft_src.identity, rank, energy, max_rank, targets, seed, svd,
            _device_type(executor_options))
     with base_src, ft_src, StagedFactorSink(store, key) as sink:
         ex = run_extract(base_src, ft_src, rank=rank, energy=energy, max_rank=max_rank, targets=targets, seed=seed,
-                         sink=sink, **executor_options)
+                         sink=sink, svd=svd, **executor_options)
         release_free_heap()   # the factors' read-back left ~30 MiB of freed buffers in the heap (1 GB, r64)
         bound = binding(store, base_src, base_lineage, ex.adapter)
         return _finish(store, ex.adapter, bound,

@@ -18,6 +18,7 @@ from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
 from ..errors import InvalidParameter, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
 from ..ops.lora import LoraMergeParams
+from ..ops.lora_extract import SVD_CHOICES, svd_method_for
 from ..ops.lora_streamed import LoraExtractParams, SvdInitParams, expert_names, factor_names
 from .peft_format import LoraAdapter, build_adapter
 
@@ -107,14 +108,16 @@ class Extraction:
 
 def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, energy: float | None = None,
             max_rank: int = 128, targets: list[str] | None = None, where: str = "lora extract",
-            sink=None, **executor_options) -> Extraction:
+            sink=None, svd: str = "auto", **executor_options) -> Extraction:
     """A LoRA adapter approximating ``ft - base``, streamed one target module at a time.
 
-    Each module gets the exact rank-``rank`` truncated SVD of its delta (the Gram route of
-    :func:`ops.lora_extract.truncated_svd`, to fp32 rounding), or, with ``energy``, the smallest
-    rank <= ``max_rank`` whose singular values keep
-    that fraction of ||delta||_F^2. The report gives the captured fraction per module and in
-    total (sum of captured sigma^2 over the sum of ||delta||^2).
+    Each module gets the rank-``rank`` truncated SVD of its delta, or, with ``energy``, the
+    smallest rank <= ``max_rank`` whose singular values keep that fraction of ||delta||_F^2.
+    ``svd`` picks the method per module (:func:`ops.lora_extract.svd_method_for`): ``exact`` is
+    the Gram route (the exact truncation to fp32 rounding), ``randomized`` the seeded randomised
+    SVD, ``auto`` exact up to min(out, in) = 4096. The report gives the captured fraction and the
+    method per module and the captured fraction in total (sum of captured sigma^2 over the sum of
+    ||delta||^2).
 
     Raises:
         TensorNotFound / ShapeMismatch when the two models do not pair up, InvalidParameter for
@@ -125,6 +128,8 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
 
     if (rank is None) == (energy is None):
         raise InvalidParameter(f"{where}: give exactly one of --rank or --energy")
+    if svd not in SVD_CHOICES:
+        raise InvalidParameter(f"{where}: --svd must be one of {', '.join(SVD_CHOICES)}, got {svd!r}")
     if energy is not None and not 0 < energy <= 1:
         raise InvalidParameter(f"{where}: --energy must be in (0, 1], got {energy}")
     bm, fm = {m.name: m for m in base.metas()}, {m.name: m for m in ft.metas()}
@@ -141,7 +146,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
         a, b, rec = factor_names(module)
         jobs.append(TensorJob(TensorMeta(a, (r, in_dim), "float32"), "lora_extract",
                               (("base", InputRef("base", name, WHOLE)), ("ft", InputRef("ft", name, WHOLE))),
-                              LoraExtractParams(rank=r, module=module),
+                              LoraExtractParams(rank=r, module=module, method=svd_method_for(svd, (out_dim, in_dim))),
                               extra_outputs=(TensorMeta(b, (out_dim, r), "float32"), TensorMeta(rec, (1,), "float32")),
                               compute_dtype=held_dtype(bm[name].dtype, fm[name].dtype, executor_options)))
     plan = Plan(jobs, {"base": base, "ft": ft})
@@ -167,7 +172,8 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
             A, B = B.T.contiguous(), A.T.contiguous()
             kinds[module] = "embedding"
         factors[module] = (A, B)
-        report.modules[module] = {"rank": keep, "captured": captured / delta_energy if delta_energy > 0 else 1.0}
+        report.modules[module] = {"rank": keep, "captured": captured / delta_energy if delta_energy > 0 else 1.0,
+                                  "svd": "exact" if job.params.method == "gram" else job.params.method}
         captured_total += captured
         delta_total += delta_energy
     # one rank everywhere: alpha = r, s = 1, so B / s == B and build_adapter need not copy every B

@@ -24,6 +24,20 @@ import torch
 from ..errors import NonFiniteValues
 
 SVD_METHODS = ("gram", "randomized")
+SVD_CHOICES = ("auto", "exact", "randomized")   # what `lora extract --svd` offers
+GRAM_MAX_SIDE = 4096    # auto: the exact Gram route up to this min(out, in); its eigh grows as the cube
+
+
+def svd_method_for(choice: str, shape: tuple[int, ...]) -> str:
+    """The SVD method (:data:`SVD_METHODS`) that ``--svd choice`` gives a module of ``shape``:
+    ``exact`` -> ``gram``; ``randomized`` -> ``randomized``; ``auto`` -> ``gram`` while
+    min(out, in) <= :data:`GRAM_MAX_SIDE` (an 8B model's 4096-wide modules included), else
+    ``randomized`` (a 70B model's 8192-wide modules: a 256 MiB Gram and ~8x the eigh of 4096)."""
+    if choice not in SVD_CHOICES:
+        raise ValueError(f"svd must be one of {SVD_CHOICES}, got {choice!r}")
+    if choice == "exact" or (choice == "auto" and min(shape) <= GRAM_MAX_SIDE):
+        return "gram"
+    return "randomized"
 SLAB_ELEMENTS = 1 << 20          # entries of D per slab (4 MiB fp32) while G and V^T D are summed
 
 
