@@ -1,8 +1,6 @@
 """Findings of a new user's trial (from a fresh clone, following README), kept as tests.
 
-Each test states what a user expected and did not get. A test for a defect in a module another
-session owns is marked ``xfail(strict=True)`` with the owner named: it starts passing (and so
-fails the run) once the defect is fixed, and the mark is then removed.
+Each test states what a user expected and did not get, and now gets.
 """
 import os
 
@@ -16,16 +14,14 @@ RECIPE = """merge_method: ties
 base_model: base
 models:
   - model: ft1
-    parameters: {{weight: 1.0, density: 0.5}}
+    parameters: {weight: 1.0, density: 0.5}
   - model: ft2
-    parameters: {{weight: 0.5, density: 0.5}}
-parameters: {{normalize: true}}
+    parameters: {weight: 0.5, density: 0.5}
+parameters: {normalize: true}
 dtype: float32
 """
 
 
-@pytest.mark.xfail(strict=True, reason="merge/planning.py (h7): inputs of different dtypes are refused "
-                   "as 'models of different shapes'; mergekit casts every input to the recipe's dtype")
 def test_merge_of_a_bf16_base_and_fp32_finetunes_follows_the_recipe_dtype(tmp_path):
     """A mergekit recipe over a bf16 base and fp32 fine-tunes (what a user has after fine-tuning in
     fp32 a base downloaded in bf16) merges in the recipe's dtype, as mergekit does: the result
