@@ -30,14 +30,18 @@ def store_as_delta(ctx, src: str, parent_ref: str, *, kind: str, name, codec="ex
 
 
 def _describe(artifact) -> str:
-    from tensorstore_llm.store.dedup import stored_bytes
+    """One line on a just-stored delta artifact: its own coded size and ratio (independent of
+    what else the store holds), then what it added to the store after dedup, labelled."""
+    from tensorstore_llm.store.dedup import footprint
     from tensorstore_llm.units import format_size
 
-    own, shared = stored_bytes(artifact)
+    fp = footprint(artifact)
     logical = artifact.manifest.nbytes
-    ratio = f", {logical / own:.2f}x smaller" if own else ""
-    return (f"{artifact.short_id} ({format_size(own)} stored for {format_size(logical)} of tensors{ratio}; "
-            f"delta depth {artifact.manifest.info['delta']['depth']})")
+    ratio = f", {logical / fp.disk:.2f}x smaller" if fp.disk else ""
+    added = (f"{format_size(fp.unique)} new in the store, {format_size(fp.shared)} already there (shared with other "
+             f"artifacts)" if fp.shared else "all of it new in the store")
+    return (f"{artifact.short_id} ({format_size(fp.disk)} on disk for {format_size(logical)} of tensors{ratio}; "
+            f"{added}; delta depth {artifact.manifest.info['delta']['depth']})")
 
 
 def _parse_params(pairs) -> dict:

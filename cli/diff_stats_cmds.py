@@ -135,12 +135,14 @@ def diff_eval_cmd(ctx, recon, reference, corpus, seq_len, batches, batch_size, c
     """
     from contextlib import ExitStack
 
-    from tensorstore_llm.diff.evaluate import diff_eval
+    from tensorstore_llm.diff.evaluate import check_corpus_length, diff_eval
 
     store = store_of(ctx)
     with ExitStack() as stack:
-        cand_src, _ = _open(store, recon, stack, "candidate")
         ref_src, ref_files = _open(store, reference, stack, "reference")
+        # a corpus too short fails here, in about a second, not after both models are loaded
+        check_corpus_length(ref_files, corpus, seq_len=seq_len, batches=batches, batch_size=batch_size)
+        cand_src, _ = _open(store, recon, stack, "candidate")
         result = diff_eval(cand_src, ref_src, ref_files, corpus=corpus, seq_len=seq_len, batches=batches,
                            batch_size=batch_size, chunk=chunk, where=(f"RECON {recon!r}", f"reference {reference!r}"))
     click.echo(f"text: {result['text']} ({result['windows']} windows of {seq_len} tokens, {result['tokens']} predicted)")

@@ -112,8 +112,13 @@ def export_cmd(ctx, ref, out_dir, max_shard_size, dtype, max_memory, dry_run):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def ls_cmd(ctx, kind, as_json):
-    """List the committed artifacts of the store (work in progress is never listed)."""
-    from tensorstore_llm.store.dedup import stored_bytes
+    """List the committed artifacts of the store (work in progress is never listed).
+
+    SIZE is the logical tensor bytes; STORED every file of the artifact, shared or not (its own
+    coded size, the same whatever else the store holds); UNIQUE the part no other artifact links
+    (what it added to the store, what removing it would free). The total counts each file once.
+    """
+    from tensorstore_llm.store.dedup import disk_total, footprint
     from tensorstore_llm.units import format_size
 
     store = store_of(ctx)
@@ -122,24 +127,25 @@ def ls_cmd(ctx, kind, as_json):
     tags = store.tags()
     for entry, reason in damaged:
         click.echo(f"warning: skipped damaged entry artifacts/{entry}: {reason}", err=True)
+    prints = {a.id: footprint(a) for a in artifacts}
     if as_json:
         rows = [{"id": a.id, "kind": a.kind, "tags": [t for t, i in tags.items() if i == a.id],
-                 "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "stored_bytes": stored_bytes(a)[0],
+                 "tensors": len(a.manifest.tensors), "bytes": a.manifest.nbytes, "stored_bytes": prints[a.id].disk,
+                 "shared_bytes": prints[a.id].shared, "unique_bytes": prints[a.id].unique,
                  "created_at": a.manifest.created_at}
                 for a in artifacts]
         return click.echo(json.dumps(rows, indent=1))
     if not artifacts:
         return click.echo(f"no artifacts in {store.root}")
-    click.echo(f"{'ID':12}  {'KIND':11} {'TENSORS':>7} {'SIZE':>10} {'STORED':>10}  {'CREATED':25} TAGS")
-    total = 0
+    click.echo(f"{'ID':12}  {'KIND':11} {'TENSORS':>7} {'SIZE':>10} {'STORED':>10} {'UNIQUE':>10}  {'CREATED':25} TAGS")
     for a in artifacts:
         names = ",".join(t for t, i in tags.items() if i == a.id)
-        own = stored_bytes(a)[0]
-        total += own
+        fp = prints[a.id]
         click.echo(f"{a.short_id:12}  {a.kind:11} {len(a.manifest.tensors):>7} {format_size(a.manifest.nbytes):>10} "
-                   f"{format_size(own):>10}  {a.manifest.created_at:25} {names}")
-    click.echo(f"SIZE: logical tensor bytes; STORED: bytes on disk (deltas, shared tensors counted once); "
-               f"total stored {format_size(total)}")
+                   f"{format_size(fp.disk):>10} {format_size(fp.unique):>10}  {a.manifest.created_at:25} {names}")
+    click.echo("SIZE: logical tensor bytes; STORED: the artifact's files on disk, shared ones included (its own "
+               "coded size); UNIQUE: the part no other artifact shares (what it added, what removing it frees); "
+               f"total on disk {format_size(disk_total(artifacts))} (each shared file once)")
 
 
 @click.command("show")
@@ -149,7 +155,7 @@ def ls_cmd(ctx, kind, as_json):
 @click.pass_context
 def show_cmd(ctx, ref, show_all, as_json):
     """Show artifact REF: kind, lineage, files, and its tensors with shapes, dtypes and sizes."""
-    from tensorstore_llm.store.dedup import stored_bytes
+    from tensorstore_llm.store.dedup import footprint
     from tensorstore_llm.units import format_size
 
     store = store_of(ctx)
@@ -162,9 +168,11 @@ def show_cmd(ctx, ref, show_all, as_json):
     click.echo(f"tags      {', '.join(store.tags_of(artifact.id)) or '-'}")
     click.echo(f"created   {m.created_at} by {m.tool.get('name', '?')} {m.tool.get('version', '')}")
     click.echo(f"size      {format_size(m.nbytes)} in {len(m.tensors)} tensors")
-    own, shared = stored_bytes(artifact)
-    click.echo(f"stored    {format_size(own)} on disk" + (f" ({format_size(shared)} in tensors shared with other artifacts)"
-                                                           if shared else ""))
+    fp = footprint(artifact)
+    ratio = f", {m.nbytes / fp.disk:.2f}x smaller than its tensors" if fp.disk else ""
+    click.echo(f"stored    {format_size(fp.disk)} on disk{ratio}" +
+               (f"; {format_size(fp.shared)} of it shared with other artifacts, {format_size(fp.unique)} its own only"
+                if fp.shared else "; none of it shared with other artifacts"))
     if isinstance(m.info.get("delta"), dict):
         delta = m.info["delta"]
         click.echo(f"delta     of {m.info.get('base', {}).get('id', '?')[:12]}, codec {delta['codec'].get('name')}, "

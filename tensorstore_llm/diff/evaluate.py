@@ -121,12 +121,52 @@ def eval_text(tokenizer, corpus: str | None = None, *, seq_len: int = 256, batch
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     windows = ids.numel() // seq_len
     need = batches * batch_size
-    if windows < need:
-        raise DatasetMismatch(f"{source}: {ids.numel()} tokens make {windows} windows of {seq_len}, "
-                              f"fewer than the {need} asked for (--batches x --batch-size)")
+    _require_windows(source, ids.numel(), seq_len, need)
     step = windows // need
     picks = [ids[(k * step) * seq_len:(k * step + 1) * seq_len] for k in range(need)]
     return EvalText([torch.stack(picks[b * batch_size:(b + 1) * batch_size]) for b in range(batches)], source)
+
+
+def check_corpus_length(files: dict[str, str], corpus: str | None, *, seq_len: int = 256, batches: int = 4,
+                        batch_size: int = 4) -> int | None:
+    """Fail fast, before any model is loaded: count ``corpus``'s tokens with the ``tokenizers``
+    library alone (the checkpoint's tokenizer.json, documents joined by its tokenizer_config.json
+    EOS token, exactly the text :func:`eval_text` builds) and raise :func:`eval_text`'s
+    DatasetMismatch when they make fewer than ``batches * batch_size`` windows.
+
+    Returns the token count, or None where this quick count cannot be exact (no corpus: the
+    default text is long enough; no tokenizer.json; chat corpora, which need the transformers
+    tokenizer's template): :func:`eval_text` checks those itself.
+    """
+    import json
+
+    if corpus is None or "tokenizer.json" not in files or not os.path.isfile(files["tokenizer.json"]):
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:   # pragma: no cover - transformers' fast tokenizers always bring it
+        return None
+    from ..hf.corpus import read_corpus
+
+    try:
+        docs = read_corpus(corpus).documents
+    except DatasetMismatch:
+        return None        # chat messages (or no text): the full check says what is wrong
+    eos = None
+    if os.path.isfile(files.get("tokenizer_config.json", "")):
+        with open(files["tokenizer_config.json"], encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    tokens = len(Tokenizer.from_file(files["tokenizer.json"]).encode((eos or "\n\n").join(docs)).ids)
+    _require_windows(corpus, tokens, seq_len, batches * batch_size)
+    return tokens
+
+
+def _require_windows(source: str, tokens: int, seq_len: int, need: int) -> None:
+    windows = tokens // seq_len
+    if windows < need:
+        raise DatasetMismatch(f"{source}: {tokens} tokens make {windows} windows of {seq_len}, "
+                              f"fewer than the {need} asked for (--batches x --batch-size)")
 
 
 def kl_to_reference(candidate, reference, text: EvalText, *, chunk: int = 64, real_vocab: int | None = None) -> dict:
@@ -190,6 +230,7 @@ def diff_eval(candidate_source, reference_source, reference_files: dict[str, str
     Returns:
         kl_to_reference's dict plus "text" (where the windows came from), "seq_len", "windows".
     """
+    check_corpus_length(reference_files, corpus, seq_len=seq_len, batches=batches, batch_size=batch_size)
     tokenizer = load_tokenizer(reference_files, where[1])
     text = eval_text(tokenizer, corpus, seq_len=seq_len, batches=batches, batch_size=batch_size)
     reference = model_from_source(reference_source, reference_files, where[1])

@@ -69,14 +69,14 @@ def family_lines(store, ref: str) -> list[str]:
         return f"{artifact_id[:12]}{f' [{names}]' if names else ''}"
 
     def describe(artifact_id: str) -> str:
-        from ..store.dedup import stored_bytes
+        from ..store.dedup import footprint
 
         a = artifacts[artifact_id]
         info = a.manifest.info
         if is_delta(a):
             codec = info["delta"]["codec"].get("name")
             return (f"{a.kind} as delta ({codec}, depth {info['delta']['depth']}) {label(a.id)}: "
-                    f"{format_size(stored_bytes(a)[0])} stored for {format_size(a.manifest.nbytes)}")
+                    f"{format_size(footprint(a).disk)} on disk for {format_size(a.manifest.nbytes)}")
         record = info.get("transfer") or info.get("apply")
         verb = "transfer" if "transfer" in info else "apply"
         grown = len(record.get("grown", {}))

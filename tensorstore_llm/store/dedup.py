@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 
 OBJECTS = "objects"
 BLOCK_SUFFIX = ".blk"
@@ -155,3 +156,51 @@ def stored_bytes(artifact) -> tuple[int, int]:
         if holders > 1:
             shared += st.st_size
     return own, shared
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What an artifact takes on disk, read from its files' link counts.
+
+    ``disk``: every file of the artifact (each file once), shared or not: its own stored (coded)
+    size, the same whatever else the store holds, so ``logical / disk`` is what its codec and
+    compression achieved. ``shared``: the part of ``disk`` in files another artifact links too
+    (deduplicated). ``unique``: the rest, held by this artifact alone: what it added to the store
+    when it was committed (bytes already stored were linked, not written) and what removing it
+    would free.
+    """
+
+    disk: int
+    shared: int
+
+    @property
+    def unique(self) -> int:
+        return self.disk - self.shared
+
+
+def footprint(artifact) -> Footprint:
+    """The artifact's :class:`Footprint` (the objects directory's own link is not an artifact;
+    a file linked twice within the artifact counts once and is not "shared")."""
+    seen: dict[tuple, tuple[int, int]] = {}
+    uses: dict[tuple, int] = {}
+    for n in _files(artifact.path):
+        st = os.stat(os.path.join(artifact.path, n))
+        key = (st.st_dev, st.st_ino)
+        seen[key] = (st.st_size, st.st_nlink)
+        uses[key] = uses.get(key, 0) + 1
+    disk = shared = 0
+    for key, (size, links) in seen.items():
+        disk += size
+        if links > 1 and links - 1 - uses[key] > 0:     # minus the objects link and our own links
+            shared += size
+    return Footprint(disk, shared)
+
+
+def disk_total(artifacts) -> int:
+    """Bytes the given artifacts take on disk together, each shared file counted once."""
+    sizes: dict[tuple, int] = {}
+    for artifact in artifacts:
+        for n in _files(artifact.path):
+            st = os.stat(os.path.join(artifact.path, n))
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
