@@ -64,17 +64,17 @@ def aggregate_span(values: np.ndarray, first: np.ndarray, last: np.ndarray, how:
     out = np.full(len(first), np.nan)
     if not mapped.any() or len(v) == 0:
         return out
-    f, l = first[mapped], last[mapped]
+    lo, hi = first[mapped], last[mapped]          # each mapped span [lo, hi]
     finite = ~np.isnan(v)
     n = np.concatenate([[0], np.cumsum(finite)])
-    counts = n[l + 1] - n[f]
+    counts = n[hi + 1] - n[lo]
     if how == "max":
         padded = np.concatenate([np.where(finite, v, -np.inf), [-np.inf]])
-        pairs = np.stack([f, l + 1], axis=1).reshape(-1)                  # reduceat over [f, l + 1)
+        pairs = np.stack([lo, hi + 1], axis=1).reshape(-1)                  # reduceat over [lo, hi + 1)
         agg = np.maximum.reduceat(padded, pairs)[::2]
     else:
         c = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
-        agg = c[l + 1] - c[f]
+        agg = c[hi + 1] - c[lo]
         if how == "mean":
             agg = agg / np.maximum(counts, 1)
     out[mapped] = np.where(counts > 0, agg, np.nan)
@@ -153,4 +153,5 @@ def align_sequence(seq, tokenizer, *, how: str = "max") -> dict:
     ids, offsets = student_offsets(tokenizer, seq.text)
     loss = student_span_teacher_nll(offsets, seq.char_offsets, seq.nll, how)
     input_ids = torch.tensor(ids, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": input_ids.clone(), "teacher_loss": torch.from_numpy(loss.astype(np.float32))}
+    return {"input_ids": input_ids, "labels": input_ids.clone(),
+            "teacher_loss": torch.from_numpy(loss.astype(np.float32))}

@@ -54,7 +54,8 @@ def check_fingerprint(info: dict, *, tokenizer=None, packing_fingerprint: str | 
             problems.append(f"tokenizer {mine[:12]} != the dataset's {str(info.get('tokenizer'))[:12]} "
                             f"(another tokenizer, vocabulary or chat template)")
     if packing_fingerprint is not None and packing_fingerprint != info.get("packing_fingerprint"):
-        problems.append(f"packing {packing_fingerprint[:12]} != the dataset's {str(info.get('packing_fingerprint'))[:12]} "
+        theirs = str(info.get("packing_fingerprint"))[:12]
+        problems.append(f"packing {packing_fingerprint[:12]} != the dataset's {theirs} "
                         f"(dataset packing: {info.get('packing')})")
     for key, value in (expect or {}).items():
         have = info.get(key, info.get("sampling", {}).get(key))

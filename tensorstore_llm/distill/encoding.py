@@ -12,10 +12,10 @@ Codec ``gap-planes-v1`` (the default; measured in tests/benchmarks/bench_distill
 - Parquet compresses each binary column with zstd.
 
 Columns of a shard (one row per sequence): ``sequence`` (int64 global index), ``input_ids``
-(list<int32>), ``coverage`` (float64: mean teacher mass on the stored ids), ``n_ids``, ``ids``, and ``counts`` (RS-KD) / ``weights`` (RS-KD τ ≠ 1, float32) /
-``logprobs`` (top-k and full, float32), plus, when asked, ``nll`` (float32 per token: the
-teacher's -log p of token j given tokens < j; NaN at j = 0), ``text`` and ``char_offsets``
-(int32 [seq_len, 2]) for cross-tokenizer students.
+(list<int32>), ``coverage`` (float64: mean teacher mass on the stored ids), ``n_ids``, ``ids``, and
+``counts`` (RS-KD) / ``weights`` (RS-KD τ ≠ 1, float32) / ``logprobs`` (top-k and full, float32),
+plus, when asked, ``nll`` (float32 per token: the teacher's -log p of token j given tokens < j;
+NaN at j = 0), ``text`` and ``char_offsets`` (int32 [seq_len, 2]) for cross-tokenizer students.
 
 A dataset of several teachers (same tokenizer and packing) keeps ``sequence``, ``input_ids``,
 ``text`` and ``char_offsets`` once and every per-teacher column (``coverage``, ``n_ids``,
@@ -171,7 +171,8 @@ def decode_table(table: pa.Table, vocab: int, draws: int, teacher: int = 0) -> l
     if teachers > 1:
         if not 0 <= teacher < teachers:
             raise ValueError(f"the table holds {teachers} teachers, not teacher {teacher}")
-        keep = {teacher_column(n, teacher, teachers): n for n in schema("rs-kd", with_alignment=True).names + ["weights", "logprobs"]}
+        names = [*schema("rs-kd", with_alignment=True).names, "weights", "logprobs"]
+        keep = {teacher_column(n, teacher, teachers): n for n in names}
         table = table.select([c for c in table.column_names if c in keep]).rename_columns(
             [keep[c] for c in table.column_names if c in keep])
     names = set(table.column_names)

@@ -13,8 +13,8 @@ parameters at SmolLM2's 49k vocabulary) is trained with AdamW from a precomputed
 and evaluated on held-out packed sequences that are not in the cache by KL(teacher ‖ student)
 over the full vocabulary and by the expected calibration error of the student's top-1 prediction
 against the held-out next tokens (:func:`held_out_metrics`). The corpus is ``data/corpus`` or
-(:func:`cpython_docstrings`) docstrings of the running interpreter's standard library. This is the plain-PyTorch training loop the dataset and losses are
-made for::
+(:func:`cpython_docstrings`) docstrings of the running interpreter's standard library. This is the
+plain-PyTorch training loop the dataset and losses are made for::
 
     ds = DistillDataset(path, tokenizer=tokenizer)
     for batch in DataLoader(ds, batch_size=8, collate_fn=collate_sparse):
@@ -45,7 +45,8 @@ def tiny_student(vocab: int, *, hidden: int = 128, layers: int = 2, seed: int = 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=True,
-                         bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None))
+                         bos_token_id=getattr(tokenizer, "bos_token_id", None),
+                         eos_token_id=getattr(tokenizer, "eos_token_id", None))
     with torch.random.fork_rng():   # seeded initialisation, the caller's RNG state left as it was
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).float().train()
@@ -63,7 +64,8 @@ def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int
     return float(gap.sum() / conf.numel())
 
 
-def held_out_metrics(student, input_ids: torch.Tensor, teacher_logp: torch.Tensor, bins: int = 15) -> tuple[float, float]:
+def held_out_metrics(student, input_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                     bins: int = 15) -> tuple[float, float]:
     """(KL, ECE) of a student on held-out sequences.
 
     KL: mean over every position of KL(teacher ‖ student) over the full vocabulary; teacher_logp
@@ -238,7 +240,8 @@ def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128,
     from ..testing.real_models import smollm2_checkpoint
 
     lm = teacher or load_causal_lm(smollm2_checkpoint())
-    corpus = read_corpus(corpus or os.path.join(os.path.dirname(__file__), "..", "..", "data", "corpus"), tokenizer=lm.tokenizer)
+    default_corpus = os.path.join(os.path.dirname(__file__), "..", "..", "data", "corpus")
+    corpus = read_corpus(corpus or default_corpus, tokenizer=lm.tokenizer)
     rule = PackingRule(seq_len=seq_len)
     packing = Packing(corpus.documents, lm.tokenizer, rule, corpus.fingerprint)
     if held_out_corpus:
@@ -260,11 +263,12 @@ def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128,
     k = int(np.ceil(unique))
     tk = os.path.join(workdir, "top-k")
     if "top-k" in methods:
-        _cached(tk, lambda: precompute(lm, corpus, tk, rule=rule, max_sequences=n_train, shard_sequences=8, batch_size=4,
-                                       config=SamplingConfig(method="top-k", k=k)))
+        _cached(tk, lambda: precompute(lm, corpus, tk, rule=rule, max_sequences=n_train, shard_sequences=8,
+                                       batch_size=4, config=SamplingConfig(method="top-k", k=k)))
     eval_ids = torch.from_numpy(eval_rows.astype(np.int64))
     with torch.inference_mode():
-        teacher_logp = torch.cat([torch.log_softmax(lm.model(input_ids=eval_ids[i:i + 1]).logits[..., :lm.real_vocab].float(), -1)
+        teacher_logp = torch.cat([torch.log_softmax(lm.model(input_ids=eval_ids[i:i + 1])
+                                                    .logits[..., :lm.real_vocab].float(), -1)
                                   for i in range(held_out)])
     top_logp, top = teacher_logp[:, :-1].max(-1)
     teacher_ece = calibration_error(top_logp.exp().reshape(-1), (top == eval_ids[:, 1:]).reshape(-1))
@@ -275,8 +279,9 @@ def run_learning_experiment(*, steps: int = 150, seeds=(0,), seq_len: int = 128,
     train_logp = None
     if "full" in methods:
         with torch.inference_mode():
-            train_logp = {i: torch.log_softmax(lm.model(input_ids=torch.from_numpy(packing.sequences[i:i + 1].astype(np.int64)))
-                                               .logits[0, :, :lm.real_vocab].float(), -1).half() for i in range(n_train)}
+            train_ids = [torch.from_numpy(packing.sequences[i:i + 1].astype(np.int64)) for i in range(n_train)]
+            train_logp = {i: torch.log_softmax(lm.model(input_ids=ids).logits[0, :, :lm.real_vocab].float(), -1).half()
+                          for i, ids in enumerate(train_ids)}
     for method in methods:
         results[method] = []
     for seed in seeds:                   # every method for a seed, then the next seed: partial runs compare

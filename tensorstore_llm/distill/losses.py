@@ -109,5 +109,6 @@ def dense_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     logs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     logt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_position = (logt.exp() * (logt - logs)).sum(-1)
-    valid = torch.ones(per_position.shape, dtype=torch.bool, device=per_position.device) if position_mask is None else position_mask.bool()
+    valid = (torch.ones(per_position.shape, dtype=torch.bool, device=per_position.device) if position_mask is None
+             else position_mask.bool())
     return temperature ** 2 * _mean(per_position, valid)

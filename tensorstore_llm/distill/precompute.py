@@ -105,7 +105,8 @@ def dataset_info(lm: CausalLM | list[CausalLM], corpus: Corpus, packing: Packing
     return info
 
 
-def encode_batch_async(lms: list[CausalLM], input_ids: np.ndarray, sequence_indices: list[int], config: SamplingConfig, *,
+def encode_batch_async(lms: list[CausalLM], input_ids: np.ndarray, sequence_indices: list[int],
+                       config: SamplingConfig, *,
                        alignment: list[tuple[str, np.ndarray]] | None = None, position_chunk: int = 128):
     """Run every teacher over ``input_ids`` (int32 [batch, seq_len]) and return a function that
     waits for the results to reach the host and encodes the batch's shard rows (a ``pa.Table``).
@@ -272,7 +273,8 @@ def precompute(teacher: CausalLM | str | list, corpus: Corpus | str, out_dir: st
     """
     check_settings(config, batch_size=batch_size, shard_sequences=shard_sequences, position_chunk=position_chunk,
                    max_sequences=max_sequences)
-    lms = [t if isinstance(t, CausalLM) else load_causal_lm(t) for t in (teacher if isinstance(teacher, list) else [teacher])]
+    teachers = teacher if isinstance(teacher, list) else [teacher]
+    lms = [t if isinstance(t, CausalLM) else load_causal_lm(t) for t in teachers]
     for lm in lms:
         check_vocab(lm.model, lm.tokenizer)
     same_tokenizer(lms)
@@ -281,7 +283,8 @@ def precompute(teacher: CausalLM | str | list, corpus: Corpus | str, out_dir: st
     job = PrecomputeJob(lms, corpus, config, rule, batch_size=batch_size, shard_sequences=shard_sequences,
                         max_sequences=max_sequences, out_dir=out_dir, store=store)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="tsllm-shard-writer") as behind:   # writes behind the forward passes
+        # writes behind the forward passes
+        with ThreadPoolExecutor(1, thread_name_prefix="tsllm-shard-writer") as behind:
             pending = None
             for k in range(len(job.names)):
                 if job.names[k] in job.done:

@@ -138,7 +138,8 @@ class ShardDataset:
         self.path = os.path.abspath(path)
         manifest = os.path.join(self.path, MANIFEST)
         if not os.path.isfile(manifest):
-            hint = " (an unfinished run: re-run the same precompute to resume it)" if os.path.isdir(self.path + ".partial") else ""
+            unfinished = os.path.isdir(self.path + ".partial")
+            hint = " (an unfinished run: re-run the same precompute to resume it)" if unfinished else ""
             raise FormatError(f"{self.path}: not a committed dataset, no {MANIFEST}{hint}")
         with open(manifest, encoding="utf-8") as f:
             self.manifest = json.load(f)

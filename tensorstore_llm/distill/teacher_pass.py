@@ -35,7 +35,8 @@ def _concat_rows(parts: list[SparseRows]) -> SparseRows:
     def cat(field):
         values = [getattr(p, field) for p in parts]
         return None if values[0] is None else np.concatenate(values)
-    return SparseRows(np.concatenate(offsets), cat("ids"), cat("counts"), cat("weights"), cat("logprobs"), cat("coverage"))
+    return SparseRows(np.concatenate(offsets), cat("ids"), cat("counts"), cat("weights"), cat("logprobs"),
+                      cat("coverage"))
 
 
 class PendingTargets:
@@ -58,7 +59,7 @@ class PendingTargets:
         """(rows per sequence, nll per sequence), as :func:`teacher_targets` returns them."""
         parts: list[list[SparseRows]] = [[] for _ in range(self.batch)]
         nll = np.full((self.batch, self.seq_len), np.nan, dtype=np.float32)
-        for s, e, copy in self.chunks:
+        for s, _e, copy in self.chunks:
             host = copy.wait()
             if host.get("nll") is not None:
                 c = host["nll"].shape[1]
@@ -96,16 +97,18 @@ def teacher_targets_async(lm: CausalLM, input_ids: torch.Tensor, sequence_indice
                 c = nxt.shape[1]
                 lse = torch.logsumexp(logits[:, :c], dim=-1)
                 tensors["nll"] = lse - torch.gather(logits[:, :c], 2, nxt.unsqueeze(-1)).squeeze(-1)
-            if config.method == "rs-kd":                                             # all sequences of the batch at once
+            if config.method == "rs-kd":                                   # all sequences of the batch at once
                 c = e - s
                 probs = sampling.proportional_probs_(logits, config.temperature).view(B * c, V)   # overwrites logits
-                u = torch.cat([sampling.sequence_uniforms(config.seed, sequence_indices[b], L, config.draws, s, e, teacher)
+                u = torch.cat([sampling.sequence_uniforms(config.seed, sequence_indices[b], L, config.draws, s, e,
+                                                          teacher)
                                for b in range(B)])                                    # [B * c, N]
                 tensors.update(sampling.rs_kd_tensors(probs, u, tau=config.tau, self_normalise=config.self_normalise))
             else:
                 probs = sampling.teacher_probs(logits, config.temperature)         # [B, c, V]
                 for b in range(B):
-                    one = sampling.top_k_tensors(probs[b], config.k) if config.method == "top-k" else sampling.full_tensors(probs[b])
+                    one = (sampling.top_k_tensors(probs[b], config.k) if config.method == "top-k"
+                           else sampling.full_tensors(probs[b]))
                     tensors.update({f"{b}.{k}": v for k, v in one.items()})
             pending.add(s, e, tensors)
             del logits, probs
