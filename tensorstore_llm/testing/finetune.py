@@ -103,9 +103,35 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         >>> os.path.isfile(os.path.join(path, "model.safetensors"))   # doctest: +SKIP
         True
     """
+    return cached_finetune("smollm2-135m-instruct", load_smollm2_fp32, steps, lr, seq_len, batch, dtype)
+
+
+def gemma3_finetune(steps: int = 8, lr: float = 1e-4, seq_len: int = 64, batch: int = 4,
+                    dtype: str = "bfloat16", data_seed: int = 0) -> str:
+    """A cached HF checkpoint directory: Gemma 3 270M after ``steps`` AdamW steps (as
+    :func:`smollm2_finetune`, from the fp32 weights :func:`gemma3_checkpoint` casts). Its 262k
+    vocabulary makes a step ~8x SmolLM2's, hence the smaller default batches; ``data_seed``
+    draws other windows of the same text, for a second, different fine-tune of the same base."""
+    from .real_models import gemma3_checkpoint
+
+    def load_fp32():   # the cached fp32 conversion: the same weights as the GGUF load, in seconds
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = gemma3_checkpoint("float32")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+    return cached_finetune("gemma3-270m", load_fp32, steps, lr, seq_len, batch, dtype, data_seed)
+
+
+def cached_finetune(prefix: str, load_fp32, steps: int, lr: float, seq_len: int, batch: int,
+                    dtype: str, data_seed: int = 0) -> str:
+    """The fine-tune of the model ``load_fp32()`` returns: ``steps`` AdamW steps on windows of
+    :data:`TRAIN_MODULES`' docstrings drawn with ``data_seed``, trained once in fp32 and cached
+    under :func:`cache_root` as ``prefix-ft...``; other dtypes are cast from the cached fp32 one."""
     def train_fp32(fp32_dir):
-        model, tokenizer = load_smollm2_fp32()
-        batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=0)
+        model, tokenizer = load_fp32()
+        batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=data_seed)
         finetune(model, batches, lr=lr)
         save_cached(model, tokenizer, fp32_dir)
 
@@ -113,17 +139,17 @@ def smollm2_finetune(steps: int = 30, lr: float = 1e-4, seq_len: int = 128, batc
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        fp32_dir = cached_build(_finetune_dir(steps, lr, "float32", seq_len, batch), train_fp32)
+        fp32_dir = cached_build(_finetune_dir(prefix, steps, lr, "float32", seq_len, batch, data_seed), train_fp32)
         model = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
         save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
 
-    target = _finetune_dir(steps, lr, dtype, seq_len, batch)
+    target = _finetune_dir(prefix, steps, lr, dtype, seq_len, batch, data_seed)
     return cached_build(target, train_fp32 if dtype == "float32" else cast)
 
 
-def _finetune_dir(steps: int, lr: float, dtype: str, seq_len: int = 128, batch: int = 8) -> str:
+def _finetune_dir(prefix: str, steps: int, lr: float, dtype: str, seq_len: int = 128, batch: int = 8,
+                  data_seed: int = 0) -> str:
     shape = "" if (seq_len, batch) == (128, 8) else f"-seq{seq_len}x{batch}"
-    return os.path.join(cache_root(), f"smollm2-135m-instruct-ft{steps}-lr{lr:g}{shape}-{dtype}")
-
-
+    seed = f"-data{data_seed}" if data_seed else ""
+    return os.path.join(cache_root(), f"{prefix}-ft{steps}-lr{lr:g}{shape}{seed}-{dtype}")

