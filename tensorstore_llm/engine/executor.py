@@ -95,6 +95,11 @@ class Executor(MemoryPlanning, TileCompute):
         plan.validate()
         if self.budget is None:   # max_memory='auto' (the default): from the plan (default_budget.py)
             self.budget = auto_budget(plan, self.min_block_bytes)
+        # sources that size what they hold beyond the rows they return by the budget (a delta-stored
+        # input's decode buffers and blocks in flight, diff/reader.py): each gets an equal share
+        fitting = [s for s in {id(s): s for s in plan.sources.values()}.values() if hasattr(s, "fit_read_memory")]
+        for source in fitting:
+            source.fit_read_memory(self.budget // len(fitting))
         self.check_budget()
 
     # -- planning -------------------------------------------------------------------------------
