@@ -13,11 +13,16 @@ the block that follows (the next block of the tensor, or the first block of the 
 worker thread, so a reader going through the model in order keeps two cores busy: its own thread
 rebuilds one block while a worker rebuilds the next (the parent's read included).
 
-Memory: a read of ``R`` rows holds, per block being rebuilt, the parent's block, the coded
-bytes, the decoder's copy of its lanes and the rebuilt rows (and, in blocks with a row map, the
-changed rows gathered twice): up to ``BUFFERS_PER_BLOCK`` blocks of ``BLOCK_BYTES`` per worker,
-plus the block read ahead, beyond what the caller asked for (``extra_read_bytes``); a chain of
-depth ``d`` holds that once per link.
+Memory: beyond the rows the caller asked for, a read holds per block in flight what rebuilding
+that block holds at its peak (the parent's rows, the coded bytes, the decoder's buffers and the
+rebuilt rows; :mod:`.read_memory` reads it from each block's header), for up to ``workers + 1``
+blocks in flight and the block read ahead (``extra_read_bytes``); a chain holds that once per
+link. Rows returned from part of a block are copies, so the caller's rows never keep a whole
+rebuilt block alive. ``fit_read_memory(share)`` (the engine calls it with each source's share of
+``--max-memory``) picks the most overlap whose buffers take at most half the share: two decoding
+workers and the read-ahead, one worker and the read-ahead, or none (each block rebuilt on the
+reading thread, one at a time), so a delta input works under any budget that holds one block's
+rebuild, with less overlap when the budget is small.
 """
 from __future__ import annotations
 
@@ -32,14 +37,13 @@ from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, 
 from ..io.base import SourceBase, TensorMeta
 from ..io.zarr_chunks import chunk_file
 from .exact import warm_decoder
+from .read_memory import block_holding
 from .store import DeltaSection, block_path, decode_block
 
 DECODE_WORKERS = 2
-# What rebuilding one block holds, in block-sized buffers: the parent's rows, the coded bytes, the
-# exact decoder's copy of its bit lanes (no larger than the coded bytes), the rebuilt rows, and, in
-# a block with a row map (exact_huff.FLAG_ROWS), its changed rows gathered from the parent and
-# rebuilt before they are scattered into place (at most 15/16 of a block each).
-BUFFERS_PER_BLOCK = 6
+# (decoding workers, read-ahead) from the most overlap to none: fit_read_memory takes the first
+# whose buffers fit half of the share of the budget it is given
+OVERLAP_LEVELS = ((DECODE_WORKERS, True), (1, True), (0, False))
 
 
 def open_delta(store, artifact) -> DeltaTensorSource:
@@ -71,9 +75,9 @@ def check_binding(section: DeltaSection, parent, where: str) -> None:
 class DeltaTensorSource(SourceBase):
     """Tensors of a delta-stored artifact: each block rebuilt from the parent's rows and verified.
 
-    Reads that span several blocks rebuild them on ``DECODE_WORKERS`` threads (the codecs release
-    the GIL). A read within one block starts rebuilding the next block on a worker (read-ahead).
-    The last rebuilt block is kept, so row-by-row reads decode each block once. ``prefetch``
+    Reads that span several blocks rebuild them on ``workers`` threads (the codecs release the
+    GIL; ``DECODE_WORKERS`` unless :meth:`fit_read_memory` chose fewer). A read within one block
+    starts rebuilding the next block on a worker (``read_ahead``). The last rebuilt block is kept, so row-by-row reads decode each block once. ``prefetch``
     (off by default) hints the kernel to read ahead the files of the blocks to come: on this
     project's disk (0.3-1 GB/s) it did not measurably speed up cold reads (docs/benchmarks.md,
     "Reconstruct and read cost against the raw ceiling"), so it is a switch for slower disks.
@@ -95,6 +99,8 @@ class DeltaTensorSource(SourceBase):
         self._ahead: tuple | None = None                 # ((name, index), future) of the block read ahead
         self._order = {name: i for i, name in enumerate(self._metas)}
         self._lock = threading.Lock()
+        self.workers, self.read_ahead = OVERLAP_LEVELS[0]
+        self._holding: dict[str, int] | None = None      # tensor -> bytes its largest block's rebuild holds
         widths = sorted({self._metas[n].dtype for n, e in section.tensors.items() if e.mode == "delta" and n in self._metas})
         if widths and section.codec.get("name") == "exact":   # the decoder's start-up beside the first reads
             self._workers().submit(warm_decoder, widths)
@@ -112,22 +118,49 @@ class DeltaTensorSource(SourceBase):
         return self._entry(name).rows
 
     def extra_read_bytes(self, name: str) -> int:
-        """Memory a read of ``name`` holds beyond the rows it returns: per block in flight (up to
-        DECODE_WORKERS + 1, and the block read ahead, at most the size of the largest block of the
-        artifact) BUFFERS_PER_BLOCK block-sized buffers, and the same again for each link of the
-        parent's own chain. For a memory model to add to its budget."""
-        meta = self.meta(name)
-        entry = self._entry(name)
-        block = min(meta.rows, entry.rows) * meta.row_numel * by_name(meta.dtype).itemsize
-        own = BUFFERS_PER_BLOCK * ((DECODE_WORKERS + 1) * block + self._largest_block())
+        """Memory a read of ``name`` holds beyond the rows it returns: what rebuilding its largest
+        block holds (:mod:`.read_memory`) for each block in flight (``workers + 1``, or 1 when
+        blocks are rebuilt on the reading thread), what the artifact's largest block holds if the
+        next block is read ahead, and the same again for the parent's chain. For a memory model
+        to add to its budget."""
+        self.meta(name)
+        holding = self._holdings()
+        in_flight = self.workers + 1 if self.workers else 1
+        own = in_flight * holding.get(name, 0) + (max(holding.values(), default=0) if self.read_ahead else 0)
         parent_extra = getattr(self.parent, "extra_read_bytes", None)
-        return own + (parent_extra(name) if parent_extra and entry.mode == "delta" else 0)
+        return own + (parent_extra(name) if parent_extra and self._entry(name).mode == "delta" else 0)
 
-    def _largest_block(self) -> int:
-        if not hasattr(self, "_largest"):
-            self._largest = max((min(m.rows, self._entry(n).rows) * m.row_numel * by_name(m.dtype).itemsize
-                                 for n, m in self._metas.items()), default=0)
-        return self._largest
+    def fit_read_memory(self, share: int) -> None:
+        """Take the most overlap (decoding workers, read-ahead; ``OVERLAP_LEVELS``) whose buffers,
+        this link's and its parents', take at most half of ``share`` bytes for every tensor; with
+        none that small, rebuild one block at a time on the reading thread. The same level is set
+        along the chain. Called by the engine with this source's share of the budget."""
+        for workers, ahead in OVERLAP_LEVELS:
+            self._set_overlap(workers, ahead)
+            if max((self.extra_read_bytes(n) for n in self._metas), default=0) <= share // 2:
+                return
+
+    def _set_overlap(self, workers: int, ahead: bool) -> None:
+        self.workers, self.read_ahead = workers, ahead
+        if isinstance(self.parent, DeltaTensorSource):
+            self.parent._set_overlap(workers, ahead)
+
+    def _holdings(self) -> dict[str, int]:
+        """Per tensor, what rebuilding its largest stored block holds (headers read once)."""
+        if self._holding is None:
+            codec = self.section.codec.get("name", "")
+            holding = {}
+            for name, meta in self._metas.items():
+                entry = self.section.tensors.get(name)
+                if entry is None or not meta.numel:
+                    continue
+                row_bytes = meta.row_numel * by_name(meta.dtype).itemsize
+                holding[name] = max((block_holding(block_path(self.path, name, i), entry.mode, codec,
+                                                   (min(meta.rows, (i + 1) * entry.rows) - i * entry.rows) * row_bytes
+                                                   if meta.shape else meta.nbytes, size)
+                                     for i, (_, size) in enumerate(entry.blocks)), default=0)
+            self._holding = holding
+        return self._holding
 
     def _entry(self, name: str):
         entry = self.section.tensors.get(name)
@@ -148,19 +181,19 @@ class DeltaTensorSource(SourceBase):
         rows = self._entry(name).rows
         first, last = start // rows, -(-stop // rows)
         if last - first == 1:
-            return self._block(meta, first)[start - first * rows:stop - first * rows]
+            block = self._block(meta, first)
+            part = block[start - first * rows:stop - first * rows]
+            return part if part.shape[0] == block.shape[0] else part.clone()   # never pins a whole block
         return self._blocks(meta, start, stop, rows)
 
     def _blocks(self, meta: TensorMeta, start: int, stop: int, rows: int):
         """Rows of several blocks: parent rows read here in order, blocks rebuilt on the worker
-        threads and copied into the output as they finish (at most DECODE_WORKERS + 1 blocks
-        are alive beside it)."""
-        self._workers()
+        threads and copied into the output as they finish (at most ``workers + 1`` blocks are
+        alive beside it); with no workers, each block rebuilt here in turn."""
         out = torch.empty((stop - start, *meta.shape[1:]), dtype=_torch_dtype(meta))
         pending = []
 
-        def place(index, future):
-            values = future.result()
+        def place(index, values):
             a = max(start, index * rows)
             b = min(stop, (index + 1) * rows)
             out[a - start:b - start] = values[a - index * rows:b - index * rows]
@@ -168,26 +201,33 @@ class DeltaTensorSource(SourceBase):
         self._prefetch(meta, start // rows, -(-stop // rows) - 1)
         for index in range(start // rows, -(-stop // rows)):
             data, base = self._inputs(meta, index)
-            pending.append((index, self._pool.submit(self._rebuild, meta, index, data, base)))
+            if not self.workers:
+                place(index, self._rebuild(meta, index, data, base))
+                continue
+            pending.append((index, self._workers().submit(self._rebuild, meta, index, data, base)))
             del data, base
-            if len(pending) > DECODE_WORKERS:
-                place(*pending.pop(0))
-        for item in pending:
-            place(*item)
+            if len(pending) > self.workers:
+                index, future = pending.pop(0)
+                place(index, future.result())
+        for index, future in pending:
+            place(index, future.result())
         return out
 
     def _block(self, meta: TensorMeta, index: int):
         """Block ``index`` of ``meta``'s tensor, rebuilt here (or taken from the read-ahead), while
-        a worker starts on the block after it."""
+        a worker starts on the block after it (when reading ahead)."""
         key = (meta.name, index)
         with self._lock:
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
             ahead, self._ahead = self._ahead, None
+            self._cache = None                           # the last block is not held beside the next
         if ahead is not None and ahead[0] != key:
-            ahead[1].cancel()                            # a stale guess: dropped (or left to finish)
-            ahead = None
-        self._read_ahead(meta, index)
+            if not ahead[1].cancel():                    # a stale guess: let it finish before the
+                ahead[1].exception()                     # next rebuild, so no more blocks are alive
+            ahead = None                                 # than the memory model counts
+        if self.read_ahead:
+            self._read_ahead(meta, index)
         values = ahead[1].result() if ahead is not None else self._rebuild(meta, index, *self._inputs(meta, index))
         with self._lock:
             self._cache = (key, values)
