@@ -7,7 +7,7 @@ import click
 
 from tensorstore_llm.default_budget import DEFAULT_MAX_MEMORY, budget_bytes
 
-from .common import max_memory_option, options_of, store_of
+from .common import max_memory_option, size_option, store_of
 
 
 def store_as_delta(ctx, src: str, parent_ref: str, *, kind: str, name, codec="exact", codec_params=None,
@@ -94,16 +94,22 @@ def diff_cmd(ctx, ft, base, name, codec, params, max_memory):
 @click.option("--transfer", is_flag=True,
               help="Allow a base other than DIFF's own: fine-tuning transfer, recorded in the lineage.")
 @click.option("--name", help="Tag to point at the result.")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Also export the result to this directory.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write the result straight into this Hugging Face directory (one write; the store keeps its "
+                   "lineage, not a second copy).")
+@click.option("--keep-artifact", is_flag=True,
+              help="With -o: also keep the result as a checkpoint in the store (writes it twice).")
+@click.option("--max-shard-size", default="5G", show_default=True, callback=size_option, help="Shard size of the -o output.")
 @max_memory_option()
 @click.pass_context
-def apply_cmd(ctx, diff, onto, alpha, transfer, name, out_dir, max_memory):
+def apply_cmd(ctx, diff, onto, alpha, transfer, name, out_dir, keep_artifact, max_shard_size, max_memory):
     """Apply DIFF onto ONTO: its own base gives the fine-tune back (bit for bit, checked).
 
     Onto another base release it computes base' + alpha * (ft - base) in fp32, rounded once,
     only with --transfer (otherwise it fails before any work). Tensors the new release grew
     (vocabulary rows) keep the new base's values in the rows the diff does not have; tensors
-    only in the new base are copied. Both are reported.
+    only in the new base are copied. Both are reported. With -o the result is written once,
+    into the directory, and the store records its lineage (an export record, tagged --name).
 
     \b
       tsllm apply ft-diff --onto base -o ./ft-again
@@ -111,23 +117,23 @@ def apply_cmd(ctx, diff, onto, alpha, transfer, name, out_dir, max_memory):
     """
     from tensorstore_llm.diff.apply import apply_diff
 
-    result = apply_diff(store_of(ctx), diff, onto, alpha=alpha, transfer=transfer, name=name, max_memory=max_memory)
-    quiet = ctx.obj["quiet"]
-    if not quiet:
-        what = "transferred" if result.transfer else "applied"
-        resumed = f" (resumed: {len(result.skipped)} tensors were already done)" if result.skipped else ""
-        click.echo(f"{what} {diff} onto {onto}: {result.artifact.short_id}{resumed}")
-        for tensor, (old, new) in sorted(result.grown.items()):
-            click.echo(f"  grown: {tensor}: rows {old}..{new - 1} are not in the diff, kept from the new base")
-        if result.copied:
-            click.echo(f"  copied from the new base unchanged: {len(result.copied)} tensor(s), e.g. {result.copied[0]}")
-        if name:
-            click.echo(f"tagged {name}")
-    else:
+    if keep_artifact and not out_dir:
+        raise click.UsageError("--keep-artifact only applies with -o/--out")
+    result = apply_diff(store_of(ctx), diff, onto, alpha=alpha, transfer=transfer, name=name, max_memory=max_memory,
+                        out_dir=out_dir, max_shard_size=max_shard_size, keep_artifact=keep_artifact)
+    if ctx.obj["quiet"]:
         click.echo(result.artifact.id)
-    if out_dir:
-        from tensorstore_llm.api import export
-
-        export(store_of(ctx), result.artifact.id, out_dir, options=options_of(ctx, device="cpu", max_memory=max_memory))
-        if not quiet:
-            click.echo(f"exported to {out_dir}")
+        return
+    what = "transferred" if result.transfer else "applied"
+    resumed = f" (resumed: {len(result.skipped)} tensors were already done)" if result.skipped else ""
+    made = (f"written to {result.output}; lineage recorded as {result.artifact.short_id}" if out_dir and not keep_artifact
+            else f"{result.artifact.short_id}")
+    click.echo(f"{what} {diff} onto {onto}: {made}{resumed}")
+    for tensor, (old, new) in sorted(result.grown.items()):
+        click.echo(f"  grown: {tensor}: rows {old}..{new - 1} are not in the diff, kept from the new base")
+    if result.copied:
+        click.echo(f"  copied from the new base unchanged: {len(result.copied)} tensor(s), e.g. {result.copied[0]}")
+    if name:
+        click.echo(f"tagged {name}")
+    if out_dir and keep_artifact:
+        click.echo(f"exported to {result.output}")

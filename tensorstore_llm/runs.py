@@ -147,18 +147,32 @@ def run_plan_into_dir(store: Store, plan: Plan, out_dir: str, *, parents=(), rec
     checksums = dict(sink.completed())
     tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for j in plan.jobs for m in j.outputs()}
     path = keep_or_discard(sink, sink.commit)
+    artifact = commit_export_record(store, key, path, tensors, parents=parents, recipe=recipe,
+                                    run=run_record(opts, dev.type, max_shard_size=shard_bytes), name=name)
+    return JobResult(estimate, artifact, path, executor.computed, executor.skipped)
+
+
+def commit_export_record(store: Store, key: str, path: str, tensors: dict, *, parents=(), recipe=None, run=None,
+                         info: dict | None = None, name: str | None = None) -> Artifact:
+    """Commit the lineage of a directory written in one pass (``path``, already published) as an
+    ``export`` artifact that holds no tensors: its parents, recipe and run, and in ``info`` the
+    directory's path and ``tensors`` (name -> [shape, dtype, checksum]) beside any ``info`` given.
+    Tagged ``name`` when given.
+
+    Example:
+        >>> commit_export_record(store, key, "out/merged", tensors, parents=parents)  # doctest: +SKIP
+    """
     writer = store.create(job_key("export", key, tensors, path))
     try:
         writer.prepare([])
-        artifact = writer.commit(kind="export", parents=parents, recipe=recipe,
-                                 run=run_record(opts, dev.type, max_shard_size=shard_bytes),
-                                 info={"output": path, "tensors": tensors})
+        artifact = writer.commit(kind="export", parents=list(parents), recipe=recipe, run=run,
+                                 info={**(info or {}), "output": path, "tensors": tensors})
     except BaseException:
         writer.abort()
         raise
     if name:
         store.tag(artifact.id, name)
-    return JobResult(estimate, artifact, path, executor.computed, executor.skipped)
+    return artifact
 
 
 def stream_into(executor: Executor, sink) -> None:

@@ -62,8 +62,10 @@ def test_apply_onto_own_base_is_the_finetune(tmp_path, cli, loaded, release_fami
     got = _load(out_dir)
     assert sorted(got) == sorted(want) and all(torch.equal(_bits(got[k]), _bits(want[k])) for k in want)
     store = Store(loaded)
-    assert store.get("ft-again").manifest.checksums() == store.get("d").manifest.checksums()
-    assert store.get("ft-again").manifest.recipe["op"] == "apply"
+    record = store.get("ft-again")          # -o writes once, into the directory; the store keeps the lineage
+    assert record.kind == "export" and not record.manifest.tensors
+    assert {n: t[2] for n, t in record.manifest.info["tensors"].items()} == store.get("d").manifest.checksums()
+    assert record.manifest.recipe["op"] == "apply" and record.manifest.info["apply"]["diff"] == store.get("d").id
 
 
 def test_same_weights_under_another_id_count_as_own_base(tmp_path, cli, loaded, release_family):

@@ -26,18 +26,24 @@ import torch
 
 from ..default_budget import DEFAULT_MAX_MEMORY, budget_bytes
 from ..dtypes import by_name
-from ..errors import BaseMismatch, FormatError, IntegrityError, ShapeMismatch, TensorNotFound
+from ..engine.options import RunOptions
+from ..errors import BaseMismatch, FormatError, IntegrityError, InvalidParameter, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta
+from ..io.hf_dir import HFCheckpointSink
+from ..runs import commit_export_record, export, keep_or_discard, run_record
 from ..store.store import Store, job_key
+from ..units import parse_size
 from .store import DeltaSection, is_delta
 
 
 @dataclass
 class ApplyResult:
-    """What ``apply_diff`` made: the artifact, and the shape rules it used (tensor -> rows)."""
+    """What ``apply_diff`` made: the artifact (a checkpoint, or the export record of a directory
+    written in one pass), the directory written (``output``), and the shape rules it used."""
 
     artifact: object
     transfer: bool
+    output: str | None = None
     grown: dict = field(default_factory=dict)     # tensor -> (rows in the diff, rows in the new base)
     copied: list = field(default_factory=list)    # tensors taken from the new base unchanged
     skipped: list = field(default_factory=list)   # finished by an interrupted earlier run
@@ -97,17 +103,27 @@ def plan_apply(store: Store, diff_ref: str, onto_ref: str, transfer: bool = Fals
 
 
 def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0, transfer: bool = False,
-               name: str | None = None, max_memory=DEFAULT_MAX_MEMORY) -> ApplyResult:
-    """Apply diff ``diff_ref`` onto ``onto_ref`` and commit the result as a checkpoint.
+               name: str | None = None, max_memory=DEFAULT_MAX_MEMORY, out_dir: str | None = None,
+               max_shard_size="5G", keep_artifact: bool = False) -> ApplyResult:
+    """Apply diff ``diff_ref`` onto ``onto_ref``: commit the result as a checkpoint, or with
+    ``out_dir`` write it straight into a Hugging Face directory.
 
     Args:
         alpha: scale of Δ. Onto the diff's own base with alpha 1 the result is the fine-tune,
             checked tensor by tensor against the checksums the diff recorded.
         transfer: allow a base other than the diff's own (fine-tuning transfer).
-        max_memory: budget for the rows held at once (about 3 input blocks and fp32 temporaries);
-            ``"auto"`` (the default) is 2 GiB here (``default_budget.budget_bytes``).
+        max_memory: budget for the rows held at once (three input blocks, the output and fp32
+            temporaries per row, plus the decode buffers of delta-stored inputs, which are sized
+            to their share of it); ``"auto"`` (the default) is 2 GiB here
+            (``default_budget.budget_bytes``).
+        out_dir: write the tensors once, into this directory (shards of ``max_shard_size``, the
+            carried files), staged beside it and published whole or not at all; the store keeps
+            a tensorless ``export`` record of the lineage (tagged ``name``), as ``merge -o`` does
+            (``runs.commit_export_record``). ``keep_artifact=True`` commits the checkpoint to the
+            store as well and exports it (two writes).
     Returns:
-        ApplyResult with the artifact and the tensors that grew or were copied.
+        ApplyResult with the artifact (the checkpoint, or the export record), the directory
+        written, and the tensors that grew or were copied.
 
     Example:
         >>> apply_diff(store, "ft-diff", "base-v2", transfer=True, name="ft-v2")   # doctest: +SKIP
@@ -116,54 +132,88 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
     result = ApplyResult(None, transfer or not same_base(section, onto))
     budget = budget_bytes(max_memory)
     key = job_key("apply", diff.id, onto.id, float(alpha), bool(transfer))
-    with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
-        metas = list((diff if exact else onto).manifest.metas().values())
-        writer = store.create(key)
-        try:
-            writer.prepare(metas)
-            done = writer.completed()
-            for meta in metas:
-                mode, old = modes[meta.name]
-                if mode == "grown":
-                    result.grown[meta.name] = (old.rows, meta.rows)
-                elif mode == "copy":
-                    result.copied.append(meta.name)
-                if meta.name in done:
-                    result.skipped.append(meta.name)
-                    continue
-                rows = _block_rows(meta, budget, writer.preferred_rows(meta))
-                for start in range(0, meta.rows if meta.numel else 0, rows):
-                    stop = min(meta.rows, start + rows)
-                    writer.write_rows(meta.name, start, _block(mode, old, meta, start, stop, alpha,
-                                                               ft_src, base_src, new_src))
-                checksum = writer.finish(meta.name)
-                if exact and checksum != diff.manifest.tensors[meta.name].checksum:
-                    raise IntegrityError(f"diff {diff.short_id}: tensor {meta.name!r} applied onto its own base does not "
-                                         f"reproduce the fine-tune ({checksum[:23]}... != recorded "
-                                         f"{diff.manifest.tensors[meta.name].checksum[:23]}...)")
-        except KeyboardInterrupt:
-            writer.close()
-            raise
-        except BaseException:
-            writer.abort()
-            raise
+    metas = list((diff if exact else onto).manifest.metas().values())
+    result.grown = {m.name: (modes[m.name][1].rows, m.rows) for m in metas if modes[m.name][0] == "grown"}
+    result.copied = [m.name for m in metas if modes[m.name][0] == "copy"]
     op = "transfer" if result.transfer else "apply"
     recipe = {"op": op, "alpha": float(alpha), "from_base": section.base_id}
     info = {op: {"diff": diff.id, "from_base": section.base_id, "onto": onto.id, "alpha": float(alpha),
                  "grown": {n: list(r) for n, r in sorted(result.grown.items())}, "copied": sorted(result.copied)}}
+    parents = [{"id": diff.id, "role": "diff"}, {"id": onto.id, "role": "onto"}]
     files = store.carried_files(onto.id if result.transfer else diff.id)
-    result.artifact = writer.commit(kind="checkpoint", parents=[{"id": diff.id, "role": "diff"},
-                                                               {"id": onto.id, "role": "onto"}],
-                                    recipe=recipe, files=files, info=info)
+    into_dir = bool(out_dir) and not keep_artifact
+    with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
+        sources = (ft_src, base_src, new_src)
+        _fit_sources(sources, budget)
+        if into_dir:
+            shard_bytes = parse_size(max_shard_size)
+            sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=job_key("apply-into-dir", key, shard_bytes),
+                                    files=files, store_root=store.root)
+        else:
+            sink = store.create(key)
+        checksums = keep_or_discard(sink, lambda: _write_all(sink, metas, modes, diff, exact, alpha, budget, sources,
+                                                               result))
+    if into_dir:
+        result.output = keep_or_discard(sink, sink.commit)
+        tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for m in metas}
+        result.artifact = commit_export_record(store, key, result.output, tensors, parents=parents, recipe=recipe,
+                                               run=run_record(RunOptions(device="cpu"), "cpu", max_shard_size=shard_bytes),
+                                               info=info, name=name)
+        return result
+    result.artifact = sink.commit(kind="checkpoint", parents=parents, recipe=recipe, files=files, info=info)
     if name:
         store.tag(result.artifact.id, name)
+    if out_dir:
+        result.output = export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
+                               options=RunOptions(device="cpu", max_memory=max_memory)).output
     return result
 
 
-def _block_rows(meta: TensorMeta, budget: int, align: int) -> int:
-    """Rows per block: three stored inputs, the output and four fp32 temporaries per row."""
+def _fit_sources(sources, budget: int) -> None:
+    """Give the delta-stored sources (``fit_read_memory``) equal shares of ``budget`` for their
+    decode buffers (diff/reader.py)."""
+    fitting = [s for s in sources if hasattr(s, "fit_read_memory")]
+    for source in fitting:
+        source.fit_read_memory(budget // len(fitting))
+
+
+def _write_all(sink, metas, modes, diff, exact, alpha, budget, sources, result) -> dict[str, str]:
+    """Write every output tensor into ``sink`` block by block (skipping those an interrupted run
+    finished); onto the diff's own base, each is checked against the fine-tune's checksum.
+    Returns name -> checksum."""
+    ft_src, base_src, new_src = sources
+    sink.prepare(metas)
+    done = sink.completed()
+    checksums = dict(done)
+    for meta in metas:
+        mode, old = modes[meta.name]
+        if meta.name in done:
+            result.skipped.append(meta.name)
+            continue
+        extra = sum(s.extra_read_bytes(meta.name) for s in sources
+                    if hasattr(s, "extra_read_bytes") and meta.name in s.keys())
+        rows = _block_rows(meta, budget, extra, sink.preferred_rows(meta))
+        for start in range(0, meta.rows if meta.numel else 0, rows):
+            stop = min(meta.rows, start + rows)
+            sink.write_rows(meta.name, start, _block(mode, old, meta, start, stop, alpha, ft_src, base_src, new_src))
+        checksums[meta.name] = sink.finish(meta.name)
+        if exact and checksums[meta.name] != diff.manifest.tensors[meta.name].checksum:
+            raise IntegrityError(f"diff {diff.short_id}: tensor {meta.name!r} applied onto its own base does not "
+                                 f"reproduce the fine-tune ({checksums[meta.name][:23]}... != recorded "
+                                 f"{diff.manifest.tensors[meta.name].checksum[:23]}...)")
+    return checksums
+
+
+def _block_rows(meta: TensorMeta, budget: int, extra: int, align: int) -> int:
+    """Rows per block: three stored inputs, the output and four fp32 temporaries per row, within
+    what the budget leaves beside the inputs' decode buffers (``extra``). InvalidParameter when
+    not even one row fits."""
     per_row = max(1, meta.row_numel * (4 * by_name(meta.dtype).itemsize + 16))
-    rows = max(1, min(meta.rows, budget // per_row))
+    if extra + per_row > budget:
+        raise InvalidParameter(f"apply: tensor {meta.name!r} of shape {list(meta.shape)} needs {extra + per_row} bytes "
+                               f"for one row and the decode buffers of its delta-stored inputs ({extra} bytes), more "
+                               f"than --max-memory ({budget} bytes); give --max-memory {extra + per_row} or more")
+    rows = max(1, min(meta.rows, (budget - extra) // per_row))
     return rows - rows % align if rows > align else rows
 
 
