@@ -58,11 +58,11 @@ def test_squared_norm_in_pieces_matches_fp64_sum():
 
 
 def test_held_dtype_keeps_only_exact_shared_dtypes():
-    assert held_dtype("bfloat16", "bfloat16", {}) == "bfloat16"
-    assert held_dtype("float32", "float32", {}) == "float32"
-    assert held_dtype("bfloat16", "float32", {}) == "float32"          # mixed: the engine casts both
-    assert held_dtype("int8", "int8", {}) == "float32"
-    assert held_dtype("bfloat16", "bfloat16", {"compute_dtype": "float64"}) == "float32"
+    assert held_dtype("bfloat16", "bfloat16") == "bfloat16"
+    assert held_dtype("float32", "float32") == "float32"
+    assert held_dtype("bfloat16", "float32") == "float32"          # mixed: the engine casts both
+    assert held_dtype("int8", "int8") == "float32"
+    assert held_dtype("bfloat16", "bfloat16", compute_dtype="float64") == "float32"
 
 
 def test_combine_factors_op_matches_plain_formula_bitwise():

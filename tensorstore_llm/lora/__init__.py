@@ -13,5 +13,5 @@
 from .api import merge_adapter
 from .peft_format import LoraAdapter, LoraConfig, ModuleLora, PrefixAdapter, build_adapter, read_adapter, write_adapter
 
-__all__ = ["merge_adapter", "read_adapter", "write_adapter", "build_adapter", "LoraAdapter", "LoraConfig",
-           "ModuleLora", "PrefixAdapter"]
+__all__ = ["LoraAdapter", "LoraConfig", "ModuleLora", "PrefixAdapter", "build_adapter", "merge_adapter",
+           "read_adapter", "write_adapter"]

@@ -86,7 +86,8 @@ def combine_adapters(adapters: list[LoraAdapter], weights: list[float], *, rank:
                                   "total_energy": out.total_energy, "relative_error": out.relative_error}
     tail = sum(v.get("tail_energy", 0.0) for v in report.modules.values())
     total = sum(v.get("total_energy", 0.0) for v in report.modules.values())
-    report.totals = {"tail_energy": tail, "total_energy": total, "relative_error": (tail / total) ** 0.5 if total else 0.0}
+    report.totals = {"tail_energy": tail, "total_energy": total,
+                     "relative_error": (tail / total) ** 0.5 if total else 0.0}
     ad = build_adapter(factors, kinds=kinds, fan_in_fan_out=bool(fif),
                        base_model_name_or_path=adapters[0].config.base_model_name_or_path)
     return ad, report
@@ -136,7 +137,8 @@ def resize_adapter(adapter: LoraAdapter, *, rank: int | None = None, energy: flo
     return new, report
 
 
-def drop_layers(adapter: LoraAdapter, *, lowest: int | None = None, modules: Iterable[str] = ()) -> tuple[LoraAdapter, Report]:
+def drop_layers(adapter: LoraAdapter, *, lowest: int | None = None,
+                modules: Iterable[str] = ()) -> tuple[LoraAdapter, Report]:
     """AdapterDrop (Rücklé et al. 2021): remove the LoRA of the lowest ``lowest`` layers and/or
     of the named modules (exact names or suffixes such as ``q_proj``).
 
@@ -152,7 +154,8 @@ def drop_layers(adapter: LoraAdapter, *, lowest: int | None = None, modules: Ite
 
     def dropped(k: str) -> bool:
         idx = layer_index(k)
-        return (lowest is not None and idx is not None and idx < lowest) or any(k == n or k.endswith("." + n) for n in names)
+        below = lowest is not None and idx is not None and idx < lowest
+        return below or any(k == n or k.endswith("." + n) for n in names)
 
     keep = {k: m for k, m in adapter.modules.items() if not dropped(k)}
     gone = {k: m for k, m in adapter.modules.items() if dropped(k)}

@@ -90,7 +90,8 @@ def _shard_of(shards: dict[str, list[str]], name: str) -> str:
 def _dense(tensors: dict[str, torch.Tensor], qcfg: dict | None, where: str) -> dict[str, torch.Tensor]:
     """Replace quantised weights of one shard by dense ones; other tensors pass through."""
     out = {}
-    nf4_names = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in tensors if k.endswith(".quant_state.bitsandbytes__nf4")]
+    nf4_state = ".quant_state.bitsandbytes__nf4"
+    nf4_names = [k[: -len(nf4_state)] for k in tensors if k.endswith(nf4_state)]
     skip = set()
     for w in nf4_names:
         out[w] = N.dequantize_nf4(N.from_bnb_state_dict(tensors, w))
@@ -107,11 +108,12 @@ def _dense(tensors: dict[str, torch.Tensor], qcfg: dict | None, where: str) -> d
         if method == "gptq":
             zero = 0 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
             gidx = parts["g_idx"] if qcfg.get("desc_act") else None
-            out[m + ".weight"] = dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits, group_size=gs,
-                                                 g_idx=gidx, zero_offset=zero, dtype=parts["scales"].dtype, name=m)
+            out[m + ".weight"] = dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits,
+                                                 group_size=gs, g_idx=gidx, zero_offset=zero,
+                                                 dtype=parts["scales"].dtype, name=m)
         else:
-            out[m + ".weight"] = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits, group_size=gs,
-                                                dtype=parts["scales"].dtype, name=m)
+            out[m + ".weight"] = dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], bits=bits,
+                                                group_size=gs, dtype=parts["scales"].dtype, name=m)
         skip |= {f"{m}.{p}" for p in parts}
     out.update({k: v for k, v in tensors.items() if k not in skip})
     return out
@@ -171,7 +173,7 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
     report = {"modules": {}, "changed": [], "dequantized": []}
     with staged_directory(out_dir, prefix=".merge-") as stage:
         weight_map = {}
-        for shard, names in shards.items():
+        for shard in shards:
             raw = load_file(os.path.join(base_dir, shard))
             tensors = _dense(raw, qcfg, os.path.join(base_dir, shard))
             dequantized = {k for k in tensors if k not in raw or raw[k].dtype != tensors[k].dtype
@@ -187,7 +189,8 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
                         w = N.nf4_roundtrip(w16)
                         info["q_over_delta"] = N.quantization_error_ratio(
                             w16, m.scaling * scale * (m.B.float() @ m.A.float()))
-                    tensors[name] = merge_module(w, m, scale=scale, peft_compat=peft_compat, out_dtype=tensors[name].dtype)
+                    tensors[name] = merge_module(w, m, scale=scale, peft_compat=peft_compat,
+                                                 out_dtype=tensors[name].dtype)
                     if requantize == "nf4":
                         merged = tensors[name]
                         tensors[name] = N.nf4_roundtrip(merged)
@@ -201,9 +204,11 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str, *, scale: float
                 if name.endswith(".bias") and name[: -len(".bias")] in adapter.modules:
                     mm = adapter.modules[name[: -len(".bias")]]
                     if mm.bias is not None:
-                        tensors[name] = (tensors[name].float() + mm.bias.float() * (mm.scaling * scale)).to(tensors[name].dtype)
+                        biased = tensors[name].float() + mm.bias.float() * (mm.scaling * scale)
+                        tensors[name] = biased.to(tensors[name].dtype)
                         report["changed"].append(name)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(stage, shard), metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(stage, shard),
+                      metadata={"format": "pt"})
             weight_map.update({k: shard for k in tensors})
             del raw, tensors
         if os.path.isfile(os.path.join(base_dir, INDEX)):
@@ -290,7 +295,8 @@ def svd_init_dirs(base_dir: str, out_base_dir: str, out_adapter_dir: str, *, ran
     adapters, residual = svd_init(base, rank=rank, targets=targets, method=method, n_experts=n_experts, alpha=alpha)
     try:
         with staged_directory(out_base_dir, prefix=".svd-init-") as stage:
-            tensors = {k: (residual[k].to(residual_dtype) if k in residual else v).contiguous() for k, v in base.items()}
+            tensors = {k: (residual[k].to(residual_dtype) if k in residual else v).contiguous()
+                       for k, v in base.items()}
             save_file(tensors, os.path.join(stage, SINGLE), metadata={"format": "pt"})
             for name, src in carried_files(base_dir).items():
                 shutil.copy2(src, os.path.join(stage, name))

@@ -102,7 +102,8 @@ def binding(store: Store | None, source, lineage: dict, adapter, files: dict | N
             "checksums": base_checksums(store, source, lineage, dependencies(source.keys(), config))}
 
 
-def check_binding(store: Store, bound: dict, source, lineage: dict, *, where: str, files: dict | None = None) -> list[str]:
+def check_binding(store: Store, bound: dict, source, lineage: dict, *, where: str,
+                  files: dict | None = None) -> list[str]:
     """The base tensors (and, for a prefix adapter, ``config.json`` fields, read from ``files``)
     that differ from the adapter's binding; empty: its own base.
 
@@ -178,13 +179,14 @@ def commit_adapter(store: Store, adapter: LoraAdapter | PrefixAdapter, *, info: 
     interruption keeps what is staged, and any other failure removes it.
     """
     from ..engine import Executor, plan_map
+    from ..engine.options import RunOptions
 
     tensors = DictSource(adapter.state_dict())
     plan = plan_map("copy", {"src": tensors}, {"x": "src"}, where="adapter")
     files = {CONFIG_FILE: config_bytes(adapter)}
     key = job_key(KIND, plan.fingerprint(), list(parents), source, recipe, info, files[CONFIG_FILE].decode())
     writer = store.create(key)
-    executor = Executor(plan, writer, device="cpu", max_memory="256M", progress=False)
+    executor = Executor(plan, writer, RunOptions(device="cpu", max_memory="256M", progress=False))
     try:
         executor.run()
     except KeyboardInterrupt:
@@ -252,6 +254,6 @@ def refuse_other_base(mismatched: list[str], bound: dict, base_ref: str, *, wher
     return {"from": bound, "to": base_ref, "mismatched": sorted(mismatched)}
 
 
-__all__ = ["DictSource", "binding", "check_binding", "commit_adapter", "read_adapter_artifact", "export_adapter",
-           "adapter_info", "is_adapter_artifact", "refuse_other_base", "describe_base", "weight_names", "KIND",
-           "WEIGHTS_FILE"]
+__all__ = ["KIND", "WEIGHTS_FILE", "DictSource", "adapter_info", "binding", "check_binding", "commit_adapter",
+           "describe_base", "export_adapter", "is_adapter_artifact", "read_adapter_artifact", "refuse_other_base",
+           "weight_names"]

@@ -59,9 +59,11 @@ def lora_merge_card(recipe: dict, parents: list[dict]) -> str:
         front["base_model"] = hub_models
     update = "m·(W + s·B·A)/‖W + s·B·A‖ (DoRA)" if adapter.get("dora") else "W + s·B·A"
     scale = recipe.get("scale", 1.0)
+    scaling = ("lora_alpha/√r, rsLoRA" if adapter.get("use_rslora")
+               else "per module, rank_pattern / alpha_pattern honoured")
     how = [f"This model is a base model with a LoRA adapter merged into its weights, made with tensorstore_llm "
            f"{__version__} (`tsllm lora merge`): every targeted weight is {update}, with s = lora_alpha/r "
-           f"({'lora_alpha/√r, rsLoRA' if adapter.get('use_rslora') else 'per module, rank_pattern / alpha_pattern honoured'})"
+           f"({scaling})"
            + (f" times `--scale {scale:g}`" if scale != 1.0 else "")
            + ", computed in fp32 and rounded once to the base's dtype (PEFT's `merge_and_unload()` result)."]
     if recipe.get("base_quant"):

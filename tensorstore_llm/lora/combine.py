@@ -11,16 +11,16 @@
 """
 from __future__ import annotations
 
-from ..default_budget import DEFAULT_MAX_MEMORY
+from ..engine.options import RunOptions
 from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
 from ..errors import BaseMismatch, InvalidParameter, RecipeError, ShapeMismatch
 from ..io.base import TensorMeta
 from ..ops.lora_streamed import COMBINE_METHODS, LoraCombineParams, factor_names
-from ..runs import JobResult, export, resolve_input, run_plan
+from ..runs import resolve_input, run_plan
 from ..store.store import Store
-from .artifacts import DictSource, adapter_info, commit_adapter
-from .jobs import _bound_of, _check_out_dir, _finish, _lora_only, open_adapter_ref
+from .artifacts import DictSource
 from .peft_format import LoraAdapter, build_adapter
+from .verb_support import bound_of, check_out_dir, device_type, finish, lora_only, open_adapter_ref
 
 
 def _same_base(bounds: list[dict], refs: list[str]) -> dict:
@@ -46,7 +46,7 @@ def _module_factors(adapters: list[LoraAdapter], module: str) -> list:
 def combine(store: Store, adapters: list[str], weights: list[float], *, method: str = "linear",
             density: float = 1.0, rank: int | None = None, energy: float | None = None,
             merge_into: str | None = None, base: str | None = None, name: str | None = None,
-            out_dir: str | None = None, **run_options):
+            out_dir: str | None = None, options: RunOptions | None = None, **run_options):
     """Combine adapters of one base; see the module notes for what each method produces.
 
     Args:
@@ -56,6 +56,7 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
         rank / energy: re-factor the combination as an adapter of this rank (ties / dare_linear:
             ``rank`` only).
         merge_into: a base model to merge the combination into instead (a checkpoint artifact).
+        options / run_options: how to run (:class:`RunOptions`, or its fields as keywords).
     Returns:
         :class:`LoraResult` (or the api JobResult of the merge with ``merge_into``), with the
         report: per module rank and error (relative_error, or captured energy).
@@ -72,11 +73,12 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
     if merge_into is None and method != "linear" and rank is None:
         raise InvalidParameter(f"lora combine: a {method} combination is full-rank; give --rank to re-factor it "
                                "as an adapter, or --merge-into BASE")
-    _check_out_dir(out_dir)
+    opts = RunOptions.of(options, **run_options)
+    check_out_dir(out_dir)
     opened = [open_adapter_ref(store, a) for a in adapters]
     for o in opened:
         o.source.close()
-    loras = [_lora_only(o, "lora combine") for o in opened]
+    loras = [lora_only(o, "lora combine") for o in opened]
     for o, ad in zip(opened, loras):
         if any(m.magnitude is not None for m in ad.modules.values()) or ad.saved_modules:
             raise RecipeError(f"lora combine: {o.ref} has DoRA magnitudes or modules_to_save, which are not "
@@ -86,7 +88,7 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
 
             for k, m in ad.modules.items():
                 check_rank(rank, (m.B.shape[0], m.A.shape[1]), k, "lora combine")
-    bound = _same_base([_bound_of(store, o, base) for o in opened], adapters)
+    bound = _same_base([bound_of(store, o, base) for o in opened], adapters)
     parents = [{**o.lineage, "role": "adapter"} for o in opened]
     recipe = {"op": "lora_combine", "method": method, "weights": list(weights), "density": density,
               "rank": rank, "energy": energy}
@@ -96,15 +98,14 @@ def combine(store: Store, adapters: list[str], weights: list[float], *, method: 
         combined, report = combine_adapters(loras, list(weights), rank=None if merge_into else rank,
                                             energy=None if merge_into else energy)
         if merge_into is None:
-            return _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
-                           report={"modules": report.modules, "totals": report.totals})
-        return _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_options,
+            return finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
+                          report={"modules": report.modules, "totals": report.totals})
+        return _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, opts,
                            lambda src: _linear_merge_plan(src, combined))
     if merge_into is not None:
-        return _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_options,
+        return _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, opts,
                            lambda src: _sparse_plan(src, loras, weights, method, density, None))
-    return _sparse_adapter(store, loras, weights, method, density, rank, bound, parents, recipe, name, out_dir,
-                           run_options)
+    return _sparse_adapter(store, loras, weights, method, density, rank, bound, parents, recipe, name, out_dir, opts)
 
 
 def _linear_merge_plan(base_src, combined: LoraAdapter):
@@ -161,15 +162,17 @@ def _sparse_plan(base_src, loras, weights, method, density, _rank):
         if k is None:
             jobs.append(TensorJob(meta, "copy", (("x", w),)))
         else:
-            jobs.append(TensorJob(meta, "lora_combine_merge", (("w", w), ("factors", _factor_inputs(loras, k, sources))),
-                                  _params(loras, weights, k, method, density, None)))
+            inputs = (("w", w), ("factors", _factor_inputs(loras, k, sources)))
+            params = _params(loras, weights, k, method, density, None)
+            jobs.append(TensorJob(meta, "lora_combine_merge", inputs, params))
     plan = Plan(jobs, {"base": base_src, **sources})
     plan.validate("lora combine")
     return plan
 
 
-def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_options, make_plan):
+def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, opts: RunOptions, make_plan):
     from .artifacts import check_binding
+    from .merge_setup import export_stored
 
     source, lineage, files = resolve_input(store, merge_into)
     with source:
@@ -178,18 +181,14 @@ def _merge_plan(store, merge_into, bound, parents, recipe, name, out_dir, run_op
             raise BaseMismatch(f"lora combine: the adapters were made for another base than {merge_into} "
                                f"({len(mismatched)} tensors differ, e.g. {mismatched[0]!r})")
         result = run_plan(store, make_plan(source), kind="checkpoint", parents=[{**lineage, "role": "base"}, *parents],
-                          recipe=recipe, files=files, name=name, desc="lora combine", **run_options)
-    if out_dir and result.artifact is not None:
-        export(store, result.artifact.id, out_dir, max_memory=run_options.get("max_memory", DEFAULT_MAX_MEMORY),
-               progress=run_options.get("progress"))
-        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
-    return result
+                          recipe=recipe, files=files, name=name, desc="lora combine", options=opts)
+    return export_stored(store, result, out_dir, options=opts)
 
 
-def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents, recipe, name, out_dir, run_options):
+def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents, recipe, name, out_dir,
+                    opts: RunOptions):
     """TIES / DARE combination re-factored to ``rank`` per module (randomised SVD of the delta)."""
     from ..engine import Executor
-    from .jobs import _device_type
     from .resumable import StagedFactorSink
 
     sources = _sources(loras)
@@ -198,19 +197,20 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
         parts = [m for m in _module_factors(loras, k) if m is not None]
         out_dim, in_dim = parts[0].B.shape[0], parts[0].A.shape[1]
         if rank > min(out_dim, in_dim):
-            raise InvalidParameter(f"lora combine: rank {rank} for {k!r} is above min(out, in) = {min(out_dim, in_dim)}")
+            raise InvalidParameter(f"lora combine: rank {rank} for {k!r} is above min(out, in) = "
+                                   f"{min(out_dim, in_dim)}")
         kinds[k] = parts[0].kind
         a, b, rec = factor_names(k)
         jobs.append(TensorJob(TensorMeta(a, (rank, in_dim), "float32"), "lora_combine_factors",
                               (("factors", _factor_inputs(loras, k, sources)),),
                               _params(loras, weights, k, method, density, rank),
-                              extra_outputs=(TensorMeta(b, (out_dim, rank), "float32"), TensorMeta(rec, (1,), "float32"))))
+                              extra_outputs=(TensorMeta(b, (out_dim, rank), "float32"),
+                                             TensorMeta(rec, (1,), "float32"))))
     plan = Plan(jobs, sources)
     plan.validate("lora combine")
-    options = {k: v for k, v in run_options.items() if k in ("device", "max_memory", "seed", "progress")}
-    key = ("lora_combine", plan.fingerprint(), options.get("seed", 0), _device_type(options))
+    key = ("lora_combine", plan.fingerprint(), opts.seed, device_type(opts))
     with StagedFactorSink(store, key) as sink:   # staged and journaled: a killed run resumes
-        Executor(plan, sink, **options).run()
+        Executor(plan, sink, opts).run()
         factors, modules = {}, {}
         for job in jobs:
             a, b, rec = factor_names(job.params.module)
@@ -222,8 +222,9 @@ def _sparse_adapter(store, loras, weights, method, density, rank, bound, parents
                                           "relative_error": max(0.0, 1 - kept / total) ** 0.5 if total > 0 else 0.0}
         combined = build_adapter(factors, kinds=kinds,
                                  fan_in_fan_out=any(m.fan_in_fan_out for ad in loras for m in ad.modules.values()))
-        return _finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
-                       report={"modules": modules, "totals": {"num_params": combined.num_params()}}, resumed=sink.resumed)
+        report = {"modules": modules, "totals": {"num_params": combined.num_params()}}
+        return finish(store, combined, bound, parents=parents, recipe=recipe, name=name, out_dir=out_dir,
+                      report=report, resumed=sink.resumed)
 
 
-__all__ = ["combine", "commit_adapter", "adapter_info"]
+__all__ = ["combine"]

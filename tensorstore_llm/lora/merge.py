@@ -98,11 +98,13 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: LoraAdapter | Pr
     out: dict[str, torch.Tensor] = {}
     for m in adapter.modules.values():
         w = adapter.base_layers.get(m.weight_name, base[m.weight_name])
-        out[m.weight_name] = merge_module(w, m, scale=scale, peft_compat=peft_compat, out_dtype=base[m.weight_name].dtype)
+        out[m.weight_name] = merge_module(w, m, scale=scale, peft_compat=peft_compat,
+                                          out_dtype=base[m.weight_name].dtype)
         if m.bias is not None:
             bname = m.module + ".bias"
             if bname not in base:
-                raise RecipeError(f"{adapter.source or 'adapter'}: lora_bias for {m.module!r} but the base has no {bname}")
+                raise RecipeError(f"{adapter.source or 'adapter'}: lora_bias for {m.module!r} but the base has "
+                                  f"no {bname}")
             out[bname] = K.merge_rows(base[bname][None], (m.bias.float() * (m.scaling * scale))[None])[0]
     for name, t in adapter.saved_modules.items():
         out[name] = t.to(base[name].dtype)

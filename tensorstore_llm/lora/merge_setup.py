@@ -1,7 +1,8 @@
 """What every streamed LoRA merge sets up before it runs: the adapter and the base opened, the
 adapter's binding checked (or the transfer recorded), the plain merge plan, the lineage and the
-recipe record. Shared by :func:`.jobs.lora_merge` and :func:`.qlora.qlora_merge`, which differ
-only in what they do with the plan.
+recipe record; and how the merged checkpoint is written (into the store, or once, straight into
+a directory) and exported. Shared by :func:`.jobs.lora_merge`, :func:`.qlora.qlora_merge` and the
+merges of :mod:`.combine`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..engine.options import RunOptions
 from ..engine.plan import Plan
 from ..io.base import TensorSource
 from .peft_format import LoraAdapter
@@ -24,7 +26,7 @@ class MergeSetup:
     transfer record when an adapter bound to another base was allowed (else None).
     """
 
-    opened: object          # jobs.OpenedAdapter: the adapter's factors are read through opened.source
+    opened: object          # verb_support.OpenedAdapter: the factors are read through opened.source
     lora: LoraAdapter | None
     source: TensorSource
     files: dict
@@ -60,12 +62,12 @@ def merge_setup(store, base: str, adapter: str, *, scale: float, transfer: bool,
     """
     from ..runs import resolve_input
     from .artifacts import check_binding, refuse_other_base
-    from .jobs import _lora_only, open_adapter_ref
     from .plans import plan_lora_merge
+    from .verb_support import lora_only, open_adapter_ref
 
     refuse_non_adapter(store, adapter, where)
     opened = open_adapter_ref(store, adapter)
-    lora = _lora_only(opened, "lora merge")
+    lora = lora_only(opened, "lora merge")
     source, lineage, files = resolve_input(store, base)
     with source, opened.source:
         if check_source is not None:
@@ -100,3 +102,41 @@ def refuse_non_adapter(store, adapter: str, where: str) -> None:
           and os.path.isfile(os.path.join(adapter, "config.json"))):
         raise FormatError(f"{where}: ADAPTER {adapter} is a model checkpoint directory (config.json, no "
                           f"{CONFIG_FILE}), not a LoRA adapter; {remedy}")
+
+
+def write_merge(store, setup: MergeSetup, plan: Plan, *, out_dir: str | None, keep_artifact: bool, max_shard_size,
+                name: str | None, desc: str, options: RunOptions):
+    """Stream ``plan`` (the setup's plan, or one made from it) with the setup's lineage, recipe and
+    carried files: with ``out_dir`` and not ``keep_artifact``, once, straight into the directory
+    (:func:`runs.run_plan_into_dir`: the store keeps a tensorless ``export`` record tagged
+    ``name``); else into a checkpoint artifact tagged ``name`` (:func:`export_stored` then
+    exports it). Returns the api ``JobResult``.
+
+    Example:
+        >>> write_merge(store, setup, setup.plan, out_dir=None, keep_artifact=False,   # doctest: +SKIP
+        ...             max_shard_size="5G", name="merged", desc="lora merge", options=RunOptions())
+    """
+    from ..runs import run_plan, run_plan_into_dir
+
+    if out_dir and not keep_artifact:
+        return run_plan_into_dir(store, plan, out_dir, parents=setup.parents, recipe=setup.recipe, files=setup.files,
+                                 max_shard_size=max_shard_size, name=name, desc=desc, options=options)
+    return run_plan(store, plan, kind="checkpoint", parents=setup.parents, recipe=setup.recipe, files=setup.files,
+                    name=name, desc=desc, options=options)
+
+
+def export_stored(store, result, out_dir: str | None, *, options: RunOptions, max_shard_size="5G"):
+    """``result`` with ``output = out_dir`` once the checkpoint artifact it made is exported to
+    ``out_dir`` as a Hugging Face directory; ``result`` itself when there is nothing to export (no
+    ``out_dir``, a dry run, or a directory the merge already wrote).
+
+    Example:
+        >>> export_stored(store, run_plan(...), "merged", options=RunOptions())   # doctest: +SKIP
+    """
+    from ..runs import JobResult, export
+
+    if not out_dir or result.artifact is None or result.output is not None:
+        return result
+    export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size, max_memory=options.max_memory,
+           progress=options.progress)
+    return JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)

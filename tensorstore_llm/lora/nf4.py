@@ -93,7 +93,8 @@ def _blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[tor
     n = flat.numel()
     full = n - n % blocksize
     absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1)[0]
-    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    inverse = 1.0 / absmax.clamp(min=1e-38).view(-1, 1)
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * inverse, -1, 1).reshape(-1)
     if full < n:
         am = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, am.unsqueeze(0)])

@@ -46,7 +46,8 @@ def is_linear_weight(meta: TensorMeta) -> bool:
 
 def _packed_metas(meta: TensorMeta) -> tuple[TensorMeta, TensorMeta]:
     rows, n_in = meta.shape
-    return (TensorMeta(meta.name, (rows, n_in // 2), "uint8"), TensorMeta(meta.name + ".absmax", (rows, n_in // 64), "uint8"))
+    return (TensorMeta(meta.name, (rows, n_in // 2), "uint8"),
+            TensorMeta(meta.name + ".absmax", (rows, n_in // 64), "uint8"))
 
 
 def packed_plans(plan: Plan, nf4_swapped: Plan, *, where: str) -> tuple[Plan, Plan, dict[str, TensorMeta]]:

@@ -119,7 +119,7 @@ class LoraConfig:
                "layers_to_transform", "layers_pattern", "base_model_name_or_path")
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = CONFIG_FILE) -> "LoraConfig":
+    def from_dict(cls, d: dict, where: str = CONFIG_FILE) -> LoraConfig:
         """Parse a PEFT ``adapter_config.json`` dict (peft_type LORA); FormatError if malformed."""
         kw = {k: d[k] for k in cls._FIELDS if k in d and d[k] is not None}
         kw["rank_pattern"] = dict(kw.get("rank_pattern") or {})
@@ -312,9 +312,8 @@ class PrefixAdapter:
 
     def describe(self) -> dict:
         """Base, virtual tokens, layers and parameter count of the prefix adapter."""
-        return {"peft_type": self.config.get("peft_type"), "base_model_name_or_path": self.config.get("base_model_name_or_path"),
-                "num_virtual_tokens": self.config.get("num_virtual_tokens"), "num_layers": self.config.get("num_layers"),
-                "num_params": self.num_params(), "mergeable": False}
+        fields = ("peft_type", "base_model_name_or_path", "num_virtual_tokens", "num_layers")
+        return {**{k: self.config.get(k) for k in fields}, "num_params": self.num_params(), "mergeable": False}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.prompt_embeddings.contiguous()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..default_budget import DEFAULT_MAX_MEMORY
+from ..engine.options import RunOptions
 from ..engine.plan import Plan, TensorJob
 from ..errors import RecipeError
 from ..io.base import TensorMeta, TensorSource
@@ -33,7 +33,7 @@ QUANTIZED_SUFFIXES = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbyt
 
 def is_quantized(source: TensorSource) -> bool:
     """Whether ``source`` holds bitsandbytes / GPTQ / AWQ quantised weights (not streamed here)."""
-    return any(k.endswith(QUANTIZED_SUFFIXES) for k in source.keys())  # noqa: SIM118  (a TensorSource is not iterable)
+    return any(k.endswith(QUANTIZED_SUFFIXES) for k in source.keys())  # a TensorSource is not iterable
 
 
 def nf4_plans(plan: Plan, adapter: LoraAdapter, *, requantize: bool = False) -> tuple[Plan, Plan]:
@@ -88,7 +88,7 @@ def nf4_report(report_plan: Plan, adapter: LoraAdapter, *, scale: float = 1.0, o
 
 def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantize: bool | str | None = None,
                 transfer: bool = False, name: str | None = None, out_dir: str | None = None,
-                max_shard_size="5G", keep_artifact: bool = False, **run_options):
+                max_shard_size="5G", keep_artifact: bool = False, options: RunOptions | None = None, **run_options):
     """Merge a QLoRA adapter into dequant(NF4(``base``)), streamed into a checkpoint artifact.
 
     Same references, binding checks and ``out_dir`` / ``keep_artifact`` as :func:`.jobs.lora_merge`
@@ -97,6 +97,7 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
     ``"nf4"`` (or True) writes dequant(NF4(W')) for every merged weight, dense; ``"nf4-packed"``
     writes a bitsandbytes 4-bit checkpoint (every Linear weight packed, config.json with
     ``quantization_config``; :mod:`.nf4_packed`), which transformers loads with ``load_in_4bit``.
+    ``options`` / ``run_options``: how to run (:class:`RunOptions`, or its fields as keywords).
     Returns the ``JobResult`` with ``analysis = {"transfer": ..., "modules": per-module report}``
     (``q_over_delta``: ‖q‖/‖Δ‖; with requantize ``requant_error``: ‖W' − dequant(NF4(W'))‖/‖Δ‖).
 
@@ -107,10 +108,10 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
         weight whose in_features is not a multiple of 64. Nothing is written then.
     Example: ``qlora_merge(store, "base", "./qlora-adapter", name="merged")``.
     """
-    from ..runs import JobResult, export, run_plan, run_plan_into_dir
-    from .merge_setup import merge_setup
+    from .merge_setup import export_stored, merge_setup, write_merge
     from .nf4_packed import PACKED
 
+    opts = RunOptions.of(options, **run_options)
     requantize = {True: "nf4", False: None}.get(requantize, requantize) if isinstance(requantize, bool) else requantize
     if requantize not in (None, "nf4", PACKED):
         raise RecipeError(f"requantize must be None, 'nf4' or {PACKED!r}, got {requantize!r}")
@@ -122,39 +123,25 @@ def qlora_merge(store, base: str, adapter: str, *, scale: float = 1.0, requantiz
                               "merge it into -o DIR with the in-memory path, which dequantises it")
     with merge_setup(store, base, adapter, scale=scale, transfer=transfer, where=where, check_source=refuse_quantized,
                      recipe_fields={"base_quant": "nf4", "requantize": requantize}) as setup:
-        plain, lora, parents, recipe, files = setup.plan, setup.lora, setup.parents, setup.recipe, setup.files
         transferred = setup.transferred
-        plan, report_plan = nf4_plans(plain, lora, requantize=requantize == "nf4")
-        report_options = {k: v for k, v in run_options.items() if k != "compression"}
+        plan, report_plan = nf4_plans(setup.plan, setup.lora, requantize=requantize == "nf4")
         if requantize == PACKED:
-            result, report = _run_packed(store, plain, plan, lora, scale=scale, where=where, parents=parents,
-                                         recipe=recipe, files=files, name=name, report_options=report_options,
-                                         run_options=run_options)
+            result, report = _run_packed(store, setup, plan, scale=scale, where=where, name=name, options=opts)
         else:
-            report = {} if run_options.get("dry_run") else nf4_report(report_plan, lora, scale=scale, **report_options)
-            setup.release_adapter()
-            lora = None     # the plan reads the factors through opened.source
-            if out_dir and not keep_artifact:
-                result = run_plan_into_dir(store, plan, out_dir, parents=parents, recipe=recipe, files=files,
-                                           max_shard_size=max_shard_size, name=name, desc="lora merge (nf4)",
-                                           **run_options)
-            else:
-                result = run_plan(store, plan, kind="checkpoint", parents=parents, recipe=recipe, files=files,
-                                  name=name, desc="lora merge (nf4)", **run_options)
-    if out_dir and result.artifact is not None and result.output is None:
-        export(store, result.artifact.id, out_dir, max_shard_size=max_shard_size,
-               max_memory=run_options.get("max_memory", DEFAULT_MAX_MEMORY), progress=run_options.get("progress"))
-        result = JobResult(result.estimate, result.artifact, out_dir, result.computed, result.skipped)
+            report = {} if opts.dry_run else nf4_report(report_plan, setup.lora, scale=scale, options=opts)
+            setup.release_adapter()     # the plan reads the factors through opened.source
+            result = write_merge(store, setup, plan, out_dir=out_dir, keep_artifact=keep_artifact,
+                                 max_shard_size=max_shard_size, name=name, desc="lora merge (nf4)", options=opts)
+    result = export_stored(store, result, out_dir, options=opts, max_shard_size=max_shard_size)
     result.analysis = {"transfer": transferred, "modules": report}
     return result
 
 
-def _run_packed(store, plain: Plan, swapped: Plan, lora: LoraAdapter, *, scale, where, parents, recipe, files, name,
-                report_options, run_options):
-    """The packed merge: its reductions (report and state records), then the plan into a
+def _run_packed(store, setup, swapped: Plan, *, scale, where, name, options: RunOptions):
+    """The packed merge of ``setup`` (a :class:`.merge_setup.MergeSetup`; ``swapped``: its plan
+    through :func:`nf4_plans`): its reductions (report and state records), then the plan into a
     :class:`.nf4_packed.BnbPackedSink` over the store's writer (as ``runs.run_plan`` streams)."""
     from ..engine import Executor, resolve_device
-    from ..engine.options import RunOptions
     from ..runs import JobResult, run_record, stream_into
     from ..store import job_key
     from .nf4_packed import (
@@ -165,13 +152,13 @@ def _run_packed(store, plain: Plan, swapped: Plan, lora: LoraAdapter, *, scale, 
         run_report,
     )
 
-    plan, report_plan, packed = packed_plans(plain, swapped, where=where + " --requantize nf4-packed")
-    files = quantized_config(files or {}, dense_dtype(packed), where)
-    opts = RunOptions.of(None, **run_options)
+    parents, recipe, opts = setup.parents, setup.recipe, options
+    plan, report_plan, packed = packed_plans(setup.plan, swapped, where=where + " --requantize nf4-packed")
+    files = quantized_config(setup.files or {}, dense_dtype(packed), where)
     executor = Executor(plan, None, opts, desc="lora merge (nf4, packed)")
     if opts.dry_run:
         return JobResult(executor.estimate()), {}
-    report, records = run_report(report_plan, lora, scale=scale, **report_options)
+    report, records = run_report(report_plan, setup.lora, scale=scale, options=opts)
     dev = resolve_device(opts.device)
     key = job_key("checkpoint", plan.fingerprint(), opts.seed, dev.type, opts.compression, list(parents), None, recipe)
     writer = store.create(key, opts.compression)

@@ -10,7 +10,8 @@ commit of what it feeds, the sink removes its staging at the end (or on an error
 on an interruption.
 
 Example:
-    >>> with StagedFactorSink(store, ("lora-extract", base.identity, ft.identity, rank, seed)) as sink:  # doctest: +SKIP
+    >>> key = ("lora-extract", base.identity, ft.identity, rank, seed)  # doctest: +SKIP
+    >>> with StagedFactorSink(store, key) as sink:  # doctest: +SKIP
     ...     Executor(plan, sink).run(); A = sink.tensors["layers.0.q_proj.A"]; commit(...)
 """
 from __future__ import annotations

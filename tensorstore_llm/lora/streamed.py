@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..dtypes import by_name
+from ..engine.options import RunOptions
 from ..engine.plan import WHOLE, InputRef, Plan, TensorJob
 from ..errors import InvalidParameter, ShapeMismatch, TensorNotFound
 from ..io.base import TensorMeta, TensorSource
@@ -87,12 +88,11 @@ def check_rank(rank: int, shape: tuple[int, ...], module: str, where: str) -> No
 EXACT_IN_FP32 = ("bfloat16", "float16", "float32")
 
 
-def held_dtype(base_dtype: str, ft_dtype: str, executor_options: dict) -> str:
+def held_dtype(base_dtype: str, ft_dtype: str, compute_dtype: str = "float32") -> str:
     """The dtype an extraction job's inputs reach its op in: their stored dtype when both share
-    one that fp32 holds exactly (the op forms the fp32 delta itself, so the engine need not keep
-    an fp32 copy of each input beside it), else fp32."""
-    if base_dtype == ft_dtype and base_dtype in EXACT_IN_FP32 and \
-            executor_options.get("compute_dtype", "float32") == "float32":
+    one that fp32 holds exactly and the engine computes in fp32 (the op forms the fp32 delta
+    itself, so the engine need not keep an fp32 copy of each input beside it), else fp32."""
+    if base_dtype == ft_dtype and base_dtype in EXACT_IN_FP32 and compute_dtype == "float32":
         return base_dtype
     return "float32"
 
@@ -108,7 +108,7 @@ class Extraction:
 
 def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, energy: float | None = None,
             max_rank: int = 128, targets: list[str] | None = None, where: str = "lora extract",
-            sink=None, svd: str = "auto", **executor_options) -> Extraction:
+            sink=None, svd: str = "auto", options: RunOptions | None = None, **run_options) -> Extraction:
     """A LoRA adapter approximating ``ft - base``, streamed one target module at a time.
 
     Each module gets the rank-``rank`` truncated SVD of its delta, or, with ``energy``, the
@@ -117,7 +117,8 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
     the Gram route (the exact truncation to fp32 rounding), ``randomized`` the seeded randomised
     SVD, ``auto`` exact up to min(out, in) = 4096. The report gives the captured fraction and the
     method per module and the captured fraction in total (sum of captured sigma^2 over the sum of
-    ||delta||^2).
+    ||delta||^2). ``options`` / ``run_options``: how to run (:class:`RunOptions`, or its fields as
+    keywords); the seed is drawn from by the randomised SVD only.
 
     Raises:
         TensorNotFound / ShapeMismatch when the two models do not pair up, InvalidParameter for
@@ -126,6 +127,7 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
     """
     from ..engine import Executor
 
+    opts = RunOptions.of(options, **run_options)
     if (rank is None) == (energy is None):
         raise InvalidParameter(f"{where}: give exactly one of --rank or --energy")
     if svd not in SVD_CHOICES:
@@ -148,11 +150,11 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
                               (("base", InputRef("base", name, WHOLE)), ("ft", InputRef("ft", name, WHOLE))),
                               LoraExtractParams(rank=r, module=module, method=svd_method_for(svd, (out_dim, in_dim))),
                               extra_outputs=(TensorMeta(b, (out_dim, r), "float32"), TensorMeta(rec, (1,), "float32")),
-                              compute_dtype=held_dtype(bm[name].dtype, fm[name].dtype, executor_options)))
+                              compute_dtype=held_dtype(bm[name].dtype, fm[name].dtype)))
     plan = Plan(jobs, {"base": base, "ft": ft})
     plan.validate(where)
     sink = MemorySink() if sink is None else sink   # a StagedFactorSink (lora/resumable.py) resumes
-    Executor(plan, sink, **executor_options).run()
+    Executor(plan, sink, opts).run()
     factors, kinds, report = {}, {}, Extraction(adapter=None)
     captured_total = delta_total = 0.0
     for job in jobs:
@@ -186,13 +188,17 @@ def extract(base: TensorSource, ft: TensorSource, *, rank: int | None = None, en
 
 def svd_init(base: TensorSource, *, rank: int, method: str = "pissa", experts: int = 1, alpha: float | None = None,
              targets: list[str] | None = None, where: str = "lora init", sink=None,
-             **executor_options) -> list[LoraAdapter]:
+             options: RunOptions | None = None, **run_options) -> list[LoraAdapter]:
     """PiSSA / GOAT adapters of ``base``, one target module at a time (exact fp32 SVD of W0).
 
     Returns one adapter per expert (PiSSA: one); the residual base comes from
     :func:`residual_plan`. Each adapter's update is s B A with s = alpha / rank.
+    ``options`` / ``run_options``: how to run (:class:`RunOptions`, or its fields as keywords).
+    Example: ``svd_init(base_src, rank=16, method="goat", experts=2, max_memory="512M")``.
     """
     from ..engine import Executor
+
+    opts = RunOptions.of(options, **run_options)
 
     n = 1 if method == "pissa" else experts
     alpha = float(rank if alpha is None else alpha)
@@ -212,7 +218,7 @@ def svd_init(base: TensorSource, *, rank: int, method: str = "pissa", experts: i
     plan = Plan(jobs, {"base": base})
     plan.validate(where)
     sink = MemorySink() if sink is None else sink   # a StagedFactorSink (lora/resumable.py) resumes
-    Executor(plan, sink, **executor_options).run()
+    Executor(plan, sink, opts).run()
     adapters = []
     for e in range(n):
         factors = {j.params.module: (sink.tensors[expert_names(j.params.module, e)[0]],

@@ -36,11 +36,9 @@ import torch
 from .lora_extract import ExtractedLora, extract_lora, randomized_svd
 from .registry import op
 
-__all__ = [
-    "lora_scaling", "lora_delta", "merge_rows", "dora_norm", "dora_merge_rows",
-    "concat_factors", "product_svd", "Refactored", "refactor", "rank_budget", "ExtractedLora",
-    "randomized_svd", "extract_lora", "SvdInit", "pissa_init", "goat_init",
-]
+__all__ = ["ExtractedLora", "Refactored", "SvdInit", "concat_factors", "dora_merge_rows", "dora_norm", "extract_lora",
+           "goat_init", "lora_delta", "lora_scaling", "merge_rows", "pissa_init", "product_svd", "randomized_svd",
+           "rank_budget", "refactor"]
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
