@@ -209,8 +209,9 @@ def is_adapter_artifact(store: Store | None, ref: str) -> bool:
     return store is not None and not os.path.exists(ref) and store.has(ref) and store.get(ref).kind == KIND
 
 
-def read_adapter_artifact(store: Store, ref: str) -> tuple[LoraAdapter | PrefixAdapter, Artifact]:
-    """The adapter held by artifact ``ref`` (tensors read whole: adapters are small)."""
+def _adapter_config(store: Store, ref: str) -> tuple[dict, Artifact]:
+    """(the ``adapter_config.json`` artifact ``ref`` carries, the artifact); RecipeError for an
+    artifact of another kind, FormatError when it carries no config."""
     artifact = store.get(ref)
     if artifact.kind != KIND:
         raise RecipeError(f"artifact {artifact.short_id} is a {artifact.kind}, not a LoRA adapter")
@@ -218,7 +219,12 @@ def read_adapter_artifact(store: Store, ref: str) -> tuple[LoraAdapter | PrefixA
     if not os.path.isfile(cfg_path):
         raise FormatError(f"artifact {artifact.short_id}: no carried {CONFIG_FILE}")
     with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
+        return json.load(f), artifact
+
+
+def read_adapter_artifact(store: Store, ref: str) -> tuple[LoraAdapter | PrefixAdapter, Artifact]:
+    """The adapter held by artifact ``ref`` (tensors read whole: adapters are small)."""
+    raw, artifact = _adapter_config(store, ref)
     with store.open(ref) as src:
         tensors = {k: src.read(k) for k in src.keys()}
     where = f"artifact {artifact.short_id}"
@@ -230,16 +236,19 @@ def read_adapter_artifact(store: Store, ref: str) -> tuple[LoraAdapter | PrefixA
 def export_adapter(store: Store, ref: str, out_dir: str) -> str:
     """Write adapter artifact ``ref`` as a PEFT directory (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads; staged and renamed
-    into place. Returns ``out_dir``.
+    into place. Streamed: one tensor in memory at a time (:func:`.peft_io.write_adapter_streamed`;
+    the bytes :func:`.peft_io.write_adapter` writes). Returns ``out_dir``.
 
     Example: ``export_adapter(store, "math-lora", "./math-lora")``.
     """
-    from .peft_format import write_adapter
+    from .peft_io import write_adapter_streamed
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise OutputExists(f"{out_dir} already exists and is not empty")
-    adapter, _ = read_adapter_artifact(store, ref)
-    return write_adapter(adapter, out_dir, overwrite=os.path.exists(out_dir))
+    raw, artifact = _adapter_config(store, ref)
+    with store.open(ref) as src:
+        return write_adapter_streamed(raw, src, out_dir, where=f"artifact {artifact.short_id}",
+                                      overwrite=os.path.exists(out_dir))
 
 
 def refuse_other_base(mismatched: list[str], bound: dict, base_ref: str, *, where: str, transfer: bool) -> dict | None:

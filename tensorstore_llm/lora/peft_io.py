@@ -1,8 +1,9 @@
 """Reading, writing and building PEFT adapters (the classes are in :mod:`.peft_format`).
 
 ``read_adapter`` parses ``adapter_config.json`` + ``adapter_model.safetensors`` (refusing pickled
-weights), ``write_adapter`` stages a directory PEFT loads, ``build_adapter`` makes an adapter
-from factors.
+weights), ``write_adapter`` stages a directory PEFT loads (``write_adapter_streamed`` the same
+from a TensorSource, one tensor in memory at a time), ``build_adapter`` makes an adapter from
+factors.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from collections.abc import Mapping
 
 import torch
 
+from ..dtypes import by_name, raw_bytes
 from ..errors import FormatError, OutputExists, UnsafeFormat
+from ..io.base import TensorSource
 from ..io.fsutil import staged_directory
 from .peft_format import (
     CONFIG_FILE,
@@ -144,6 +147,60 @@ def write_adapter(adapter: LoraAdapter | PrefixAdapter, path: str, *, overwrite:
     return path
 
 
+# safetensors' order of tensors in a file: by its Dtype enum, highest first, then by name. Written
+# in this order (with its header layout, io.safetensors_format.build_header) the file's bytes are
+# those of safetensors.torch.save_file (tests/test_lora_artifacts.py checks it).
+_SAFETENSORS_DTYPE_RANK = {code: i for i, code in enumerate(
+    ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
+def write_adapter_streamed(config: dict, source: TensorSource, path: str, *, where: str,
+                           overwrite: bool = False) -> str:
+    """:func:`write_adapter` of the adapter whose ``adapter_config.json`` is ``config`` and whose
+    tensors ``source`` holds under their PEFT keys (a ``lora`` artifact), holding one tensor in
+    memory at a time instead of the whole adapter: the same two files, byte for byte.
+
+    The adapter is checked as :func:`read_adapter` checks one (FormatError naming ``where`` and
+    the key), from the tensors' shapes alone, before anything is written; the files are staged
+    and renamed into place. Returns ``path``.
+
+    Example: ``with store.open(ref) as src: write_adapter_streamed(cfg, src, "out", where=ref)``.
+    """
+    from ..io.safetensors_format import build_header
+
+    if os.path.exists(path) and not overwrite:
+        raise OutputExists(f"{path} already exists")
+    metas = {m.name: m for m in source.metas()}
+    # the adapter's structure from empty "meta" tensors of the stored shapes: no data is read
+    shells = {n: torch.empty(m.shape, dtype=by_name(m.dtype).torch, device="meta") for n, m in metas.items()}
+    if config.get("peft_type") == "PREFIX_TUNING":
+        if "prompt_embeddings" not in shells:
+            raise FormatError(f"{where}: prefix tuning expects one tensor 'prompt_embeddings', got {sorted(shells)}")
+        shell: LoraAdapter | PrefixAdapter = PrefixAdapter(config=config, prompt_embeddings=shells["prompt_embeddings"],
+                                                           source=where)
+    else:
+        shell = _parse_lora(LoraConfig.from_dict(config, where=where), shells, where, where)
+    names = list(shell.state_dict())
+    if set(names) != set(metas):   # stored names that are not PEFT's own spelling: rebuild in memory
+        tensors = {n: source.read(n) for n in metas}
+        if isinstance(shell, PrefixAdapter):
+            return write_adapter(PrefixAdapter(config=config, prompt_embeddings=tensors["prompt_embeddings"],
+                                               source=where), path, overwrite=overwrite)
+        return write_adapter(_parse_lora(shell.config, tensors, where, where), path, overwrite=overwrite)
+    order = sorted(names, key=lambda n: (-_SAFETENSORS_DTYPE_RANK[by_name(metas[n].dtype).safetensors], n))
+    header, _ = build_header([metas[n] for n in order], {"format": "pt"})
+    with staged_directory(path, prefix=".adapter-") as stage:
+        cfg = shell.config.to_dict() if isinstance(shell, LoraAdapter) else dict(shell.config)
+        with open(os.path.join(stage, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        with open(os.path.join(stage, WEIGHTS_FILE), "wb") as f:
+            f.write(header)
+            for name in order:
+                f.write(raw_bytes(source.read(name)))
+    return path
+
+
 def build_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float | None = None,
                   kinds: Mapping[str, str] | None = None, fan_in_fan_out: bool = False,
                   base_model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
@@ -174,6 +231,7 @@ def build_adapter(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, a
     for k, (A, B) in factors.items():
         s = cfg.scaling_for(k)
         kind = (kinds or {}).get(k, "linear")
-        modules[k] = ModuleLora(module=k, kind=kind, A=A.to(dtype).contiguous(), B=(B.float() / s if fold_scaling else B).to(dtype),
-                                scaling=s, alpha=alpha, fan_in_fan_out=fan_in_fan_out and kind == "linear")
+        B = (B.float() / s if fold_scaling else B).to(dtype)
+        modules[k] = ModuleLora(module=k, kind=kind, A=A.to(dtype).contiguous(), B=B, scaling=s, alpha=alpha,
+                                fan_in_fan_out=fan_in_fan_out and kind == "linear")
     return LoraAdapter(config=cfg, modules=modules)
