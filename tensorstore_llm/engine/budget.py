@@ -22,6 +22,13 @@ IN_BLOCKS_HELD = 3    # being read, queued, being computed
 WHOLE_JOBS_HELD = 2   # jobs whose WHOLE inputs are alive at once: being computed, and the next one
 OUT_BLOCKS_HELD = 3   # being produced, queued, being written
 COPY_BLOCKS_ALIVE = 2   # a copy: the block being written and the one being read (measured; the third slot rarely fills)
+# A block of an op that does not compute (a copy, a passthrough slice, a gather) has no kernel
+# temporaries to amortise: a larger block only adds resident memory (its mapped input pages). Its
+# fixed cost, the pipeline's thread hand-offs (~0.4 ms a block on the 2-core VM), is ~10% of the
+# per-byte cost (mapping, checksum, write) of 4 MiB (measured on a 1 GB copy: CPU 1.24-1.37 s in
+# blocks of 8 MiB, 1.35-1.46 s of 4 MiB, 1.7-1.9 s of 1.3 MiB). 4 MiB is also one direct write
+# (io/fsutil.DirectWrites). Rows of a copy's block are capped here, whatever the budget.
+COPY_BLOCK_BYTES = 4 << 20
 # What a run holds besides tensor data (measured with tests/benchmarks/bench_budget.py, see
 # docs/benchmarks.md "Honest budget"): code pages of the kernels and libraries first touched
 # while running, thread stacks and malloc arenas of the pipeline threads, and per tile worker
@@ -187,6 +194,9 @@ class MemoryPlanning:
                 align = with_tiles
             elif rows < align and rows >= tile:   # blocks below a chunk: whole tiles at least
                 align = tile
+        if not get_op(job.op).compute:   # a copy: small blocks (COPY_BLOCK_BYTES), of whole chunks still
+            cap = COPY_BLOCK_BYTES // max(in_row, 1)
+            rows = min(rows, max(cap - cap % align, align))
         if rows < meta.rows and rows > align:
             rows -= rows % align
         return rows

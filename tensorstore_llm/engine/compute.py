@@ -104,7 +104,8 @@ class TileCompute:
         if not spec.compute or not spec.rowwise or not job.output.shape:
             values = self._as_outputs(job, self._kernel(spec, job, start, stop, tensors))
             values = {m.name: values[m.name].to(dtype=by_name(m.dtype).torch).to("cpu") for m in outputs}
-            self._guard_heap()   # a kernel on the whole block (tiled kernels are checked per tile)
+            if spec.compute:   # a kernel on the whole block (tiled kernels are checked per tile); a copy makes no heap temporaries
+                self._guard_heap()
         else:
             values = {m.name: (self._outputs.take if m is job.output else _empty)(
                 (stop - start, *m.shape[1:]), by_name(m.dtype).torch) for m in outputs}

@@ -63,6 +63,109 @@ def start_writeback(fd: int) -> None:
         libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 2)  # SYNC_FILE_RANGE_WRITE
 
 
+DIRECT_ALIGN = 4096          # offsets and lengths of direct writes: the page size, a multiple of every common sector size
+DIRECT_CHUNK = 4 << 20       # bytes per direct write (the bounce buffer)
+
+
+class DirectWrites:
+    """Large writes that bypass the page cache (``O_DIRECT``), through one aligned bounce buffer.
+
+    A buffered ``pwrite`` copies every byte into page-cache pages the kernel must first take
+    from its free lists; on this project's VM that costs ~1.7 s of system CPU per GB written,
+    a fifth of a 3 x 1 GB task-arithmetic merge, and the dirty pages are then written back by
+    kernel threads that compete for the same cores. Here the aligned interior of each write is
+    copied 4 MiB at a time into one reused, page-aligned buffer and written to the device
+    directly (~0.1 s CPU per GB); the unaligned head and tail (under 4 KiB each) go through the
+    page cache. Blocks a direct write covers are never also written buffered, so the two never
+    overlap. Durability is unchanged: the caller still fsyncs each file before publishing it.
+
+    Where the file system refuses ``O_DIRECT`` (``open`` or a write fails with EINVAL, e.g.
+    some FUSE or network file systems), every later write is buffered, with the same bytes.
+    Not thread-safe: one writer thread per instance.
+
+    Example:
+        >>> direct = DirectWrites()                                   # doctest: +SKIP
+        >>> dfd = direct.open(path)                                   # doctest: +SKIP
+        >>> direct.pwrite(fd, dfd, memoryview(data), offset)          # doctest: +SKIP
+    """
+
+    def __init__(self, align: int = DIRECT_ALIGN, chunk: int = DIRECT_CHUNK):
+        self.align = align
+        self.chunk = max(align, chunk - chunk % align)
+        self.enabled = hasattr(os, "O_DIRECT")
+        self.direct_bytes = 0       # written past the page cache, for tests and reports
+        self._bounce: mmap.mmap | None = None
+
+    def open(self, path: str) -> int | None:
+        """A write-only ``O_DIRECT`` descriptor of the existing file ``path``, or None where the
+        file system refuses one (then ``pwrite`` writes through the page cache)."""
+        if not self.enabled:
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.enabled = False
+            return None
+
+    def pwrite(self, fd: int, direct_fd: int | None, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset``: the whole ``align``-ed blocks it covers through
+        ``direct_fd`` (when given and enabled), the rest through ``fd``."""
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        end = offset + len(data)
+        first = -(-offset // self.align) * self.align
+        last = end - end % self.align
+        if direct_fd is None or not self.enabled or last - first < self.align:
+            _pwrite_all(fd, data, offset)
+            return
+        _pwrite_all(fd, data[:first - offset], offset)
+        written = self._direct(direct_fd, data[first - offset:last - offset], first)
+        _pwrite_all(fd, data[first - offset + written:], first + written)
+
+    def _direct(self, direct_fd: int, data: memoryview, offset: int) -> int:
+        """Bytes of ``data`` (whole blocks at an aligned ``offset``) written directly before a
+        refusal (EINVAL: every later write is buffered)."""
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, self.chunk)   # anonymous maps are page-aligned
+        bounce = np.frombuffer(self._bounce, dtype=np.uint8)
+        source = np.frombuffer(data, dtype=np.uint8)
+        done = 0
+        while done < len(data):
+            n = min(self.chunk, len(data) - done)
+            bounce[:n] = source[done:done + n]
+            view = memoryview(self._bounce)[:n]
+            try:
+                put = 0
+                while put < n:
+                    got = os.pwrite(direct_fd, view[put:], offset + done + put)
+                    if got <= 0 or got % self.align:   # a short write that is not whole blocks
+                        return done + put + max(got, 0)
+                    put += got
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.enabled = False
+                return done + put
+            finally:
+                view.release()
+            done += n
+            self.direct_bytes += n
+        return done
+
+    def close(self) -> None:
+        """Free the bounce buffer (a later write maps a new one)."""
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class DurableInBackground:
     """Makes finished files durable (``fdatasync``) in a background thread while the job runs.
 
