@@ -10,7 +10,6 @@ resume from the records journal, and (on a GPU) CUDA against the CPU.
 """
 import math
 
-import pytest
 import torch
 
 from tensorstore_llm.testing.conformance import OpConformance
@@ -112,12 +111,7 @@ class ReductionConformance(OpConformance):
         assert executor.skipped == [self.names[0]] and self.names[0] not in executor.computed
         self._same_records(straight, resumed)
 
-    def test_cuda_parity(self, tmp_path):
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA device on this machine")
-        store, per_name, sources = self._store(tmp_path)
-        cpu, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-cpu")
-        gpu, _ = self._run(tmp_path, store, per_name, sources, budget=self.small_budget, key="job-gpu", device="cuda")
+    def assert_cuda_matches(self, cpu, gpu):
         for name in cpu:
             _close(gpu[name], cpu[name], 1e-5, name)
 

@@ -162,15 +162,8 @@ class TestTwinExpert(OpConformance):
             assert record[0] == pytest.approx(float(exclusive.square().sum()), rel=1e-5)
             assert record[1] == pytest.approx(float(S[:3].square().sum()), rel=1e-4)
 
-    def test_resume_is_bit_identical(self, tmp_path):
-        store, per_name, sources = self._store(tmp_path)
-        straight, _ = self._run(tmp_path, store, per_name, sources, budget="256M", key="job-a")
-        order = list(self.names)
-        resumed, executor = self._run(tmp_path, store, per_name, sources, budget=self.small_budget, order=order,
-                                      key="job-r", stop_after=1)
-        assert f"expert1.{order[0]}.lora_A.weight" in executor.skipped
-        for n in straight:
-            assert torch.equal(straight[n], resumed[n]), n
+    def finished_output(self, name, inputs):
+        return f"expert1.{name}.lora_A.weight"
 
 
 # -- recipes on generated models -----------------------------------------------------------------
@@ -187,7 +180,7 @@ def test_lore_recipe_through_the_cli_without_a_base(cli, store, tiny_family, tmp
     refs = [tiny_family[k] for k in ("base", "ft1", "ft2")]   # three models (two would give their mean)
     recipe = _recipe(tmp_path, "merge_method: lore\nmodels:\n" + "".join(f"  - model: {r}\n" for r in refs)
                      + "parameters: {mu: 0.05, iterations: 2, rank: 512, lambda: 1.5}\nout_dtype: float32\n")
-    code, out, err = cli("--store", store.root, "merge", recipe, "--name", "lore-merged")
+    code, _out, err = cli("--store", store.root, "merge", recipe, "--name", "lore-merged")
     assert code == 0, err
     sources, moved = [HFCheckpointSource(r) for r in refs], 0.0
     with store.open("lore-merged") as merged:
@@ -221,7 +214,7 @@ def test_twin_recipe_writes_one_expert_adapter_per_model(store, tiny_family, tmp
         assert record[ft1]["adapter"] == str(experts / "expert-0-ft1") and 0 < record[ft1]["captured"] <= 1
         for module, lora in adapter.modules.items():
             exclusive = x.read(module + ".weight").float() - shared.read(module + ".weight").float()
-            U, S, Vh = torch.linalg.svd(exclusive.double(), full_matrices=False)
+            _U, S, _Vh = torch.linalg.svd(exclusive.double(), full_matrices=False)
             optimal = float((exclusive.double().square().sum() - S[:4].square().sum()).sqrt())   # Eckart-Young
             got = lora.scaling * (lora.B.double() @ lora.A.double())
             assert lora.A.shape[0] == 4 and float((exclusive.double() - got).norm()) <= 1.01 * optimal, module
