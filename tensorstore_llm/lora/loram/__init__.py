@@ -1,1 +1,0 @@
-"""LoRAM: pruning plans, sparsity search, recovery of adapters trained on pruned models."""
