@@ -92,8 +92,9 @@ def _diffs(store: Store, models: str, preset: str, run: dict, echo) -> dict:
 
     from .diff.apply import apply_diff
     from .diff.store import store_delta
-    from .store.dedup import stored_bytes
+    from .store.dedup import footprint
     from .testing.synth import write_checkpoint
+    from .units import format_size
 
     ft1 = os.path.join(models, "ft1")
     with HFCheckpointSource(ft1) as source:
@@ -102,8 +103,9 @@ def _diffs(store: Store, models: str, preset: str, run: dict, echo) -> dict:
         with store.open(delta.id) as rebuilt:
             exact = all(torch.equal(rebuilt.read(n).view(torch.uint8), source.read(n).view(torch.uint8))
                         for n in source.keys())
-    own = stored_bytes(delta)[0]
-    echo(f"   ft1 as an exact delta of base   -> {delta.short_id} ({own} bytes stored for {delta.manifest.nbytes}; "
+    own = footprint(delta).disk      # the artifact's own stored size (all its files), as `tsllm show` prints
+    echo(f"   ft1 as an exact delta of base   -> {delta.short_id} ({format_size(own)} on disk for "
+         f"{format_size(delta.manifest.nbytes)} of tensors, {delta.manifest.nbytes / own:.2f}x smaller; "
          f"rebuilt bit for bit: {exact})")
     v2 = os.path.join(models, "base-v2")
     shutil.rmtree(v2, ignore_errors=True)

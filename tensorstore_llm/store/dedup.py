@@ -5,8 +5,10 @@ content key: the sha256 of the tensor's checksum and its ``zarr.json`` (shape, d
 codecs). ``<root>/objects/<k[:2]>/<k>/`` holds the first copy ever committed; a later tensor with
 the same key has its chunk files replaced by hard links to the object's files, so an untouched
 embedding in a fine-tune, a frozen layer, or the same base imported from two paths takes its
-bytes once. The coded blocks of delta-stored artifacts are keyed by their own sha256
-(``objects/<h[:2]>/<h>.blk``). Artifacts stay ordinary directories of real files:
+bytes once. The coded blocks of delta-stored artifacts, and the carried files of every artifact
+(config, tokenizer: 2-4 MB for a real model, repeated in every fine-tune of a family), are keyed
+by their own sha256 (``objects/<h[:2]>/<h>.blk``). Artifacts stay ordinary directories of real
+files:
 
 - reads and ``verify`` are unchanged (the bytes behind a link are the bytes that were hashed;
   every read still checks the per-chunk digests the artifact recorded for itself);
@@ -62,10 +64,11 @@ def dedup_staged(store_root: str, staging_dir: str, checksums: dict[str, str]) -
 
 
 def dedup_blocks(store_root: str, staging_dir: str, folder: str = "deltas") -> int:
-    """Link the coded blocks under ``staging_dir/folder`` (delta-stored artifacts) to
-    ``objects/<h[:2]>/<h>.blk``, keyed by the sha256 of their bytes: the same delta stored twice
-    (under another lineage, or as both a diff and a checkpoint) takes its bytes once. Returns the
-    bytes that were already stored."""
+    """Link the files under ``staging_dir/folder`` (a delta-stored artifact's coded blocks, or any
+    artifact's carried ``files``) to ``objects/<h[:2]>/<h>.blk``, keyed by the sha256 of their
+    bytes: the same delta stored twice (under another lineage, or as both a diff and a
+    checkpoint), or the same tokenizer carried by every fine-tune of a base, takes its bytes once.
+    Returns the bytes that were already stored."""
     saved = 0
     root = os.path.join(staging_dir, folder)
     for n in _files(root) if os.path.isdir(root) else []:

@@ -127,6 +127,7 @@ class ArtifactWriter:
             if tensors:   # identical tensors and coded blocks stored once across the store (store/dedup.py)
                 dedup_staged(self.store.root, self.staging_dir, {n: r.checksum for n, r in tensors.items()})
                 dedup_blocks(self.store.root, self.staging_dir)
+            dedup_blocks(self.store.root, self.staging_dir, "files")   # and carried files (config, tokenizer)
             fsync_tree(self.staging_dir)  # every chunk durable before the manifest exists
         manifest = Manifest(kind=kind, tensors=tensors, files=carried, parents=list(parents), source=source,
                             recipe=recipe, run=dict(run or {}), created_at=now_utc(),
