@@ -66,7 +66,7 @@ def test_apply_into_dir_is_one_write_with_lineage(tmp_path, cli, tiny_family):
 def test_apply_keep_artifact_writes_checkpoint_and_dir(tmp_path, cli, tiny_family):
     root = _store_with_diff(cli, tmp_path, tiny_family)
     out_dir = str(tmp_path / "ft-again")
-    code, out, err = cli("--store", root, "apply", "d", "--onto", "base", "-o", out_dir, "--keep-artifact",
+    code, _, err = cli("--store", root, "apply", "d", "--onto", "base", "-o", out_dir, "--keep-artifact",
                          "--name", "again")
     assert code == 0, err
     store = Store(root)

@@ -19,7 +19,6 @@ per block, once per artifact) and counts, with ``B`` the block's rows in the ten
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import numpy as np
