@@ -20,11 +20,10 @@ MIB = 1 << 20
 BUDGET = 32 * MIB
 
 # Exports artifact ARGV[2] of store ARGV[1] to ARGV[3] and ARGV[4] at --max-memory ARGV[5]; the
-# first export loads every code path, the second is measured: RSS growth above its own start
+# first export loads every code path (the compiled decoder included), the second is measured: RSS growth above its own start
 # (the high-water mark reset through /proc/self/clear_refs just before it).
 _CHILD = r"""
 import json, sys
-from tensorstore_llm.diff.exact import warm_decoder
 from tensorstore_llm.runs import export
 from tensorstore_llm.store import Store
 
@@ -33,7 +32,6 @@ def status(field):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-warm_decoder(["bfloat16"])
 store = Store(sys.argv[1])
 export(store, sys.argv[2], sys.argv[3], max_memory=sys.argv[5])
 with open("/proc/self/clear_refs", "w") as f:

@@ -197,39 +197,6 @@ def decode_delta(base, data: bytes, use_numba: bool = True):
     return _like(base, out, fmt)
 
 
-# 64-element format-2 blocks (base 0x3c00 + 3i, target base + i % 3), one per word width, for
-# warm_decoder: decoding them loads the compiled decoder for that width.
-_WARM_BLOCKS = {
-    "bfloat16": "5453445802000000400000000000000000000000000000000600000000000000000000000000000000000000000000001a0000"
-                "00000000001b000000000000001b000000000000001a000000000000000005000102025a6bad0100000000adb5d60200000000"
-                "6badb506000000005a6bad0100000000",
-    "float32": "5453445802020000400000000000000000000000000000000600000000000000000000000000000000000000000000001a00000"
-               "0000000001b000000000000001b000000000000001a000000000000000005000102025a6bad0100000000adb5d6020000000"
-               "06badb506000000005a6bad0100000000",
-}
-
-
-def warm_decoder(formats=("bfloat16",)) -> None:
-    """Load the compiled decoder for the word widths of ``formats`` (numba's own start-up, about
-    0.5 CPU-s once per process, then each kernel's cached code) by decoding a 64-element block of
-    each width; nothing happens without numba. A reader calls it on a worker thread when it
-    opens, so that the start-up runs beside its first reads instead of before its first decode.
-
-    Raises:
-        CodecError: the decoder rebuilt a warm-up block wrongly (a broken installation).
-
-    Example:
-        >>> warm_decoder(["bfloat16", "float32"])
-    """
-    if _numba is None:
-        return
-    for fmt in sorted({"float32" if FORMATS[f][1] == 32 else "bfloat16" for f in formats if f in FORMATS}):
-        word = _WORD[FORMATS[fmt][1]]
-        base = (0x3C00 + 3 * np.arange(64)).astype(word)
-        if not np.array_equal(decode_delta(base, bytes.fromhex(_WARM_BLOCKS[fmt])), base + (np.arange(64) % 3).astype(word)):
-            raise CodecError(f"exact delta: the compiled {fmt} decoder rebuilt its warm-up block wrongly")
-
-
 def _like(base, words: np.ndarray, fmt: str):
     """``words`` shaped and typed like ``base`` (torch tensor of ``fmt``, or NumPy words)."""
     shape = tuple(base.shape)

@@ -36,7 +36,6 @@ from ..dtypes import by_name, raw_bytes
 from ..errors import ArtifactNotFound, CodecError, FormatError, IntegrityError, TensorNotFound
 from ..io.base import SourceBase, TensorMeta
 from ..io.zarr_chunks import chunk_file
-from .exact import warm_decoder
 from .read_memory import block_holding
 from .store import DeltaSection, block_path, decode_block
 
@@ -101,9 +100,6 @@ class DeltaTensorSource(SourceBase):
         self._lock = threading.Lock()
         self.workers, self.read_ahead = OVERLAP_LEVELS[0]
         self._holding: dict[str, int] | None = None      # tensor -> bytes its largest block's rebuild holds
-        widths = sorted({self._metas[n].dtype for n, e in section.tensors.items() if e.mode == "delta" and n in self._metas})
-        if widths and section.codec.get("name") == "exact":   # the decoder's start-up beside the first reads
-            self._workers().submit(warm_decoder, widths)
 
     def keys(self) -> list[str]:
         return list(self._metas)

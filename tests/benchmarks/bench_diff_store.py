@@ -33,8 +33,6 @@ if store.get(sys.argv[2]).manifest.info.get("delta"):   # the codec stack (numba
     import tensorstore_llm.diff.reader
     if len(sys.argv) > 4 and sys.argv[4] == "prefetch":
         tensorstore_llm.diff.reader.DeltaTensorSource.prefetch = True
-    if len(sys.argv) > 4 and sys.argv[4] == "no-warm-up":   # the decoder's start-up on the first decode, as before
-        tensorstore_llm.diff.reader.warm_decoder = lambda formats: None
 def disk_read_bytes():
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
@@ -66,12 +64,11 @@ def read_all(store: str, ref: str, passes: int = 1) -> tuple[float, float, float
     return wall, usage.ru_maxrss / 1024, cpu
 
 
-def read_all_io(store: str, ref: str, prefetch: bool = False, variant: str = "") -> tuple[float, float, int]:
+def read_all_io(store: str, ref: str, prefetch: bool = False) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds of all threads, bytes the process read from disk per
     /proc/self/io read_bytes) of one read of every tensor of ``ref`` in a fresh process;
-    ``prefetch=True`` turns the delta reader's POSIX_FADV_WILLNEED hints on; ``variant="no-warm-up"``
-    leaves the decoder's start-up to the first decode (the reader before it warmed up on open)."""
-    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "prefetch" if prefetch else variant],
+    ``prefetch=True`` turns the delta reader's POSIX_FADV_WILLNEED hints on."""
+    out = subprocess.run([sys.executable, "-c", READ_ALL, store, ref, "1", "prefetch" if prefetch else ""],
                          check=True, stdout=subprocess.PIPE)
     wall, cpu, disk = out.stdout.decode().split()[-3:]
     return float(wall), float(cpu), int(disk)
@@ -308,8 +305,8 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int, which=("cold", "pare
     once; warm: the artifact read once) and per repeat, alternating full and delta: the export
     at --max-memory 512M (wall, peak RSS), the pure read of every tensor in 64 MiB blocks
     (wall, CPU, disk bytes) and, for the delta, the same read with the reader's
-    POSIX_FADV_WILLNEED hints on (DeltaTensorSource.prefetch) and without the decoder's warm-up on
-    open. ``tsllm ls`` gives the CLI's start-up cost, part of every
+    POSIX_FADV_WILLNEED hints on (DeltaTensorSource.prefetch). ``tsllm ls`` gives the CLI's
+    start-up cost, part of every
     export's wall time."""
     base, ft = pair(kind, workdir)
     ft_files = [os.path.join(ft, f) for f in os.listdir(ft)]
@@ -351,7 +348,7 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int, which=("cold", "pare
     cases = {}
     for case in which:
         runs = {key: [] for key in ("export_ft-full", "export_ft-delta", "read_ft-full", "read_ft-delta",
-                                    "read_ft-delta_prefetch", "read_ft-delta_no-warm-up")}
+                                    "read_ft-delta_prefetch")}
         for _ in range(repeat):
             for ref in ("ft-full", "ft-delta"):
                 fresh(export)
@@ -362,8 +359,6 @@ def bench_reconstruct(kind: str, workdir: str, repeat: int, which=("cold", "pare
                 runs[f"read_{ref}"].append(read_all_io(store, ref))
             prepare(case, "ft-delta")
             runs["read_ft-delta_prefetch"].append(read_all_io(store, "ft-delta", prefetch=True))
-            prepare(case, "ft-delta")
-            runs["read_ft-delta_no-warm-up"].append(read_all_io(store, "ft-delta", variant="no-warm-up"))
         row = {}
         for key, rs in runs.items():
             if key.startswith("export"):
