@@ -65,6 +65,7 @@ def start_writeback(fd: int) -> None:
 
 DIRECT_ALIGN = 4096          # offsets and lengths of direct writes: the page size, a multiple of every common sector size
 DIRECT_CHUNK = 4 << 20       # bytes per direct write (the bounce buffer)
+_DIRECT_REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}   # the file system does not take O_DIRECT here
 
 
 class DirectWrites:
@@ -79,8 +80,9 @@ class DirectWrites:
     page cache. Blocks a direct write covers are never also written buffered, so the two never
     overlap. Durability is unchanged: the caller still fsyncs each file before publishing it.
 
-    Where the file system refuses ``O_DIRECT`` (``open`` or a write fails with EINVAL, e.g.
-    some FUSE or network file systems), every later write is buffered, with the same bytes.
+    Where the file system refuses ``O_DIRECT`` (``open`` or a write fails with EINVAL or
+    EOPNOTSUPP, e.g. some FUSE or network file systems, or an alignment the device does not
+    take), every later write is buffered, with the same bytes.
     Not thread-safe: one writer thread per instance.
 
     Example:
@@ -104,7 +106,7 @@ class DirectWrites:
         try:
             return os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError as e:
-            if e.errno != errno.EINVAL:
+            if e.errno not in _DIRECT_REFUSED:
                 raise
             self.enabled = False
             return None
@@ -143,7 +145,7 @@ class DirectWrites:
                         return done + put + max(got, 0)
                     put += got
             except OSError as e:
-                if e.errno != errno.EINVAL:
+                if e.errno not in _DIRECT_REFUSED:
                     raise
                 self.enabled = False
                 return done + put
