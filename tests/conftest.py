@@ -6,6 +6,7 @@ import pytest
 
 from tensorstore_llm.store import Store
 from tensorstore_llm.testing.synth import write_model_family
+
 # under pytest-xdist, a test marked `serial` runs alone (hooks in xdist_support.py)
 from xdist_support import pytest_configure, pytest_configure_node, pytest_runtest_protocol, pytest_unconfigure  # noqa: F401
 
@@ -16,6 +17,18 @@ def tiny_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-family")
     base, ft1, ft2 = write_model_family(str(root), "tiny", seed=0, finetunes=2)
     return {"base": base, "ft1": ft1, "ft2": ft2}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch at one intra-op thread during the test (restored after): several times faster for
+    small tensors on a shared machine. Use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ import json
 import os
 import shutil
 
-from conftest import run_tsllm
-
 from tensorstore_llm.io.hf_dir import MAX_CARRIED_FILE_BYTES
 from tensorstore_llm.store import Store
+
+from conftest import run_tsllm
 
 
 def _sha(path) -> str:
@@ -48,7 +48,7 @@ def test_carried_file_over_the_limit_is_an_error_naming_it(tmp_path, tiny_family
         f.truncate(MAX_CARRIED_FILE_BYTES + 1)
     root = tmp_path / "store"
     for extra in ([], ["--dry-run"]):
-        code, out, err = cli("--store", root, "import", model, *extra)
+        code, _out, err = cli("--store", root, "import", model, *extra)
         assert code == 4 and err.count("\n") == 1, err
         assert str(model / "tokenizer.json") in err and str(MAX_CARRIED_FILE_BYTES) in err, err
     assert not (root / "artifacts").exists() or os.listdir(root / "artifacts") == []

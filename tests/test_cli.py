@@ -33,7 +33,7 @@ def test_help_is_fast_and_does_not_import_torch():
 
 def test_store_verbs(cli, tmp_path, tiny_family):
     s = str(tmp_path / "store")
-    code, out, err = cli("--store", s, "import", tiny_family["base"], "--name", "base")
+    code, out, _err = cli("--store", s, "import", tiny_family["base"], "--name", "base")
     assert code == 0 and "tagged base" in out
     assert cli("--store", s, "import", tiny_family["ft1"], "--name", "ft1")[0] == 0
     code, out, _ = cli("--store", s, "ls")

@@ -1,9 +1,9 @@
 """kill -9 at a random point: nothing valid appears, and the re-run resumes to the same bits."""
 import os
 
-from conftest import kill_after_journal_lines, run_tsllm
-
 from tensorstore_llm.store import Store
+
+from conftest import kill_after_journal_lines, run_tsllm
 
 
 def test_kill_during_import_then_resume(tmp_path, small_family):

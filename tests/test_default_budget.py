@@ -91,6 +91,7 @@ def test_every_default_is_the_one_constant():
 
 def test_every_command_defaults_to_auto_and_the_cli_reads_auto(cli, tmp_path):
     import click
+
     from tensorstore_llm_cli import cli as group
 
     def commands(g, prefix=""):

@@ -8,20 +8,13 @@ import torch
 
 from tensorstore_llm.distill.align import aggregate_span, align_spans, select_tokens, teacher_guided_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# small tensors: one intra-op thread is several times faster than two on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spans(student, teacher):
     first, last = align_spans(np.array(student).reshape(-1, 2), np.array(teacher).reshape(-1, 2))
-    return [(int(f), int(l)) if f <= l else None for f, l in zip(first, last)]
+    return [(int(lo), int(hi)) if lo <= hi else None for lo, hi in zip(first, last)]
 
 
 def brute_force(student, teacher):

@@ -47,7 +47,8 @@ def test_precompute_then_show(cli, teacher_dir, tmp_path):
 def test_cli_errors(cli, teacher_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n", encoding="utf-8")
-    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", str(empty), "--out", str(tmp_path / "o"))
+    code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", str(empty), "--out",
+                       str(tmp_path / "o"))
     assert code == 7 and err.startswith("error:") and "empty" in err
     code, _, err = cli("logits", "precompute", "--teacher", teacher_dir, "--data", CORPUS, "--out", str(tmp_path / "o"),
                        "--seq-len", "100000")
@@ -75,8 +76,8 @@ def test_store_artifact_teacher_is_exported_to_scratch_and_removed(cli, teacher_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code, stdout, err = cli("--store", store, "-q", "logits", "precompute", "--teacher", "teacher", "--data", CORPUS,
-                                "--seq-len", "16", "--max-sequences", "1", "--draws", "10")
+        code, stdout, err = cli("--store", store, "-q", "logits", "precompute", "--teacher", "teacher", "--data",
+                                CORPUS, "--seq-len", "16", "--max-sequences", "1", "--draws", "10")
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err

@@ -24,14 +24,8 @@ def tok():
 
     return AutoTokenizer.from_pretrained(smollm2_checkpoint())
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# small tensors: one intra-op thread is several times faster than two on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_formats_read_the_same_documents(tmp_path, tok):
@@ -58,13 +52,13 @@ def test_clear_errors_for_unusable_corpora(tmp_path, tok):
     with pytest.raises(DatasetMismatch, match="empty"):
         read_corpus(str(tmp_path / "empty.txt"))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"title": 3}\n', encoding="utf-8")
-    with pytest.raises(FormatError, match="bad.jsonl:2"):
+    with pytest.raises(FormatError, match=r"bad\.jsonl:2"):
         read_corpus(str(tmp_path / "bad.jsonl"))
     tok_plain = type(tok).from_pretrained(tok.name_or_path)
     tok_plain.chat_template = None
     with pytest.raises(DatasetMismatch, match="no chat template"):
         read_corpus(os.path.join(DATA, "chat.jsonl"), tokenizer=tok_plain)
-    with pytest.raises(DatasetMismatch, match="needs? a tokenizer"):
+    with pytest.raises(DatasetMismatch, match=r"needs? a tokenizer"):
         read_corpus(os.path.join(DATA, "chat.jsonl"))
     with pytest.raises(DatasetMismatch, match="fewer than one sequence of seq_len=512"):
         Packing(["Too short.", "Also short."], tok, PackingRule(seq_len=512))

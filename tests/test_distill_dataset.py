@@ -14,14 +14,8 @@ from tensorstore_llm.errors import DatasetMismatch, IntegrityError, OutputExists
 
 V, L, N = 300, 8, 20
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# small tensors: one intra-op thread is several times faster than two on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_dataset(path, sequences=10, per_shard=2, seed=0):
@@ -37,7 +31,8 @@ def make_dataset(path, sequences=10, per_shard=2, seed=0):
             seqs.append(SequenceTargets(i, np.full(L, i, dtype=np.int32), rows))
         name = f"shard-{k // per_shard:05d}.parquet"
         files[name] = {"sha256": writer.write_shard(name, encode_rows("rs-kd", seqs, V, N))}
-    info = {"vocab": V, "seq_len": L, "kind": "rs-kd", "sampling": {"draws": N}, "tokenizer": "t", "packing_fingerprint": "p"}
+    info = {"vocab": V, "seq_len": L, "kind": "rs-kd", "sampling": {"draws": N}, "tokenizer": "t",
+            "packing_fingerprint": "p"}
     return writer.commit(kind="logits", parents=[], info=info, files=files)
 
 
@@ -121,8 +116,8 @@ def test_narrow_teacher_head_is_refused():
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(DatasetMismatch, match="100 columns but its tokenizer has 120"):
         check_vocab(model, FakeTokenizer())
-    model_padded = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                num_attention_heads=2, num_key_value_heads=2))
+    model_padded = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     assert check_vocab(model_padded, FakeTokenizer()) == 128       # padded heads are fine: columns dropped
     from tensorstore_llm.hf.models import head_logits
 

@@ -53,7 +53,8 @@ def test_host_copy_is_a_pass_through_on_cpu():
 
 
 @pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(tau=0.5, self_normalise=True),
-                                    SamplingConfig(tau=0.7, draws=300, seed=4)], ids=["tau1", "tau0.5-norm", "tau0.7-N300"])
+                                    SamplingConfig(tau=0.7, draws=300, seed=4)],
+                         ids=["tau1", "tau0.5-norm", "tau0.7-N300"])
 def test_chunked_batched_pass_equals_direct_sampling_per_sequence(teacher, config):
     ids = batch_ids(teacher.real_vocab)
     indices = [7, 8, 30]
@@ -104,6 +105,6 @@ def test_cuda_pass_copies_back_asynchronously_and_agrees_with_cpu(teacher):
     cpu_rows, _ = teacher_targets(teacher, ids, [0, 1, 2], config, position_chunk=16)
     for got, want in zip(rows, cpu_rows):
         assert np.all(np.add.reduceat(got.counts.astype(int), got.offsets[:-1]) == N)
-        same = [np.array_equal(got.ids[got.offsets[p]:got.offsets[p + 1]], want.ids[want.offsets[p]:want.offsets[p + 1]])
-                for p in range(L)]
+        same = [np.array_equal(got.ids[got.offsets[p]:got.offsets[p + 1]],
+                               want.ids[want.offsets[p]:want.offsets[p + 1]]) for p in range(L)]
         assert np.mean(same) >= 0.95          # float kernels differ in the last bits: draws near a CDF step may move

@@ -16,13 +16,8 @@ from tensorstore_llm.distill.encoding import SequenceTargets
 V, L, S, N = 64, 32, 48, 50
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one intra-op thread is ~4x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small ops: one intra-op thread is ~4x faster than two on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bigram_teacher(seed=0):

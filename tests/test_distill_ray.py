@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'tensorstore-llm[ray]' to run the Ray engine tests")
+ray = pytest.importorskip("ray",
+                          reason="Ray is not installed: pip install 'tensorstore-llm[ray]' to run the Ray engine tests")
 
-from tensorstore_llm.distill.precompute import SamplingConfig, precompute
-from tensorstore_llm.distill.ray_engine import precompute_ray
-from tensorstore_llm.distill.shards import open_dataset
-from tensorstore_llm.hf.packing import PackingRule
+from tensorstore_llm.distill.precompute import SamplingConfig, precompute  # noqa: E402
+from tensorstore_llm.distill.ray_engine import precompute_ray  # noqa: E402
+from tensorstore_llm.distill.shards import open_dataset  # noqa: E402
+from tensorstore_llm.hf.packing import PackingRule  # noqa: E402
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "docstrings.jsonl")
 SLICE = dict(rule=PackingRule(seq_len=32, shuffle_seed=0), max_sequences=3, shard_sequences=2, batch_size=2,
@@ -79,8 +80,8 @@ def test_cli_engine_ray_into_the_store(cli, local_ray, local_dataset, tmp_path):
     teacher, local = local_dataset
     store = str(tmp_path / "store")
     code, out, err = cli("--store", store, "logits", "precompute", "--teacher", teacher, "--data", CORPUS,
-                         "--engine", "ray", "--ray-actors", "1", "--name", "kd", "--seq-len", "32", "--max-sequences", "3",
-                         "--shard-sequences", "2", "--batch-size", "2", "--alignment")
+                         "--engine", "ray", "--ray-actors", "1", "--name", "kd", "--seq-len", "32",
+                         "--max-sequences", "3", "--shard-sequences", "2", "--batch-size", "2", "--alignment")
     assert code == 0, err
     assert "(kd): 3 sequences, 96 tokens" in out       # every shard computed by the Ray actor
     stored = open_dataset("kd", Store(store))

@@ -17,14 +17,8 @@ from tensorstore_llm.distill.encoding import (
 
 V, N, M = 20, 50, 4000   # vocabulary, draws per position, positions (independent RS-KD targets)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# small tensors: one intra-op thread is several times faster than two on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def teacher() -> torch.Tensor:
@@ -56,7 +50,7 @@ def test_rs_kd_is_unbiased_and_top_k_is_not():
 
 
 def test_expected_sparse_gradient_equals_full_kd_gradient():
-    t, rows, dense = many_targets(seed=1)
+    t, rows, _dense = many_targets(seed=1)
     z = torch.randn(V, generator=torch.Generator().manual_seed(0), requires_grad=True)
     lengths = np.diff(rows.offsets)
     K = int(lengths.max())
@@ -148,7 +142,8 @@ def test_encode_rows_roundtrip_with_alignment_columns():
     t = torch.softmax(torch.randn(12, 1000, generator=torch.Generator().manual_seed(2)), -1)
     rows = sampling.rs_kd(t, sampling.sequence_uniforms(0, 4, 12, N, 0, 12))
     seq = SequenceTargets(4, np.arange(12, dtype=np.int32), rows, nll=np.linspace(0, 1, 12, dtype=np.float32),
-                          text="abcdefghijkl", char_offsets=np.stack([np.arange(12), np.arange(1, 13)], 1).astype(np.int32))
+                          text="abcdefghijkl",
+                          char_offsets=np.stack([np.arange(12), np.arange(1, 13)], 1).astype(np.int32))
     (back,) = decode_table(encode_rows("rs-kd", [seq], 1000, N), 1000, N)
     assert back.sequence == 4 and back.text == "abcdefghijkl"
     assert np.array_equal(back.rows.ids, rows.ids) and np.array_equal(back.rows.counts, rows.counts)

@@ -3,12 +3,12 @@ reduction jobs. Each against a direct torch formula, at several block sizes, and
 import pytest
 import torch
 
-from tensorstore_llm.testing.conformance import SinkConformance
 from tensorstore_llm.engine.executor import Executor
 from tensorstore_llm.engine.plan import GATHER, WHOLE, InputRef, Plan, TensorJob
 from tensorstore_llm.errors import OpError, RecipeError, ShapeMismatch
 from tensorstore_llm.io.base import TensorMeta
 from tensorstore_llm.ops.registry import OpSpec, Role, StatsPass, register_op
+from tensorstore_llm.testing.conformance import SinkConformance
 
 
 def _sign_and_scale(ctx, params, x):
@@ -174,8 +174,8 @@ def test_reduction_jobs_identical_at_any_block_size_and_resumed(store, tmp_path)
 
 def test_mediator_conflict_table_runs_as_reduction_jobs(store, small_family):
     """The per-layer sign-conflict ratios equal a direct count, whatever the budget."""
-    from tensorstore_llm.merge.mediator import conflict_table
     from tensorstore_llm.io.hf_dir import HFCheckpointSource
+    from tensorstore_llm.merge.mediator import conflict_table
     from tensorstore_llm.ops.layers import layer_key
 
     with HFCheckpointSource(small_family["base"]) as b, HFCheckpointSource(small_family["ft1"]) as f1, \

@@ -11,11 +11,12 @@ import os
 
 import pytest
 import torch
-from conftest import kill_after_journal_lines, run_tsllm
 from safetensors.torch import save_file
 
 from tensorstore_llm import api
 from tensorstore_llm.store import Store
+
+from conftest import kill_after_journal_lines, run_tsllm
 
 SHAPES = {"model.norm.weight": (3000,), "model.layers.0.mlp.up_proj.weight": (96, 40),
           "model.embed_tokens.weight": (257, 64)}

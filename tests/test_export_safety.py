@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-from conftest import run_tsllm
 
 from tensorstore_llm.errors import StorageError
 from tensorstore_llm.io.export_partials import (
@@ -27,6 +26,8 @@ from tensorstore_llm.io.export_partials import (
 )
 from tensorstore_llm.io.hf_dir import HFCheckpointSource
 from tensorstore_llm.store import Store
+
+from conftest import run_tsllm
 
 
 @pytest.fixture(scope="module")

@@ -17,33 +17,17 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tensorstore_llm.store import Store  # noqa: E402
 
-
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _adapter(model, path, config):
-    pm = peft.get_peft_model(model, config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(str(path))
-    return pm
+from helpers import random_peft_adapter, tiny_llama  # noqa: E402
 
 
 @pytest.fixture()
 def models(tmp_path):
     """A base and another model of the same shapes (directories), and a LoRA adapter of the base."""
-    _tiny(0).save_pretrained(tmp_path / "base")
-    _tiny(1).save_pretrained(tmp_path / "other")
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tiny_llama(1).save_pretrained(tmp_path / "other")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"],
                           rank_pattern={"down_proj": 2}, modules_to_save=["lm_head"])
-    _adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter", cfg)
+    random_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter", cfg)
     return tmp_path
 
 
@@ -65,8 +49,9 @@ def test_import_export_round_trip_loads_in_peft_with_the_same_logits(models, cli
     assert art.kind == "lora" and art.manifest.info_schema == "lora/1"
     assert info["base"]["id"] == Store(s).get("b0").id
     base_sums = Store(s).get("b0").manifest.checksums()
-    assert set(info["base"]["checksums"]) == {f"model.layers.{i}.{m}.weight" for i in range(2)
-                                              for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")} | {"lm_head.weight"}
+    targets = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    assert set(info["base"]["checksums"]) == ({f"model.layers.{i}.{m}.weight" for i in range(2) for m in targets}
+                                              | {"lm_head.weight"})
     assert all(base_sums[n] == c for n, c in info["base"]["checksums"].items())
     assert info["ranks"]["model.layers.0.mlp.down_proj"] == 2 and info["dora"]
     code, _, err = cli("--store", s, "lora", "export", "ad", models / "exported")
@@ -104,7 +89,7 @@ def test_merge_from_artifact_binds_to_its_base(models, cli):
     assert code == 6 and "--transfer" in err and "weight" in err and err.count("\n") == 1
     assert len(Store(s).list()) == count
     # --transfer: done, reported, recorded in the lineage
-    code, out, err = cli("--store", s, "lora", "merge", "other0", "ad", "--transfer", "--name", "moved")
+    code, _out, err = cli("--store", s, "lora", "merge", "other0", "ad", "--transfer", "--name", "moved")
     assert code == 0 and "transfer" in err
     recipe = Store(s).get("moved").manifest.recipe
     assert recipe["transfer"]["from"]["id"] == Store(s).get("base0").id and recipe["transfer"]["mismatched"]
@@ -116,7 +101,8 @@ def test_prefix_tuning_adapter_is_stored_but_never_merged(models, cli):
     pm = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
     pm.save_pretrained(str(models / "prefix"))
     s = str(models / "store")
-    code, _, err = cli("-q", "--store", s, "lora", "import", models / "prefix", "--base", models / "base", "--name", "px")
+    code, _, err = cli("-q", "--store", s, "lora", "import", models / "prefix", "--base", models / "base", "--name",
+                       "px")
     assert code == 0, err
     art = Store(s).get("px")
     assert art.manifest.info["peft_type"] == "PREFIX_TUNING" and art.manifest.info["num_params"] == 5 * 2 * 2 * 32
@@ -172,7 +158,7 @@ def test_qlora_merge_into_the_nf4_base_reports_q_over_delta_and_requantises(mode
     from tensorstore_llm.lora.nf4 import nf4_roundtrip
 
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    _adapter(transformers.AutoModelForCausalLM.from_pretrained(models / "base"), models / "qlora", cfg)
+    random_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(models / "base"), models / "qlora", cfg)
     s = str(models / "store")
     code, out, err = cli("--store", s, "lora", "merge", models / "base", models / "qlora", "--base-quant", "nf4",
                          "--requantize", "nf4", "-o", models / "merged")

@@ -122,7 +122,7 @@ def test_non_finite_delta_and_bad_method_are_refused():
     base = torch.zeros(8, 16)
     ft = torch.ones(8, 16)
     ft[3, 5] = float("nan")
-    with pytest.raises(NonFiniteValues, match="module layers.2.q_proj: ft - base has NaN or infinite"):
+    with pytest.raises(NonFiniteValues, match=r"module layers\.2\.q_proj: ft - base has NaN or infinite"):
         lora_extract_op(SimpleNamespace(seed=0), LoraExtractParams(rank=2, module="layers.2.q_proj"), base, ft)
     with pytest.raises(ValueError, match="method"):
         LoraExtractParams(rank=2, module="m", method="lanczos")

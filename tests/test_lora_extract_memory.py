@@ -33,7 +33,8 @@ def test_randomized_extract_op_matches_plain_formula_bitwise(dtype):
                        generator=seed_for(11, "lora_extract", params.module))
     a, b, rec = factor_names(params.module)
     assert torch.equal(out[a], ref.A) and torch.equal(out[b], ref.B)
-    assert out[rec].dtype == torch.float32 and float(out[rec][0]) == float(torch.tensor(ref.delta_energy, dtype=torch.float32))
+    energy = float(torch.tensor(ref.delta_energy, dtype=torch.float32))
+    assert out[rec].dtype == torch.float32 and float(out[rec][0]) == energy
     assert torch.equal(base, base_before) and torch.equal(ft, ft_before)    # inputs never written to
 
 

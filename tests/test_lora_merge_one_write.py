@@ -21,10 +21,10 @@ import torch
 peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e .[test]); LoRA -o tests skipped")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from safetensors.torch import load_file  # noqa: E402
-
 from tensorstore_llm import __version__  # noqa: E402
 from tensorstore_llm.store import Store  # noqa: E402
+
+from helpers import dir_tensors  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,13 +53,6 @@ def _files(path) -> dict[str, bytes]:
     return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
 
 
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
 def test_one_write_equals_two_writes_and_peft_and_records_lineage(tmp_path, cli, pair):
     base, adapter, merged = pair
     one, two = tmp_path / "one", tmp_path / "two"
@@ -80,7 +73,7 @@ def test_one_write_equals_two_writes_and_peft_and_records_lineage(tmp_path, cli,
     assert "adapter_config.json" not in files_one      # transformers would load the directory as an adapter
 
     # PEFT's merge_and_unload(), bit for bit (whole tensors in fp32, as PEFT computes them)
-    written = _tensors(one)
+    written = dir_tensors(one)
     expected = merged.state_dict()
     assert sorted(written) == sorted(expected)
     for name, value in expected.items():
@@ -165,4 +158,4 @@ def test_kill_9_leaves_nothing_in_place_and_the_rerun_resumes_to_the_same_bytes(
     parent, name = os.path.split(str(out))
     assert glob.glob(os.path.join(parent, f".{name}.tsllm-partial-*")) == []
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(_tensors(reference))
+    assert set(index["weight_map"]) == set(dir_tensors(reference))

@@ -28,7 +28,8 @@ try:
     import bitsandbytes.functional as bnbF
     BNB_REASON = None
 except Exception as e:  # ImportError, or a broken native library
-    bnbF, BNB_REASON = None, f"bitsandbytes does not import here ({type(e).__name__}: {e}); NF4 checked against the direct codebook only"
+    bnbF, BNB_REASON = None, (f"bitsandbytes does not import here ({type(e).__name__}: {e}); NF4 checked against "
+                              "the direct codebook only")
 
 needs_bnb = pytest.mark.skipif(bnbF is None, reason=BNB_REASON or "")
 
@@ -61,7 +62,8 @@ def direct_nf4(x, blocksize=64):
             d = (v - NF4_CODE).abs()
             idx.append(int(torch.nonzero(d == d.min())[0]))
     idx = torch.tensor(idx)
-    deq = torch.stack([NF4_CODE[i] for i in idx]) * torch.repeat_interleave(torch.stack(absmax), blocksize)[:idx.numel()]
+    scales = torch.repeat_interleave(torch.stack(absmax), blocksize)[:idx.numel()]
+    deq = torch.stack([NF4_CODE[i] for i in idx]) * scales
     return idx, torch.stack(absmax), deq.reshape(x.shape)
 
 
@@ -84,9 +86,11 @@ def test_double_quant_absmax_close_and_roundtrip_error_bounded():
     # 8-bit code, worst case: half the widest gap, plus the CPU kernel's table step (2 / 65535)
     half_gap = float((dynamic_map()[1:] - dynamic_map()[:-1]).max()) / 2 + 2 / (LUT_SIZE - 1)
     err_absmax = (double.block_absmax() - single.absmax).abs()
-    assert bool((err_absmax <= half_gap * double.absmax2.repeat_interleave(256)[: err_absmax.numel()] * (1 + 1e-6)).all())
+    absmax2 = double.absmax2.repeat_interleave(256)[: err_absmax.numel()]
+    assert bool((err_absmax <= half_gap * absmax2 * (1 + 1e-6)).all())
     err = (dequantize_nf4(double) - x).abs()
-    bound = double.block_absmax().repeat_interleave(64)[: x.numel()].reshape(x.shape) * 0.17   # half the widest code gap
+    # half the widest code gap
+    bound = double.block_absmax().repeat_interleave(64)[: x.numel()].reshape(x.shape) * 0.17
     assert bool((err <= bound).all())
 
 
@@ -298,7 +302,7 @@ def test_awq_dequantize_matches_direct_formula(bits):
 
 def test_packed_shape_errors_name_the_layer():
     q = torch.zeros(8, 16, dtype=torch.int32)
-    with pytest.raises(ShapeMismatch, match="layers.0.q_proj"):
+    with pytest.raises(ShapeMismatch, match=r"layers\.0\.q_proj"):
         dequantize_awq(q, torch.zeros(1, 16, dtype=torch.int32), torch.zeros(3, 128), name="layers.0.q_proj")
     with pytest.raises(FormatError, match="3-bit"):
         dequantize_gptq(q, q, torch.zeros(1, 16), bits=3, name="x")

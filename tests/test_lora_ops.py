@@ -38,7 +38,8 @@ def module(name, out, inp, r, seed, kind="linear", fif=False, scaling=2.0, magni
     A = torch.randn(r, inp, generator=gen)   # embeddings too: PEFT's lora_embedding_A is (r, num_embeddings)
     B = torch.randn(out, r, generator=gen)
     mag = torch.rand(out, generator=gen) + 0.5 if magnitude else None
-    return ModuleLora(module=name, kind=kind, A=A, B=B, scaling=scaling, alpha=scaling * r, fan_in_fan_out=fif, magnitude=mag)
+    return ModuleLora(module=name, kind=kind, A=A, B=B, scaling=scaling, alpha=scaling * r, fan_in_fan_out=fif,
+                      magnitude=mag)
 
 
 # ------------------------------------------------------------------ streamed rows == whole tensor
@@ -97,7 +98,7 @@ def _adapter(mods, **cfg):
 def test_combine_linear_is_exact_weighted_sum_of_full_deltas():
     a1 = _adapter([module("l.0.q", 24, 16, 4, 10, scaling=2.0), module("l.0.v", 24, 16, 2, 11, scaling=0.5)])
     a2 = _adapter([module("l.0.q", 24, 16, 3, 12, scaling=1.5), module("l.1.q", 24, 16, 5, 13, scaling=1.0)])
-    combined, report = T.combine_adapters([a1, a2], [0.7, -0.4])
+    combined, _report = T.combine_adapters([a1, a2], [0.7, -0.4])
     def full(ad, k):
         m = ad.modules.get(k)
         return m.scaling * (m.B @ m.A) if m is not None else torch.zeros(24, 16)
@@ -236,7 +237,8 @@ def test_pissa_residual_plus_adapter_is_w0_and_adapter_is_top_r():
     back = merge_module(residual["fc.weight"], m)
     torch.testing.assert_close(back, W, rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(W.abs().max()))
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    torch.testing.assert_close(m.scaling * (m.B.double() @ m.A.double()), (U[:, :6] * S[:6]) @ Vh[:6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.scaling * (m.B.double() @ m.A.double()), (U[:, :6] * S[:6]) @ Vh[:6], rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_goat_experts_take_disjoint_segments_and_reproduce_w0():
@@ -255,7 +257,8 @@ def test_goat_experts_take_disjoint_segments_and_reproduce_w0():
 
 
 def test_adapter_drop_lowest_layers_and_named_modules(tmp_path):
-    mods = [module(f"model.layers.{i}.self_attn.{p}", 16, 16, 2, i * 2 + j) for i in range(4) for j, p in enumerate(("q_proj", "v_proj"))]
+    mods = [module(f"model.layers.{i}.self_attn.{p}", 16, 16, 2, i * 2 + j)
+            for i in range(4) for j, p in enumerate(("q_proj", "v_proj"))]
     ad = _adapter(mods, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     kept, report = T.drop_layers(ad, lowest=2)
     assert sorted(kept.modules) == [f"model.layers.{i}.self_attn.{p}" for i in (2, 3) for p in ("q_proj", "v_proj")]
@@ -284,7 +287,8 @@ def test_build_adapter_rank_pattern_and_scaling_round_trip(tmp_path):
 
 
 def test_extract_from_real_fine_tune_logits_approach_fine_tune_as_rank_grows():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed; fine-tune extraction test skipped")
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers is not installed; fine-tune extraction test skipped")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

@@ -58,11 +58,13 @@ CASES = {
     "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "up_proj"]),
     "patterns": lambda: peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"],
-        rank_pattern={"layers.0.self_attn.q_proj": 2, "o_proj": 6}, alpha_pattern={"k_proj": 3, "layers.1.self_attn.o_proj": 5}),
+        rank_pattern={"layers.0.self_attn.q_proj": 2, "o_proj": 6},
+        alpha_pattern={"k_proj": 3, "layers.1.self_attn.o_proj": 5}),
     "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj"]),
     "embedding": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
     "embedding_dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"]),
-    "modules_to_save": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    "modules_to_save": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                               modules_to_save=["lm_head"]),
 }
 
 
@@ -240,7 +242,7 @@ def _rewrite(path, mutate_config=None, mutate_tensors=None):
 def test_pickle_adapter_refused(saved_adapter):
     os.remove(saved_adapter / "adapter_model.safetensors")
     (saved_adapter / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with pytest.raises(UnsafeFormat, match="adapter_model.bin"):
+    with pytest.raises(UnsafeFormat, match=r"adapter_model\.bin"):
         read_adapter(str(saved_adapter))
 
 
@@ -272,7 +274,7 @@ def test_missing_target_module_and_bad_shapes_refused(saved_adapter):
     adapter = read_adapter(str(saved_adapter))
     missing = dict(base)
     del missing["model.layers.1.mlp.down_proj.weight"]
-    with pytest.raises(TensorNotFound, match="model.layers.1.mlp.down_proj"):
+    with pytest.raises(TensorNotFound, match=r"model\.layers\.1\.mlp\.down_proj"):
         merge_state_dict(missing, adapter)
     wrong = dict(base)
     wrong["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 48)

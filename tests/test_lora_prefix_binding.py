@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e .[test]); prefix binding tests skipped")
+peft = pytest.importorskip("peft",
+                           reason="PEFT is not installed (pip install -e .[test]); prefix binding tests skipped")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -80,7 +81,8 @@ def test_prefix_binding_records_config_and_attention_checksums(models, cli):
 @pytest.mark.parametrize("what", ["other", "embedding", "attention", "config", "layers"])
 def test_prefix_on_another_base_is_refused_with_nothing_written(models, cli, what):
     s = str(models / "store")
-    assert cli("-q", "--store", s, "lora", "import", models / "prefix", "--base", models / "base", "--name", "px")[0] == 0
+    assert cli("-q", "--store", s, "lora", "import", models / "prefix", "--base", models / "base", "--name",
+               "px")[0] == 0
     if what == "other":
         base, words = models / "other", "model.embed_tokens.weight"
     elif what == "embedding":

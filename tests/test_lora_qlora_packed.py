@@ -17,18 +17,18 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e .[quant]); "
                           "packed NF4 checked against bnb_state tests in test_lora_nf4.py only")
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file  # noqa: E402
 
-from tensorstore_llm.errors import RecipeError, ShapeMismatch
-from tensorstore_llm.lora import nf4 as N
-from tensorstore_llm.lora.api import merge_adapter
-from tensorstore_llm.lora.qlora import qlora_merge
-from tensorstore_llm.store import Store
-from tensorstore_llm.testing.qlora_fixtures import write_adapter, write_base
+from tensorstore_llm.errors import RecipeError, ShapeMismatch  # noqa: E402
+from tensorstore_llm.lora import nf4 as N  # noqa: E402
+from tensorstore_llm.lora.api import merge_adapter  # noqa: E402
+from tensorstore_llm.lora.qlora import qlora_merge  # noqa: E402
+from tensorstore_llm.store import Store  # noqa: E402
+from tensorstore_llm.testing.qlora_fixtures import write_adapter, write_base  # noqa: E402
 
 # in_features multiples of 64 (hidden 64, intermediate 192); a vocabulary and lm_head that are not
-SIZES = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "tie_word_embeddings": False}
+SIZES = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
 CASES = {
     "plain-embedding": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]},
     "dora": {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["k_proj", "gate_proj"]},
@@ -86,9 +86,8 @@ def test_packed_merge_equals_transformers_own_4bit_checkpoint(tmp_path, cli, cas
         for name in [k[: -len(".quant_state.bitsandbytes__nf4")] for k in ours if k.endswith("bitsandbytes__nf4")]:
             expected = roundtrip[name] if name in dense_report["changed"] else N.nf4_roundtrip(base[name])
             mine = N.dequantize_nf4(N.from_bnb_state_dict(ours, name))
-            param = bnb.nn.Params4bit.from_prequantized(
-                data=ours[name], quantized_stats={k[len(name) + 1:]: v for k, v in ours.items() if k.startswith(name + ".")},
-                device="cpu")
+            stats = {k[len(name) + 1:]: v for k, v in ours.items() if k.startswith(name + ".")}
+            param = bnb.nn.Params4bit.from_prequantized(data=ours[name], quantized_stats=stats, device="cpu")
             theirs = bnb.functional.dequantize_4bit(param.data, param.quant_state)
             assert torch.equal(mine, expected) and torch.equal(theirs, expected), name
     with torch.no_grad():

@@ -26,7 +26,8 @@ from tensorstore_llm.testing.qlora_fixtures import write_adapter, write_base  # 
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=99, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
 CASES = {
-    "plain-embedding": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"]),
+    "plain-embedding": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj",
+                                                               "embed_tokens"]),
     "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "gate_proj", "down_proj"]),
 }
 
@@ -54,8 +55,8 @@ def test_streamed_qlora_merge_equals_in_memory_bit_for_bit(tmp_path, cli, case, 
     extra = ["--requantize", "nf4"] if requantize else []
     for budget in ("64M", "24K"):                  # whole tensors, then row blocks cutting 64-blocks
         out = tmp_path / f"out-{budget}"
-        code, _, err = cli("-q", "--store", tmp_path / "store", "lora", "merge", tmp_path / "base", tmp_path / "adapter",
-                           "--base-quant", "nf4", *extra, "--max-memory", budget, "-o", out)
+        code, _, err = cli("-q", "--store", tmp_path / "store", "lora", "merge", tmp_path / "base",
+                           tmp_path / "adapter", "--base-quant", "nf4", *extra, "--max-memory", budget, "-o", out)
         assert code == 0, err
         merged = _load(out)
         assert set(merged) == set(expected)
@@ -173,7 +174,7 @@ def test_cli_sends_an_already_quantised_base_to_the_in_memory_path(tmp_path, cli
     config = json.loads((tmp_path / "dense" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (tmp_path / "bnb" / "config.json").write_text(json.dumps(config))
-    code, out, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "bnb", tmp_path / "adapter",
+    code, _out, err = cli("--store", tmp_path / "store", "lora", "merge", tmp_path / "bnb", tmp_path / "adapter",
                          "--base-quant", "nf4", "-o", tmp_path / "out")
     assert code == 0, err
     merge_adapter(str(tmp_path / "bnb"), str(tmp_path / "adapter"), str(tmp_path / "ref"), base_quant="nf4")

@@ -4,23 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e .[test]); real-model LoRA test skipped")
+peft = pytest.importorskip("peft",
+                           reason="PEFT is not installed (pip install -e .[test]); real-model LoRA test skipped")
 pytest.importorskip("transformers", reason="transformers is not installed; real-model LoRA test skipped")
 
 from tensorstore_llm.errors import FormatError  # noqa: E402
 from tensorstore_llm.lora.merge import merge_state_dict  # noqa: E402
 from tensorstore_llm.lora.peft_format import read_adapter  # noqa: E402
 
+from helpers import smollm2_or_skip  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def smollm2():
     """(checkpoint path, fp32 state dict) of the real SmolLM2-135M."""
-    from tensorstore_llm.testing.real_models import smollm2_checkpoint
-
-    try:
-        path = smollm2_checkpoint("bfloat16")
-    except FormatError as e:
-        pytest.skip(f"SmolLM2-135M is not available: {e}")
+    path = smollm2_or_skip("bfloat16")
     return path, {k: v.clone() for k, v in _load(path).state_dict().items()}
 
 

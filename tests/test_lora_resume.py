@@ -7,9 +7,9 @@ from __future__ import annotations
 import glob
 import os
 
-from conftest import kill_after_journal_lines, run_tsllm
-
 from tensorstore_llm.store import Store
+
+from conftest import kill_after_journal_lines, run_tsllm
 
 
 def _import_base(cli, root, base_dir):
@@ -35,7 +35,8 @@ def test_extract_from_a_diff_equals_extract_from_the_finetune(tmp_path, cli, tin
                          "--name", "direct", "--seed", "3")
     assert code == 0, err
     for ref in ("d1", "ft1d"):        # no --base: the parent is the base
-        code, out, err = cli("--store", s, "lora", "extract", ref, "--rank", "4", "--name", f"from-{ref}", "--seed", "3")
+        code, out, err = cli("--store", s, "lora", "extract", ref, "--rank", "4", "--name", f"from-{ref}", "--seed",
+                             "3")
         assert code == 0, err
         assert "captured energy" in out
     direct = store.get("direct")
@@ -56,7 +57,8 @@ def test_extract_from_a_diff_equals_extract_from_the_finetune(tmp_path, cli, tin
     assert code == 0, err
     assert store.get("dir-base").manifest.tensors == direct.manifest.tensors
     # a delta-stored checkpoint is a whole model: it may be compared with another base
-    code, _, err = cli("-q", "--store", s, "lora", "extract", "ft1d", "--base", "other", "--rank", "4", "--name", "vs-other")
+    code, _, err = cli("-q", "--store", s, "lora", "extract", "ft1d", "--base", "other", "--rank", "4", "--name",
+                       "vs-other")
     assert code == 0, err
     assert store.get("vs-other").manifest.info["base"]["id"] == store.get("other").id
     # a diff whose parent is not --base is refused, and nothing is written
@@ -128,7 +130,8 @@ def test_kill_during_svd_init_then_resume_bit_identical(tmp_path, cli, small_fam
     rerun = run_tsllm(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert _resumed(rerun.stdout) >= 6
-    code, out, err = cli("-q", "--store", clean, "lora", "init", "b0", "--method", "goat", "--experts", "2", "--rank", "4")
+    code, out, err = cli("-q", "--store", clean, "lora", "init", "b0", "--method", "goat", "--experts", "2", "--rank",
+                         "4")
     assert code == 0, err
     ids = out.split()
     store = Store(root)

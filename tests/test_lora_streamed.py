@@ -16,6 +16,8 @@ from safetensors.torch import load_file  # noqa: E402
 from tensorstore_llm import api  # noqa: E402
 from tensorstore_llm.store import Store  # noqa: E402
 
+from helpers import random_peft_adapter, tiny_llama  # noqa: E402
+
 CASES = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
     "rslora-patterns": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "down_proj"],
@@ -25,28 +27,10 @@ CASES = {
 }
 
 
-def _tiny(dtype):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def _adapter(model, path, config):
-    pm = peft.get_peft_model(model, config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(str(path))
-    return pm
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streamed_merge_equals_peft(tmp_path, cli, case):
-    _tiny(torch.float32).save_pretrained(tmp_path / "base")
-    pm = _adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
+    tiny_llama(dtype=torch.float32).save_pretrained(tmp_path / "base")
+    pm = random_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
                   peft.LoraConfig(**CASES[case]))
     expected = {k: v for k, v in pm.merge_and_unload().state_dict().items()}
     s = str(tmp_path / "store")
@@ -63,13 +47,14 @@ def test_streamed_merge_equals_peft(tmp_path, cli, case):
             else:                    # tiny row blocks: BLAS may sum the r products in another order
                 assert torch.allclose(merged[name], value, rtol=1e-6, atol=1e-7), (case, budget, name)
     art = Store(s).list()[-1]
-    assert art.manifest.recipe["op"] == "lora_merge" and [p["role"] for p in art.manifest.parents] == ["base", "adapter"]
+    assert art.manifest.recipe["op"] == "lora_merge" and [p["role"] for p in art.manifest.parents] == ["base",
+                                                                                                       "adapter"]
 
 
 def test_bf16_base_rounds_once(tmp_path):
-    _tiny(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(tmp_path / "base")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    _adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16),
+    random_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16),
              tmp_path / "adapter", cfg)
     store = Store(str(tmp_path / "store"))
     result = api.lora_merge(store, str(tmp_path / "base"), str(tmp_path / "adapter"), scale=0.5,
@@ -87,11 +72,11 @@ def test_bf16_base_rounds_once(tmp_path):
 
 
 def test_bad_adapters_are_clear_errors_and_write_nothing(tmp_path, cli):
-    _tiny(torch.float32).save_pretrained(tmp_path / "base")
-    _adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
+    tiny_llama(dtype=torch.float32).save_pretrained(tmp_path / "base")
+    random_peft_adapter(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter",
              peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     s = str(tmp_path / "store")
-    other = _tiny(torch.float32)
+    other = tiny_llama(dtype=torch.float32)
     other.config.hidden_size = 64
     # a base whose q_proj has another shape: the adapter does not fit
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -66,7 +66,8 @@ def _adapter(store_root, ref):
 def test_extract_recovers_an_exactly_low_rank_delta(env, cli):
     tmp, s, base, _ = env
     gen = torch.Generator().manual_seed(5)
-    exact = {m: torch.randn(s_[0], 3, generator=gen) @ torch.randn(3, s_[1], generator=gen) * 0.01 for m, s_ in SHAPES.items()}
+    exact = {m: torch.randn(s_[0], 3, generator=gen) @ torch.randn(3, s_[1], generator=gen) * 0.01
+             for m, s_ in SHAPES.items()}
     ft = {k: (v + exact[k[: -len(".weight")]] if k[: -len(".weight")] in exact else v) for k, v in base.items()}
     _save(ft, tmp / "ft")
     code, out, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--rank", "3", "--name", "ex",
@@ -82,20 +83,22 @@ def test_extract_recovers_an_exactly_low_rank_delta(env, cli):
     assert art.manifest.info["base"]["id"] == Store(s).get("b0").id
     assert [p["role"] for p in art.manifest.parents] == ["base", "finetuned"]
     # --energy: the smallest rank whose singular values keep the fraction
-    code, out, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--energy", "0.8", "--name", "ex8")
+    code, out, err = cli("--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--energy", "0.8", "--name",
+                         "ex8")
     assert code == 0, err
     for m, d in exact.items():
         S = torch.linalg.svdvals(d.double())
         cum = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
         assert _adapter(s, "ex8").ranks()[m] == int((cum < 0.8 - 1e-12).sum()) + 1
     # the same seed gives the same adapter
-    assert cli("-q", "--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--rank", "3", "--name", "ex-again")[0] == 0
+    assert cli("-q", "--store", s, "lora", "extract", tmp / "ft", "--base", "b0", "--rank", "3", "--name",
+               "ex-again")[0] == 0
     assert Store(s).get("ex-again").id == Store(s).get("ex").id
 
 
 def test_resize_equals_truncated_svd_of_the_product(env, cli):
-    tmp, s, _, adapters = env
-    code, out, err = cli("--store", s, "lora", "resize", "a2", "--rank", "2", "--name", "r2")
+    _tmp, s, _, adapters = env
+    code, _out, err = cli("--store", s, "lora", "resize", "a2", "--rank", "2", "--name", "r2")
     assert code == 0, err
     new = _adapter(s, "r2")
     for m in SHAPES:
@@ -104,14 +107,15 @@ def test_resize_equals_truncated_svd_of_the_product(env, cli):
         assert torch.allclose(_delta(new, m), (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-6), m
     assert Store(s).get("r2").manifest.info["base"] == Store(s).get("a2").manifest.info["base"]
     # auto rank pattern under a parameter budget
-    code, out, err = cli("--store", s, "lora", "resize", "a2", "--rank-pattern", "auto", "--budget", "1000", "--name", "ra")
+    code, _out, err = cli("--store", s, "lora", "resize", "a2", "--rank-pattern", "auto", "--budget", "1000",
+                          "--name", "ra")
     assert code == 0, err
     auto = _adapter(s, "ra")
     assert auto.num_params() <= 1000 and len(set(auto.ranks().values())) > 1
 
 
 def test_combine_linear_is_exact_and_refactoring_error_is_eckart_young(env, cli):
-    tmp, s, base, adapters = env
+    _tmp, s, base, adapters = env
     code, _, err = cli("--store", s, "lora", "combine", "a1", "a2", "--weights", "0.7,-0.3", "--name", "c")
     assert code == 0, err
     c = _adapter(s, "c")
@@ -141,7 +145,7 @@ def test_combine_linear_is_exact_and_refactoring_error_is_eckart_young(env, cli)
 
 def test_combine_ties_equals_peft_and_dare_its_seeded_masks(env, cli):
     peft_merge = pytest.importorskip("peft.utils.merge_utils", reason="PEFT is not installed; TIES reference skipped")
-    tmp, s, base, adapters = env
+    _tmp, s, base, adapters = env
     code, _, err = cli("-q", "--store", s, "lora", "combine", "a1", "a2", "--weights", "0.6,0.4", "--method", "ties",
                        "--density", "0.3", "--merge-into", "b0", "--name", "ties")
     assert code == 0, err
@@ -160,12 +164,13 @@ def test_combine_ties_equals_peft_and_dare_its_seeded_masks(env, cli):
             want = base[m + ".weight"] + 0.6 * kept[0] + 0.4 * kept[1]
             assert torch.allclose(d.read(m + ".weight"), want, atol=1e-6), m
     # as an adapter: a TIES delta re-factored to rank r keeps its top-r energy
-    code, out, err = cli("--store", s, "lora", "combine", "a1", "a2", "--weights", "0.6,0.4", "--method", "ties",
+    code, _out, err = cli("--store", s, "lora", "combine", "a1", "a2", "--weights", "0.6,0.4", "--method", "ties",
                          "--density", "0.3", "--rank", "8", "--name", "ties-r8")
     assert code == 0, err
     r8 = _adapter(s, "ties-r8")
     m = "layers.0.mlp.down_proj"
-    full = peft_merge.ties([_delta(adapters[a], m).float() for a in ("a1", "a2")], torch.tensor([0.6, 0.4]), density=0.3)
+    full = peft_merge.ties([_delta(adapters[a], m).float() for a in ("a1", "a2")], torch.tensor([0.6, 0.4]),
+                           density=0.3)
     U, S, Vh = torch.linalg.svd(full.double(), full_matrices=False)
     best = (U[:, :8] * S[:8]) @ Vh[:8]
     assert (_delta(r8, m) - full.double()).norm() <= (best - full.double()).norm() * 1.01

@@ -31,7 +31,7 @@ def _pruned_adapter(pruned_dir: str, path: str, rank: int = 4) -> str:
     factors = {}
     with HFCheckpointSource(pruned_dir) as src:
         for layer in range(4):
-            for role, module in ROLES.items():
+            for _role, module in ROLES.items():
                 out, inp = src.meta(f"model.layers.{layer}.{module}.weight").shape
                 factors[f"model.layers.{layer}.{module}"] = (torch.randn(rank, inp, generator=gen),
                                                              torch.randn(out, rank, generator=gen))
@@ -65,7 +65,7 @@ def test_recovered_product_is_zero_exactly_where_pruned(small_base, store, tmp_p
     info = rec.artifact.manifest.info
     assert info["base"]["id"] == store.get("base").id and info["pruning_plan"] == result.plan_artifact.id
     # merged into the full model with the ordinary LoRA merge: pruned rows / columns stay the base's
-    code, out, err = cli("--store", store.root, "lora", "merge", "base", "full-lora", "--name", "merged")
+    code, _out, err = cli("--store", store.root, "lora", "merge", "base", "full-lora", "--name", "merged")
     assert code == 0, err
     with store.open("base") as b, store.open("merged") as m:
         w, merged = b.read("model.layers.2.mlp.down_proj.weight"), m.read("model.layers.2.mlp.down_proj.weight")
@@ -85,7 +85,8 @@ def test_adapter_fitting_neither_model_is_refused(small_base, store, tmp_path, c
     adapter_dir = write_adapter(build_adapter(bad), str(tmp_path / "bad"))
     with pytest.raises(ShapeMismatch, match="fit neither"):
         recover_adapter(store, adapter_dir, "small-plan", out_dir=str(tmp_path / "out"))
-    code, _, err = cli("--store", store.root, "loram", "recover", adapter_dir, "--plan", "small-plan", "-o", tmp_path / "o2")
+    code, _, err = cli("--store", store.root, "loram", "recover", adapter_dir, "--plan", "small-plan", "-o",
+                       tmp_path / "o2")
     assert code == 6 and "fit neither" in err
     assert len(store.list()) == before and not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "o2")
     code, _, err = cli("--store", store.root, "loram", "recover", adapter_dir, "--plan", "base")

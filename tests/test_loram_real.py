@@ -15,9 +15,10 @@ peft = pytest.importorskip("peft", reason="PEFT is not installed; the real LoRAM
 transformers = pytest.importorskip("transformers")
 
 from tensorstore_llm import api  # noqa: E402
-from tensorstore_llm.errors import FormatError  # noqa: E402
 from tensorstore_llm.loram import recover_adapter  # noqa: E402
 from tensorstore_llm.prune import SearchSettings, prune  # noqa: E402
+
+from helpers import smollm2_or_skip  # noqa: E402
 
 TEXT = ("The lighthouse keeper wrote in his log every night: the lamp was lit at dusk, the wind came from the "
         "north-east, three ships passed the point, and the sea was calm until midnight. ") * 6
@@ -25,12 +26,7 @@ TEXT = ("The lighthouse keeper wrote in his log every night: the lamp was lit at
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tensorstore_llm.testing.real_models import smollm2_checkpoint
-
-    try:
-        return smollm2_checkpoint("bfloat16")
-    except FormatError as e:
-        pytest.skip(f"SmolLM2-135M is not available: {e}")
+    return smollm2_or_skip("bfloat16")
 
 
 def _loss(model, ids):

@@ -28,7 +28,7 @@ def imported(cli, tmp_path, tiny_family):
 def test_unknown_model_names_the_recipe_file_and_key(cli, tmp_path, imported):
     recipe = tmp_path / "ties.yaml"
     recipe.write_text(RECIPE.replace("MODEL", "task-c"))
-    code, out, err = cli("--store", imported, "merge", recipe, "--name", "m")
+    code, _out, err = cli("--store", imported, "merge", recipe, "--name", "m")
     assert code == 3
     assert f"{recipe}: models[1].model: 'task-c' is not an artifact" in err, err
     assert len(Store(imported).list()) == 3   # nothing written

@@ -10,11 +10,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tensorstore_llm.api import convert, import_checkpoint, merge
 from tensorstore_llm.errors import DTypeError, ShapeMismatch
 from tensorstore_llm.testing.synth import write_checkpoint
+
+from helpers import dir_tensors
 
 TASK_ARITHMETIC = ("merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
                    "    parameters: {{weight: 0.7}}\n  - model: {ft2}\n    parameters: {{weight: [0.2, 0.9]}}\n"
@@ -35,14 +37,6 @@ def mixed_family(tmp_path_factory):
             "ft2": write_checkpoint(str(root / "ft2"), "tiny", finetune=2)}
 
 
-def _load_dir(path):
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
 def _mergekit(text, out):
     mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit): comparison skipped")
     import yaml
@@ -52,15 +46,15 @@ def _mergekit(text, out):
     assert mergekit
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out),
               MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    return _load_dir(out)
+    return dir_tensors(out)
 
 
 def _at_a_threshold(family, name, dtype):
     """Entries whose |τ| (computed in ``dtype``, as the merge does) equals the TIES cut-off of a model."""
-    base = _load_dir(family["base"])[name].to(dtype)
+    base = dir_tensors(family["base"])[name].to(dtype)
     tied = torch.zeros(base.shape, dtype=torch.bool)
     for ref, density in zip(("ft1", "ft2"), DENSITIES):
-        tau = (_load_dir(family[ref])[name].to(dtype) - base).float().abs().reshape(-1)
+        tau = (dir_tensors(family[ref])[name].to(dtype) - base).float().abs().reshape(-1)
         k = max(1, int(density * tau.numel()))
         tied |= (tau == tau.kthvalue(tau.numel() - k + 1).values).reshape(base.shape)
     return tied
@@ -117,7 +111,7 @@ def _with_extra(src, dst, name, tensor):
     """A copy of checkpoint ``src`` with one more tensor in a single shard."""
     os.makedirs(dst)
     shutil.copy(os.path.join(src, "config.json"), dst)
-    tensors = _load_dir(src)
+    tensors = dir_tensors(src)
     tensors[name] = tensor
     save_file(tensors, os.path.join(dst, "model.safetensors"))
     return dst

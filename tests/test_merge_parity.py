@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from tensorstore_llm import __version__, api
 from tensorstore_llm.store import Store
+
+from helpers import dir_tensors
 
 
 def _ties(family):
@@ -19,14 +20,6 @@ def _ties(family):
             f"  - model: {family['ft1']}\n    parameters: {{weight: 1.0, density: 0.4}}\n"
             f"  - model: {family['ft2']}\n    parameters: {{weight: [0.2, 0.9], density: 0.6}}\n"
             f"parameters: {{normalize: true}}\ndtype: bfloat16\n")
-
-
-def _tensors(path):
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 def test_merge_o_writes_the_directory_once_and_records_lineage(cli, tmp_path, tiny_family):
@@ -49,7 +42,7 @@ def test_merge_o_writes_the_directory_once_and_records_lineage(cli, tmp_path, ti
     # the same tensors as a merge into the store, bit for bit
     reference = Store(str(tmp_path / "reference"))
     stored = api.merge(reference, _ties(tiny_family), progress=False).artifact
-    written = _tensors(out)
+    written = dir_tensors(out)
     with reference.open(stored.id) as merged:
         assert sorted(written) == sorted(merged.keys()) == sorted(record.manifest.info["tensors"])
         for name in merged.keys():
@@ -77,7 +70,7 @@ def test_keep_artifact_stores_the_checkpoint_too(cli, tmp_path, tiny_family):
     store = Store(root)
     assert [a.kind for a in store.list()] == ["checkpoint"]
     with store.open("m") as merged:
-        written = _tensors(out)
+        written = dir_tensors(out)
         assert all(torch.equal(written[n], merged.read(n)) for n in merged.keys())
     assert (out / "mergekit_config.yml").exists() and (out / "README.md").exists()
     code, _, err = cli("--store", root, "merge", recipe, "--keep-artifact")

@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
+
+from tensorstore_llm.testing.conformance import OpConformance
+
 from newer_method_goldens import (
     karcher_golden,
     multislerp_golden,
     ram_golden,
     sce_golden,
 )
-
-from tensorstore_llm.testing.conformance import OpConformance
 
 SHAPE = (48, 40)
 

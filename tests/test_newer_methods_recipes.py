@@ -5,15 +5,16 @@ mergekit reads them (the ops themselves are in test_newer_methods.py).
 """
 import pytest
 import torch
+
+from tensorstore_llm import api
+from tensorstore_llm.errors import RecipeError
+
 from newer_method_goldens import (
     karcher_golden,
     multislerp_golden,
     ram_golden,
     sce_golden,
 )
-
-from tensorstore_llm import api
-from tensorstore_llm.errors import RecipeError
 
 
 def _recipe(method, family, models=("ft1", "ft2"), base=True, params="", per_model=""):

@@ -4,16 +4,16 @@ bytes as the whole-tensor replay it replaced (mergekit's operations on the whole
 budget that splits every tensor into many row blocks, in fp32 and with ``--arithmetic mergekit``
 in bf16.
 """
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tensorstore_llm import api
 from tensorstore_llm.ops.replay import NuSlerpWholeParams, _mergekit_nuslerp_pair
 from tensorstore_llm.store import Store
 from tensorstore_llm.testing.conformance import OpConformance
+
+from helpers import dir_tensors
 
 
 def _rows_slerp(a, b, t):
@@ -51,10 +51,6 @@ class TestNuslerpRowsDelta(TestNuslerpRows):
         return base + _rows_slerp(m0 - base, m1 - base, w1 / (w0 + w1))
 
 
-def _tensors(path):
-    return {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(path, f)).items()}
-
-
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("arithmetic,dtype", [("fp32", "float32"), ("mergekit", "bfloat16")])
 def test_row_blocks_give_the_whole_tensor_replays_bytes(tmp_path, tiny_family, with_base, arithmetic, dtype):
@@ -67,8 +63,8 @@ def test_row_blocks_give_the_whole_tensor_replays_bytes(tmp_path, tiny_family, w
             f"  - model: {fam['ft2']}\n    parameters: {{weight: 3.0}}\nparameters: {{nuslerp_flatten: false}}\ndtype: {dtype}\n")
     out = tmp_path / "out"
     api.merge(Store(str(tmp_path / "s")), text, out_dir=str(out), progress=False, max_memory="32K", arithmetic=arithmetic)
-    merged = _tensors(str(out))
-    inputs = {k: _tensors(fam[k]) for k in ("base", "ft1", "ft2")}
+    merged = dir_tensors(str(out))
+    inputs = {k: dir_tensors(fam[k]) for k in ("base", "ft1", "ft2")}
     compute = torch.float32 if arithmetic == "fp32" else torch.bfloat16
     params = NuSlerpWholeParams((1.0, 3.0), flatten=False)
     split = 0

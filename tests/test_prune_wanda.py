@@ -12,21 +12,17 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("TSLLM_SKIP_REAL")), reason=
 transformers = pytest.importorskip("transformers")
 
 from tensorstore_llm import api  # noqa: E402
-from tensorstore_llm.errors import FormatError  # noqa: E402
 from tensorstore_llm.prune import prune  # noqa: E402
 from tensorstore_llm.prune.calibrate import token_blocks  # noqa: E402
+
+from helpers import smollm2_or_skip  # noqa: E402
 
 TEXT = "Wanda scores each weight by its magnitude times the norm of the input feature it multiplies. " * 12
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tensorstore_llm.testing.real_models import smollm2_checkpoint
-
-    try:
-        return smollm2_checkpoint("bfloat16")
-    except FormatError as e:
-        pytest.skip(f"SmolLM2-135M is not available: {e}")
+    return smollm2_or_skip("bfloat16")
 
 
 def _reference_norms(path, corpus, layer):
@@ -36,7 +32,8 @@ def _reference_norms(path, corpus, layer):
     blocks = token_blocks(tokenizer, [corpus], 32, 2)
     mlp = model.model.layers[layer].mlp
     seen = []
-    hook = model.model.layers[layer].post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    norm = model.model.layers[layer].post_attention_layernorm
+    hook = norm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     with torch.no_grad():
         for row in blocks:
             model(input_ids=row[None])
@@ -67,5 +64,6 @@ def test_wanda_scores_and_mask_match_the_formula(smollm2, store, tmp_path):
     with store.open("base") as base, store.open("wu") as out:
         w = base.read("model.layers.1.mlp.up_proj.weight")
         s = w.double().abs() * norm
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter(1, torch.sort(s, dim=1, descending=True, stable=True).indices[:, :288], True)
+        top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :288]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter(1, top, True)
         assert torch.equal(out.read("model.layers.1.mlp.up_proj.weight"), torch.where(keep, w, torch.zeros_like(w)))

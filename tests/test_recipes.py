@@ -98,9 +98,9 @@ def test_mergekit_arithmetic_from_the_cli_and_where_it_is_refused(cli, tmp_path,
     s = str(tmp_path / "store")
     recipe = tmp_path / "ties.yaml"
     recipe.write_text(_ties(tiny_family, extra="dtype: bfloat16\n"))
-    code, out, err = cli("--store", s, "merge", str(recipe), "--arithmetic", "mergekit", "--name", "mk")
+    code, _out, err = cli("--store", s, "merge", str(recipe), "--arithmetic", "mergekit", "--name", "mk")
     assert code == 0, err
-    code, out, err = cli("--store", s, "merge", str(recipe), "--name", "fp32")
+    code, _out, err = cli("--store", s, "merge", str(recipe), "--name", "fp32")
     assert code == 0, err
     from tensorstore_llm.store import Store
     st = Store(s)

@@ -139,5 +139,5 @@ def test_codec_parameters_of_the_wrong_type_or_domain_are_codec_errors(cli, tmp_
     for codec, param, named in (("low-rank", "rank=abc", "rank"), ("low-rank", "rank=2.5", "rank"),
                                 ("low-rank", "rank=-1", "rank"), ("low-rank", "energy=1.5", "energy"),
                                 ("bitdelta", "per_row=1", "per_row")):
-        code, out, err = cli("--store", s, "diff", "ft", "--base", "base", "--codec", codec, "--param", param)
+        code, _out, err = cli("--store", s, "diff", "ft", "--base", "base", "--codec", codec, "--param", param)
         assert code == 4 and named in err and "Traceback" not in err, (codec, param, code, err)

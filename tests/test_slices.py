@@ -4,23 +4,15 @@ output on the same generated models (mergekit, when installed); a multi-source s
 per-slice parameters and gradients equals a direct formula; bad layer ranges fail before work."""
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tensorstore_llm import api
 from tensorstore_llm.errors import RecipeError
 from tensorstore_llm.store import Store
 
-
-def _tensors(path):
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
+from helpers import dir_tensors
 
 
 def _config(path):
@@ -52,6 +44,13 @@ def _moved(tensors, source_layer, layer):
     return {name.replace(old, new): value for name, value in tensors.items() if old in name}
 
 
+def _layers_from(origin, sources):
+    """The layer tensors a frankenmerge holds: for each new layer, those of ``origin[layer]`` =
+    (model, its layer) taken from ``sources[model]`` and renamed to the new layer."""
+    return {name: value for layer, (model, source_layer) in origin.items()
+            for name, value in _moved(sources[model], source_layer, layer).items()}
+
+
 def _frankenmerge(family):
     """4 layers from 2-layer models: ft1's layer 0, ft2's layers 0-1, base's layer 1 (scaled o_proj)."""
     return (f"merge_method: passthrough\nslices:\n"
@@ -76,15 +75,13 @@ def _task_arithmetic_slices(family):
 
 def test_frankenmerge_layers_names_config_and_values(tmp_path, tiny_family):
     out = _merge(tmp_path, _frankenmerge(tiny_family), max_shard_size="40K")
-    merged = _tensors(out)
+    merged = dir_tensors(out)
     assert _config(out)["num_hidden_layers"] == 4
-    src = {k: _tensors(v) for k, v in tiny_family.items()}
-    origin = {0: ("ft1", 0), 1: ("ft2", 0), 2: ("ft2", 1), 3: ("base", 1)}
-    expected = {}
-    for layer, (model, source_layer) in origin.items():
-        for name, value in _moved(src[model], source_layer, layer).items():
-            scale = 0.5 if model == "base" and "o_proj" in name else 1.0
-            expected[name] = value if scale == 1 else (value.float() * scale).to(value.dtype)
+    src = {k: dir_tensors(v) for k, v in tiny_family.items()}
+    expected = _layers_from({0: ("ft1", 0), 1: ("ft2", 0), 2: ("ft2", 1), 3: ("base", 1)}, src)
+    for name, value in expected.items():       # the base's layer (now 3) has its o_proj scaled by 0.5
+        if ".layers.3." in name and "o_proj" in name:
+            expected[name] = (value.float() * 0.5).to(value.dtype)
     expected["model.embed_tokens.weight"] = src["ft1"]["model.embed_tokens.weight"]       # first slice
     expected["model.norm.weight"] = src["base"]["model.norm.weight"]                       # last slice
     expected["lm_head.weight"] = src["base"]["lm_head.weight"]
@@ -116,7 +113,7 @@ def test_multi_source_slices_with_per_slice_parameters(tmp_path, tiny_family):
             f"    parameters: {{weight: 0.25}}\n"
             f"dtype: float32\nout_dtype: float32\n")
     out = _merge(tmp_path, text)
-    merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
+    merged, sx, sy = dir_tensors(out), dir_tensors(x), dir_tensors(y)
     name = "model.layers.{}.mlp.up_proj.weight"
     # slice 0, layer 0: t = 0, weights (1, 1); layer 1: t = 1, weights (0, 1)
     assert torch.allclose(merged[name.format(0)], (sx[name.format(0)].float() + sy[name.format(0)].float()) / 2, atol=1e-7)
@@ -134,7 +131,7 @@ def test_matches_mergekit(tmp_path, tiny_family, recipe, atol):
     pytest.importorskip("mergekit")
     text = recipe(tiny_family)
     mk, ours = _mergekit(tmp_path, text), _merge(tmp_path, text)
-    theirs, merged = _tensors(mk), _tensors(ours)
+    theirs, merged = dir_tensors(mk), dir_tensors(ours)
     assert sorted(theirs) == sorted(merged)
     for name in theirs:
         torch.testing.assert_close(merged[name], theirs[name], atol=atol, rtol=0, msg=name)
@@ -177,13 +174,13 @@ def test_overlapping_slices_stack_layers_as_mergekit(tmp_path, tiny_family):
             f"  - sources: [{{model: {y}, layer_range: [1, 2]}}]\n"
             f"dtype: bfloat16\n")
     out = _merge(tmp_path, text)
-    merged, sx, sy = _tensors(out), _tensors(x), _tensors(y)
-    origin = {0: (sx, 0), 1: (sx, 1), 2: (sx, 0), 3: (sx, 1), 4: (sy, 1)}
-    for layer, (src, source_layer) in origin.items():
-        for name, value in _moved(src, source_layer, layer).items():
-            assert torch.equal(merged[name], value), (layer, name)
+    merged, src = dir_tensors(out), {"ft1": dir_tensors(x), "ft2": dir_tensors(y)}
+    expected = _layers_from({0: ("ft1", 0), 1: ("ft1", 1), 2: ("ft1", 0), 3: ("ft1", 1), 4: ("ft2", 1)}, src)
+    assert len(expected) == 5 * len(_moved(src["ft1"], 0, 0))
+    for name, value in expected.items():
+        assert torch.equal(merged[name], value), name
     assert _config(out)["num_hidden_layers"] == 5
     if importlib.util.find_spec("mergekit") is not None:
-        theirs = _tensors(_mergekit(tmp_path, text))
+        theirs = dir_tensors(_mergekit(tmp_path, text))
         assert sorted(theirs) == sorted(merged)
         assert all(torch.equal(theirs[name], merged[name]) for name in theirs)

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tensorstore_llm import api
 from tensorstore_llm.errors import RecipeError, TokenizerError
 from tensorstore_llm.store import Store
 from tensorstore_llm.testing.synth import LlamaShape, llama_config, tensor_metas
+
+from helpers import dir_tensors
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -72,11 +74,6 @@ def vocab_family(tmp_path_factory):
             enumerate([("a", tok_a), ("b", tok_b), ("c", tok_c), ("d", tok_d)])}
 
 
-def _tensors(path):
-    return load_file(os.path.join(path, "model.safetensors")) if os.path.exists(os.path.join(path, "model.safetensors")) \
-        else {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors") for k, v in load_file(os.path.join(path, f)).items()}
-
-
 def _vocab(path):
     from transformers import AutoTokenizer
 
@@ -99,7 +96,7 @@ def test_union_linear_rows_follow_the_rules(tmp_path, vocab_family):
     assert set(vocab) == set(va) | set(vb)
     assert all(vocab[t] == i for t, i in va.items())               # the base (first) model's ids stay
     assert json.loads(Path(out, "config.json").read_text())["vocab_size"] == len(vocab)
-    merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+    merged, ta, tb = dir_tensors(out), dir_tensors(a), dir_tensors(b)
     for name in VOCAB_NAMES:
         assert merged[name].shape == (len(vocab), 64)
         for token, i in vocab.items():
@@ -129,7 +126,7 @@ tokenizer:
 def _rows_by_rule(vocab, rows, own, fill):
     """A model's rows in the output vocabulary: its own row, else the fill; padding: the mean."""
     out = []
-    for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+    for token, _i in sorted(vocab.items(), key=lambda kv: kv[1]):
         out.append(own(token) if own(token) is not None else fill(token))
     out = torch.stack(out)
     return torch.cat([out, out.mean(0, keepdim=True).expand(rows - len(vocab), -1)])
@@ -145,7 +142,7 @@ def test_tokens_block_force_sources_and_padding(tmp_path, vocab_family):
     assert set(vocab) == set(va) | set(vb) | {"<new>"}
     rows = -(-len(vocab) // 64) * 64
     assert rows > len(vocab) and json.loads(Path(out, "config.json").read_text())["vocab_size"] == rows
-    merged, ta, tb = _tensors(out), _tensors(a), _tensors(b)
+    merged, ta, tb = dir_tensors(out), dir_tensors(a), dir_tensors(b)
     zero = torch.zeros(64)
     for name in VOCAB_NAMES:
 
@@ -174,12 +171,12 @@ def test_blocking_does_not_change_the_result_and_tokenizer_travels_with_the_arti
     """A tight --max-memory (many small gathered blocks, the padding mean summed over many tiles)
     gives the same bytes; the store artifact carries the merged tokenizer and config to its export."""
     text = TOKENS_RECIPE.format(**vocab_family)
-    wide = _tensors(_merge(tmp_path / "wide", text, max_memory="1G"))
+    wide = dir_tensors(_merge(tmp_path / "wide", text, max_memory="1G"))
     store = Store(str(tmp_path / "store"))
     art = api.merge(store, text, progress=False, max_memory="64K").artifact
     exported = tmp_path / "export"
     api.export(store, art.id, str(exported), progress=False)
-    narrow = _tensors(str(exported))
+    narrow = dir_tensors(str(exported))
     assert wide.keys() == narrow.keys() and all(torch.equal(wide[k], narrow[k]) for k in wide)
     assert _vocab(str(exported)) == _vocab(_merge(tmp_path / "again", text))
 
@@ -228,7 +225,7 @@ def test_matches_mergekit(tmp_path, vocab_family, recipe, same_ids):
         assert all(vo[t] == vt[t] for t in fixed | ({"<tool>", "<new>"} & set(vo)))
     order = sorted(vo, key=vo.get)
     to_theirs = torch.tensor([vt[t] for t in order])
-    mine, other = _tensors(ours), _tensors(theirs)
+    mine, other = dir_tensors(ours), dir_tensors(theirs)
     assert mine.keys() == other.keys()
     for name, value in mine.items():
         if name in VOCAB_NAMES:
@@ -281,7 +278,7 @@ def test_tied_embeddings(tmp_path, vocab_family):
     for key in ("a", "b"):
         path = tmp_path / f"tied-{key}"
         path.mkdir()
-        tensors = {k: v for k, v in _tensors(vocab_family[key]).items() if k != "lm_head.weight"}
+        tensors = {k: v for k, v in dir_tensors(vocab_family[key]).items() if k != "lm_head.weight"}
         save_file(tensors, str(path / "model.safetensors"))
         for f in os.listdir(vocab_family[key]):
             if not f.endswith(".safetensors"):
@@ -292,9 +289,9 @@ def test_tied_embeddings(tmp_path, vocab_family):
     text = (f"merge_method: linear\nmodels:\n  - model: {tied['a']}\n    parameters: {{weight: 0.5}}\n"
             f"  - model: {tied['b']}\n    parameters: {{weight: 0.5}}\ntokenizer_source: union\n")
     out = _merge(tmp_path, text)
-    merged, vocab, va, vb = _tensors(out), _vocab(out), _vocab(tied["a"]), _vocab(tied["b"])
+    merged, vocab, va, vb = dir_tensors(out), _vocab(out), _vocab(tied["a"]), _vocab(tied["b"])
     assert "lm_head.weight" not in merged
-    ta, tb = _tensors(tied["a"]), _tensors(tied["b"])
+    ta, tb = dir_tensors(tied["a"]), dir_tensors(tied["b"])
     name = "model.embed_tokens.weight"
     for token, i in vocab.items():
         row_a = ta[name][va[token]] if token in va else tb[name][vb[token]]
@@ -336,7 +333,7 @@ def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, vocab_family
     for key in ("a", "b"):
         path = tmp_path / key
         path.mkdir()
-        save_file({k: v.to(torch.bfloat16) for k, v in _tensors(vocab_family[key]).items()}, str(path / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16) for k, v in dir_tensors(vocab_family[key]).items()}, str(path / "model.safetensors"))
         for f in os.listdir(vocab_family[key]):
             if not f.endswith(".safetensors"):
                 (path / f).write_bytes(Path(vocab_family[key], f).read_bytes())
@@ -350,7 +347,7 @@ def test_mergekit_bf16_arithmetic_is_replayed_bit_for_bit(tmp_path, vocab_family
     vo, vt = _vocab(ours), _vocab(theirs)
     assert set(vo) == set(vt)
     to_theirs = torch.tensor([vt[t] for t in sorted(vo, key=vo.get)])
-    mine, other = _tensors(ours), _tensors(theirs)
+    mine, other = dir_tensors(ours), dir_tensors(theirs)
     assert mine.keys() == other.keys()
     for name, value in mine.items():
         assert value.dtype == torch.bfloat16

@@ -31,10 +31,10 @@ import torch
 mergekit = pytest.importorskip("mergekit", reason="mergekit is not installed (pip install mergekit): real-pair comparison skipped")
 pytest.importorskip("transformers", reason="transformers is not installed: the real SmolLM2 pair cannot be made")
 
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from tensorstore_llm import api
+from tensorstore_llm import api  # noqa: E402
 
 TENSORS = {   # output name -> (checkpoint name, rows kept)
     "model.layers.3.self_attn.q_proj.weight": ("model.layers.3.self_attn.q_proj.weight", None),

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, dir_bytes, fresh, timed  # noqa: E402
+from common import TSLLM, dir_bytes, fresh, timed
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, fresh  # noqa: E402
-from rss_probe import run_measured  # noqa: E402
+from common import TSLLM, fresh
+from rss_probe import run_measured
 
 ALLOWANCE_MIB = 300
 PRESETS = {"1gb": ("1gb", None), "70b": ("70b-1layer", 1)}

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, dir_bytes, fresh, median_of, model_family, timed, warm  # noqa: E402
+from common import TSLLM, dir_bytes, fresh, median_of, model_family, timed, warm
 
 
 def main() -> None:

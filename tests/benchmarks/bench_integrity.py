@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, dir_bytes, fresh, model_family, timed, warm  # noqa: E402
+from common import TSLLM, dir_bytes, fresh, model_family, timed, warm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIES = """merge_method: ties

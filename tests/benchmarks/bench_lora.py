@@ -26,7 +26,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, child_usage, fresh  # noqa: E402
+from common import TSLLM, child_usage, fresh
 
 SIZES = {   # Llama-shaped, bf16
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -140,9 +140,11 @@ def merge_rows(rows: _Rows, root: str, tsllm: list[str], store: str, args) -> No
     merge = [*tsllm, "lora", "merge", base, adapter]
     for k in range(args.rounds):
         peft_merge = timed_cpu([sys.executable, "-c", PEFT_MERGE, base, adapter, fresh(f"{root}/out-peft")])
-        rows.append(_row(f"PEFT load -> merge_and_unload -> save_pretrained (round {k + 1})", peft_merge, None, _load()))
+        rows.append(_row(f"PEFT load -> merge_and_unload -> save_pretrained (round {k + 1})", peft_merge, None,
+                         _load()))
         cases = [("-o DIR (default --max-memory)", ["-o", f"{root}/out-ours"]),
-                 (f"-o DIR --max-memory {args.merge_memory}", ["-o", f"{root}/out-ours", "--max-memory", args.merge_memory]),
+                 (f"-o DIR --max-memory {args.merge_memory}", ["-o", f"{root}/out-ours", "--max-memory",
+                                                               args.merge_memory]),
                  ("-o DIR --keep-artifact (store + export, two writes)", ["-o", f"{root}/out-ours", "--keep-artifact"]),
                  ("store artifact only (no directory)", ["--name", "merged"])]
         for label, extra in cases:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, child_usage, fresh, warm  # noqa: E402
+from common import TSLLM, child_usage, fresh, warm
 
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.2}}\n"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import TSLLM, fresh, timed, warm  # noqa: E402
+from common import TSLLM, fresh, timed, warm
 
 ADDED = 64
 LAYERS = 7

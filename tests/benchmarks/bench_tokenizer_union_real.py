@@ -21,7 +21,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
-from common import TSLLM, fresh, timed
+from common import TSLLM, fresh, timed  # noqa: E402
 
 TEXT = "<tool_call>tensorstore zarrification of a JSON file</tool_call> and the rest of the sentence."
 
