@@ -34,25 +34,17 @@ class _FactorOp(OpConformance):
         raise NotImplementedError
 
     def _plan(self, per_name, sources, order):
-        from tensorstore_llm.engine.plan import ROWS, WHOLE, InputRef, Plan, TensorJob
+        from tensorstore_llm.engine.plan import Plan, TensorJob
         from tensorstore_llm.ops.registry import get_op
 
         spec = get_op(self.op)
         jobs = []
         for name in order:
             inputs = per_name[name]
-            roles = []
-            for role in spec.roles:
-                relation = WHOLE if role.name in self.whole else ROWS
-                value = inputs[role.name]
-                if isinstance(value, list):
-                    roles.append((role.name, tuple(InputRef(f"{role.name}{i}", name,
-                                                            relation) for i in range(len(value)))))
-                else:
-                    roles.append((role.name, InputRef(f"{role.name}0", name, relation)))
             params = spec.make_params({**self.params, "module": name}, type(self).__name__)
             first, *extra = self.outputs(name, inputs)
-            jobs.append(TensorJob(first, self.op, tuple(roles), params, extra_outputs=tuple(extra)))
+            jobs.append(TensorJob(first, self.op, self.input_roles(spec, name, inputs), params,
+                                  extra_outputs=tuple(extra)))
         return Plan(jobs, sources), None
 
     def golden(self, inputs, params):

@@ -180,6 +180,7 @@ def commit_adapter(store: Store, adapter: LoraAdapter | PrefixAdapter, *, info: 
     """
     from ..engine import Executor, plan_map
     from ..engine.options import RunOptions
+    from ..runs import keep_or_discard
 
     tensors = DictSource(adapter.state_dict())
     plan = plan_map("copy", {"src": tensors}, {"x": "src"}, where="adapter")
@@ -187,14 +188,7 @@ def commit_adapter(store: Store, adapter: LoraAdapter | PrefixAdapter, *, info: 
     key = job_key(KIND, plan.fingerprint(), list(parents), source, recipe, info, files[CONFIG_FILE].decode())
     writer = store.create(key)
     executor = Executor(plan, writer, RunOptions(device="cpu", max_memory="256M", progress=False))
-    try:
-        executor.run()
-    except KeyboardInterrupt:
-        writer.close()
-        raise
-    except BaseException:
-        writer.abort()
-        raise
+    keep_or_discard(writer, executor.run)    # an interruption keeps the staging (to resume)
     if resumed is not None:
         resumed.extend(executor.skipped)
     artifact = writer.commit(kind=KIND, parents=list(parents), source=source, recipe=recipe, files=files,

@@ -24,8 +24,9 @@ def sample_tensors() -> dict[str, torch.Tensor]:
         if dtype == torch.bool:
             t = torch.randint(0, 2, shape, generator=gen).bool()
         else:
-            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
-            lo, hi = (0, 256) if bits == torch.uint8 else (-(2**15), 2**15) if bits == torch.int16 else (-(2**31), 2**31 - 1)
+            size = torch.empty((), dtype=dtype).element_size()
+            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+            lo, hi = {torch.uint8: (0, 256), torch.int16: (-(2**15), 2**15)}.get(bits, (-(2**31), 2**31 - 1))
             t = torch.randint(lo, hi, shape, generator=gen, dtype=torch.int64).to(bits).view(dtype)
         out[f"t.{name}"] = t
     out["scalar.f32"] = torch.tensor(3.5)
@@ -222,7 +223,7 @@ class OpConformance:
         SinkConformance.write_all(None, sink, tensors, rows_per_block=1 << 20)
 
     def _plan(self, per_name, sources, order):
-        from tensorstore_llm.engine.plan import ROWS, WHOLE, InputRef, Plan, TensorJob
+        from tensorstore_llm.engine.plan import Plan, TensorJob
         from tensorstore_llm.ops.registry import get_op
 
         spec = get_op(self.op)
@@ -230,20 +231,28 @@ class OpConformance:
         jobs = []
         for name in order:
             inputs = per_name[name]
-            roles = []
-            for role in spec.roles:
-                relation = WHOLE if role.name in self.whole else ROWS
-                value = inputs[role.name]
-                if isinstance(value, list):
-                    roles.append((role.name, tuple(InputRef(f"{role.name}{i}", name, relation) for i in range(len(value)))))
-                else:
-                    roles.append((role.name, InputRef(f"{role.name}0", name, relation)))
             first = next(iter(inputs.values()))
             first = first[0] if isinstance(first, list) else first
             out = TensorMeta(name, tuple(first.shape), self.dtype)
-            jobs.append(TensorJob(out, self.op, tuple(roles), params,
+            jobs.append(TensorJob(out, self.op, self.input_roles(spec, name, inputs), params,
                                   extra_outputs=tuple(self.extra_outputs(name, inputs))))
         return Plan(jobs, sources), params
+
+    def input_roles(self, spec, name: str, inputs: dict) -> tuple:
+        """The job's ``(role, InputRef or tuple of InputRefs)`` pairs for tensor ``name``: role
+        ``r``'s i-th tensor is read from source ``f"{r}{i}"`` (see ``_store``), whole where ``r``
+        is in ``whole``, else by rows."""
+        from tensorstore_llm.engine.plan import ROWS, WHOLE, InputRef
+
+        roles = []
+        for role in spec.roles:
+            relation = WHOLE if role.name in self.whole else ROWS
+            value = inputs[role.name]
+            if isinstance(value, list):
+                roles.append((role.name, tuple(InputRef(f"{role.name}{i}", name, relation) for i in range(len(value)))))
+            else:
+                roles.append((role.name, InputRef(f"{role.name}0", name, relation)))
+        return tuple(roles)
 
     def _run(self, tmp_path, store, per_name, sources, *, budget, order=None, key="job-out", device="cpu",
              stop_after=None):
