@@ -43,8 +43,8 @@ class PruneResult:
 
 
 def base_binding(store: Store | None, ref: str, source, lineage: dict, arch: Architecture) -> dict:
-    """{"id", "external", "checksums"} (the form lora artifacts use): the checksums of the base's prunable weights (from the
-    manifest for an artifact, computed for an outside checkpoint)."""
+    """{"id", "external", "checksums"} (the form lora artifacts use): the checksums of the base's
+    prunable weights (from the manifest for an artifact, computed for an outside checkpoint)."""
     names = [n for n in source.keys() if arch.role(n).role in PRUNED_ROLES and arch.role(n).layer is not None]
     if "id" in lineage:
         manifest = store.get(ref).manifest.checksums()
@@ -73,11 +73,12 @@ def _config_of(files: dict, where: str) -> tuple[dict, bytes]:
     return json.loads(raw), raw
 
 
-def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = "structured", ratio: float | None = None,
-          head_ratio: float = 0.0, per_layer: str | None = None, keep_first: int = 0, keep_last: int = 0,
-          calibration: str | None = None, calibration_samples: int = 16, seq_len: int = 128,
+def prune(store: Store, base: str, *, method: str = "magnitude", pattern: str = "structured",
+          ratio: float | None = None, head_ratio: float = 0.0, per_layer: str | None = None, keep_first: int = 0,
+          keep_last: int = 0, calibration: str | None = None, calibration_samples: int = 16, seq_len: int = 128,
           score_file: str | None = None, index_file: str | None = None, search=None, target_ratio: float | None = None,
-          search_state: str | None = None, from_plan: str | None = None, name: str | None = None, out_dir: str | None = None,
+          search_state: str | None = None, from_plan: str | None = None, name: str | None = None,
+          out_dir: str | None = None,
           max_shard_size: str = "5G", device="auto", max_memory=DEFAULT_MAX_MEMORY, compression="none", progress=None,
           dry_run: bool = False) -> PruneResult:
     """Prune ``base`` and store the plan and the pruned checkpoint.
@@ -194,8 +195,9 @@ def _apply_existing(store, base, source, lineage, files, config_raw, plan_ref, n
     result = PruneResult(plan=plan, plan_artifact=artifact)
     parents = [{**lineage, "role": "base"}, {"id": artifact.id, "role": "pruning_plan"}]
     result.checkpoint = run_plan(store, checkpoint_plan, kind="checkpoint", parents=parents,
-                                 recipe={"op": "prune", "plan": artifact.id}, files={**files, "config.json": new_config},
-                                 name=name, desc="prune", dry_run=dry_run, **run)
+                                 recipe={"op": "prune", "plan": artifact.id},
+                                 files={**files, "config.json": new_config}, name=name, desc="prune", dry_run=dry_run,
+                                 **run)
     if out_dir and not dry_run:
         export(store, result.checkpoint.artifact.id, out_dir, max_shard_size=max_shard_size,
                max_memory=run["max_memory"], progress=run["progress"])
@@ -206,7 +208,8 @@ def _apply_existing(store, base, source, lineage, files, config_raw, plan_ref, n
 def _ratios(arch, method, pattern, ratio, head_ratio, per_layer, keep_first, keep_last, searching, target_ratio):
     n = arch.num_layers
     if keep_first + keep_last >= n and (ratio or per_layer or searching):
-        raise InvalidParameter(f"--keep-first {keep_first} and --keep-last {keep_last} leave none of the {n} layers to prune")
+        raise InvalidParameter(f"--keep-first {keep_first} and --keep-last {keep_last} leave none of the {n} layers "
+                               "to prune")
     if method == "index" or PATTERNS[pattern] is not None:      # index files and n:m masks take no ratio
         return [0.0] * n, [0.0] * n
     if searching:
@@ -214,8 +217,9 @@ def _ratios(arch, method, pattern, ratio, head_ratio, per_layer, keep_first, kee
         return [0.0] * n, S.layer_ratios(n, head_ratio, keep_first=keep_first, keep_last=keep_last, what="--head-ratio")
     if per_layer:
         mlp, heads = S.read_per_layer_file(per_layer)
-        return (S.layer_ratios(n, None, mlp if mlp is not None else [0.0] * n, keep_first=keep_first, keep_last=keep_last),
-                S.layer_ratios(n, None, heads if heads is not None else [0.0] * n, keep_first=keep_first, keep_last=keep_last))
+        keep = {"keep_first": keep_first, "keep_last": keep_last}
+        return (S.layer_ratios(n, None, mlp if mlp is not None else [0.0] * n, **keep),
+                S.layer_ratios(n, None, heads if heads is not None else [0.0] * n, **keep))
     if ratio is None:
         raise InvalidParameter("give --ratio R, --per-layer FILE, --index FILE or --search evolutionary")
     mlp = S.layer_ratios(n, ratio, keep_first=keep_first, keep_last=keep_last)
@@ -233,7 +237,8 @@ def _structured(source, arch, method, norms, score_file, index_file, mlp_ratios,
             raise InvalidParameter("--method scores needs --scores FILE")
         ch, hd = S.read_score_file(score_file, arch)
     elif any(mlp_ratios) or any(head_ratios):
-        ch, hd = S.unit_scores(source, arch, "wanda" if method == "wanda" else "l2", norms, max_memory=max_memory, device=device)
+        ch, hd = S.unit_scores(source, arch, "wanda" if method == "wanda" else "l2", norms, max_memory=max_memory,
+                               device=device)
     else:
         return {}, {}
     return S.select(ch, hd, mlp_ratios, head_ratios)
@@ -248,7 +253,8 @@ def _search(model, blocks, arch, source, method, norms, score_file, head_ratios,
     if method == "scores":
         ch, hd = S.read_score_file(score_file, arch)
     else:
-        ch, hd = S.unit_scores(source, arch, "wanda" if method == "wanda" else "l2", norms, max_memory=max_memory, device=device)
+        ch, hd = S.unit_scores(source, arch, "wanda" if method == "wanda" else "l2", norms, max_memory=max_memory,
+                               device=device)
     layers = [i for i in range(arch.num_layers) if keep_first <= i < arch.num_layers - keep_last]
     order = {i: _ascending(ch[i]) for i in layers}          # lowest score first: pruned first
     heads = {i: [k for k in range(arch.num_kv_heads) if k not in S.keep_top(hd[i], r, f"layer {i} key-value heads")]

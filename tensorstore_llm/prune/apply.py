@@ -76,9 +76,11 @@ def plan_pruned_checkpoint(source, plan: PruningPlan, norms_source=None, where: 
             shape[role.axis] = len(index)
             out = TensorMeta(name, tuple(shape), meta.dtype)
             if role.axis == 0:
-                jobs.append(TensorJob(out, "gather_rows", (("x", InputRef("base", name, WHOLE)),), GatherParams(tuple(index))))
+                jobs.append(TensorJob(out, "gather_rows", (("x", InputRef("base", name, WHOLE)),),
+                                      GatherParams(tuple(index))))
             else:
-                jobs.append(TensorJob(out, "gather_columns", (("x", InputRef("base", name, ROWS)),), GatherParams(tuple(index))))
+                jobs.append(TensorJob(out, "gather_columns", (("x", InputRef("base", name, ROWS)),),
+                                      GatherParams(tuple(index))))
         elif plan.structure != "structured" and prunable and role.kind == "weight":
             params = MaskParams(pattern="unstructured" if plan.structure == "unstructured" else "n:m",
                                 sparsity=float(plan.mask.get("sparsity", 0.0)), n=int(plan.mask.get("n", 2)),
@@ -87,8 +89,8 @@ def plan_pruned_checkpoint(source, plan: PruningPlan, norms_source=None, where: 
                 raise RecipeError(f"{where}: tensor {name!r} has {meta.shape[1]} columns, not a multiple of {params.m}")
             if plan.mask.get("score") == "wanda":
                 module = name[: -len(".weight")]
-                jobs.append(TensorJob(meta, "prune_mask_wanda", (("x", InputRef("base", name)),
-                                                                  ("norm", InputRef("norms", f"norms.{module}", WHOLE))), params))
+                inputs = (("x", InputRef("base", name)), ("norm", InputRef("norms", f"norms.{module}", WHOLE)))
+                jobs.append(TensorJob(meta, "prune_mask_wanda", inputs, params))
             else:
                 jobs.append(TensorJob(meta, "prune_mask", (("x", InputRef("base", name)),), params))
         else:

@@ -34,7 +34,8 @@ def load_model(source, files: dict[str, str]):
     result = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [n for n in result.missing_keys if not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [n for n in result.missing_keys if not (n == "lm_head.weight" and tied)]
     if missing:
         raise FormatError(f"{getattr(source, 'path', 'model')}: weights missing for {missing[:3]}")
     return model.eval(), tokenizer

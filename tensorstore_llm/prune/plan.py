@@ -137,10 +137,10 @@ class PruningPlan:
         """Rebuild a plan from an artifact's ``info`` and tensors."""
         try:
             o = info["original"]
-            arch = Architecture(family=o["family"], num_layers=int(o["num_hidden_layers"]), hidden_size=int(o["hidden_size"]),
-                                num_heads=int(o["num_attention_heads"]), num_kv_heads=int(o["num_key_value_heads"]),
-                                head_dim=int(o["head_dim"]), intermediate_size=int(o["intermediate_size"]),
-                                vocab_size=int(o["vocab_size"]))
+            arch = Architecture(family=o["family"], num_layers=int(o["num_hidden_layers"]),
+                                hidden_size=int(o["hidden_size"]), num_heads=int(o["num_attention_heads"]),
+                                num_kv_heads=int(o["num_key_value_heads"]), head_dim=int(o["head_dim"]),
+                                intermediate_size=int(o["intermediate_size"]), vocab_size=int(o["vocab_size"]))
             channels, kv_heads, norms = {}, {}, {}
             for name, t in tensors.items():
                 if name.startswith("norms."):
@@ -175,7 +175,8 @@ def check_binding(plan: PruningPlan, checksums: dict[str, str], where: str) -> N
         got = checksums.get(name)
         if got != expected:
             state = "is missing" if got is None else f"has checksum {got[:19]}..."
-            raise BaseMismatch(f"{where}: the pruning plan was made from base {(plan.base.get('id') or '')[:12] or plan.base.get('external')} "
+            made_from = (plan.base.get("id") or "")[:12] or plan.base.get("external")
+            raise BaseMismatch(f"{where}: the pruning plan was made from base {made_from} "
                                f"whose tensor {name!r} has checksum {expected[:19]}...; this model's {state}: "
                                f"a plan for another base")
 
@@ -216,7 +217,8 @@ def read_index_file(path: str, arch: Architecture) -> tuple[dict, dict]:
             layer = int(key)
         except ValueError:
             raise FormatError(f"{path}: layer key {key!r} is not an integer") from None
-        for unit, total, target in (("channels", arch.intermediate_size, channels), ("kv_heads", arch.num_kv_heads, kv_heads)):
+        units = (("channels", arch.intermediate_size, channels), ("kv_heads", arch.num_kv_heads, kv_heads))
+        for unit, total, target in units:
             kept, pruned = entry.get(f"kept_{unit}"), entry.get(f"pruned_{unit}")
             if kept is not None and pruned is not None:
                 raise FormatError(f"{path}: layer {layer} gives both kept_{unit} and pruned_{unit}")

@@ -71,7 +71,8 @@ class MemorySource:
 
 
 def unit_scores(source, arch: Architecture, metric: str, norms: dict[str, torch.Tensor] | None = None, *,
-                max_memory=DEFAULT_MAX_MEMORY, device="cpu", progress=False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                max_memory=DEFAULT_MAX_MEMORY, device="cpu",
+                progress=False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """(channel scores, KV-head scores) per layer of the model in ``source``.
 
     ``metric`` is ``l2`` (magnitude) or ``wanda`` (needs ``norms``: module -> input feature norms).
@@ -131,7 +132,8 @@ def read_score_file(path: str, arch: Architecture) -> tuple[dict[int, torch.Tens
             for key in f.keys():
                 parts = key.split(".")
                 if len(parts) != 3 or parts[0] != "layers" or parts[2] not in ("channels", "kv_heads"):
-                    raise FormatError(f"{path}: unexpected tensor {key!r}; expected layers.<i>.channels / layers.<i>.kv_heads")
+                    raise FormatError(f"{path}: unexpected tensor {key!r}; expected layers.<i>.channels / "
+                                      "layers.<i>.kv_heads")
                 layer, t = int(parts[1]), f.get_tensor(key).double()
                 width = arch.intermediate_size if parts[2] == "channels" else arch.num_kv_heads
                 if tuple(t.shape) != (width,) or not 0 <= layer < arch.num_layers:
@@ -205,7 +207,8 @@ def keep_top(scores: torch.Tensor, ratio: float, what: str) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order))
 
 
-def select(channel_scores: dict, head_scores: dict, mlp_ratios: list[float], head_ratios: list[float]) -> tuple[dict, dict]:
+def select(channel_scores: dict, head_scores: dict, mlp_ratios: list[float],
+           head_ratios: list[float]) -> tuple[dict, dict]:
     """(channels, kv_heads): layer -> kept indices, for the layers whose ratio is above 0."""
     channels = {i: keep_top(channel_scores[i], r, f"layer {i} MLP channels") for i, r in enumerate(mlp_ratios) if r > 0}
     heads = {i: keep_top(head_scores[i], r, f"layer {i} key-value heads") for i, r in enumerate(head_ratios) if r > 0}

@@ -46,7 +46,8 @@ class SearchSettings:
                                    "at least one selection step are needed")
         survivors = [s for s, _ in self.steps]
         samples = [n for _, n in self.steps]
-        if survivors != sorted(survivors, reverse=True) or survivors[-1] != 1 or samples != sorted(samples) or samples[0] < 1:
+        if (survivors != sorted(survivors, reverse=True) or survivors[-1] != 1 or samples != sorted(samples)
+                or samples[0] < 1):
             raise InvalidParameter(f"search: selection steps must keep fewer survivors (ending at 1) on more samples, "
                                    f"got {list(self.steps)}")
 
@@ -64,7 +65,8 @@ def uniform_levels(units: int, target_ratio: float, levels: int) -> list[int]:
     remainder spread over the first units)."""
     total = int(round(target_ratio * levels * units))
     if total > (levels - 1) * units:
-        raise InvalidParameter(f"search: a target ratio of {target_ratio} leaves no room below {levels - 1}/{levels} per unit")
+        raise InvalidParameter(f"search: a target ratio of {target_ratio} leaves no room below "
+                               f"{levels - 1}/{levels} per unit")
     base, extra = divmod(total, units)
     return [base + (1 if i < extra else 0) for i in range(units)]
 
@@ -113,7 +115,8 @@ def search(fitness: Callable[[list[int], int], float], units: int, target_ratio:
             parent, log, start = state["parent"], state["log"], state["generation"]
             rng.bit_generator.state = state["rng"]
     for generation in range(start, settings.generations):
-        candidates = [parent] + [mutate(parent, rng, settings.levels, settings.max_mutations) for _ in range(settings.offspring)]
+        candidates = [parent] + [mutate(parent, rng, settings.levels, settings.max_mutations)
+                                 for _ in range(settings.offspring)]
         entry = {"generation": generation, "steps": []}
         for survivors, samples in settings.steps:
             scored = sorted(((fitness(c, samples), i, c) for i, c in enumerate(candidates)), key=lambda t: (t[0], t[1]))
