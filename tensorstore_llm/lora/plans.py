@@ -71,7 +71,8 @@ def plan_lora_merge(base: TensorSource, adapter: LoraAdapter, adapter_source: Te
         if name in by_weight:
             m = by_weight[name]
             a_part, b_part = ("A_emb", "B_emb") if m.kind == "embedding" else ("A", "B")
-            params = LoraMergeParams(scaling=m.scaling * scale, transpose=m.transpose)
+            params = LoraMergeParams(scaling=m.scaling * scale, transpose=m.transpose,   # PEFT rounds an embedding's
+                                     round_to=meta.dtype if m.kind == "embedding" and m.magnitude is None else None)
             inputs = [("w", w), ("a", key(m.module, a_part)), ("b", key(m.module, b_part))]
             op = "lora_merge"
             if m.magnitude is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 # the extraction moved to ops/lora_extract.py; re-exported here
+from .. import dtypes
 from .lora_extract import ExtractedLora, extract_lora, randomized_svd
 from .registry import op
 
@@ -331,6 +332,10 @@ class LoraMergeParams:
 
     scaling: float
     transpose: bool = False        # base stored in x out (fan_in_fan_out Conv1D, embeddings)
+    # PEFT's nn.Embedding merge: W (a base layer saved with the adapter is loaded into the model's
+    # dtype) and the delta (``get_delta_weight(...).to(orig_dtype)``) are each rounded to the base's
+    # dtype before the sum. None: one rounding of W + s·B·A (PEFT's nn.Linear merge).
+    round_to: str | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.scaling):
@@ -341,8 +346,13 @@ class LoraMergeParams:
 def lora_merge_op(ctx, params, w, a, b):
     """Rows of W + s·B·A (or its transpose) in fp32; the executor rounds once to the output dtype.
     W arrives by rows, A and B whole. The tile's delta is the only temporary: W is added into it
-    (d + w == w + d bit for bit)."""
-    return lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop)).add_(w)
+    (d + w == w + d bit for bit). With ``round_to`` (embeddings), W and the delta are first rounded
+    to that dtype, as PEFT's embedding merge does."""
+    delta = lora_delta(a, b, params.scaling, transpose=params.transpose, rows=(ctx.start, ctx.stop))
+    if params.round_to is not None:
+        half = dtypes.by_name(params.round_to).torch
+        return delta.to(half).float().add_(w.to(half))
+    return delta.add_(w)
 
 
 @op("dora_merge", inputs=("w", "a", "b", "magnitude"), params=LoraMergeParams, temps=4)
