@@ -169,7 +169,10 @@ def show_cmd(ctx, ref, show_all, as_json):
     click.echo(f"created   {m.created_at} by {m.tool.get('name', '?')} {m.tool.get('version', '')}")
     click.echo(f"size      {format_size(m.nbytes)} in {len(m.tensors)} tensors")
     fp = footprint(artifact)
-    ratio = f", {m.nbytes / fp.disk:.2f}x smaller than its tensors" if fp.disk else ""
+    ratio = ""
+    if fp.disk:   # carried files (a 33 MB tokenizer.json) can make a checkpoint larger on disk than its tensors
+        ratio = (f", {m.nbytes / fp.disk:.2f}x smaller than its tensors" if fp.disk <= m.nbytes else
+                 f", {fp.disk / max(m.nbytes, 1):.2f}x its tensors' size (carried files and metadata included)")
     click.echo(f"stored    {format_size(fp.disk)} on disk{ratio}" +
                (f"; {format_size(fp.shared)} of it shared with other artifacts, {format_size(fp.unique)} its own only"
                 if fp.shared else "; none of it shared with other artifacts"))

@@ -95,9 +95,11 @@ def load_tokenizer(files: dict[str, str], where: str):
 
     with _config_dir(files, where) as folder:
         try:
-            return AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise FormatError(f"{where}: no usable tokenizer among the checkpoint's files ({e})") from None
+    tokenizer.name_or_path = where   # messages name the checkpoint, not the temporary directory
+    return tokenizer
 
 
 def eval_text(tokenizer, corpus: str | None = None, *, seq_len: int = 256, batches: int = 4, batch_size: int = 4) -> EvalText:
