@@ -51,18 +51,25 @@ def heldout_text() -> str:
     return corpus_text(HELDOUT_MODULES)
 
 
-def token_batches(tokenizer, text: str, seq_len: int, batch: int, count: int, seed: int = 0):
-    """``count`` batches of ``batch`` random windows of ``seq_len`` tokens from ``text`` (LongTensors)."""
+def token_batches(tokenizer, text: str, seq_len: int, batch: int, count: int, seed: int = 0, bos: bool = False):
+    """``count`` batches of ``batch`` random windows of ``seq_len`` tokens from ``text`` (LongTensors).
+
+    With ``bos`` each window is the tokenizer's BOS followed by ``seq_len - 1`` tokens of the text:
+    what a model whose tokenizer adds BOS (Gemma) sees in use, so a fine-tune does not learn to
+    do without it.
+    """
     import torch
 
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    if ids.numel() <= seq_len:
+    width = seq_len - 1 if bos else seq_len
+    if ids.numel() <= width:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
+    head = torch.tensor([tokenizer.bos_token_id] if bos else [], dtype=torch.long)
     out = []
     for _ in range(count):
-        starts = torch.randint(0, ids.numel() - seq_len, (batch,), generator=gen)
-        out.append(torch.stack([ids[s:s + seq_len] for s in starts.tolist()]))
+        starts = torch.randint(0, ids.numel() - width, (batch,), generator=gen)
+        out.append(torch.stack([torch.cat([head, ids[s:s + width]]) for s in starts.tolist()]))
     return out
 
 
@@ -111,7 +118,8 @@ def gemma3_finetune(steps: int = 8, lr: float = 1e-4, seq_len: int = 64, batch: 
     """A cached HF checkpoint directory: Gemma 3 270M after ``steps`` AdamW steps (as
     :func:`smollm2_finetune`, from the fp32 weights :func:`gemma3_checkpoint` casts). Its 262k
     vocabulary makes a step ~8x SmolLM2's, hence the smaller default batches; ``data_seed``
-    draws other windows of the same text, for a second, different fine-tune of the same base."""
+    draws other windows of the same text, for a second, different fine-tune of the same base.
+    Every window starts with BOS, as Gemma's tokenizer starts every text."""
     from .real_models import gemma3_checkpoint
 
     def load_fp32():   # the cached fp32 conversion: the same weights as the GGUF load, in seconds
@@ -119,19 +127,21 @@ def gemma3_finetune(steps: int = 8, lr: float = 1e-4, seq_len: int = 64, batch: 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = gemma3_checkpoint("float32")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
 
-    return cached_finetune("gemma3-270m", load_fp32, steps, lr, seq_len, batch, dtype, data_seed)
+    return cached_finetune("gemma3-270m-bos", load_fp32, steps, lr, seq_len, batch, dtype, data_seed, bos=True)
 
 
 def cached_finetune(prefix: str, load_fp32, steps: int, lr: float, seq_len: int, batch: int,
-                    dtype: str, data_seed: int = 0) -> str:
+                    dtype: str, data_seed: int = 0, bos: bool = False) -> str:
     """The fine-tune of the model ``load_fp32()`` returns: ``steps`` AdamW steps on windows of
-    :data:`TRAIN_MODULES`' docstrings drawn with ``data_seed``, trained once in fp32 and cached
-    under :func:`cache_root` as ``prefix-ft...``; other dtypes are cast from the cached fp32 one."""
+    :data:`TRAIN_MODULES`' docstrings drawn with ``data_seed`` (BOS-led with ``bos``, see
+    :func:`token_batches`), trained once in fp32 and cached under :func:`cache_root` as
+    ``prefix-ft...``; other dtypes are cast from the cached fp32 one."""
     def train_fp32(fp32_dir):
         model, tokenizer = load_fp32()
-        batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=data_seed)
+        batches = token_batches(tokenizer, corpus_text(TRAIN_MODULES), seq_len, batch, steps, seed=data_seed, bos=bos)
         finetune(model, batches, lr=lr)
         save_cached(model, tokenizer, fp32_dir)
 
