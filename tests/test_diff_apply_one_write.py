@@ -102,3 +102,16 @@ def test_apply_into_dir_failing_half_way_leaves_nothing(tmp_path, cli, tiny_fami
     assert not glob.glob(str(tmp_path / ".ft-again.tsllm-partial-*"))
     store = Store(root)
     assert {a.id for a in store.list()} == before and not store.has("again")
+
+
+def test_apply_budget_below_one_rebuild_is_refused_before_anything_is_written(tmp_path, cli, tiny_family):
+    """A budget that cannot hold one row and one delta block's rebuild: exit 7 naming a tensor and
+    the bytes it needs, with no directory, staging or record made."""
+    root = _store_with_diff(cli, tmp_path, tiny_family)
+    before = {a.id for a in Store(root).list()}
+    out_dir = str(tmp_path / "ft-again")
+    code, _, err = cli("--store", root, "apply", "d", "--onto", "base", "-o", out_dir, "--max-memory", "8K")
+    assert code == 7, err
+    assert "decode buffers of its delta-stored inputs" in err and "give --max-memory" in err
+    assert not os.path.exists(out_dir) and not glob.glob(str(tmp_path / ".ft-again.tsllm-partial-*"))
+    assert {a.id for a in Store(root).list()} == before

@@ -145,14 +145,18 @@ def apply_diff(store: Store, diff_ref: str, onto_ref: str, *, alpha: float = 1.0
     with store.open(diff.id) as ft_src, store.open(section.base_id) as base_src, store.open(onto.id) as new_src:
         sources = (ft_src, base_src, new_src)
         _fit_sources(sources, budget)
+        extras = {m.name: sum(s.extra_read_bytes(m.name) for s in sources
+                              if hasattr(s, "extra_read_bytes") and m.name in s.keys()) for m in metas}
+        for meta in metas:                               # before anything is written
+            _block_rows(meta, budget, extras[meta.name], 1)
         if into_dir:
             shard_bytes = parse_size(max_shard_size)
             sink = HFCheckpointSink(out_dir, max_shard_bytes=shard_bytes, job_key=job_key("apply-into-dir", key, shard_bytes),
                                     files=files, store_root=store.root)
         else:
             sink = store.create(key)
-        checksums = keep_or_discard(sink, lambda: _write_all(sink, metas, modes, diff, exact, alpha, budget, sources,
-                                                               result))
+        checksums = keep_or_discard(sink, lambda: _write_all(sink, metas, modes, diff, exact, alpha, budget, extras,
+                                                               sources, result))
     if into_dir:
         result.output = keep_or_discard(sink, sink.commit)
         tensors = {m.name: [list(m.shape), m.dtype, checksums[m.name]] for m in metas}
@@ -177,7 +181,7 @@ def _fit_sources(sources, budget: int) -> None:
         source.fit_read_memory(budget // len(fitting))
 
 
-def _write_all(sink, metas, modes, diff, exact, alpha, budget, sources, result) -> dict[str, str]:
+def _write_all(sink, metas, modes, diff, exact, alpha, budget, extras, sources, result) -> dict[str, str]:
     """Write every output tensor into ``sink`` block by block (skipping those an interrupted run
     finished); onto the diff's own base, each is checked against the fine-tune's checksum.
     Returns name -> checksum."""
@@ -190,9 +194,7 @@ def _write_all(sink, metas, modes, diff, exact, alpha, budget, sources, result) 
         if meta.name in done:
             result.skipped.append(meta.name)
             continue
-        extra = sum(s.extra_read_bytes(meta.name) for s in sources
-                    if hasattr(s, "extra_read_bytes") and meta.name in s.keys())
-        rows = _block_rows(meta, budget, extra, sink.preferred_rows(meta))
+        rows = _block_rows(meta, budget, extras[meta.name], sink.preferred_rows(meta))
         for start in range(0, meta.rows if meta.numel else 0, rows):
             stop = min(meta.rows, start + rows)
             sink.write_rows(meta.name, start, _block(mode, old, meta, start, stop, alpha, ft_src, base_src, new_src))
