@@ -246,3 +246,46 @@ def test_diff_eval_chat_corpus_error_names_the_reference_not_a_temporary_directo
     with pytest.raises(DatasetMismatch) as caught:
         eval_text(tokenizer, str(corpus), seq_len=2, batches=1, batch_size=1)
     assert "reference 'ft'" in str(caught.value) and "tsllm-eval-" not in str(caught.value)
+
+
+def test_gemma3_frankenmerge_keeps_each_layers_attention_type(tmp_path, cli):
+    """A passthrough frankenmerge of a (tiny, random) Gemma 3: mergekit 0.1.5 fails on it
+    (``num_hidden_layers`` (24) must equal the number of ``layer_types`` (18)); tsllm writes each
+    output layer's type from its source layer, the tensors are the sources' layers renumbered,
+    and transformers loads and runs the result."""
+    from safetensors.torch import load_file
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                                  layer_types=types, tie_word_embeddings=True)
+        path = str(tmp_path / f"m{seed}")
+        Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+        dirs.append(path)
+    recipe = tmp_path / "franken.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {dirs[0]}\n"
+                      f"        layer_range: [0, 4]\n  - sources:\n      - model: {dirs[1]}\n"
+                      f"        layer_range: [1, 6]\ndtype: bfloat16\n")
+    out = str(tmp_path / "out")
+    code, _, err = cli("--store", str(tmp_path / "store"), "merge", str(recipe), "-o", out)
+    assert code == 0, err
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["num_hidden_layers"] == 9 and config["layer_types"] == types[0:4] + types[1:6]
+    got = load_file(os.path.join(out, "model.safetensors"))
+    first, second = (load_file(os.path.join(d, "model.safetensors")) for d in dirs)
+    for name, tensor in got.items():
+        parts = name.split(".")
+        if parts[1] != "layers":
+            assert torch.equal(tensor, first[name]), name
+            continue
+        i = int(parts[2])
+        source, j = (first, i) if i < 4 else (second, i - 4 + 1)
+        assert torch.equal(tensor, source[".".join(parts[:2] + [str(j)] + parts[3:])]), name
+    model = Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(12)[None]).logits).all()
