@@ -110,6 +110,7 @@ def test_gemma3_teacher_logits_add_bos_and_match_the_model(gemma_dir, tmp_path):
     assert np.diff(seq.rows.offsets).tolist() == [8] * len(ids)
     got_ids = seq.rows.ids.reshape(len(ids), 8)
     got_lp = seq.rows.logprobs.reshape(len(ids), 8)
+    assert (got_ids >= 1 << 17).any()     # ids past SPEC's 17-bit example are stored and read back
     for p in range(len(ids)):
         assert sorted(got_ids[p].tolist()) == sorted(top.indices[p].tolist()), p
         order = np.argsort(got_ids[p])
