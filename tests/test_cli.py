@@ -23,10 +23,12 @@ def test_help_is_fast_and_does_not_import_torch():
             "print(time.perf_counter() - t, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert float(result.stderr.strip().splitlines()[-1]) < 0.5
+    # 0.1-0.2 s on a quiet machine; the bound leaves room for a loaded CI host and still fails
+    # if --help pays for importing torch or numba (1-2 s here)
+    assert float(result.stderr.strip().splitlines()[-1]) < 1.0
     start = time.perf_counter()
     assert run_tsllm("--help").returncode == 0
-    assert time.perf_counter() - start < 1.5  # whole interpreter start included
+    assert time.perf_counter() - start < 3.0  # whole interpreter start included
     for sub in ("import", "export", "convert", "weighted-sum", "gc"):
         assert "Usage: tsllm " + sub in run_tsllm(sub, "--help").stdout
 
