@@ -170,12 +170,16 @@ def show_cmd(ctx, ref, show_all, as_json):
     click.echo(f"size      {format_size(m.nbytes)} in {len(m.tensors)} tensors")
     fp = footprint(artifact)
     ratio = ""
-    if fp.disk:   # carried files (a 33 MB tokenizer.json) can make a checkpoint larger on disk than its tensors
+    if not m.tensors:   # an export record (merge -o, apply -o): lineage only, its tensors live in the exported dir
+        ratio = ", a record without tensors"
+    elif fp.disk:   # carried files (a 33 MB tokenizer.json) can make a checkpoint larger on disk than its tensors
         ratio = (f", {m.nbytes / fp.disk:.2f}x smaller than its tensors" if fp.disk <= m.nbytes else
                  f", {fp.disk / max(m.nbytes, 1):.2f}x its tensors' size (carried files and metadata included)")
     click.echo(f"stored    {format_size(fp.disk)} on disk{ratio}" +
                (f"; {format_size(fp.shared)} of it shared with other artifacts, {format_size(fp.unique)} its own only"
                 if fp.shared else "; none of it shared with other artifacts"))
+    if not m.tensors and m.info.get("output"):
+        click.echo(f"output    {m.info['output']}")
     if isinstance(m.info.get("delta"), dict):
         delta = m.info["delta"]
         click.echo(f"delta     of {m.info.get('base', {}).get('id', '?')[:12]}, codec {delta['codec'].get('name')}, "

@@ -57,6 +57,10 @@ def test_apply_into_dir_is_one_write_with_lineage(tmp_path, cli, tiny_family):
     assert record.manifest.info["apply"]["onto"] == store.get("base").id
     assert {p["role"] for p in record.manifest.parents} == {"diff", "onto"}
     assert not glob.glob(str(tmp_path / ".ft-again.tsllm-partial-*"))
+    code, out, err = cli("--store", root, "show", "again")              # a tensorless record says so, no ratio
+    assert code == 0, err
+    assert "a record without tensors" in out and "x its tensors" not in out and "x smaller" not in out
+    assert f"output    {os.path.abspath(out_dir)}" in out
     # log --family shows the apply under its base
     code, out, err = cli("--store", root, "log", "--family", "base")
     assert code == 0, err
