@@ -290,3 +290,24 @@ def test_gemma3_frankenmerge_keeps_each_layers_attention_type(tmp_path, cli):
     model = Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(12)[None]).logits).all()
+
+
+def test_eval_windows_start_with_bos_when_the_tokenizer_does(tmp_path):
+    """diff-eval's windows were plain slices of the text, so a Gemma model (whose tokenizer starts
+    every text with BOS) was scored off its distribution. Each window is now BOS + seq_len - 1
+    tokens of the text in order; a tokenizer without BOS keeps plain consecutive slices."""
+    from tensorstore_llm.diff.evaluate import eval_text
+
+    text = " ".join("abcdefgh"[i % 8] for i in range(200))
+    corpus = str(tmp_path / "c.txt")
+    with open(corpus, "w") as f:
+        f.write(text)
+    with_bos = eval_text(_bos_tokenizer(True), corpus, seq_len=8, batches=2, batch_size=2)
+    plain = eval_text(_bos_tokenizer(False), corpus, seq_len=8, batches=2, batch_size=2)
+    body = _bos_tokenizer(False)(text)["input_ids"]
+    for batch in with_bos.batches:
+        assert batch.shape == (2, 8) and (batch[:, 0] == 2).all() and (batch[:, 1:] != 2).all()
+    first = with_bos.batches[0][0].tolist()
+    assert first == [2] + body[:7]
+    assert plain.batches[0][0].tolist() == body[:8]
+    assert all((b != 2).all() for b in plain.batches)

@@ -103,13 +103,17 @@ def load_tokenizer(files: dict[str, str], where: str):
 
 
 def eval_text(tokenizer, corpus: str | None = None, *, seq_len: int = 256, batches: int = 4, batch_size: int = 4) -> EvalText:
-    """Consecutive windows of ``seq_len`` tokens from ``corpus`` (a file or directory read by
+    """Windows of ``seq_len`` tokens from ``corpus`` (a file or directory read by
     :func:`tensorstore_llm.hf.corpus.read_corpus`; documents joined by the EOS token) or, when
-    None, from held-out Python standard-library docstrings; evenly spread over the text.
+    None, from held-out Python standard-library docstrings; evenly spread over the text. When the
+    tokenizer starts a text with BOS (:func:`tensorstore_llm.hf.packing.tokenizer_adds_bos`), every
+    window is BOS and the next ``seq_len - 1`` tokens.
 
     Raises DatasetMismatch when the text has fewer tokens than ``batches * batch_size`` windows need.
     """
     import torch
+
+    from ..hf.packing import tokenizer_adds_bos
 
     if corpus is None:
         from ..testing.finetune import heldout_text
@@ -121,11 +125,19 @@ def eval_text(tokenizer, corpus: str | None = None, *, seq_len: int = 256, batch
         docs = read_corpus(corpus, tokenizer=tokenizer).documents
         text, source = (tokenizer.eos_token or "\n\n").join(docs), corpus
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    windows = ids.numel() // seq_len
+    # a model whose tokenizer starts every text with BOS (Gemma) is off its distribution without
+    # it: each window is then BOS followed by seq_len - 1 tokens of the text
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    if bos is not None and ids.numel() and int(ids[0]) == bos:
+        ids = ids[1:]
+    body = seq_len - (bos is not None)
+    windows = ids.numel() // body
     need = batches * batch_size
-    _require_windows(source, ids.numel(), seq_len, need)
+    _require_windows(source, ids.numel(), body, need)
     step = windows // need
-    picks = [ids[(k * step) * seq_len:(k * step + 1) * seq_len] for k in range(need)]
+    picks = [ids[(k * step) * body:(k * step + 1) * body] for k in range(need)]
+    if bos is not None:
+        picks = [torch.cat([torch.tensor([bos], dtype=torch.long), p]) for p in picks]
     return EvalText([torch.stack(picks[b * batch_size:(b + 1) * batch_size]) for b in range(batches)], source)
 
 
